@@ -1,0 +1,36 @@
+# terratile: the two commands of the README are `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?=
+SCENE ?=
+
+.PHONY: demo test lint typecheck system-deps venv clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[export,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# mosquitto is a real broker in the tests and the demo; installed from Debian if missing.
+system-deps:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients; }
+
+lint: venv
+	$(BIN)/ruff check appliance export tests benchmarks
+	$(BIN)/mypy
+
+test: system-deps venv lint
+	PATH="/usr/sbin:$$PATH" $(BIN)/pytest -q -ra
+
+demo: system-deps venv
+	PATH="/usr/sbin:$$PATH" DATA="$(DATA)" SCENE="$(SCENE)" bash demo/run.sh
+
+clean:
+	rm -rf $(VENV) build .demo

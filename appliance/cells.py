@@ -1,0 +1,61 @@
+"""What one processed scene hands to the index, drift and adaptation: its cells.
+
+The pipeline streams a scene through the model and keeps only what is bounded: fused
+probabilities and one embedding per cell, plus a capped random sample of per-scale
+backbone features and of rescaled pixels. A 10980² scene therefore never holds all its
+features in memory, and downstream consumers get one typed object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SceneCells:
+    """Per-cell outputs of one scene, in the scene's pixel grid and CRS.
+
+    Attributes:
+        scene_id: sha256 of the scene file.
+        crs: the scene CRS as a WKT or ``EPSG:n`` string.
+        windows: [n,4] int64 ``col_off, row_off, width, height`` of each cell.
+        bounds: [n,4] float64 ``minx, miny, maxx, maxy`` of each cell, scene CRS.
+        bounds_wgs84: [n,4] float64 the same in EPSG:4326 (lon/lat).
+        probs: [n,K] float32 fused class probabilities (zeros where invalid).
+        valid: [n] bool, False for cells that are mostly nodata.
+        embeddings: [n,E] float32 L2-normalised embeddings at the retrieval scale.
+        sample_index: [m] int64 indexes of the cells in the feature sample.
+        sample_features: [m,S,D] float32 backbone features of sampled valid cells, per scale.
+        band_sample: [p,C] float32 valid pixels after rescaling (model value range).
+    """
+
+    scene_id: str
+    crs: str
+    windows: np.ndarray
+    bounds: np.ndarray
+    bounds_wgs84: np.ndarray
+    probs: np.ndarray
+    valid: np.ndarray
+    embeddings: np.ndarray
+    sample_index: np.ndarray
+    sample_features: np.ndarray
+    band_sample: np.ndarray
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Fused argmax per cell; -1 where the cell is nodata."""
+        out = self.probs.argmax(axis=1).astype(np.int64)
+        out[~self.valid] = -1
+        return out
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """Fused max probability per cell; 0 where the cell is nodata."""
+        out = self.probs.max(axis=1).astype(np.float32)
+        out[~self.valid] = 0.0
+        return out
+
+    def __len__(self) -> int:
+        return len(self.windows)

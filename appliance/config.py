@@ -1,0 +1,345 @@
+"""The appliance's one settings tree.
+
+Sources, highest priority first: explicit overrides, environment variables ``TERRATILE_…``
+(nested with ``__``, e.g. ``TERRATILE_MQTT__PORT=1884``), the YAML file, defaults. Secrets
+come from files (``mqtt.password_file``, or the systemd credential ``mqtt_password``).
+Unknown keys are errors everywhere, so a typo in a field config never silently falls back
+to a default. ``explain_errors`` turns a ``ValidationError`` into one line per key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PathsConfig(Section):
+    """Where the appliance keeps its state on disk (see DESIGN.md, 'Appliance state')."""
+
+    inbox: Path = Path("/var/lib/terratile/inbox")
+    work: Path | None = None
+    outbox: Path = Path("/var/lib/terratile/outbox")
+    failed: Path = Path("/var/lib/terratile/failed")
+    processed: Path | None = None
+    state: Path = Path("/var/lib/terratile/state")
+
+    @property
+    def work_dir(self) -> Path:
+        """Claimed scenes live here; defaults to a sibling of the inbox."""
+        return self.work or self.inbox.parent / "work"
+
+    @property
+    def processed_dir(self) -> Path:
+        """Finished inputs move here unless ``input.keep_processed`` is false."""
+        return self.processed or self.inbox.parent / "processed"
+
+
+Provider = Literal["tensorrt", "cuda", "cpu"]
+
+
+class ModelConfig(Section):
+    """Which bundle to run and on which onnxruntime execution providers."""
+
+    bundle: Path | None = Field(
+        default=None,
+        description="Seed bundle directory; installed into the model store on first start.",
+    )
+    providers: list[Provider] = Field(default_factory=lambda: ["tensorrt", "cuda", "cpu"])
+    trt_fp16: bool = True
+    trt_engine_cache: Path | None = Field(
+        default=None, description="TensorRT engine cache; defaults to state/trt-cache."
+    )
+    intra_op_threads: int = Field(default=0, ge=0, description="0 lets onnxruntime decide.")
+    warmup: bool = True
+
+
+class RescaleConfig(Section):
+    """How scene values map into the model's value range (the bundle's ``input.value_range``).
+
+    ``auto`` is ``none`` for uint8 scenes and ``percentile`` otherwise.
+    """
+
+    mode: Literal["auto", "none", "linear", "percentile"] = "auto"
+    factor: float = Field(default=1.0, gt=0, description="linear: value * factor + offset")
+    offset: float = 0.0
+    percentiles: tuple[float, float] = (2.0, 98.0)
+    sample_size: int = Field(default=1024, ge=64, description="Overview size for statistics.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RescaleConfig:
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+        return self
+
+
+class InputConfig(Section):
+    """Band mapping and value rescaling from a scene to the model's input."""
+
+    bands: list[int] | None = Field(
+        default=None,
+        description="1-based scene band indexes in model band order; default: the first N.",
+    )
+    rescale: RescaleConfig = Field(default_factory=RescaleConfig)
+    nodata: float | None = Field(default=None, description="Overrides the scene's nodata.")
+    keep_processed: bool = Field(default=True, description="Move inputs to processed/ or delete.")
+    settle_seconds: float = Field(default=2.0, ge=0, description="Size must be stable this long.")
+    rescan_seconds: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, description="Crashes on one scene before failing it.")
+
+
+class TilingConfig(Section):
+    """The GID multi-scale grid: co-centred windows at every scale around each cell centre."""
+
+    scales: list[int] = Field(default_factory=lambda: [56, 112, 224])
+    cell: int | None = Field(default=None, gt=0, description="Grid step in px; default min(scales).")
+    batch_size: int = Field(default=32, ge=1)
+    fusion: Literal["mean", "max", "weighted"] = "mean"
+    weights: list[float] | None = None
+    nodata_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Cells with more nodata than this get nodata."
+    )
+    segments: Literal["none", "felzenszwalb", "slic"] = "none"
+    segment_scale: float = Field(default=100.0, gt=0)
+    read_ahead: int = Field(default=2, ge=0, description="Batches read ahead of inference.")
+    gdal_cachemax_mb: int = Field(default=256, ge=16)
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> TilingConfig:
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ValueError("scales must be a non-empty list of positive pixel sizes")
+        if self.fusion == "weighted":
+            if self.weights is None or len(self.weights) != len(self.scales):
+                raise ValueError("fusion 'weighted' needs one weight per scale")
+        return self
+
+    @property
+    def cell_size(self) -> int:
+        """The grid step in pixels."""
+        return self.cell or min(self.scales)
+
+
+class TLSConfig(Section):
+    """TLS for the broker connection; all paths optional (system CAs by default)."""
+
+    enabled: bool = False
+    ca_certs: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    insecure: bool = False
+
+
+class MQTTConfig(Section):
+    """Broker connection; the password is read from a file, never from the YAML."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    topic_prefix: str = "terratile"
+    client_id: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    keepalive: int = Field(default=30, ge=5)
+    stats_interval: float = Field(default=60.0, gt=0)
+    stats_expiry: int = Field(default=120, ge=1, description="MQTT 5 message expiry, seconds.")
+
+    @model_validator(mode="after")
+    def _prefix(self) -> MQTTConfig:
+        if not self.topic_prefix or any(c in self.topic_prefix for c in "#+"):
+            raise ValueError("topic_prefix must be non-empty and contain no wildcards")
+        return self
+
+    def password(self) -> SecretStr | None:
+        """The password from ``password_file`` or the systemd credential ``mqtt_password``."""
+        candidates = [self.password_file]
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir:
+            candidates.append(Path(cred_dir) / "mqtt_password")
+        for path in candidates:
+            if path is not None and path.is_file():
+                return SecretStr(path.read_text().strip())
+        if self.password_file is not None:
+            raise FileNotFoundError(f"mqtt.password_file: {self.password_file} does not exist")
+        return None
+
+
+class RetrievalConfig(Section):
+    """The local faiss index of tile embeddings."""
+
+    enabled: bool = True
+    scale: int | None = Field(default=None, description="Scale whose embedding is indexed.")
+    exact_max: int = Field(default=50_000, ge=0, description="Flat index up to this many vectors.")
+    index_type: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
+    hnsw_m: int = Field(default=32, ge=4)
+    hnsw_ef_search: int = Field(default=64, ge=8)
+    ivf_nlist: int = Field(default=1024, ge=1)
+    ivf_nprobe: int = Field(default=32, ge=1)
+    pq_m: int = Field(default=16, ge=1)
+    checkpoint_every: int = Field(default=5000, ge=1, description="Vectors between saves.")
+    allowed_dirs: list[Path] = Field(
+        default_factory=list, description="Query images may only be read from these folders."
+    )
+    max_k: int = Field(default=100, ge=1)
+
+
+class DriftConfig(Section):
+    """Label-free drift detection against the bundle's ``reference.json``."""
+
+    enabled: bool = True
+    psi_threshold: float = Field(default=0.25, gt=0)
+    feature_threshold: float = Field(default=0.5, gt=0)
+    confidence_delta: float = Field(default=0.05, gt=0)
+    confidence_threshold: float = Field(default=0.5, gt=0)
+    window: int = Field(default=5, ge=1, description="Scenes in the sliding window.")
+    min_signals: int = Field(default=2, ge=1, description="Signals that must fire together.")
+
+
+class AdaptConfig(Section):
+    """Retrieval-confirmed pseudo-label adaptation, gated, versioned, reversible."""
+
+    enabled: bool = True
+    auto: bool = Field(default=True, description="Start a job when drift fires.")
+    tau: float = Field(default=0.6, ge=0, le=1, description="Pseudo-label confidence threshold.")
+    k: int = Field(default=10, ge=1, description="Source neighbours that must agree.")
+    agreement: float = Field(default=0.5, gt=0, le=1, description="Fraction of k that agree.")
+    per_class_cap: int = Field(default=200, ge=1)
+    min_samples: int = Field(default=50, ge=1)
+    store_max_cells: int = Field(default=20_000, ge=100)
+    max_seconds: float = Field(default=120.0, gt=0)
+    max_source_drop: float = Field(default=0.01, ge=0, description="Gate: Δ on held-back OA.")
+    min_entropy: float = Field(default=0.5, ge=0, description="Gate: class-collapse floor.")
+    reset_after: int = Field(default=10, ge=1, description="Updates before resetting to source.")
+
+
+class Settings(BaseSettings):
+    """The whole appliance configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TERRATILE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    node_id: str = Field(default="edge-01", pattern=r"^[A-Za-z0-9_.-]+$")
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    mqtt: MQTTConfig = Field(default_factory=MQTTConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names every bad key."""
+
+
+def explain_errors(exc: ValidationError) -> list[str]:
+    """One human line per error: ``key.path: message (got value)``."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        lines.append(f"{key}: {msg}{shown}")
+    return lines
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Read the YAML file (if any) plus environment; raise ``ConfigError`` naming each key.
+
+    Relative paths in the file are taken relative to the file's folder, so a config that
+    sits beside its data works from any working directory.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys")
+        data = _resolve_relative(loaded, path.parent.resolve())
+    try:
+        env = _EnvOnly()  # environment values alone, merged above the YAML file
+        merged = _deep_merge(data, env.model_dump(exclude_unset=True))
+        merged = _deep_merge(merged, overrides)
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(explain_errors(exc))) from exc
+
+
+class _EnvOnly(Settings):
+    """Settings read from the environment alone (no defaults validated as 'set')."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TERRATILE_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings,)
+
+
+_PATH_KEYS = {
+    ("paths", "inbox"), ("paths", "work"), ("paths", "outbox"), ("paths", "failed"),
+    ("paths", "processed"), ("paths", "state"), ("model", "bundle"),
+    ("model", "trt_engine_cache"), ("mqtt", "password_file"), ("mqtt", "tls", "ca_certs"),
+    ("mqtt", "tls", "certfile"), ("mqtt", "tls", "keyfile"),
+}
+
+
+def _resolve_relative(data: dict[str, Any], base: Path, prefix: tuple[str, ...] = ()) -> dict:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        here = (*prefix, str(key))
+        if isinstance(value, dict):
+            out[key] = _resolve_relative(value, base, here)
+        elif here in _PATH_KEYS and isinstance(value, str) and not Path(value).is_absolute():
+            out[key] = str(base / value)
+        elif here == ("retrieval", "allowed_dirs") and isinstance(value, list):
+            out[key] = [str(base / v) if isinstance(v, str) else v for v in value]
+        else:
+            out[key] = value
+    return out
+
+
+def _deep_merge(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    out = dict(low)
+    for key, value in high.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,137 @@
+"""The model store: bundle versions side by side and one atomically switched active pointer.
+
+Layout under ``state/models/``: one verified bundle directory per version (``v0001/``…)
+and ``ACTIVE``, a small file holding the active version, replaced with ``os.replace`` so a
+crash at any moment leaves either the old or the new pointer, never a broken one. New
+versions are copied into ``.tmp-*`` and renamed into place only after they verify.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.bundle import Bundle, BundleError, load_bundle
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One installed bundle version as listed by ``terratile models list``."""
+
+    version: int
+    path: Path
+    parent: int | None
+    active: bool
+    name: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"version": self.version, "path": str(self.path), "active": self.active,
+                "parent": self.parent, "name": self.name}
+
+
+class ModelStore:
+    """Versioned bundles plus the active pointer."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._pointer = self.root / "ACTIVE"
+
+    def dir_for(self, version: int) -> Path:
+        return self.root / f"v{version:04d}"
+
+    def versions(self) -> list[ModelVersion]:
+        """Installed versions, oldest first (directories that fail to verify are skipped)."""
+        active = self.active_version()
+        out = []
+        for path in sorted(self.root.glob("v[0-9][0-9][0-9][0-9]")):
+            try:
+                manifest = load_bundle(path).manifest
+            except BundleError:
+                continue
+            out.append(ModelVersion(manifest.version, path, manifest.parent,
+                                    manifest.version == active, manifest.name))
+        return out
+
+    def active_version(self) -> int | None:
+        try:
+            return int(json.loads(self._pointer.read_text())["version"])
+        except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError):
+            return None
+
+    def active(self) -> Bundle:
+        """The active bundle, verified; ``BundleError`` if there is none."""
+        version = self.active_version()
+        if version is None:
+            raise BundleError(f"{self.root}: no active model (install a bundle first)")
+        return load_bundle(self.dir_for(version))
+
+    def next_version(self) -> int:
+        existing = [int(p.name[1:]) for p in self.root.glob("v[0-9][0-9][0-9][0-9]")]
+        return max(existing, default=0) + 1
+
+    def install(self, source: Path, activate: bool = True) -> Bundle:
+        """Copy a verified bundle in under its manifest version; activate it if asked.
+
+        A bundle whose version is already installed with identical files is reused, so a
+        daemon restarted with the same seed bundle does not pile up copies.
+        """
+        bundle = load_bundle(source)
+        target = self.dir_for(bundle.version)
+        if target.exists():
+            existing = load_bundle(target)
+            if existing.manifest.files != bundle.manifest.files:
+                raise BundleError(
+                    f"version {bundle.version} is already installed with different files; "
+                    "give the new bundle a new version"
+                )
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            load_bundle(tmp)
+            _fsync_dir(tmp)
+            tmp.replace(target)
+            _fsync_dir(self.root)
+        if activate:
+            self.activate(bundle.version)
+        return load_bundle(target)
+
+    def activate(self, version: int) -> Bundle:
+        """Point ACTIVE at ``version`` after verifying it; atomic."""
+        bundle = load_bundle(self.dir_for(version))
+        tmp = self._pointer.with_suffix(".tmp")
+        with tmp.open("w") as fh:
+            json.dump({"version": version}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self._pointer)
+        _fsync_dir(self.root)
+        return bundle
+
+    def rollback(self) -> Bundle:
+        """Activate the parent of the active version (or the newest older one)."""
+        active = self.active()
+        target = active.manifest.parent
+        if target is None:
+            older = [v.version for v in self.versions() if v.version < active.version]
+            if not older:
+                raise BundleError(f"version {active.version} has no earlier version to roll back to")
+            target = max(older)
+        return self.activate(target)
+
+    def cleanup(self) -> None:
+        """Remove half-copied ``.tmp-*`` directories left by a crash."""
+        for tmp in self.root.glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,176 @@
+"""onnxruntime sessions for a bundle: backbone → classifier head and embedder head.
+
+Providers come from config in preference order (``tensorrt`` → ``cuda`` → ``cpu``).
+onnxruntime silently drops a provider it cannot load; this module compares what it asked
+for with what the session actually runs on and logs a WARNING for every provider that
+fell away, so a box that lost its GPU never runs on CPU unnoticed.
+
+The heads are separate sessions so that an adapted ``classifier.onnx`` can replace the
+head without rebuilding the backbone's TensorRT engine (``swap_classifier``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from appliance.bundle import (
+    BACKBONE,
+    CLASSIFIER,
+    EMBEDDER,
+    EMBEDDING,
+    FEATURES,
+    IMAGE_INPUT,
+    LOGITS,
+    Bundle,
+)
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES: dict[str, str] = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+@dataclass(frozen=True)
+class ProviderPlan:
+    """What to ask onnxruntime for, and where TensorRT may cache engines."""
+
+    providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
+    trt_fp16: bool = True
+    trt_cache: Path | None = None
+    intra_op_threads: int = 0
+
+    def narrowed_to(self, active: list[str]) -> ProviderPlan:
+        """The same plan restricted to providers a session actually loaded."""
+        keep = tuple(k for k in self.providers if PROVIDER_NAMES[k] in active) or ("cpu",)
+        return replace(self, providers=keep)
+
+    def ort_providers(self) -> list[str | tuple[str, dict[str, Any]]]:
+        """onnxruntime provider list with options; CPU is always last, as the floor."""
+        out: list[str | tuple[str, dict[str, Any]]] = []
+        for key in self.providers:
+            name = PROVIDER_NAMES[key]
+            if key == "tensorrt":
+                opts: dict[str, Any] = {"trt_fp16_enable": self.trt_fp16}
+                if self.trt_cache is not None:
+                    self.trt_cache.mkdir(parents=True, exist_ok=True)
+                    opts |= {"trt_engine_cache_enable": True,
+                             "trt_engine_cache_path": str(self.trt_cache),
+                             "trt_timing_cache_enable": True,
+                             "trt_timing_cache_path": str(self.trt_cache)}
+                out.append((name, opts))
+            else:
+                out.append(name)
+        if "cpu" not in self.providers:
+            out.append(PROVIDER_NAMES["cpu"])
+        return out
+
+
+def open_session(model: Path | bytes, plan: ProviderPlan) -> ort.InferenceSession:
+    """An InferenceSession on the best available provider, falling back loudly."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if plan.intra_op_threads:
+        opts.intra_op_num_threads = plan.intra_op_threads
+    available = set(ort.get_available_providers())
+    wanted = plan.ort_providers()
+    requested = [p for p in wanted if (p[0] if isinstance(p, tuple) else p) in available]
+    for p in wanted:
+        name = p[0] if isinstance(p, tuple) else p
+        if name not in available:
+            log.warning("provider %s requested but not in this onnxruntime build", name)
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, sess_options=opts, providers=requested)
+    active = session.get_providers()
+    first_wanted = requested[0][0] if isinstance(requested[0], tuple) else requested[0]
+    if active[0] != first_wanted:
+        log.warning(
+            "FALLBACK: asked for %s, running on %s (%s)",
+            [p[0] if isinstance(p, tuple) else p for p in requested], active[0],
+            model if isinstance(model, Path) else "in-memory model",
+        )
+    return session
+
+
+@dataclass(frozen=True)
+class Inference:
+    """Outputs for one batch: pooled features, class probabilities, L2-normalised embedding."""
+
+    features: np.ndarray
+    probs: np.ndarray
+    embedding: np.ndarray
+
+
+class ModelRuntime:
+    """Runs a bundle: ``infer(tiles)`` from value-range tiles to features, probs, embedding."""
+
+    def __init__(self, bundle: Bundle, plan: ProviderPlan | None = None) -> None:
+        self.bundle = bundle
+        self.plan = plan or ProviderPlan()
+        self.manifest = bundle.manifest
+        self._backbone = open_session(bundle.file(BACKBONE), self.plan)
+        # Heads go on what the backbone really got, so a missing GPU is reported once.
+        self.plan = self.plan.narrowed_to(self._backbone.get_providers())
+        self._classifier = open_session(bundle.file(CLASSIFIER), self.plan)
+        self._embedder = open_session(bundle.file(EMBEDDER), self.plan)
+        self._lock = threading.Lock()
+
+    @property
+    def providers(self) -> list[str]:
+        """Providers the backbone session really runs on, best first."""
+        return list(self._backbone.get_providers())
+
+    @property
+    def input_size(self) -> int:
+        return self.manifest.input.size
+
+    def warmup(self, batch: int = 1) -> None:
+        """One inference so that lazy provider set-up (TensorRT build) happens at start."""
+        spec = self.manifest.input
+        lo, hi = spec.value_range
+        tiles = np.full((batch, len(spec.bands), spec.size, spec.size), (lo + hi) / 2, np.float32)
+        self.infer(tiles)
+
+    def features(self, tiles: np.ndarray) -> np.ndarray:
+        """[N,C,S,S] tiles in the model's value range → [N,D] pooled features."""
+        x = self.manifest.input.normalise(tiles)
+        out = self._backbone.run([FEATURES], {IMAGE_INPUT: x})[0]
+        return np.asarray(out, np.float32)
+
+    def probs(self, features: np.ndarray) -> np.ndarray:
+        """Features → class probabilities (softmax, or sigmoid for multi-label bundles)."""
+        with self._lock:
+            logits = self._classifier.run([LOGITS], {FEATURES: features})[0]
+        return activate(np.asarray(logits, np.float32), self.manifest.task == "multi-label")
+
+    def embed(self, features: np.ndarray) -> np.ndarray:
+        """Features → L2-normalised retrieval embedding."""
+        return np.asarray(self._embedder.run([EMBEDDING], {FEATURES: features})[0], np.float32)
+
+    def infer(self, tiles: np.ndarray) -> Inference:
+        feats = self.features(tiles)
+        return Inference(feats, self.probs(feats), self.embed(feats))
+
+    def swap_classifier(self, model: Path | bytes) -> None:
+        """Replace the classifier head in place (adaptation, rollback) without a backbone rebuild."""
+        session = open_session(model, self.plan)
+        with self._lock:
+            self._classifier = session
+
+
+def activate(logits: np.ndarray, multi_label: bool) -> np.ndarray:
+    """Softmax over classes, or an element-wise sigmoid for multi-label tasks."""
+    if multi_label:
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
