@@ -50,6 +50,7 @@ class PathsConfig(Section):
 
 
 Provider = Literal["tensorrt", "cuda", "cpu"]
+_DEFAULT_PROVIDERS: tuple[Provider, ...] = ("tensorrt", "cuda", "cpu")
 
 
 class ModelConfig(Section):
@@ -59,7 +60,7 @@ class ModelConfig(Section):
         default=None,
         description="Seed bundle directory; installed into the model store on first start.",
     )
-    providers: list[Provider] = Field(default_factory=lambda: ["tensorrt", "cuda", "cpu"])
+    providers: list[Provider] = Field(default_factory=lambda: list(_DEFAULT_PROVIDERS))
     trt_fp16: bool = True
     trt_engine_cache: Path | None = Field(
         default=None, description="TensorRT engine cache; defaults to state/trt-cache."
@@ -97,17 +98,17 @@ class InputConfig(Section):
     )
     rescale: RescaleConfig = Field(default_factory=RescaleConfig)
     nodata: float | None = Field(default=None, description="Overrides the scene's nodata.")
-    keep_processed: bool = Field(default=True, description="Move inputs to processed/ or delete.")
+    keep_processed: bool = Field(default=True, description="Keep inputs in processed/.")
     settle_seconds: float = Field(default=2.0, ge=0, description="Size must be stable this long.")
     rescan_seconds: float = Field(default=30.0, gt=0)
-    max_attempts: int = Field(default=3, ge=1, description="Crashes on one scene before failing it.")
+    max_attempts: int = Field(default=3, ge=1, description="Crashes on a scene before it fails.")
 
 
 class TilingConfig(Section):
     """The GID multi-scale grid: co-centred windows at every scale around each cell centre."""
 
     scales: list[int] = Field(default_factory=lambda: [56, 112, 224])
-    cell: int | None = Field(default=None, gt=0, description="Grid step in px; default min(scales).")
+    cell: int | None = Field(default=None, gt=0, description="Grid step, px; default min(scales).")
     batch_size: int = Field(default=32, ge=1)
     fusion: Literal["mean", "max", "weighted"] = "mean"
     weights: list[float] | None = None
@@ -123,9 +124,9 @@ class TilingConfig(Section):
     def _weights_match(self) -> TilingConfig:
         if not self.scales or any(s <= 0 for s in self.scales):
             raise ValueError("scales must be a non-empty list of positive pixel sizes")
-        if self.fusion == "weighted":
-            if self.weights is None or len(self.weights) != len(self.scales):
-                raise ValueError("fusion 'weighted' needs one weight per scale")
+        weights_ok = self.weights is not None and len(self.weights) == len(self.scales)
+        if self.fusion == "weighted" and not weights_ok:
+            raise ValueError("fusion 'weighted' needs one weight per scale")
         return self
 
     @property

@@ -119,7 +119,7 @@ class ModelStore:
         if target is None:
             older = [v.version for v in self.versions() if v.version < active.version]
             if not older:
-                raise BundleError(f"version {active.version} has no earlier version to roll back to")
+                raise BundleError(f"version {active.version} has no earlier version")
             target = max(older)
         return self.activate(target)
 

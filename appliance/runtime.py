@@ -161,7 +161,7 @@ class ModelRuntime:
         return Inference(feats, self.probs(feats), self.embed(feats))
 
     def swap_classifier(self, model: Path | bytes) -> None:
-        """Replace the classifier head in place (adaptation, rollback) without a backbone rebuild."""
+        """Replace the classifier head (adaptation, rollback) without rebuilding the backbone."""
         session = open_session(model, self.plan)
         with self._lock:
             self._classifier = session

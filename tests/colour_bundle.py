@@ -17,8 +17,20 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from appliance.bundle import (
-    BACKBONE, CLASSIFIER, EMBEDDER, EMBEDDING, FEATURES, IMAGE_INPUT, LOGITS, REFERENCE,
-    SOURCE_BANK, ClassSpec, InputSpec, Manifest, SourceBank, seal_bundle,
+    BACKBONE,
+    CLASSIFIER,
+    EMBEDDER,
+    EMBEDDING,
+    FEATURES,
+    IMAGE_INPUT,
+    LOGITS,
+    REFERENCE,
+    SOURCE_BANK,
+    ClassSpec,
+    InputSpec,
+    Manifest,
+    SourceBank,
+    seal_bundle,
 )
 from appliance.reference import build_reference, class_centroids
 
