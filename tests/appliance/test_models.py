@@ -1,0 +1,60 @@
+"""The model store: versions side by side, an atomic active pointer, rollback."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from appliance.bundle import BundleError, Manifest, load_bundle, seal_bundle, sha256_file
+from appliance.models import ModelStore
+
+
+def _version(src: Path, dst: Path, version: int, parent: int | None) -> Path:
+    shutil.copytree(src, dst)
+    manifest = load_bundle(dst).manifest.model_copy(update={"version": version, "parent": parent})
+    seal_bundle(dst, manifest)
+    return dst
+
+
+def test_install_activate_rollback(colour_bundle: Path, tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    with pytest.raises(BundleError, match="no active model"):
+        store.active()
+    store.install(colour_bundle)
+    assert store.active().version == 1
+    store.install(colour_bundle)  # same seed again: reused, not duplicated
+    assert [v.version for v in store.versions()] == [1]
+
+    v2 = _version(colour_bundle, tmp_path / "v2", 2, 1)
+    store.install(v2)
+    assert store.active_version() == 2
+    listed = {v.version: v for v in store.versions()}
+    assert listed[2].active and listed[2].parent == 1 and not listed[1].active
+
+    before = {p.name: sha256_file(p) for p in store.dir_for(1).iterdir()}
+    assert store.rollback().version == 1
+    after = {p.name: sha256_file(p) for p in store.dir_for(1).iterdir()}
+    assert before == after
+    with pytest.raises(BundleError, match="no earlier version"):
+        store.rollback()
+
+
+def test_conflicting_reinstall_and_tampered_version_are_refused(
+    colour_bundle: Path, tmp_path: Path
+) -> None:
+    store = ModelStore(tmp_path / "models")
+    store.install(colour_bundle)
+    other = _version(colour_bundle, tmp_path / "other", 1, None)
+    (other / "reference.json").write_text((other / "reference.json").read_text() + " ")
+    seal_bundle(other, Manifest.model_validate_json((other / "manifest.json").read_text()))
+    with pytest.raises(BundleError, match="already installed with different files"):
+        store.install(other)
+    # Tampering with an installed version makes activation refuse it.
+    v2 = store.install(_version(colour_bundle, tmp_path / "v2", 2, 1), activate=False)
+    (v2.path / "classifier.onnx").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        store.activate(2)
+    assert store.active_version() == 1
+

@@ -1,0 +1,65 @@
+"""Runtime: real onnxruntime on a real bundle; a missing GPU provider falls back loudly."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.bundle import load_bundle
+from appliance.runtime import ModelRuntime, ProviderPlan, activate
+
+
+def _painted(colours: list[tuple[int, int, int]], size: int = 32) -> np.ndarray:
+    tiles = np.zeros((len(colours), 3, size, size), np.float32)
+    for i, c in enumerate(colours):
+        tiles[i] = np.asarray(c, np.float32).reshape(3, 1, 1)
+    return tiles
+
+
+def test_infer_classifies_colours_and_normalises_embeddings(colour_bundle: Path) -> None:
+    runtime = ModelRuntime(load_bundle(colour_bundle), ProviderPlan(providers=("cpu",)))
+    runtime.warmup()
+    out = runtime.infer(_painted([(210, 20, 20), (20, 210, 20), (20, 20, 210)]))
+    assert out.probs.argmax(axis=1).tolist() == [0, 1, 2]
+    np.testing.assert_allclose(out.probs.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(out.embedding, axis=1), 1.0, rtol=1e-5)
+    assert out.features.shape == (3, runtime.manifest.feature_dim)
+    assert runtime.providers == ["CPUExecutionProvider"]
+
+
+def test_gpu_request_without_gpu_falls_back_loudly(
+    colour_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        try:
+            probe = ModelRuntime(load_bundle(colour_bundle), ProviderPlan(providers=("cuda",)))
+        except Exception:  # pragma: no cover - a broken CUDA install is also "no GPU"
+            probe = None
+        if probe is not None and probe.providers[0] == "CUDAExecutionProvider":
+            pytest.skip("a working CUDA provider is present; the fallback cannot be observed")
+    with caplog.at_level(logging.WARNING, logger="appliance.runtime"):
+        runtime = ModelRuntime(load_bundle(colour_bundle), ProviderPlan(providers=("cuda", "cpu")))
+    assert runtime.providers[0] == "CPUExecutionProvider"
+    assert any("CUDAExecutionProvider" in r.getMessage() for r in caplog.records)
+    # Heads are narrowed to what the backbone got: the warning is not repeated per head.
+    assert runtime.plan.providers == ("cpu",)
+
+
+def test_tensorrt_plan_carries_engine_cache_options(tmp_path: Path) -> None:
+    plan = ProviderPlan(providers=("tensorrt", "cuda"), trt_cache=tmp_path / "trt")
+    first, second, last = plan.ort_providers()
+    assert isinstance(first, tuple) and first[0] == "TensorrtExecutionProvider"
+    assert first[1]["trt_engine_cache_enable"] is True
+    assert first[1]["trt_engine_cache_path"] == str(tmp_path / "trt")
+    assert second == "CUDAExecutionProvider" and last == "CPUExecutionProvider"
+
+
+def test_activation_functions() -> None:
+    logits = np.array([[0.0, 0.0], [10.0, -10.0]], np.float32)
+    np.testing.assert_allclose(activate(logits, False)[0], [0.5, 0.5])
+    np.testing.assert_allclose(activate(logits, True)[1], [1.0, 0.0], atol=1e-4)
