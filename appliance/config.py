@@ -209,6 +209,7 @@ class DriftConfig(Section):
     confidence_threshold: float = Field(default=0.5, gt=0)
     window: int = Field(default=5, ge=1, description="Scenes in the sliding window.")
     min_signals: int = Field(default=2, ge=1, description="Signals that must fire together.")
+    min_scenes: int = Field(default=3, ge=1, description="Scenes seen before window signals fire.")
 
 
 class AdaptConfig(Section):
@@ -226,6 +227,18 @@ class AdaptConfig(Section):
     max_source_drop: float = Field(default=0.01, ge=0, description="Gate: Δ on held-back OA.")
     min_entropy: float = Field(default=0.5, ge=0, description="Gate: class-collapse floor.")
     reset_after: int = Field(default=10, ge=1, description="Updates before resetting to source.")
+    rounds: int = Field(default=3, ge=1, description="Pseudo-label → confirm → fit rounds per job.")
+    blend: float = Field(
+        default=0.8, ge=0, le=1,
+        description="Weight of target statistics in the feature re-standardisation (0: none).",
+    )
+    l2: float = Field(default=1e-3, ge=0, description="Pull of the head towards the source head.")
+    source_weight: float = Field(
+        default=1.0, ge=0, description="Total weight of source rows relative to target rows."
+    )
+    cooldown_scenes: int = Field(
+        default=5, ge=0, description="New scenes collected before another automatic job."
+    )
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,576 @@
+"""Self-adaptation: retrieval-confirmed pseudo-labels → a new classifier head, gated, versioned.
+
+The GID scheme (Tong et al.), made safe for a box in the field:
+
+1. **Collect** (``collect``, after every scene): the sampled valid cells' per-scale backbone
+   features and fused probabilities go to a bounded on-disk ring of ``.npz`` files
+   (``state/adapt/candidates/``), oldest dropped first beyond ``adapt.store_max_cells``.
+2. **Align**: target features are re-standardised towards the source statistics of
+   ``reference.json`` with *blended* target statistics (``adapt.blend``; resetting them fully is
+   what makes BN-statistic resets fail). The map is affine per dimension, so the aligned
+   source head is still one ``Gemm`` (``LinearHead.composed``) and becomes the teacher.
+3. **Pseudo-label** each cell: fused argmax of the teacher, kept when confidence ≥ ``adapt.tau``,
+   at most ``adapt.per_class_cap`` cells per class (most confident first).
+4. **Confirm** by retrieval: the Euclidean ``adapt.k`` nearest source features
+   (``source_bank.npz`` training rows, faiss ``IndexFlatL2``) of the aligned features must
+   agree with the pseudo-label for at least ``adapt.agreement`` of them.
+5. **Fit** a softmax-regression head on raw features, confirmed target rows plus the source
+   training rows, started from the current head and pulled towards the source head (L2,
+   ``adapt.l2``); ``adapt.rounds`` rounds, each re-labelling with the teacher and the new head.
+6. **Gate**: held-back source accuracy may drop at most ``adapt.max_source_drop`` below the
+   source head's, predicted-class entropy on target cells stays ≥ ``adapt.min_entropy``, and
+   agreement with the round-1 confirmed cells must rise above the current head's.
+7. **Promote** a passing head as a new bundle version (copy of the active bundle, new
+   ``classifier.onnx``, ``parent`` recorded, sealed) through ``ModelStore.install``, which
+   switches the active pointer atomically; a failing one is kept under ``state/adapt/rejected``.
+
+A reset policy guards against slow decay: after ``adapt.reset_after`` successive adapted
+versions, or when the current head's predictions on target cells collapse, the job
+re-activates the source version instead of adapting further.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from scipy.optimize import minimize
+
+from appliance.bundle import CLASSIFIER, Bundle, load_bundle, seal_bundle
+from appliance.cells import SceneCells
+from appliance.config import AdaptConfig
+from appliance.head import LinearHead, read_head, write_head
+from appliance.models import ModelStore
+from appliance.runtime import activate
+
+log = logging.getLogger(__name__)
+
+ADAPT_DIR = "adapt"
+
+
+class AdaptationError(RuntimeError):
+    """An adaptation job that cannot run (no candidates, an unadaptable head...)."""
+
+
+# -- candidate store ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Stored target cells: per-scale features [n,S,D], fused probs [n,K], scene of each."""
+
+    features: np.ndarray
+    probs: np.ndarray
+    scenes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+class CandidateStore:
+    """A bounded ring of per-scene ``.npz`` files (features stored as float16).
+
+    Files are named ``<seq>-<cells>.npz`` and written under a temporary name then renamed,
+    so a reader (the adaptation thread) never sees half a file.
+    """
+
+    def __init__(self, root: Path, max_cells: int) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_cells = max_cells
+
+    def _files(self) -> list[tuple[int, int, Path]]:
+        out = []
+        for path in self.root.glob("*-*.npz"):
+            seq, n = path.stem.split("-", 1)
+            if seq.isdigit() and n.isdigit():
+                out.append((int(seq), int(n), path))
+        return sorted(out)
+
+    @property
+    def last_seq(self) -> int:
+        files = self._files()
+        return files[-1][0] if files else 0
+
+    def __len__(self) -> int:
+        return sum(n for _, n, _ in self._files())
+
+    def add(self, scene_id: str, features: np.ndarray, probs: np.ndarray) -> int:
+        """Store one scene's cells; drop the oldest scenes beyond the cap. Returns cells kept."""
+        n = len(features)
+        if n == 0:
+            return 0
+        seq = self.last_seq + 1
+        final = self.root / f"{seq:08d}-{n}.npz"
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.root)
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, features=features.astype(np.float16), probs=probs.astype(np.float32),
+                     scene=np.asarray(scene_id))
+        os.replace(tmp, final)
+        files = self._files()
+        total = sum(c for _, c, _ in files)
+        for _, count, path in files[:-1]:
+            if total <= self.max_cells:
+                break
+            path.unlink(missing_ok=True)
+            total -= count
+        return n
+
+    def load(self) -> Candidates:
+        feats, probs, scenes = [], [], []
+        for _, _, path in self._files():
+            try:
+                with np.load(path) as data:
+                    feats.append(data["features"].astype(np.float32))
+                    probs.append(data["probs"])
+                    scenes.append(np.full(len(data["probs"]), str(data["scene"])))
+            except (FileNotFoundError, OSError, ValueError, KeyError):
+                continue  # pruned or damaged while we listed; the ring goes on without it
+        if not feats:
+            return Candidates(np.zeros((0, 1, 1), np.float32), np.zeros((0, 1), np.float32),
+                              np.zeros(0, str))
+        return Candidates(np.concatenate(feats), np.concatenate(probs), np.concatenate(scenes))
+
+    def clear(self) -> None:
+        for _, _, path in self._files():
+            path.unlink(missing_ok=True)
+
+
+# -- the learning steps ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Per-dimension affine map ``f * scale + shift`` taking target features to source stats."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+    @classmethod
+    def blended(cls, source_mean: np.ndarray, source_std: np.ndarray, target: np.ndarray,
+                blend: float) -> Alignment:
+        """Standardise with ``blend``-weighted target statistics, de-standardise with source."""
+        t_mean, t_std = target.mean(axis=0), target.std(axis=0)
+        mean = (1 - blend) * source_mean + blend * t_mean
+        var = (1 - blend) * source_std**2 + blend * t_std**2
+        scale = source_std / np.sqrt(np.maximum(var, 1e-12))
+        scale = np.where(source_std > 1e-8, scale, 1.0)
+        return cls(scale.astype(np.float32), (source_mean - mean * scale).astype(np.float32))
+
+    def apply(self, features: np.ndarray) -> np.ndarray:
+        return (features * self.scale + self.shift).astype(np.float32)
+
+
+def fused_probs(head: LinearHead, features: np.ndarray) -> np.ndarray:
+    """Softmax per scale of [n,S,D] features, fused by the mean over scales → [n,K]."""
+    n, s, d = features.shape
+    probs = activate(head.logits(features.reshape(n * s, d)), multi_label=False)
+    return probs.reshape(n, s, -1).mean(axis=1)
+
+
+def select_pseudo_labels(probs: np.ndarray, tau: float, cap: int) -> np.ndarray:
+    """Indexes of cells whose argmax confidence ≥ tau, at most ``cap`` per class (top first)."""
+    labels, conf = probs.argmax(axis=1), probs.max(axis=1)
+    keep = []
+    for k in np.unique(labels):
+        rows = np.flatnonzero((labels == k) & (conf >= tau))
+        keep.append(rows[np.argsort(-conf[rows], kind="stable")][:cap])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
+def retrieval_agreement(index: faiss.Index, bank_labels: np.ndarray, queries: np.ndarray,
+                        labels: np.ndarray, k: int) -> np.ndarray:
+    """Fraction of each query's k nearest source rows whose label equals the query's label."""
+    if len(queries) == 0:
+        return np.zeros(0, np.float32)
+    _, nn = index.search(np.ascontiguousarray(queries, np.float32), min(k, index.ntotal))
+    return (bank_labels[nn] == labels[:, None]).mean(axis=1).astype(np.float32)
+
+
+def fit_head(features: np.ndarray, labels: np.ndarray, weights: np.ndarray, init: LinearHead,
+             anchor: LinearHead, l2: float, deadline: float, max_iter: int = 200
+             ) -> LinearHead:
+    """Weighted softmax regression by L-BFGS, from ``init``, L2-pulled towards ``anchor``.
+
+    Minimises ``Σ wᵢ CE(xᵢ, yᵢ) + l2/2 ‖W − W_anchor‖²``; stops at ``deadline``
+    (``time.monotonic``) so a job stays within its time budget.
+    """
+    d, k = init.weight.shape
+    x = features.astype(np.float32)
+    onehot = np.eye(k, dtype=np.float32)[labels]
+    w_rows = (weights / weights.sum()).astype(np.float32)[:, None]
+    w_anchor = anchor.weight.astype(np.float64)
+
+    def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
+        w = params[: d * k].reshape(d, k)
+        b = params[d * k:]
+        logits = x @ w.astype(np.float32) + b.astype(np.float32)
+        logits -= logits.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        logp = logits - lse
+        ce = -float((w_rows * onehot * logp).sum())
+        err = w_rows * (np.exp(logp) - onehot)
+        diff = w - w_anchor
+        value = ce + 0.5 * l2 * float((diff**2).sum())
+        grad_w = (x.T @ err).astype(np.float64) + l2 * diff
+        return value, np.concatenate([grad_w.ravel(), err.sum(axis=0).astype(np.float64)])
+
+    def stop(_: np.ndarray) -> None:
+        if time.monotonic() > deadline:
+            raise StopIteration
+
+    start = np.concatenate([init.weight.ravel(), init.bias]).astype(np.float64)
+    result = minimize(loss, start, jac=True, method="L-BFGS-B", callback=stop,
+                      options={"maxiter": max_iter})
+    params = result.x
+    return LinearHead(params[: d * k].reshape(d, k).astype(np.float32),
+                      params[d * k:].astype(np.float32))
+
+
+def accuracy(head: LinearHead, features: np.ndarray, labels: np.ndarray) -> float:
+    if len(labels) == 0:
+        return 0.0
+    return float((head.logits(features).argmax(axis=1) == labels).mean())
+
+
+def class_entropy(predicted: np.ndarray, n_classes: int) -> float:
+    """Normalised entropy of the predicted-class histogram (1 = uniform, 0 = one class)."""
+    if len(predicted) == 0:
+        return 0.0
+    p = np.bincount(predicted, minlength=n_classes) / len(predicted)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum() / np.log(max(n_classes, 2)))
+
+
+# -- the job -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdaptationData:
+    """Everything one job learns from, computed once by ``Adapter.prepare``."""
+
+    bundle: Bundle
+    source_bundle: Bundle
+    current: LinearHead
+    source: LinearHead
+    candidates: Candidates
+    alignment: Alignment
+    teacher: LinearHead  # source head composed with the alignment
+    pseudo: np.ndarray  # [n] pseudo-label per candidate cell (teacher argmax)
+    confirmed: np.ndarray  # indexes of confirmed cells (round 1)
+    train_x: np.ndarray  # source training rows
+    train_y: np.ndarray
+    holdout_x: np.ndarray
+    holdout_y: np.ndarray
+    index: faiss.Index
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    failures: list[str]
+    figures: dict[str, float]
+
+
+@dataclass
+class AdaptationReport:
+    """What a job did; ``as_dict`` is the ``events/model`` (or rejection) payload body."""
+
+    reason: str
+    action: str  # "promoted" | "rejected" | "skipped" | "reset"
+    version_before: int | None
+    version_after: int | None
+    message: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    bundle_path: str | None = None
+    kept_at: str | None = None
+
+    @property
+    def promoted(self) -> bool:
+        return self.action == "promoted"
+
+    @property
+    def model_changed(self) -> bool:
+        """True when the active version changed (promotion or reset)."""
+        return self.action in ("promoted", "reset")
+
+    @property
+    def classifier_path(self) -> Path | None:
+        return Path(self.bundle_path) / CLASSIFIER if self.bundle_path else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason, "action": self.action, "promoted": self.promoted,
+            "version_before": self.version_before, "version_after": self.version_after,
+            "message": self.message, "counts": self.counts, "gate": self.gate,
+            "rounds": self.rounds, "seconds": round(self.seconds, 3),
+            "bundle_path": self.bundle_path, "kept_at": self.kept_at,
+        }
+
+
+class Adapter:
+    """Collects target cells and runs gated adaptation jobs against a ``ModelStore``."""
+
+    def __init__(self, models: ModelStore, cfg: AdaptConfig, state_dir: Path) -> None:
+        self.models = models
+        self.cfg = cfg
+        self.root = Path(state_dir) / ADAPT_DIR
+        self.store = CandidateStore(self.root / "candidates", cfg.store_max_cells)
+        self.rejected_dir = self.root / "rejected"
+        self._job_lock = threading.Lock()
+        self._marker = self.root / "last_job.json"
+
+    # -- collection and scheduling -----------------------------------------------------
+
+    def collect(self, cells: SceneCells) -> int:
+        """Keep a scene's sampled valid cells as candidates (never nodata); returns the count.
+
+        Cloud-like cells are not filtered here: ``SceneCells`` carries no per-cell
+        radiometry; retrieval confirmation rejects most of them (clouds have no source match).
+        """
+        if len(cells.sample_index) == 0:
+            return 0
+        valid = cells.valid[cells.sample_index]
+        feats = cells.sample_features[valid]
+        probs = cells.probs[cells.sample_index][valid]
+        return self.store.add(cells.scene_id, feats, probs)
+
+    @property
+    def running(self) -> bool:
+        return self._job_lock.locked()
+
+    def due(self, drifting: bool) -> bool:
+        """Whether an automatic job should start now: drift, enough cells, cooled down."""
+        if not (self.cfg.enabled and self.cfg.auto and drifting) or self.running:
+            return False
+        if len(self.store) < self.cfg.min_samples:
+            return False
+        return self.store.last_seq - self._last_job_seq() >= self.cfg.cooldown_scenes
+
+    def _last_job_seq(self) -> int:
+        try:
+            return int(json.loads(self._marker.read_text())["seq"])
+        except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError):
+            return -(10**9)
+
+    def _mark_job(self) -> None:
+        tmp = self._marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seq": self.store.last_seq, "ts": time.time()}))
+        os.replace(tmp, self._marker)
+
+    # -- lineage -----------------------------------------------------------------------
+
+    def lineage(self, bundle: Bundle) -> list[int]:
+        """Versions from ``bundle`` back to its source (a version without parent)."""
+        chain = [bundle.version]
+        current = bundle
+        while current.manifest.parent is not None and len(chain) < 10_000:
+            current = load_bundle(self.models.dir_for(current.manifest.parent))
+            chain.append(current.version)
+        return chain
+
+    # -- steps -------------------------------------------------------------------------
+
+    def prepare(self) -> AdaptationData:
+        """Load candidates and bundles, align, pseudo-label and confirm (round 1)."""
+        bundle = self.models.active()
+        if bundle.manifest.task != "single-label":
+            raise AdaptationError("adaptation supports single-label bundles only")
+        source_bundle = load_bundle(self.models.dir_for(self.lineage(bundle)[-1]))
+        current = read_head(bundle.file(CLASSIFIER))
+        source = read_head(source_bundle.file(CLASSIFIER))
+        cands = self.store.load()
+        if len(cands) == 0:
+            raise AdaptationError("no candidate cells collected yet")
+        if cands.features.shape[-1] != current.dim:
+            raise AdaptationError(
+                f"stored features have {cands.features.shape[-1]} dims, head expects "
+                f"{current.dim}; clear {self.store.root} after changing backbones")
+        bank = source_bundle.source_bank
+        labels = bank.labels.astype(np.int64)
+        train, hold = ~bank.holdout, bank.holdout
+        ref = source_bundle.reference.features
+        flat = cands.features.reshape(-1, cands.features.shape[-1])
+        alignment = Alignment.blended(np.asarray(ref.mean, np.float32),
+                                      np.asarray(ref.std, np.float32), flat, self.cfg.blend)
+        teacher = source.composed(alignment.scale, alignment.shift)
+        index = faiss.IndexFlatL2(bank.features.shape[1])
+        index.add(np.ascontiguousarray(bank.features[train]))
+        probs = fused_probs(teacher, cands.features)
+        pseudo = probs.argmax(axis=1)
+        confirmed = self._confirm(probs, cands.features, alignment, index, labels[train])
+        counts = {"candidates": len(cands), "scenes": len(np.unique(cands.scenes)),
+                  "pseudo": int((probs.max(axis=1) >= self.cfg.tau).sum()),
+                  "confirmed": len(confirmed), "source_train": int(train.sum()),
+                  "source_holdout": int(hold.sum())}
+        return AdaptationData(bundle, source_bundle, current, source, cands, alignment, teacher,
+                              pseudo, confirmed, bank.features[train], labels[train],
+                              bank.features[hold], labels[hold], index, counts)
+
+    def _confirm(self, probs: np.ndarray, features: np.ndarray, alignment: Alignment,
+                 index: faiss.Index, bank_labels: np.ndarray) -> np.ndarray:
+        """Pseudo-labelled cells whose aligned features' source neighbours agree."""
+        chosen = select_pseudo_labels(probs, self.cfg.tau, self.cfg.per_class_cap)
+        if len(chosen) == 0:
+            return chosen
+        labels = probs.argmax(axis=1)[chosen]
+        queries = alignment.apply(features[chosen].mean(axis=1))
+        agree = retrieval_agreement(index, bank_labels, queries, labels, self.cfg.k)
+        return chosen[agree >= self.cfg.agreement]
+
+    def fit(self, data: AdaptationData, cells: np.ndarray, labels: np.ndarray,
+            deadline: float, init: LinearHead | None = None) -> LinearHead:
+        """A head trained on target ``cells`` (all their scales) with ``labels`` + source rows."""
+        feats = data.candidates.features[cells]
+        n, s, d = feats.shape
+        tx = feats.reshape(n * s, d)
+        ty = np.repeat(labels, s)
+        sw = self.cfg.source_weight
+        x = np.concatenate([tx, data.train_x])
+        y = np.concatenate([ty, data.train_y])
+        w = np.concatenate([np.full(len(tx), 1.0 / max(len(tx), 1)),
+                            np.full(len(data.train_x), sw / max(len(data.train_x), 1))])
+        return fit_head(x, y, w, init or data.current, data.source, self.cfg.l2, deadline)
+
+    def gate(self, head: LinearHead, data: AdaptationData) -> GateResult:
+        """Promotion criteria; ``figures`` carries the before/after numbers."""
+        cfg = self.cfg
+        src_ref = accuracy(data.source, data.holdout_x, data.holdout_y)
+        src_before = accuracy(data.current, data.holdout_x, data.holdout_y)
+        src_after = accuracy(head, data.holdout_x, data.holdout_y)
+        k = head.n_classes
+        ent_after = class_entropy(fused_probs(head, data.candidates.features).argmax(1), k)
+        conf = data.confirmed
+        target = data.pseudo[conf]
+        agree_before = float((fused_probs(data.current, data.candidates.features[conf])
+                              .argmax(1) == target).mean()) if len(conf) else 0.0
+        agree_after = float((fused_probs(head, data.candidates.features[conf])
+                             .argmax(1) == target).mean()) if len(conf) else 0.0
+        failures = []
+        if src_after < src_ref - cfg.max_source_drop - 1e-9:
+            failures.append(f"source holdout accuracy {src_after:.4f} < source head "
+                            f"{src_ref:.4f} - {cfg.max_source_drop}")
+        if ent_after < cfg.min_entropy:
+            failures.append(f"class collapse: predicted-class entropy {ent_after:.3f} < "
+                            f"{cfg.min_entropy}")
+        if not agree_after > agree_before:
+            failures.append(f"agreement with confirmed target cells did not rise "
+                            f"({agree_before:.4f} → {agree_after:.4f})")
+        figures = {"source_acc_source_head": src_ref, "source_acc_before": src_before,
+                   "source_acc_after": src_after, "target_entropy_after": ent_after,
+                   "agreement_before": agree_before, "agreement_after": agree_after}
+        return GateResult(not failures, failures, figures)
+
+    # -- the whole job -----------------------------------------------------------------
+
+    def run(self, reason: str = "manual") -> AdaptationReport:
+        """One gated job; never raises for expected outcomes (the report says what happened)."""
+        if not self._job_lock.acquire(blocking=False):
+            return AdaptationReport(reason, "skipped", self.models.active_version(), None,
+                                    "another adaptation job is running")
+        started = time.monotonic()
+        try:
+            report = self._run(reason, started + self.cfg.max_seconds)
+        except AdaptationError as exc:
+            report = AdaptationReport(reason, "skipped", self.models.active_version(), None,
+                                      str(exc))
+        finally:
+            self._job_lock.release()
+        self._mark_job()
+        report.seconds = time.monotonic() - started
+        log.info("adaptation (%s): %s %s", reason, report.action, report.message)
+        return report
+
+    def _run(self, reason: str, deadline: float) -> AdaptationReport:
+        cfg = self.cfg
+        data = self.prepare()
+        before = data.bundle.version
+        chain = self.lineage(data.bundle)
+        current_entropy = class_entropy(
+            fused_probs(data.current, data.candidates.features).argmax(1), data.current.n_classes)
+        if len(chain) > 1 and (len(chain) - 1 >= cfg.reset_after
+                               or current_entropy < cfg.min_entropy):
+            why = (f"{len(chain) - 1} adapted versions since the source"
+                   if len(chain) - 1 >= cfg.reset_after
+                   else f"current head collapsed (entropy {current_entropy:.3f})")
+            bundle = self.models.activate(chain[-1])
+            return AdaptationReport(reason, "reset", before, chain[-1], f"reset to source: {why}",
+                                    counts=data.counts, bundle_path=str(bundle.path))
+        if len(data.confirmed) < cfg.min_samples:
+            return AdaptationReport(
+                reason, "skipped", before, None,
+                f"{len(data.confirmed)} confirmed cells < adapt.min_samples {cfg.min_samples}",
+                counts=data.counts)
+        head, rounds = self._rounds(data, deadline)
+        gate = self.gate(head, data)
+        report = AdaptationReport(reason, "promoted" if gate.passed else "rejected", before,
+                                  None, "; ".join(gate.failures), counts=data.counts,
+                                  gate={"passed": gate.passed, "failures": gate.failures,
+                                        **gate.figures}, rounds=rounds)
+        self._publish(head, data, report)
+        return report
+
+    def _rounds(self, data: AdaptationData, deadline: float
+                ) -> tuple[LinearHead, list[dict[str, Any]]]:
+        """Self-training rounds: the teacher (aligned source head), then teacher ⊕ new head."""
+        feats = data.candidates.features
+        cells, labels = data.confirmed, data.pseudo[data.confirmed]
+        head = self.fit(data, cells, labels, deadline)
+        rounds = [{"round": 1, "confirmed": len(cells)}]
+        teacher_probs = fused_probs(data.teacher, feats)
+        for r in range(2, self.cfg.rounds + 1):
+            if time.monotonic() > deadline:
+                break
+            probs = 0.5 * (teacher_probs + fused_probs(head, feats))
+            bank_labels = data.train_y
+            cells = self._confirm(probs, feats, data.alignment, data.index, bank_labels)
+            if len(cells) < self.cfg.min_samples:
+                break
+            labels = probs.argmax(axis=1)[cells]
+            head = self.fit(data, cells, labels, deadline, init=head)
+            rounds.append({"round": r, "confirmed": len(cells)})
+        return head, rounds
+
+    def _publish(self, head: LinearHead, data: AdaptationData, report: AdaptationReport) -> None:
+        """Write the candidate bundle; install + activate it, or keep it as rejected."""
+        version = self.models.next_version()
+        build = Path(tempfile.mkdtemp(prefix=".build-", dir=self.root))
+        try:
+            shutil.copytree(data.bundle.path, build, dirs_exist_ok=True)
+            write_head(head, build / CLASSIFIER, like=data.bundle.file(CLASSIFIER))
+            metrics = dict(data.bundle.manifest.metrics)
+            metrics["adaptation"] = {"reason": report.reason, "counts": report.counts,
+                                     "gate": report.gate}
+            manifest = data.bundle.manifest.model_copy(update={
+                "version": version, "parent": data.bundle.version,
+                "created": datetime.now(timezone.utc), "metrics": metrics,
+                "notes": f"adapted from v{data.bundle.version}: {report.reason}"})
+            seal_bundle(build, manifest)
+            if report.action == "promoted":
+                installed = self.models.install(build, activate=True)
+                report.version_after = installed.version
+                report.bundle_path = str(installed.path)
+            else:
+                self.rejected_dir.mkdir(parents=True, exist_ok=True)
+                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+                kept = self.rejected_dir / f"{stamp}-from-v{data.bundle.version:04d}"
+                (build / "report.json").write_text(json.dumps(report.as_dict(), indent=2))
+                build.replace(kept)
+                report.kept_at = str(kept)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
