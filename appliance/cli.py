@@ -24,3 +24,7 @@ def validate(file: Path) -> None:
             typer.echo(f"  {line}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"{file}: OK")
+
+from appliance import cli_scene  # noqa: E402  (run, process, status)
+
+cli_scene.register(app)
