@@ -1,0 +1,279 @@
+"""One scene, end to end: read in windows → multi-scale tiles → model → fuse → outputs.
+
+``process_scene`` is the only entry point. It never moves or modifies the input, writes
+every output into ``out_dir`` and raises ``SceneError`` (with a ``reason`` slug) for input
+that cannot be processed. Memory is bounded whatever the scene size: tiles stream through
+a reader thread a few batches ahead of inference, and only per-cell results (fused
+probabilities, one embedding) plus capped samples are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+
+from appliance.cells import SceneCells
+from appliance.config import Settings
+from appliance.fusion import fuse
+from appliance.outputs import (
+    NODATA,
+    ClassMap,
+    bounds_to_wgs84,
+    cell_areas_m2,
+    stac_item,
+    windows_bounds,
+    write_confidence,
+    write_geojson,
+    write_json,
+    write_landuse,
+    write_quicklook,
+)
+from appliance.raster import Scene, SceneError, open_scene
+from appliance.runtime import ModelRuntime
+from appliance.segments import cell_labels_on, hybrid_map, segment
+from appliance.tiling import CellGrid, iter_batches, read_ahead
+
+__all__ = ["SceneError", "SceneOutcome", "process_scene"]
+
+log = logging.getLogger(__name__)
+
+SUMMARY_SCHEMA = "terratile.scene-summary/1"
+FEATURE_SAMPLE = 512  # cells whose per-scale features are kept for adaptation/drift
+
+
+@dataclass(frozen=True)
+class SceneOutcome:
+    """What a processed scene produced; the daemon builds its result payload from this."""
+
+    scene_id: str
+    source: str
+    crs: str
+    bounds: tuple[float, float, float, float]
+    bounds_wgs84: tuple[float, float, float, float]
+    width: int
+    height: int
+    fractions: dict[str, float]
+    areas_ha: dict[str, float]
+    mean_confidence: float
+    outputs: dict[str, str]
+    timings: dict[str, float]
+    tiles: int
+    cells: SceneCells
+
+
+@dataclass
+class _Accumulator:
+    """Per-cell results filled batch by batch, plus a reservoir sample of features."""
+
+    probs: np.ndarray
+    embeddings: np.ndarray
+    rng: np.random.Generator
+    sample_index: list[int] = field(default_factory=list)
+    sample_features: list[np.ndarray] = field(default_factory=list)
+    seen: int = 0
+
+    def add_features(self, cells: np.ndarray, features: np.ndarray) -> None:
+        """Reservoir-sample (algorithm R) cells' per-scale features [b,S,D]."""
+        for cell, feats in zip(cells, features, strict=True):
+            self.seen += 1
+            if len(self.sample_index) < FEATURE_SAMPLE:
+                self.sample_index.append(int(cell))
+                self.sample_features.append(feats)
+            else:
+                j = int(self.rng.integers(self.seen))
+                if j < FEATURE_SAMPLE:
+                    self.sample_index[j] = int(cell)
+                    self.sample_features[j] = feats
+
+
+def _retrieval_scale_index(settings: Settings) -> int:
+    """Index (in ``tiling.scales``) of the scale whose embedding is indexed.
+
+    ``retrieval.scale`` if set (the nearest configured scale), else the middle scale.
+    """
+    scales = settings.tiling.scales
+    wanted = settings.retrieval.scale
+    if wanted is None:
+        wanted = sorted(scales)[len(scales) // 2]
+    return int(np.argmin([abs(s - wanted) for s in scales]))
+
+
+def _seed(scene_id: str) -> int:
+    try:
+        return int(scene_id[:8], 16)
+    except ValueError:
+        return abs(hash(scene_id)) % (1 << 31)
+
+
+def process_scene(
+    path: Path, scene_id: str, out_dir: Path, runtime: ModelRuntime, settings: Settings
+) -> SceneOutcome:
+    """Classify one scene and write its outputs into ``out_dir``; raise ``SceneError``."""
+    path = Path(path)
+    with rasterio.Env(GDAL_CACHEMAX=settings.tiling.gdal_cachemax_mb), \
+            open_scene(path, settings.input, runtime.manifest.input) as scene:
+        return _process(scene, path, scene_id, Path(out_dir), runtime, settings)
+
+
+def _process(
+    scene: Scene, path: Path, scene_id: str, out_dir: Path, runtime: ModelRuntime,
+    settings: Settings,
+) -> SceneOutcome:
+    t_start = time.perf_counter()
+    tiling = settings.tiling
+    manifest = runtime.manifest
+    grid = CellGrid(scene.width, scene.height, tiling.cell_size, tuple(tiling.scales))
+    valid = grid.valid(scene, tiling.nodata_fraction)
+    if not valid.any():
+        if max(scene.width, scene.height) < min(tiling.scales):
+            raise SceneError("too-small", f"{path.name}: {scene.width}x{scene.height} px is "
+                             f"smaller than the smallest window ({min(tiling.scales)} px)")
+        raise SceneError("nodata", f"{path.name}: every cell is more than "
+                         f"{tiling.nodata_fraction:.0%} nodata")
+
+    n, k = len(grid), len(manifest.classes)
+    n_scales = len(grid.scales)
+    acc = _Accumulator(np.zeros((n, k), np.float32),
+                       np.zeros((n, manifest.embedding_dim), np.float32),
+                       np.random.default_rng(_seed(scene_id)))
+    r_index = _retrieval_scale_index(settings)
+    multi_label = manifest.task == "multi-label"
+    todo = np.flatnonzero(valid)
+    t_read = t_infer = 0.0
+    tiles = 0
+    batches = iter_batches(scene, grid, todo, runtime.input_size, tiling.batch_size)
+    for batch in read_ahead(batches, tiling.read_ahead):
+        t0 = time.perf_counter()
+        out = runtime.infer(batch.tiles)
+        t_infer += time.perf_counter() - t0
+        t_read += batch.read_seconds
+        tiles += len(batch.tiles)
+        b = len(batch.cells)
+        probs = out.probs.reshape(b, n_scales, -1)
+        acc.probs[batch.cells] = fuse(probs, tiling.fusion, tiling.weights, multi_label)
+        acc.embeddings[batch.cells] = out.embedding.reshape(b, n_scales, -1)[:, r_index]
+        acc.add_features(batch.cells, out.features.reshape(b, n_scales, -1))
+
+    t_write0 = time.perf_counter()
+    outcome = _write_outputs(scene, path, scene_id, out_dir, runtime, settings, grid, valid, acc,
+                             tiles)
+    t_end = time.perf_counter()
+    timings = {"read": round(t_read, 4), "infer": round(t_infer, 4),
+               "write": round(t_end - t_write0, 4), "total": round(t_end - t_start, 4)}
+    write_json(Path(outcome.outputs["summary"]),
+               {**_summary(outcome, runtime, settings, grid), "rescale": scene.rescale.as_dict(),
+                "timings": timings})
+    log.info("scene %s: %d cells (%d valid), %d tiles, %.2fs", scene_id[:12], n,
+             int(valid.sum()), tiles, timings["total"])
+    return SceneOutcome(**{**outcome.__dict__, "timings": timings})
+
+
+def _write_outputs(
+    scene: Scene, path: Path, scene_id: str, out_dir: Path, runtime: ModelRuntime,
+    settings: Settings, grid: CellGrid, valid: np.ndarray, acc: _Accumulator, tiles: int,
+) -> SceneOutcome:
+    manifest = runtime.manifest
+    classes = manifest.classes
+    out_dir.mkdir(parents=True, exist_ok=True)
+    windows = grid.windows()
+    bounds = windows_bounds(windows, scene.ds.transform)
+    cells = SceneCells(
+        scene_id=scene_id, crs=scene.crs_string, windows=windows, bounds=bounds,
+        bounds_wgs84=bounds_to_wgs84(bounds, scene.crs), probs=acc.probs, valid=valid,
+        embeddings=acc.embeddings,
+        sample_index=np.asarray(acc.sample_index, np.int64),
+        sample_features=(np.stack(acc.sample_features).astype(np.float32) if acc.sample_features
+                         else np.zeros((0, len(grid.scales), manifest.feature_dim), np.float32)),
+        band_sample=scene.band_sample(_seed(scene_id)),
+    )
+    labels = cells.labels
+    confidence = cells.confidence
+    map_labels = np.where(valid, labels, NODATA).astype(np.uint8).reshape(grid.rows, grid.cols)
+    map_conf = np.where(valid, np.round(confidence * 100), NODATA).astype(np.uint8)
+    cmap = ClassMap(map_labels, map_conf.reshape(grid.rows, grid.cols),
+                    grid.map_transform(scene.ds.transform), scene.crs, list(classes))
+
+    areas = cell_areas_m2(windows[valid], scene.ds.transform, scene.crs)
+    valid_labels = labels[valid]
+    total = float(areas.sum())
+    areas_ha = {c.name: float(areas[valid_labels == i].sum() / 1e4) for i, c in enumerate(classes)}
+    fractions = {c.name: (areas_ha[c.name] * 1e4 / total if total > 0 else 0.0) for c in classes}
+
+    files = {name: out_dir / f for name, f in (
+        ("landuse", "landuse.tif"), ("confidence", "confidence.tif"),
+        ("summary", "summary.json"), ("geojson", "landuse.geojson"),
+        ("quicklook", "quicklook.png"), ("stac", "item.json"))}
+    write_landuse(files["landuse"], cmap.labels, cmap.transform, cmap.crs, cmap.classes)
+    write_confidence(files["confidence"], cmap)
+    write_geojson(files["geojson"], cmap)
+    write_quicklook(files["quicklook"], cmap, fractions)
+    if settings.tiling.segments != "none":
+        files["hybrid"] = out_dir / "hybrid.tif"
+        _write_hybrid(files["hybrid"], scene, grid, cmap, settings)
+
+    b = scene.ds.bounds
+    scene_bounds = (float(b.left), float(b.bottom), float(b.right), float(b.top))
+    wgs = bounds_to_wgs84(np.asarray([scene_bounds]), scene.crs)[0]
+    assets = {key: f for key, f in files.items() if key != "stac"}
+    item = stac_item(
+        scene_id=scene_id, source=path.name, crs=scene.crs, bounds=scene_bounds,
+        scene_shape=(scene.height, scene.width), cmap=cmap, outputs=assets,
+        properties={"terratile:model": {"name": manifest.name, "version": manifest.version},
+                    "terratile:fractions": fractions, "terratile:areas_ha": areas_ha},
+    )
+    write_json(files["stac"], item)
+    return SceneOutcome(
+        scene_id=scene_id, source=path.name, crs=scene.crs_string, bounds=scene_bounds,
+        bounds_wgs84=(float(wgs[0]), float(wgs[1]), float(wgs[2]), float(wgs[3])),
+        width=scene.width, height=scene.height, fractions=fractions, areas_ha=areas_ha,
+        mean_confidence=float(confidence[valid].mean()),
+        outputs={key: str(f.resolve()) for key, f in files.items()},
+        timings={}, tiles=tiles, cells=cells,
+    )
+
+
+def _write_hybrid(path: Path, scene: Scene, grid: CellGrid, cmap: ClassMap,
+                  settings: Settings) -> None:
+    """GID's hybrid map on the overview grid (see appliance/segments.py)."""
+    image = scene.overview_rescaled()
+    seg = segment(image, scene.overview_valid, settings.tiling.segments,
+                  settings.tiling.segment_scale)
+    under = cell_labels_on(seg.shape, (scene.height, scene.width), grid.cell, cmap.labels)
+    hybrid = hybrid_map(seg, under, len(cmap.classes))
+    h, w = seg.shape
+    transform = scene.ds.transform * rasterio.Affine.scale(scene.width / w, scene.height / h)
+    write_landuse(path, hybrid, transform, cmap.crs, cmap.classes)
+
+
+def _summary(outcome: SceneOutcome, runtime: ModelRuntime, settings: Settings,
+             grid: CellGrid) -> dict[str, Any]:
+    """``summary.json``: what the scene contains, per class, and how it was computed."""
+    manifest = runtime.manifest
+    valid = outcome.cells.valid
+    return {
+        "schema": SUMMARY_SCHEMA,
+        "scene_id": outcome.scene_id,
+        "source": outcome.source,
+        "model": {"name": manifest.name, "version": manifest.version},
+        "crs": outcome.crs,
+        "bounds": list(outcome.bounds),
+        "bounds_wgs84": list(outcome.bounds_wgs84),
+        "width": outcome.width,
+        "height": outcome.height,
+        "grid": {"cell": grid.cell, "rows": grid.rows, "cols": grid.cols,
+                 "scales": list(grid.scales), "fusion": settings.tiling.fusion},
+        "cells": {"total": len(valid), "valid": int(valid.sum()),
+                  "nodata": int((~valid).sum())},
+        "classes": {name: {"fraction": outcome.fractions[name], "area_ha": outcome.areas_ha[name]}
+                    for name in manifest.class_names},
+        "area_ha_total": sum(outcome.areas_ha.values()),
+        "mean_confidence": outcome.mean_confidence,
+        "tiles": outcome.tiles,
+        "outputs": {k: Path(v).name for k, v in outcome.outputs.items()},
+    }
