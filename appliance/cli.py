@@ -28,3 +28,8 @@ def validate(file: Path) -> None:
 from appliance import cli_scene  # noqa: E402  (run, process, status)
 
 cli_scene.register(app)
+
+from appliance.cli_index import index_app, query_command  # noqa: E402  (index add|stats, query)
+
+app.add_typer(index_app, name="index")
+app.command("query")(query_command)

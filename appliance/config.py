@@ -194,6 +194,13 @@ class RetrievalConfig(Section):
     pq_m: int = Field(default=16, ge=1)
     checkpoint_every: int = Field(default=5000, ge=1, description="Vectors between saves.")
     allowed_dirs: list[Path] = Field(
+    hnsw_ef_construction: int = Field(default=64, ge=8)
+    tombstone_rebuild: float = Field(
+        default=0.2, gt=0, description="HNSW: rebuild when replaced ids exceed this fraction."
+    )
+    filter_exact_max: int = Field(
+        default=50_000, ge=0, description="Filtered queries search this few vectors exactly."
+    )
         default_factory=list, description="Query images may only be read from these folders."
     )
     max_k: int = Field(default=100, ge=1)
