@@ -100,7 +100,7 @@ def cell_areas_m2(windows: np.ndarray, transform: Affine, crs: CRS) -> np.ndarra
     col, row, w, h = (windows[:, i].astype(np.float64) for i in range(4))
     cols = np.stack([col, col + w, col + w, col], axis=1)
     rows = np.stack([row, row, row + h, row + h], axis=1)
-    xs, ys = transform * (cols, rows)
+    xs, ys = transform @ (cols, rows)
     lon, lat = rasterio.warp.transform(crs, WGS84, np.ravel(xs), np.ravel(ys))
     return ellipsoidal_areas(np.reshape(lon, cols.shape), np.reshape(lat, cols.shape))
 
@@ -108,7 +108,7 @@ def cell_areas_m2(windows: np.ndarray, transform: Affine, crs: CRS) -> np.ndarra
 def windows_bounds(windows: np.ndarray, transform: Affine) -> np.ndarray:
     """[n,4] ``minx, miny, maxx, maxy`` of each window in the scene CRS."""
     col, row, w, h = (windows[:, i].astype(np.float64) for i in range(4))
-    xs, ys = transform * (np.stack([col, col + w]), np.stack([row, row + h]))
+    xs, ys = transform @ (np.stack([col, col + w]), np.stack([row, row + h]))
     xs, ys = np.asarray(xs), np.asarray(ys)
     return np.stack([xs.min(0), ys.min(0), xs.max(0), ys.max(0)], axis=1)
 

@@ -247,7 +247,7 @@ def _write_hybrid(path: Path, scene: Scene, grid: CellGrid, cmap: ClassMap,
     under = cell_labels_on(seg.shape, (scene.height, scene.width), grid.cell, cmap.labels)
     hybrid = hybrid_map(seg, under, len(cmap.classes))
     h, w = seg.shape
-    transform = scene.ds.transform * rasterio.Affine.scale(scene.width / w, scene.height / h)
+    transform = scene.ds.transform @ rasterio.Affine.scale(scene.width / w, scene.height / h)
     write_landuse(path, hybrid, transform, cmap.crs, cmap.classes)
 
 

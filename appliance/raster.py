@@ -189,7 +189,7 @@ class Scene:
             else:
                 valid = self._valid_from(raw)
         except RasterioError as exc:
-            raise SceneError("unreadable", f"{self.path.name}: read failed: {exc}") from exc
+            raise SceneError("unreadable", _read_failure(self.path, exc)) from exc
         if np.issubdtype(raw.dtype, np.floating):
             valid &= np.isfinite(raw).all(axis=0)
         return raw, valid
@@ -235,7 +235,7 @@ class Scene:
                                out_shape=(len(self.bands), y1 - y0, x1 - x0),
                                resampling=Resampling.bilinear)
         except RasterioError as exc:
-            raise SceneError("unreadable", f"{self.path.name}: read failed: {exc}") from exc
+            raise SceneError("unreadable", _read_failure(self.path, exc)) from exc
         part = self.rescale.apply(raw)
         if np.issubdtype(raw.dtype, np.floating):
             part = np.where(np.isfinite(part), part, self.neutral)
@@ -259,3 +259,9 @@ class Scene:
 def open_scene(path: Path, cfg: InputConfig, spec: InputSpec) -> Scene:
     """Open and validate a scene for a model with input ``spec``; raise ``SceneError``."""
     return Scene(Path(path), cfg, spec)
+
+
+def _read_failure(path: Path, exc: RasterioError) -> str:
+    """GDAL's own message for a failed read (rasterio hides it in ``__cause__``)."""
+    cause = exc.__cause__ or exc.__context__
+    return f"{path.name}: read failed (truncated or corrupt?): {cause or exc}"

@@ -71,7 +71,7 @@ class CellGrid:
 
     def map_transform(self, transform: Affine) -> Affine:
         """Geotransform of the cell map: the scene's, scaled by the cell size."""
-        return transform * Affine.scale(self.cell)
+        return transform @ Affine.scale(self.cell)
 
     def valid(self, scene: Scene, max_nodata: float) -> np.ndarray:
         """[n] bool: cells whose smallest-scale window is at most ``max_nodata`` nodata.
