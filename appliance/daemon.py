@@ -35,7 +35,7 @@ from typing import Any
 
 from appliance.bundle import Bundle, BundleError
 from appliance.config import Settings
-from appliance.inbox import Inbox, sha256_stream, source_name
+from appliance.inbox import Inbox, sha256_stream
 from appliance.journal import Journal, Message, Scene
 from appliance.models import ModelStore
 from appliance.mqtt import Comms
@@ -298,7 +298,7 @@ class Daemon:
 
     def handle(self, work: Path, recovering: bool = False) -> str:
         """Process one claimed file; returns its final state (done, failed, duplicate)."""
-        source = source_name(work)
+        source = work.name
         scene_id = sha256_stream(work)
         scene = self.journal.claim(scene_id, source, work)
         if scene.state == "done":
@@ -312,7 +312,7 @@ class Daemon:
             outcome = process_scene(work, scene_id, self.settings.paths.outbox / scene_id,
                                     self.runtime, self.settings)
         except SceneError as exc:
-            self._fail(scene, work, exc.reason, str(exc), attempts)
+            self._fail(scene, work, exc.reason, exc.message, attempts)
             return "failed"
         except Exception as exc:  # a bug or a resource error must not stop the box
             log.exception("scene %s (%s): unexpected error", scene_id[:12], source)
@@ -340,8 +340,7 @@ class Daemon:
 
     def _duplicate(self, scene: Scene, work: Path, announce: bool) -> None:
         """A file whose scene is already done: keep the old result, re-announce it."""
-        log.info("scene %s (%s): already done, not recomputed", scene.scene_id[:12],
-                 source_name(work))
+        log.info("scene %s (%s): already done, not recomputed", scene.scene_id[:12], work.name)
         if announce and scene.result is not None:
             self.journal.enqueue(Message(result_msg_id(scene.scene_id),
                                          self._topic(scene.scene_id, "result"), scene.result))
@@ -363,6 +362,7 @@ class Daemon:
                                   payload.to_json()))
         if work is not None and target is not None:
             os.replace(work, target)
+            self.inbox.release(work)
             sidecar = target.with_name(target.name + ".json")
             sidecar.write_text(json.dumps(json.loads(payload.to_json()), indent=2) + "\n")
         if self.comms is not None:
@@ -374,10 +374,11 @@ class Daemon:
     def _dispose(self, work: Path) -> None:
         """The input of a finished scene moves to ``processed/`` or is deleted."""
         if self.settings.input.keep_processed:
-            target = unique_path(self.settings.paths.processed_dir, source_name(work))
+            target = unique_path(self.settings.paths.processed_dir, work.name)
             os.replace(work, target)
         else:
             work.unlink(missing_ok=True)
+        self.inbox.release(work)
 
     # -- commands -----------------------------------------------------------------------
 

@@ -4,13 +4,15 @@ Writers either write ``name.part`` and rename it (the clean way), or write in pl
 inbox therefore ignores ``*.part`` and dotfiles and only hands out a file whose size and
 mtime have not changed for ``settle_seconds``. watchdog events make this fast, and a
 periodic rescan catches what events miss (network mounts, events lost under load, files
-present at start). A ready file is claimed by an atomic ``rename`` into ``work/`` under a
-unique name that keeps the original one (``<token>__<name>``), so two drops with the same
-name never collide and a crash leaves the file either in the inbox or in ``work/``.
+present at start). A ready file is claimed by an atomic ``rename`` into its own folder
+``work/<token>/<name>``: the name stays what the user dropped (outputs and messages use
+it), two drops with the same name never collide, and a crash leaves the file either in
+the inbox or in ``work/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -26,18 +28,9 @@ from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger(__name__)
 
-_SEP = "__"
-
-
 def ignored(name: str) -> bool:
     """Half-written (``.part``) and hidden files are never picked up."""
     return name.startswith(".") or name.endswith(".part")
-
-
-def source_name(work_path: Path) -> str:
-    """The name a claimed file had in the inbox."""
-    token, sep, rest = work_path.name.partition(_SEP)
-    return rest if sep and token else work_path.name
 
 
 def sha256_stream(path: Path, chunk: int = 1 << 20) -> str:
@@ -163,17 +156,32 @@ class Inbox:
         return min(self.settle / 2 or 0.05, 0.5)
 
     def claim(self, path: Path) -> Path | None:
-        """Atomically move a ready file into ``work/``; None if it vanished meanwhile."""
+        """Atomically move a ready file into ``work/<token>/``; None if it vanished."""
         with self._lock:
             self._candidates.pop(path, None)
-        target = self.work / f"{uuid.uuid4().hex[:12]}{_SEP}{path.name}"
+        folder = self.work / uuid.uuid4().hex[:12]
+        folder.mkdir()
         try:
-            os.rename(path, target)
+            os.rename(path, folder / path.name)
         except FileNotFoundError:
+            folder.rmdir()
             return None
-        return target
+        return folder / path.name
+
+    def release(self, work_path: Path) -> None:
+        """Remove a claimed file's folder once the file has been moved on."""
+        with contextlib.suppress(OSError):
+            work_path.parent.rmdir()
 
     def claimed(self) -> list[Path]:
-        """Files already in ``work/`` (left by a crash), oldest first."""
-        files = [p for p in self.work.iterdir() if p.is_file() and not ignored(p.name)]
+        """Files already in ``work/`` (left by a crash), oldest first; empty folders go."""
+        files = []
+        for folder in self.work.iterdir():
+            if not folder.is_dir():
+                continue
+            inside = [p for p in folder.iterdir() if p.is_file()]
+            if not inside:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            files.extend(inside)
         return sorted(files, key=lambda p: p.stat().st_mtime_ns)
