@@ -199,6 +199,8 @@ class TileIndex:
         self.db_path = self.state_dir / DB_NAME
         self.faiss_path = self.state_dir / FAISS_NAME
         self._lock = threading.RLock()
+        if cfg.faiss_threads:
+            faiss.omp_set_num_threads(cfg.faiss_threads)
         self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -460,7 +462,7 @@ class TileIndex:
                             self.faiss_path, exc, self.db_path.name)
         if index is None or index.d != self.dim:
             self.kind = "flat"
-            self._index = self._empty("flat")
+            self._index = make_index("flat", self.dim, self.cfg)
             self._rebuild(self._desired_kind(self.count()), check_recall=False)
             return self._index
         self.kind = _kind_of(index)
@@ -485,29 +487,6 @@ class TileIndex:
             self.checkpoint()
         return self._index
 
-    def _empty(self, kind: str, train: np.ndarray | None = None) -> Any:
-        cfg = self.cfg
-        if kind == "flat":
-            base: Any = faiss.IndexFlatIP(self.dim)
-        elif kind == "hnsw":
-            hnsw = faiss.IndexHNSWFlat(self.dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            hnsw.hnsw.efConstruction = cfg.hnsw_ef_construction
-            hnsw.hnsw.efSearch = cfg.hnsw_ef_search
-            base = hnsw
-        else:
-            if train is None or len(train) == 0:
-                raise ValueError("an IVF-PQ index needs training vectors")
-            nlist = max(1, min(cfg.ivf_nlist, len(train) // 39))
-            m = max(d for d in range(1, min(cfg.pq_m, self.dim) + 1) if self.dim % d == 0)
-            quantizer = faiss.IndexFlatIP(self.dim)
-            ivf = faiss.IndexIVFPQ(quantizer, self.dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-            ivf.own_fields = True
-            quantizer.this.disown()
-            ivf.train(train)
-            ivf.nprobe = cfg.ivf_nprobe
-            base = ivf
-        return faiss.IndexIDMap2(base)
-
     def _rebuild(self, kind: str, check_recall: bool) -> None:
         """A new index of ``kind`` from every vector in the log; optionally recall-checked."""
         t0 = time.perf_counter()
@@ -516,7 +495,7 @@ class TileIndex:
             sample = self._db.execute("SELECT id FROM entries ORDER BY RANDOM() LIMIT ?",
                                       (max(256, 64 * self.cfg.ivf_nlist),)).fetchall()
             train = self._vectors(np.asarray([r[0] for r in sample], np.int64))
-        index = self._empty(kind, train)
+        index = make_index(kind, self.dim, self.cfg, train)
         wants = check_recall and kind != "flat" and not self.read_only
         exact = faiss.IndexFlatIP(self.dim) if wants else None
         all_ids = []
@@ -622,6 +601,33 @@ class TileIndex:
                     datetime.fromtimestamp(r[19], timezone.utc),
                 )
         return out
+
+
+def make_index(kind: str, dim: int, cfg: RetrievalConfig, train: np.ndarray | None = None) -> Any:
+    """An empty ``IndexIDMap2`` of ``kind`` (flat | hnsw | ivfpq), inner-product metric.
+
+    IVF-PQ is trained on ``train``: ``nlist`` is capped at len(train)/39 (faiss' minimum
+    points per centroid) and the PQ sub-quantiser count is the largest divisor of ``dim``
+    not above ``pq_m``.
+    """
+    if kind == "flat":
+        base: Any = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        base = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efConstruction = cfg.hnsw_ef_construction
+        base.hnsw.efSearch = cfg.hnsw_ef_search
+    else:
+        if train is None or len(train) == 0:
+            raise ValueError("an IVF-PQ index needs training vectors")
+        nlist = max(1, min(cfg.ivf_nlist, len(train) // 39))
+        m = max(d for d in range(1, min(cfg.pq_m, dim) + 1) if dim % d == 0)
+        quantizer = faiss.IndexFlatIP(dim)
+        base = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        base.own_fields = True
+        quantizer.this.disown()
+        base.train(train)
+        base.nprobe = cfg.ivf_nprobe
+    return faiss.IndexIDMap2(base)
 
 
 def _exact(q: np.ndarray, vecs: np.ndarray, ids: np.ndarray,
