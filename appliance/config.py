@@ -102,6 +102,10 @@ class InputConfig(Section):
     settle_seconds: float = Field(default=2.0, ge=0, description="Size must be stable this long.")
     rescan_seconds: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, description="Crashes on a scene before it fails.")
+    max_scene_seconds: float = Field(
+        default=3600.0, gt=0,
+        description="The systemd watchdog is fed this long into one scene, no longer.",
+    )
 
 
 class TilingConfig(Section):
@@ -159,6 +163,7 @@ class MQTTConfig(Section):
     keepalive: int = Field(default=30, ge=5)
     stats_interval: float = Field(default=60.0, gt=0)
     stats_expiry: int = Field(default=120, ge=1, description="MQTT 5 message expiry, seconds.")
+    reconnect_max_delay: int = Field(default=30, ge=1, description="Backoff ceiling, seconds.")
 
     @model_validator(mode="after")
     def _prefix(self) -> MQTTConfig:
@@ -189,11 +194,6 @@ class RetrievalConfig(Section):
     index_type: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
     hnsw_m: int = Field(default=32, ge=4)
     hnsw_ef_search: int = Field(default=64, ge=8)
-    ivf_nlist: int = Field(default=1024, ge=1)
-    ivf_nprobe: int = Field(default=32, ge=1)
-    pq_m: int = Field(default=16, ge=1)
-    checkpoint_every: int = Field(default=5000, ge=1, description="Vectors between saves.")
-    allowed_dirs: list[Path] = Field(
     hnsw_ef_construction: int = Field(default=64, ge=8)
     tombstone_rebuild: float = Field(
         default=0.2, gt=0, description="HNSW: rebuild when replaced ids exceed this fraction."
@@ -201,6 +201,16 @@ class RetrievalConfig(Section):
     filter_exact_max: int = Field(
         default=50_000, ge=0, description="Filtered queries search this few vectors exactly."
     )
+    faiss_threads: int = Field(
+        default=1, ge=0,
+        description="OpenMP threads for faiss (0: its default). 1 keeps single-query latency "
+        "flat on a busy box; more only speeds up rebuilds and batch queries.",
+    )
+    ivf_nlist: int = Field(default=1024, ge=1)
+    ivf_nprobe: int = Field(default=32, ge=1)
+    pq_m: int = Field(default=16, ge=1)
+    checkpoint_every: int = Field(default=5000, ge=1, description="Vectors between saves.")
+    allowed_dirs: list[Path] = Field(
         default_factory=list, description="Query images may only be read from these folders."
     )
     max_k: int = Field(default=100, ge=1)
