@@ -10,6 +10,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 
@@ -28,7 +29,9 @@ class Received:
 class Listener:
     """Subscribes to ``topics`` on 127.0.0.1:``port`` and records every message."""
 
-    def __init__(self, port: int, *topics: str, client_id: str = "") -> None:
+    def __init__(self, port: int, *topics: str, client_id: str = "",
+                 session_expiry: int = 0) -> None:
+        """``session_expiry`` > 0 keeps the session (and queued messages) while away."""
         self.messages: list[Received] = []
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
@@ -38,7 +41,12 @@ class Listener:
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a: self._subscribed.set()
-        self.client.connect("127.0.0.1", port)
+        props = None
+        if session_expiry:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = session_expiry
+        self.client.connect("127.0.0.1", port, clean_start=not session_expiry,
+                            properties=props)
         self.client.loop_start()
         if not self._subscribed.wait(10):
             raise TimeoutError("test listener could not subscribe")

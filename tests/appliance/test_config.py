@@ -1,0 +1,89 @@
+"""The settings tree: errors name their key, env overrides, secrets from files, validate CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from appliance.cli import app
+from appliance.config import ConfigError, load_settings
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "appliance.example.yaml"
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_example_config_is_valid() -> None:
+    settings = load_settings(EXAMPLE)
+    assert settings.node_id == "edge-01" and settings.mqtt.port == 1883
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"mqtt\.prot: unknown key"):
+        load_settings(write(tmp_path, {"mqtt": {"prot": 1884}}))
+    with pytest.raises(ConfigError, match=r"colour: unknown key"):
+        load_settings(write(tmp_path, {"colour": "red"}))
+
+
+def test_bad_values_are_named_with_their_value(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, {"mqtt": {"port": 70000},
+                                       "input": {"settle_seconds": -1},
+                                       "node_id": "bad id"}))
+    text = str(err.value)
+    assert "mqtt.port:" in text and "70000" in text
+    assert "input.settle_seconds:" in text and "node_id:" in text
+
+
+def test_env_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, {"mqtt": {"port": 1884, "host": "broker.lan"}})
+    monkeypatch.setenv("TERRATILE_MQTT__PORT", "8883")
+    settings = load_settings(path)
+    assert settings.mqtt.port == 8883 and settings.mqtt.host == "broker.lan"
+    monkeypatch.setenv("TERRATILE_MQTT__PORT", "not-a-port")
+    with pytest.raises(ConfigError, match=r"mqtt\.port"):
+        load_settings(path)
+
+
+def test_relative_paths_follow_the_file(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, {"paths": {"inbox": "in"}}))
+    assert settings.paths.inbox == tmp_path.resolve() / "in"
+    assert settings.paths.work_dir == tmp_path.resolve() / "work"
+
+
+def test_password_file_and_systemd_credential(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "pw").write_text("hunter2\n")
+    settings = load_settings(write(tmp_path, {"mqtt": {"username": "u", "password_file": "pw"}}))
+    secret = settings.mqtt.password()
+    assert secret is not None and secret.get_secret_value() == "hunter2"
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(secret)
+    missing = load_settings(write(tmp_path, {"mqtt": {"password_file": "nope"}}))
+    with pytest.raises(FileNotFoundError, match="password_file"):
+        missing.mqtt.password()
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt_password").write_text("from-systemd")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    plain = load_settings(write(tmp_path, {"mqtt": {"username": "u"}}))
+    assert plain.mqtt.password().get_secret_value() == "from-systemd"  # type: ignore[union-attr]
+
+
+def test_validate_command_output(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(app, ["config", "validate", str(EXAMPLE)])
+    assert ok.exit_code == 0 and "OK" in ok.output
+    bad = write(tmp_path, {"mqtt": {"prot": 1}, "tiling": {"scales": []}})
+    res = runner.invoke(app, ["config", "validate", str(bad)])
+    assert res.exit_code == 1
+    assert "invalid configuration" in res.output
+    assert "mqtt.prot: unknown key" in res.output and "tiling" in res.output
+    missing = runner.invoke(app, ["config", "validate", str(tmp_path / "none.yaml")])
+    assert missing.exit_code == 1 and "not found" in missing.output
