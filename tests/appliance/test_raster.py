@@ -28,7 +28,7 @@ def test_uint8_scene_is_read_unscaled(tmp_path: Path) -> None:
     with open_scene(path, cfg(), SPEC) as scene:
         assert scene.rescale.mode == "none"
         assert scene.bands == [1, 2, 3]
-        tile = scene.read_tile(0, 0, 16, 32)  # inside the red left half
+        tile = scene.read_window(0, 0, 16, 16, 32, 32)  # inside the red left half
     assert tile.shape == (3, 32, 32) and tile.dtype == np.float32
     np.testing.assert_allclose(tile[:, 16, 16], PURE["urban"])
 
@@ -39,8 +39,8 @@ def test_uint16_percentile_with_band_selection(tmp_path: Path) -> None:
                        band_order=(2, 1, 0), size=(64, 64))
     with open_scene(path, cfg(bands=[3, 2, 1]), SPEC) as scene:
         assert scene.rescale.mode == "percentile"
-        red = scene.read_tile(0, 0, 16, 32)[:, 16, 16]
-        green = scene.read_tile(48, 0, 16, 32)[:, 16, 16]
+        red = scene.read_window(0, 0, 16, 16, 32, 32)[:, 16, 16]
+        green = scene.read_window(48, 0, 16, 16, 32, 32)[:, 16, 16]
     assert red.argmax() == 0 and green.argmax() == 1
     assert red.max() == pytest.approx(255.0) and red.min() == pytest.approx(0.0)
 
@@ -49,7 +49,7 @@ def test_linear_rescale(tmp_path: Path) -> None:
     path = write_scene(tmp_path / "s.tif", dtype="uint16", gain=10, size=(32, 32))
     conf = cfg(rescale={"mode": "linear", "factor": 0.1, "offset": 0.0})
     with open_scene(path, conf, SPEC) as scene:
-        tile = scene.read_tile(0, 0, 16, 16)
+        tile = scene.read_window(0, 0, 16, 16, 16, 16)
     np.testing.assert_allclose(tile[:, 8, 8], PURE["urban"], atol=1e-3)
 
 
@@ -79,14 +79,14 @@ def test_float_scene_with_nan_nodata(tmp_path: Path) -> None:
     with open_scene(path, cfg(), SPEC) as scene:
         assert scene.rescale.mode == "percentile"
         assert not scene.overview_valid[0].any() and scene.overview_valid[16].any()
-        tile = scene.read_tile(-8, -8, 16, 16)
+        tile = scene.read_window(-8, -8, 16, 16, 16, 16)
     assert np.isfinite(tile).all()
 
 
 def test_window_past_the_edge_is_padded_with_neutral(tmp_path: Path) -> None:
     path = write_scene(tmp_path / "s.tif", size=(32, 32))
     with open_scene(path, cfg(), SPEC) as scene:
-        tile = scene.read_tile(-16, -16, 32, 32)
+        tile = scene.read_window(-16, -16, 32, 32, 32, 32)
     np.testing.assert_allclose(tile[:, 0, 0], [127.5] * 3)  # outside: neutral
     np.testing.assert_allclose(tile[:, 24, 24], PURE["urban"])  # inside: the scene
 
@@ -142,3 +142,18 @@ def test_scene_without_georeferencing(tmp_path: Path) -> None:
     with pytest.raises(SceneError) as err:
         open_scene(path, cfg(), SPEC)
     assert err.value.reason == "no-crs"
+
+
+@pytest.mark.parametrize("overviews", [False, True], ids=["strips", "gdal-overviews"])
+def test_per_dataset_mask_is_respected(tmp_path: Path, overviews: bool) -> None:
+    path = write_scene(tmp_path / "m.tif", size=(64, 64))
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as dst:
+        mask = np.full((64, 64), 255, np.uint8)
+        mask[:, :16] = 0  # the left quarter is masked out
+        dst.write_mask(mask)
+        if overviews:
+            dst.build_overviews([2, 4])
+    with open_scene(path, cfg(rescale={"sample_size": 64}), SPEC) as scene:
+        assert scene.has_mask and scene.nodata is None
+        _, valid = scene.read_decimated((16, 16))
+    assert not valid[:, :4].any() and valid[:, 4:].all()

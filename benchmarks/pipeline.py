@@ -1,0 +1,206 @@
+"""Scene pipeline benchmark: overhead over raw onnxruntime, and peak memory vs scene size.
+
+1. **Overhead.** One synthetic 4-band uint16 scene (band selection 3,2,1, percentile
+   stretch) goes through ``process_scene``; the same tiles, pre-extracted in the same
+   batches, go through ``runtime.infer`` alone. ``ratio = scene seconds / raw seconds``
+   (best of ``--repeats``), target ≤ 1.10: reading, fusion and outputs should hide behind
+   inference. The bundle is ``--bundle``, else the torch-exported AID bundle at
+   ``/work/runs/aid_ft/bundle`` when it exists, else the colour test bundle (whose
+   "backbone" is a global average pool, so there the ratio measures pure pipeline cost).
+2. **Peak RSS.** Scenes of 1024², 4096² and 10980² px (4-band uint16, tiled, written in
+   row strips so the generator never holds a scene either) are each processed in a fresh
+   subprocess, which reports ``ru_maxrss`` before (model loaded) and after the scene.
+   Target: flat, under 1.5 GB. To keep the run short, a scene uses a cell of at least
+   ``ceil(side / sqrt(--max-cells))`` px (so ≤ ``--max-cells`` cells); the windows stay
+   the bundle's scales, so each tile costs the same as at the default cell.
+
+    .venv/bin/python benchmarks/pipeline.py [--bundle DIR] [--sizes 1024 4096 10980]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from appliance.bundle import BundleError, load_bundle  # noqa: E402
+from appliance.config import Settings  # noqa: E402
+from appliance.pipeline import process_scene  # noqa: E402
+from appliance.raster import open_scene  # noqa: E402
+from appliance.runtime import ModelRuntime, ProviderPlan  # noqa: E402
+from appliance.tiling import CellGrid, iter_batches  # noqa: E402
+from tests.colour_bundle import build_colour_bundle  # noqa: E402
+from tests.scenes import quarters, write_scene  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "pipeline.json"
+REAL_BUNDLE = Path("/work/runs/aid_ft/bundle")
+
+
+def rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB.
+
+    ``VmHWM`` from /proc (per address space, so not inherited from the parent across
+    fork+exec as ``ru_maxrss`` is); ``ru_maxrss`` where /proc is missing.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pick_bundle(arg: Path | None, tmp: Path) -> tuple[Path, str]:
+    """The bundle to benchmark and a word on where it came from."""
+    if arg is not None:
+        load_bundle(arg)
+        return arg, "given"
+    try:
+        load_bundle(REAL_BUNDLE)
+        return REAL_BUNDLE, "torch-exported (aid_ft)"
+    except BundleError:
+        return build_colour_bundle(tmp / "colour"), "colour test bundle (no torch bundle found)"
+
+
+def make_settings(scales: list[int], cell: int, batch: int) -> Settings:
+    return Settings.model_validate({
+        "model": {"providers": ["cpu"]}, "input": {"bands": [3, 2, 1]},
+        "tiling": {"scales": scales, "cell": cell, "batch_size": batch},
+    })
+
+
+def make_scene(path: Path, side: int) -> Path:
+    return write_scene(path, bands=4, dtype="uint16", gain=40, offset=300, band_order=(2, 1, 0),
+                       size=(side, side), layout=quarters(side, side), noise=8)
+
+
+def overhead(bundle: Path, tmp: Path, side: int, batch: int, repeats: int) -> dict[str, Any]:
+    """Scene time vs raw ``runtime.infer`` on the same tiles in the same batches."""
+    runtime = ModelRuntime(load_bundle(bundle), ProviderPlan(providers=("cpu",)))
+    runtime.warmup(batch)
+    scales = list(runtime.manifest.scales)
+    settings = make_settings(scales, min(scales), batch)
+    scene_path = make_scene(tmp / "overhead.tif", side)
+    scene_times, outcome = [], None
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        outcome = process_scene(scene_path, f"{i:064x}", tmp / f"out{i}", runtime, settings)
+        scene_times.append(time.perf_counter() - t0)
+    with open_scene(scene_path, settings.input, runtime.manifest.input) as scene:
+        grid = CellGrid(scene.width, scene.height, settings.tiling.cell_size, tuple(scales))
+        cells = np.flatnonzero(grid.valid(scene, settings.tiling.nodata_fraction))
+        batches = [b.tiles for b in iter_batches(scene, grid, cells, runtime.input_size, batch)]
+    raw_times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for tiles in batches:
+            runtime.infer(tiles)
+        raw_times.append(time.perf_counter() - t0)
+    assert outcome is not None
+    return {
+        "scene_px": [side, side], "scales": scales, "cell": min(scales),
+        "input_size": runtime.input_size, "batch_size": batch,
+        "tiles": outcome.tiles, "scene_seconds": min(scene_times),
+        "raw_onnxruntime_seconds": min(raw_times),
+        "ratio": round(min(scene_times) / min(raw_times), 3),
+        "scene_seconds_all": [round(t, 3) for t in scene_times],
+        "raw_seconds_all": [round(t, 3) for t in raw_times],
+        "last_scene_timings": outcome.timings,
+    }
+
+
+def child(scene: Path, bundle: Path, cell: int, batch: int) -> None:
+    """Subprocess body: load the model, process one scene, print peak RSS as JSON."""
+    runtime = ModelRuntime(load_bundle(bundle), ProviderPlan(providers=("cpu",)))
+    runtime.warmup(batch)
+    before = rss_mb()
+    settings = make_settings(list(runtime.manifest.scales), cell, batch)
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        outcome = process_scene(scene, "0" * 64, Path(out), runtime, settings)
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"rss_model_loaded_mb": round(before, 1), "peak_rss_mb": round(rss_mb(), 1),
+                      "seconds": round(seconds, 2), "cells": len(outcome.cells),
+                      "tiles": outcome.tiles, "timings": outcome.timings}))
+
+
+def memory(bundle: Path, tmp: Path, sides: list[int], batch: int,
+           max_cells: int) -> list[dict[str, Any]]:
+    """Peak RSS per scene size, each scene in a fresh subprocess."""
+    scales = load_bundle(bundle).manifest.scales
+    rows = []
+    for side in sides:
+        cell = max(min(scales), math.ceil(side / math.sqrt(max_cells)))
+        path = tmp / f"scene_{side}.tif"
+        t0 = time.perf_counter()
+        make_scene(path, side)
+        written = time.perf_counter() - t0
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", str(path), "--bundle", str(bundle),
+             "--cell", str(cell), "--batch", str(batch)],
+            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({"scene_px": [side, side], "file_mb": round(path.stat().st_size / 2**20, 1),
+                     "cell": cell, "write_seconds": round(written, 1), **result})
+        path.unlink()
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 10980])
+    ap.add_argument("--overhead-size", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-cells", type=int, default=6000)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--cell", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.bundle, args.cell, args.batch)
+        return
+    with tempfile.TemporaryDirectory(prefix="tt-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        bundle, origin = pick_bundle(args.bundle, tmp)
+        manifest = load_bundle(bundle).manifest
+        print(f"bundle: {bundle} ({origin})", flush=True)
+        over = overhead(bundle, tmp, args.overhead_size, args.batch, args.repeats)
+        print(json.dumps(over), flush=True)
+        mem = memory(bundle, tmp, args.sizes, args.batch, args.max_cells)
+    result = {
+        "benchmark": "pipeline",
+        "bundle": {"path": str(bundle), "origin": origin, "name": manifest.name,
+                   "backbone": manifest.backbone, "input_size": manifest.input.size,
+                   "scales": manifest.scales},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_end": os.getloadavg()},
+        "providers": ["cpu"],
+        "overhead": over,
+        "memory": mem,
+        "targets": {"ratio_max": 1.10, "peak_rss_mb_max": 1536},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
