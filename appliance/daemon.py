@@ -36,6 +36,7 @@ from typing import Any
 from appliance.bundle import Bundle, BundleError
 from appliance.config import Settings
 from appliance.inbox import Inbox, sha256_stream
+from appliance.index import IndexStateError, TileIndex
 from appliance.journal import Journal, Message, Scene
 from appliance.models import ModelStore
 from appliance.mqtt import Comms
@@ -49,6 +50,7 @@ from appliance.payloads import (
     result_msg_id,
 )
 from appliance.pipeline import SceneError, SceneOutcome, process_scene
+from appliance.retrieval import RetrievalService
 from appliance.runtime import ModelRuntime, ProviderPlan
 from appliance.systemd import Notifier
 
@@ -148,14 +150,21 @@ class Daemon:
 
     # -- hooks wired by the other parts (one small method each) -------------------------
 
-    def _open_index(self) -> Any:
-        """The retrieval index (appliance.index.TileIndex) or None while retrieval is off."""
-        return None
+    def _open_index(self) -> TileIndex | None:
+        """The retrieval index, or None while retrieval is off or its files do not fit."""
+        if not self.settings.retrieval.enabled:
+            return None
+        try:
+            return TileIndex(self.settings.paths.state, self.settings.retrieval,
+                             self.bundle.manifest.embedding_dim)
+        except IndexStateError as exc:  # e.g. a model with another embedding size
+            log.error("retrieval disabled: %s", exc)
+            return None
 
     def _index_scene(self, outcome: SceneOutcome) -> None:
         """(a) After a scene's outcome: its cells go into the retrieval index."""
         if self.index is not None:
-            self.index.add_scene(outcome)
+            self.index.add_scene(outcome, self.bundle.manifest.class_names)
 
     def _drift_for(self, outcome: SceneOutcome) -> dict[str, Any]:
         """(b) Drift scores for the result payload (DriftMonitor.observe(...).as_dict())."""
@@ -169,7 +178,16 @@ class Daemon:
         self.comms.on_command("rescan", lambda _payload: self.submit(self.inbox.rescan))
 
     def _register_requests(self) -> None:
-        """(d) Request/response topics (``retrieval/query`` → RetrievalService)."""
+        """(d) Request/response topics (``retrieval/query`` → RetrievalService).
+
+        Queries are answered on the comms handler thread, not queued: TileIndex takes its
+        own lock and onnxruntime sessions are thread-safe, so a query never waits for a scene.
+        """
+        if self.comms is None or self.index is None:
+            return
+        service = RetrievalService(self.index, self.settings.retrieval, lambda: self.runtime,
+                                   self.settings.node_id, self.settings.input.bands)
+        self.comms.on_request("retrieval/query", service.handle_request)
 
     # -- lifecycle ----------------------------------------------------------------------
 
