@@ -29,6 +29,10 @@ from appliance import cli_scene  # noqa: E402  (run, process, status)
 
 cli_scene.register(app)
 
+from appliance.cli_models import models_app  # noqa: E402  (models list|rollback|activate|adapt)
+
+app.add_typer(models_app, name="models")
+
 from appliance.cli_index import index_app, query_command  # noqa: E402  (index add|stats, query)
 
 app.add_typer(index_app, name="index")

@@ -86,7 +86,7 @@ def _compute_nodes(graph: onnx.GraphProto, consts: dict[str, np.ndarray]) -> lis
     """Nodes that do work on the features (not constant producers or pure pass-throughs)."""
     return [
         n for n in graph.node
-        if n.op_type not in ("Constant", "Identity") or n.input[0] not in consts
+        if n.op_type != "Constant" and not (n.op_type == "Identity" and n.input[0] in consts)
     ]
 
 

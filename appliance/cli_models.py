@@ -1,0 +1,88 @@
+"""``terratile models``: list, roll back, activate and adapt the installed bundle versions.
+
+The store is ``<paths.state>/models`` (see ``appliance.models``). Switching versions here
+changes the active pointer on disk; a running daemon picks it up on ``cmd/reload`` (or use
+``cmd/rollback`` over MQTT, which also swaps the head in the running process).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from appliance.adaptation import Adapter
+from appliance.bundle import BundleError
+from appliance.config import ConfigError, Settings, load_settings
+from appliance.models import ModelStore
+
+models_app = typer.Typer(no_args_is_help=True, help="Installed model versions.")
+
+ConfigOption = typer.Option(..., "--config", "-c", help="Appliance YAML configuration.")
+
+
+def model_store(settings: Settings) -> ModelStore:
+    """The node's model store, ``<paths.state>/models``."""
+    return ModelStore(settings.paths.state / "models")
+
+
+def _settings(config: Path) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"{config}: invalid configuration\n{exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@models_app.command("list")
+def list_versions(config: Path = ConfigOption,
+                  as_json: bool = typer.Option(False, "--json", help="JSON array.")) -> None:
+    """Every installed version with its path, parent and whether it is active."""
+    versions = model_store(_settings(config)).versions()
+    if as_json:
+        typer.echo(json.dumps([v.as_dict() for v in versions], indent=2))
+        return
+    if not versions:
+        typer.echo("no model versions installed")
+    for v in versions:
+        mark = "*" if v.active else " "
+        parent = f"parent v{v.parent}" if v.parent is not None else "source"
+        typer.echo(f"{mark} v{v.version:<4} {v.name:<24} {parent:<12} {v.path}")
+
+
+def _switch(config: Path, version: int | None) -> None:
+    store = model_store(_settings(config))
+    before = store.active_version()
+    try:
+        bundle = store.rollback() if version is None else store.activate(version)
+    except BundleError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"active model: v{before} → v{bundle.version} ({bundle.path})")
+
+
+@models_app.command("rollback")
+def rollback(config: Path = ConfigOption) -> None:
+    """Activate the parent of the active version."""
+    _switch(config, None)
+
+
+@models_app.command("activate")
+def activate(version: int = typer.Argument(..., help="Installed version number."),
+             config: Path = ConfigOption) -> None:
+    """Activate an installed VERSION (verified first)."""
+    _switch(config, version)
+
+
+@models_app.command("adapt")
+def adapt(config: Path = ConfigOption) -> None:
+    """Run one gated adaptation job on the stored target cells now; print its report."""
+    settings = _settings(config)
+    adapter = Adapter(model_store(settings), settings.adapt, settings.paths.state)
+    try:
+        report = adapter.run("cli")
+    except BundleError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps(report.as_dict(), indent=2))

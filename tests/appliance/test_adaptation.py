@@ -1,0 +1,192 @@
+"""Gated adaptation on the colour bundle: promotion, refusal, reset, crash safety."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.adaptation import Adapter, CandidateStore, select_pseudo_labels
+from appliance.bundle import CLASSIFIER, load_bundle
+from appliance.config import AdaptConfig
+from appliance.head import read_head
+from appliance.models import ModelStore
+from appliance.runtime import ModelRuntime, ProviderPlan
+from tests.appliance.colour_scenes import BLUE_CAST, colour_scene
+
+CFG = AdaptConfig(min_samples=20, store_max_cells=1000, cooldown_scenes=2)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def store(colour_bundle: Path, tmp_path: Path) -> ModelStore:
+    models = ModelStore(tmp_path / "state" / "models")
+    models.install(colour_bundle)
+    return models
+
+
+@pytest.fixture(scope="module")
+def runtime(colour_bundle: Path) -> ModelRuntime:
+    return ModelRuntime(load_bundle(colour_bundle), ProviderPlan(providers=("cpu",)))
+
+
+def _fill(adapter: Adapter, runtime: ModelRuntime, scenes: int = 6,
+          cast: tuple[float, float, float] = BLUE_CAST) -> None:
+    for seed in range(scenes):
+        adapter.collect(colour_scene(runtime, 300 + seed, cast)[0])
+
+
+def _shifted_accuracy(head_path: Path, runtime: ModelRuntime) -> float:
+    head = read_head(head_path)
+    hits = []
+    for seed in range(900, 905):  # scenes the adaptation never saw
+        cells, truth = colour_scene(runtime, seed, BLUE_CAST)
+        hits.append(head.logits(cells.sample_features[:, 0]).argmax(1) == truth)
+    return float(np.concatenate(hits).mean())
+
+
+def test_shifted_stream_is_adapted_and_promoted(store: ModelStore, runtime: ModelRuntime,
+                                                tmp_path: Path) -> None:
+    adapter = Adapter(store, CFG, tmp_path / "state")
+    _fill(adapter, runtime)
+    before = _shifted_accuracy(store.active().file(CLASSIFIER), runtime)
+    report = adapter.run("drift")
+    assert report.promoted, report.as_dict()
+    assert report.version_before == 1 and report.version_after == 2
+    active = store.active()
+    assert active.version == 2 and active.manifest.parent == 1
+    assert active.manifest.metrics["adaptation"]["gate"]["passed"] is True
+    assert report.gate["agreement_after"] > report.gate["agreement_before"]
+    assert report.gate["source_acc_after"] >= report.gate["source_acc_source_head"] - 0.01
+    assert report.counts["confirmed"] >= CFG.min_samples
+    assert report.classifier_path == active.file(CLASSIFIER)
+    after = _shifted_accuracy(active.file(CLASSIFIER), runtime)
+    assert after > before
+    json.dumps(report.as_dict())
+
+
+def test_gate_refuses_a_head_trained_on_wrong_labels(store: ModelStore, runtime: ModelRuntime,
+                                                     tmp_path: Path) -> None:
+    adapter = Adapter(store, CFG, tmp_path / "state")
+    _fill(adapter, runtime)
+    data = adapter.prepare()
+    cells = data.confirmed
+    wrong = (data.pseudo[cells] + 1) % 3
+    head = adapter.fit(data, cells, wrong, deadline=time.monotonic() + 30)
+    gate = adapter.gate(head, data)
+    assert not gate.passed
+    assert any("agreement" in f for f in gate.failures)
+    good = adapter.fit(data, cells, data.pseudo[cells], deadline=time.monotonic() + 30)
+    assert adapter.gate(good, data).passed
+    assert store.active_version() == 1  # fit and gate never touch the store
+
+
+def test_rejected_update_is_kept_not_promoted(store: ModelStore, runtime: ModelRuntime,
+                                              tmp_path: Path) -> None:
+    """On clean data the source head already agrees fully, so agreement cannot rise."""
+    adapter = Adapter(store, CFG, tmp_path / "state")
+    _fill(adapter, runtime, cast=(0, 0, 0))
+    report = adapter.run("manual")
+    assert report.action == "rejected" and not report.promoted
+    assert "did not rise" in report.message
+    assert store.active_version() == 1 and [v.version for v in store.versions()] == [1]
+    kept = Path(report.kept_at or "")
+    assert kept.parent == tmp_path / "state" / "adapt" / "rejected"
+    assert load_bundle(kept).manifest.parent == 1
+    assert json.loads((kept / "report.json").read_text())["action"] == "rejected"
+
+
+def test_reset_to_source_after_reset_after_updates(store: ModelStore, runtime: ModelRuntime,
+                                                   tmp_path: Path) -> None:
+    adapter = Adapter(store, CFG.model_copy(update={"reset_after": 1}), tmp_path / "state")
+    _fill(adapter, runtime)
+    assert adapter.run("drift").promoted
+    report = adapter.run("drift")
+    assert report.action == "reset" and report.model_changed
+    assert report.version_before == 2 and report.version_after == 1
+    assert store.active_version() == 1
+
+
+def test_too_few_confirmed_cells_skip(store: ModelStore, runtime: ModelRuntime,
+                                      tmp_path: Path) -> None:
+    adapter = Adapter(store, CFG.model_copy(update={"min_samples": 10_000}), tmp_path / "state")
+    assert adapter.run("manual").action == "skipped"  # nothing collected yet
+    _fill(adapter, runtime, scenes=2)
+    report = adapter.run("manual")
+    assert report.action == "skipped" and "min_samples" in report.message
+    assert store.active_version() == 1
+
+
+def test_due_needs_drift_cells_and_cooldown(store: ModelStore, runtime: ModelRuntime,
+                                            tmp_path: Path) -> None:
+    adapter = Adapter(store, CFG, tmp_path / "state")
+    assert not adapter.due(drifting=True)  # no cells
+    _fill(adapter, runtime, scenes=2)
+    assert not adapter.due(drifting=False)
+    assert adapter.due(drifting=True)
+    adapter.run("drift")
+    assert not adapter.due(drifting=True)  # cooling down
+    _fill(adapter, runtime, scenes=2)
+    assert adapter.due(drifting=True)
+
+
+def test_candidate_store_is_bounded(tmp_path: Path) -> None:
+    ring = CandidateStore(tmp_path, max_cells=100)
+    for i in range(8):
+        ring.add(f"s{i}", np.ones((30, 2, 4), np.float32) * i, np.full((30, 3), 1 / 3))
+    assert len(ring) <= 100
+    loaded = ring.load()
+    assert set(np.unique(loaded.scenes)) == {"s5", "s6", "s7"}
+    assert loaded.features.shape == (90, 2, 4)
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_pseudo_labels_are_confident_and_capped() -> None:
+    probs = np.array([[0.9, 0.1, 0], [0.95, 0.05, 0], [0.8, 0.2, 0], [0.2, 0.7, 0.1],
+                      [0.4, 0.35, 0.25]])
+    assert select_pseudo_labels(probs, tau=0.6, cap=2).tolist() == [0, 1, 3]
+
+
+def _sha_tree(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_sigkill_during_adaptation_leaves_a_loadable_model(
+        store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    _fill(Adapter(store, CFG, state), runtime)
+    original = _sha_tree(store.active().path)
+    script = (
+        "import sys\nfrom pathlib import Path\n"
+        "from appliance.adaptation import Adapter\nfrom appliance.config import AdaptConfig\n"
+        "from appliance.models import ModelStore\n"
+        "state = Path(sys.argv[1])\n"
+        "adapter = Adapter(ModelStore(state / 'models'),"
+        " AdaptConfig(min_samples=20, store_max_cells=1000, reset_after=1000), state)\n"
+        "print('ready', flush=True)\n"
+        "while True:\n    adapter.run('crash-test')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for delay in (0.05, 0.3, 0.8):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(state)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        bundle = store.active()  # verifies every sha256
+        ModelRuntime(bundle, ProviderPlan(providers=("cpu",)))
+        store.cleanup()
+        for version in store.versions():
+            load_bundle(version.path)
+    assert store.active_version() is not None
+    assert _sha_tree(store.dir_for(1)) == original
