@@ -137,6 +137,13 @@ def footprint_wgs84(bounds: Sequence[float], crs: CRS, points: int = 21) -> dict
     return {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}
 
 
+def bbox_wgs84(bounds: Sequence[float], crs: CRS) -> tuple[float, float, float, float]:
+    """Lon/lat bounding box of the scene's densified footprint (what the STAC bbox says)."""
+    ring = np.asarray(footprint_wgs84(bounds, crs)["coordinates"][0])
+    return (float(ring[:, 0].min()), float(ring[:, 1].min()),
+            float(ring[:, 0].max()), float(ring[:, 1].max()))
+
+
 # -- files ------------------------------------------------------------------------------
 
 
@@ -259,7 +266,6 @@ def stac_item(
     Asset hrefs are relative to the item (all outputs sit in one folder).
     """
     geometry = footprint_wgs84(bounds, crs)
-    ring = np.asarray(geometry["coordinates"][0])
     epsg = crs.to_epsg()
     now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
     proj: dict[str, Any] = {"proj:epsg": epsg, "proj:bbox": list(bounds),
@@ -288,8 +294,7 @@ def stac_item(
         "stac_extensions": STAC_EXTENSIONS,
         "id": scene_id,
         "geometry": geometry,
-        "bbox": [float(ring[:, 0].min()), float(ring[:, 1].min()),
-                 float(ring[:, 0].max()), float(ring[:, 1].max())],
+        "bbox": list(bbox_wgs84(bounds, crs)),
         "properties": {"datetime": now, "created": now, "title": source, **proj, **properties},
         "links": [],
         "assets": assets,

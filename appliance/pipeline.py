@@ -9,9 +9,10 @@ probabilities, one embedding) plus capped samples are kept.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from appliance.fusion import fuse
 from appliance.outputs import (
     NODATA,
     ClassMap,
+    bbox_wgs84,
     bounds_to_wgs84,
     cell_areas_m2,
     stac_item,
@@ -105,10 +107,8 @@ def _retrieval_scale_index(settings: Settings) -> int:
 
 
 def _seed(scene_id: str) -> int:
-    try:
-        return int(scene_id[:8], 16)
-    except ValueError:
-        return abs(hash(scene_id)) % (1 << 31)
+    """A deterministic per-scene seed for the samples (re-runs sample the same cells)."""
+    return int(hashlib.sha256(scene_id.encode()).hexdigest()[:8], 16)
 
 
 def process_scene(
@@ -171,7 +171,7 @@ def _process(
                 "timings": timings})
     log.info("scene %s: %d cells (%d valid), %d tiles, %.2fs", scene_id[:12], n,
              int(valid.sum()), tiles, timings["total"])
-    return SceneOutcome(**{**outcome.__dict__, "timings": timings})
+    return replace(outcome, timings=timings)
 
 
 def _write_outputs(
@@ -190,7 +190,7 @@ def _write_outputs(
         sample_index=np.asarray(acc.sample_index, np.int64),
         sample_features=(np.stack(acc.sample_features).astype(np.float32) if acc.sample_features
                          else np.zeros((0, len(grid.scales), manifest.feature_dim), np.float32)),
-        band_sample=scene.band_sample(_seed(scene_id)),
+        band_sample=scene.band_sample(),
     )
     labels = cells.labels
     confidence = cells.confidence
@@ -219,7 +219,7 @@ def _write_outputs(
 
     b = scene.ds.bounds
     scene_bounds = (float(b.left), float(b.bottom), float(b.right), float(b.top))
-    wgs = bounds_to_wgs84(np.asarray([scene_bounds]), scene.crs)[0]
+    wgs = bbox_wgs84(scene_bounds, scene.crs)
     assets = {key: f for key, f in files.items() if key != "stac"}
     item = stac_item(
         scene_id=scene_id, source=path.name, crs=scene.crs, bounds=scene_bounds,
@@ -230,7 +230,7 @@ def _write_outputs(
     write_json(files["stac"], item)
     return SceneOutcome(
         scene_id=scene_id, source=path.name, crs=scene.crs_string, bounds=scene_bounds,
-        bounds_wgs84=(float(wgs[0]), float(wgs[1]), float(wgs[2]), float(wgs[3])),
+        bounds_wgs84=wgs,
         width=scene.width, height=scene.height, fractions=fractions, areas_ha=areas_ha,
         mean_confidence=float(confidence[valid].mean()),
         outputs={key: str(f.resolve()) for key, f in files.items()},

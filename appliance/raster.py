@@ -31,6 +31,7 @@ from appliance.bundle import InputSpec
 from appliance.config import InputConfig
 
 DRIFT_SAMPLE = 20_000
+STATS_SAMPLE = 1 << 18  # overview pixels behind the percentile stretch
 STRIP_BYTES = 32 << 20  # full-width strip reads for overviews stay below this
 
 
@@ -111,9 +112,9 @@ class Scene:
         try:
             self._validate(cfg)
             self.overview, self.overview_valid = self._read_overview(cfg.rescale.sample_size)
-            pixels = self.overview[:, self.overview_valid].T
-            if len(pixels) == 0:
+            if not self.overview_valid.any():
                 raise SceneError("nodata", f"{path.name}: every pixel is nodata")
+            pixels = self.valid_pixels(STATS_SAMPLE)
             self.rescale = choose_rescale(cfg, self.dtype, spec, pixels)
         except BaseException:
             self.ds.close()
@@ -237,13 +238,16 @@ class Scene:
         out = self.rescale.apply(self.overview)
         return np.where(self.overview_valid[None], out, self.neutral)
 
-    def band_sample(self, seed: int, cap: int = DRIFT_SAMPLE) -> np.ndarray:
+    def valid_pixels(self, cap: int) -> np.ndarray:
+        """Up to ``cap`` valid overview pixels [p,C] (raw), evenly spread over the scene."""
+        flat = np.flatnonzero(self.overview_valid)
+        if len(flat) > cap:
+            flat = flat[np.linspace(0, len(flat) - 1, cap).astype(np.int64)]
+        return self.overview.reshape(len(self.bands), -1)[:, flat].T
+
+    def band_sample(self, cap: int = DRIFT_SAMPLE) -> np.ndarray:
         """Up to ``cap`` valid overview pixels [p,C], rescaled: the drift monitor's input."""
-        pixels = self.overview[:, self.overview_valid].T
-        if len(pixels) > cap:
-            rows = np.random.default_rng(seed).choice(len(pixels), cap, replace=False)
-            pixels = pixels[np.sort(rows)]
-        return self.rescale.apply(pixels, axis=1)
+        return self.rescale.apply(self.valid_pixels(cap), axis=1)
 
     def read_window(
         self, col: int, row: int, width: int, height: int, out_w: int, out_h: int

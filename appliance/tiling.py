@@ -26,7 +26,7 @@ from rasterio.transform import Affine
 
 from appliance.raster import Scene
 
-MASK_SAMPLES_PER_CELL = 4  # validity is sampled on a grid of cell/4 px
+MASK_SAMPLES_PER_WINDOW = 4  # validity is sampled 4x4 times per smallest window at least
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,12 @@ class CellGrid:
     def valid(self, scene: Scene, max_nodata: float) -> np.ndarray:
         """[n] bool: cells whose smallest-scale window is at most ``max_nodata`` nodata.
 
-        One decimated read gives a validity grid with a step of ``cell/4`` px; each window's
+        One decimated read gives a validity grid with a step of a quarter of the smallest
+        window (or of the cell, if smaller) in px; each window's
         valid fraction is a box sum over that grid (a summed-area table), with the area
         outside the scene counting as nodata.
         """
-        step = max(1, self.cell // MASK_SAMPLES_PER_CELL)
+        step = max(1, min(self.cell, *self.scales) // MASK_SAMPLES_PER_WINDOW)
         gh, gw = math.ceil(self.height / step), math.ceil(self.width / step)
         if scene.has_mask:
             _, grid = scene.read_decimated((gh, gw))

@@ -121,3 +121,14 @@ def test_strip_tiles_equal_window_reads(tmp_path: Path) -> None:
                 got = tiles[i * 3 + j]
                 # interiors agree; a strip's resampling kernel may see past a window's edge
                 np.testing.assert_allclose(got[:, 2:-2, 2:-2], want[:, 2:-2, 2:-2], atol=0.5)
+
+
+def test_validity_with_cells_larger_than_the_smallest_window(tmp_path: Path) -> None:
+    # a 16 px window in a 142 px cell: a mask sampled per cell/4 would miss it entirely
+    path = write_scene(tmp_path / "s.tif", size=(568, 568), nodata=0, border=142)
+    grid = CellGrid(width=568, height=568, cell=142, scales=(16, 32))
+    with open_scene(path, InputConfig(), SPEC) as scene:
+        valid = grid.valid(scene, 0.5).reshape(4, 4)
+    inner = np.zeros((4, 4), bool)
+    inner[1:3, 1:3] = True
+    np.testing.assert_array_equal(valid, inner)
