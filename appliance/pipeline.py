@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -148,17 +149,19 @@ def _process(
     t_read = t_infer = 0.0
     tiles = 0
     batches = iter_batches(scene, grid, todo, runtime.input_size, tiling.batch_size)
-    for batch in read_ahead(batches, tiling.read_ahead):
-        t0 = time.perf_counter()
-        out = runtime.infer(batch.tiles)
-        t_infer += time.perf_counter() - t0
-        t_read += batch.read_seconds
-        tiles += len(batch.tiles)
-        b = len(batch.cells)
-        probs = out.probs.reshape(b, n_scales, -1)
-        acc.probs[batch.cells] = fuse(probs, tiling.fusion, tiling.weights, multi_label)
-        acc.embeddings[batch.cells] = out.embedding.reshape(b, n_scales, -1)[:, r_index]
-        acc.add_features(batch.cells, out.features.reshape(b, n_scales, -1))
+    # closing(): on an error the reader thread is joined here, before the scene closes.
+    with closing(read_ahead(batches, tiling.read_ahead)) as stream:
+        for batch in stream:
+            t0 = time.perf_counter()
+            out = runtime.infer(batch.tiles)
+            t_infer += time.perf_counter() - t0
+            t_read += batch.read_seconds
+            tiles += len(batch.tiles)
+            b = len(batch.cells)
+            probs = out.probs.reshape(b, n_scales, -1)
+            acc.probs[batch.cells] = fuse(probs, tiling.fusion, tiling.weights, multi_label)
+            acc.embeddings[batch.cells] = out.embedding.reshape(b, n_scales, -1)[:, r_index]
+            acc.add_features(batch.cells, out.features.reshape(b, n_scales, -1))
 
     t_write0 = time.perf_counter()
     outcome = _write_outputs(scene, path, scene_id, out_dir, runtime, settings, grid, valid, acc,

@@ -18,7 +18,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,7 +164,7 @@ def iter_batches(
 _DONE = object()
 
 
-def read_ahead(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
+def read_ahead(batches: Iterator[Batch], depth: int) -> Generator[Batch, None, None]:
     """Run ``batches`` in a reader thread, ``depth`` batches ahead of the consumer.
 
     An exception in the reader is re-raised in the consumer; a consumer that stops early

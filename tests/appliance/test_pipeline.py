@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,24 @@ def test_shared_rgb_byte_nodata_border(tmp_path: Path, runtime: ModelRuntime) ->
     valid = out.cells.valid
     assert 0.3 < valid.mean() < 0.95
     assert math.isclose(sum(out.fractions.values()), 1.0, rel_tol=1e-6)
+
+
+class _FailingRuntime(ModelRuntime):
+    """The real runtime, with a fault injected on the third batch."""
+
+    calls = 0
+
+    def infer(self, tiles: np.ndarray) -> Any:
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("injected inference failure")
+        return super().infer(tiles)
+
+
+def test_inference_error_stops_the_reader(tmp_path: Path, colour_bundle: Path) -> None:
+    runtime = _FailingRuntime(load_bundle(colour_bundle), ProviderPlan(providers=("cpu",)))
+    scene = write_scene(tmp_path / "s.tif", size=(256, 256))
+    with pytest.raises(RuntimeError, match="injected"):
+        run(scene, runtime, tmp_path, tiling={"batch_size": 4, "read_ahead": 2})
+    assert not [t for t in threading.enumerate() if t.name == "tile-reader"]
+    assert not (tmp_path / "out" / "landuse.tif").exists()
