@@ -31,7 +31,8 @@ def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def outcome(scene_id: str, seed: int, n: int = 12, invalid: tuple[int, ...] = ()) -> SceneOutcome:
+def outcome(scene_id: str, seed: int, n: int = 12, invalid: tuple[int, ...] = (),
+            dim: int = DIM) -> SceneOutcome:
     """A SceneOutcome with synthetic cells on a 4-wide grid of 16 px cells."""
     rng = np.random.default_rng(seed)
     cols, rows = np.arange(n) % 4 * 16, np.arange(n) // 4 * 16
@@ -48,9 +49,9 @@ def outcome(scene_id: str, seed: int, n: int = 12, invalid: tuple[int, ...] = ()
     valid = np.ones(n, bool)
     valid[list(invalid)] = False
     cells = SceneCells(scene_id=scene_id, crs="EPSG:32633", windows=windows, bounds=bounds,
-                       bounds_wgs84=wgs, probs=probs, valid=valid, embeddings=unit(rng, n),
+                       bounds_wgs84=wgs, probs=probs, valid=valid, embeddings=unit(rng, n, dim),
                        sample_index=np.zeros(0, np.int64),
-                       sample_features=np.zeros((0, 2, DIM), np.float32),
+                       sample_features=np.zeros((0, 2, dim), np.float32),
                        band_sample=np.zeros((0, 3), np.float32))
     return SceneOutcome(scene_id=scene_id, source=f"{scene_id}.tif", crs="EPSG:32633",
                         bounds=(0, 0, 1, 1), bounds_wgs84=(0, 0, 1, 1), width=64, height=48,
