@@ -368,6 +368,16 @@ class TileIndex:
             raise KeyError(entry_id)
         return np.frombuffer(row[0], np.float32).copy()
 
+    def items(self, scene_prefix: str = "") -> tuple[np.ndarray, list[Entry], np.ndarray]:
+        """Ids, entries and vectors of every entry whose scene id starts with the prefix
+        (e.g. ``"ref:"`` for reference images), in id order: for evaluation and export."""
+        with self._lock:
+            ids = np.fromiter((r[0] for r in self._db.execute(
+                "SELECT id FROM entries WHERE substr(scene_id, 1, ?) = ? ORDER BY id",
+                (len(scene_prefix), scene_prefix))), np.int64)
+            rows = self._rows(set(ids.tolist()))
+            return ids, [rows[int(i)][0] for i in ids], self._vectors(ids)
+
     def find_cell(self, scene_id: str, pixel: tuple[float, float] | None = None,
                   lonlat: tuple[float, float] | None = None) -> int | None:
         """Id of the entry of ``scene_id`` whose window (pixel col,row) or WGS84 bounds

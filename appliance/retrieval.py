@@ -220,7 +220,11 @@ class RetrievalService:
             if cell is None:
                 where = f"pixel {query.pixel}" if query.pixel else f"lon/lat {query.lonlat}"
                 raise RequestError("no-cell", f"no indexed cell of {query.scene_id} at {where}")
-            vector = self.index.vector(cell)
+            try:
+                vector = self.index.vector(cell)
+            except KeyError as exc:  # the scene was re-indexed between the two look-ups
+                raise RequestError("no-cell", f"cell of {query.scene_id} was replaced; "
+                                   "ask again") from exc
             filters = Filters(filters.class_name, filters.scene_id, filters.since,
                               filters.until, filters.exclude_ids | {cell})
         if vector.shape != (self.index.dim,):
