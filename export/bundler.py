@@ -1,0 +1,312 @@
+"""``terratile-export bundle``: a trained run → a sealed model bundle (DESIGN.md contract).
+
+Three ONNX graphs (backbone, classifier, embedder) exported with ``torch.onnx.export``,
+checked against torch on real training chips (fp32 parity must be within 1e-4), optionally
+converted to fp16 or statically quantised to int8 (QDQ, calibrated on real chips); then the
+source bank and drift reference are computed with the EXPORTED graphs through onnxruntime
+(what the appliance will see) and everything is sealed with sha256 by
+``appliance.bundle.seal_bundle``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from rich.console import Console
+from torch import nn
+
+from appliance.bundle import (
+    BACKBONE,
+    CLASSIFIER,
+    EMBEDDER,
+    EMBEDDING,
+    FEATURES,
+    IMAGE_INPUT,
+    LOGITS,
+    REFERENCE,
+    SOURCE_BANK,
+    ClassSpec,
+    InputSpec,
+    Manifest,
+    SourceBank,
+    seal_bundle,
+)
+from appliance.reference import build_reference, class_centroids
+from appliance.runtime import ProviderPlan, activate, open_session
+from export.data import SPLIT_FILE, DataSet, load_chips, load_split, scan
+from export.train import METRICS, RunInfo, load_trained
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "int8"]
+FP32_TOLERANCE = 1e-4
+OPSET = 18
+CPU = ProviderPlan(providers=("cpu",))
+BANK_PER_CLASS = 48
+PARITY_CHIPS = 16
+PIXEL_SAMPLE = 200_000
+
+# Distinct, colour-blind-friendly-ish colours for up to 30 classes (then cycled, darkened).
+PALETTE = [
+    (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
+    (255, 255, 255), (0, 0, 0), (100, 60, 160), (40, 100, 40), (200, 120, 120),
+    (90, 160, 220), (180, 180, 60), (60, 60, 90), (230, 160, 30), (110, 200, 140),
+]
+
+
+class ParityError(RuntimeError):
+    """The exported ONNX disagrees with torch beyond the tolerance."""
+
+
+@dataclass(frozen=True)
+class BundleOptions:
+    """What ``bundle`` writes: precision, calibration data, version and name, scales."""
+
+    precision: Precision = "fp32"
+    calibration: Path | None = None
+    version: int = 1
+    name: str | None = None
+    scales: tuple[int, ...] = (56, 112, 224)
+    notes: str = ""
+
+
+def class_colours(names: list[str]) -> list[ClassSpec]:
+    """Every class gets a distinct colour (palette, darkened on each wrap-around)."""
+    specs = []
+    for i, name in enumerate(names):
+        r, g, b = PALETTE[i % len(PALETTE)]
+        f = 0.6 ** (i // len(PALETTE))
+        specs.append(ClassSpec(name=name, colour=(int(r * f), int(g * f), int(b * f))))
+    return specs
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str,
+                output_name: str) -> str:
+    """Export ``module`` with a dynamic batch axis; returns which exporter produced it.
+
+    The dynamo exporter (onnxscript) is tried first as torch's default, written as one
+    file (``external_data=False``); models it cannot trace fall back to the TorchScript
+    exporter (``dynamo=False``). The result is checked with ``onnx.checker``.
+    """
+    module = module.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, (example,), input_names=[input_name], output_names=[output_name],
+                dynamic_shapes={_arg_name(module): {0: torch.export.Dim("N", min=1, max=4096)}},
+                opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
+            )
+        assert program is not None
+        program.save(str(path), external_data=False)
+        exporter = "dynamo"
+    except Exception as exc:  # the dynamo exporter raises many kinds on untraceable code
+        log.info("dynamo export failed (%s); using the TorchScript exporter", exc)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), str(path), input_names=[input_name],
+                              output_names=[output_name], opset_version=17, dynamo=False,
+                              dynamic_axes={input_name: {0: "N"}, output_name: {0: "N"}})
+        exporter = "torchscript"
+    onnx.checker.check_model(str(path))
+    return exporter
+
+
+def _arg_name(module: nn.Module) -> str:
+    import inspect
+
+    return next(iter(inspect.signature(module.forward).parameters))
+
+
+class _FeatureToLogits(nn.Module):
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+
+def _to_fp16(path: Path) -> None:
+    """Weights and activations in fp16, float32 at the graph's inputs and outputs."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+    onnx.save(model, str(path))
+
+
+class _ChipReader(CalibrationDataReader):
+    """Feeds normalised calibration chips to onnxruntime's static quantiser, 8 at a time."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self._batches: Iterator[np.ndarray] = iter(np.array_split(x, max(1, len(x) // 8)))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {IMAGE_INPUT: batch}
+
+
+def quantise_int8(path: Path, calibration: np.ndarray) -> None:
+    """Static QDQ int8 (per-channel weights), activations calibrated on real chips.
+
+    Symbolic shape inference is skipped in the pre-processing: it does not handle every
+    exported graph, and ONNX shape inference plus graph optimisation are what matter here.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        prepped = Path(tmp) / "prep.onnx"
+        quant_pre_process(str(path), str(prepped), skip_symbolic_shape=True)
+        quantize_static(str(prepped), str(path), _ChipReader(calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+
+
+def calibration_chips(directory: Path, spec: InputSpec, limit: int = 128) -> np.ndarray:
+    """Normalised [N,C,S,S] chips from an ImageFolder or a flat folder of images."""
+    from export.data import IMAGE_SUFFIXES, Sample
+
+    files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{directory}: no calibration images")
+    step = max(1, len(files) // limit)
+    ds = DataSet(Path(directory), ["any"], [Sample(p, (0,)) for p in files[::step][:limit]],
+                 "single-label")
+    return spec.normalise(load_chips(ds, spec.size).images)
+
+
+def _run(path: Path, name_in: str, name_out: str, x: np.ndarray) -> np.ndarray:
+    session = open_session(path, CPU)
+    return np.asarray(session.run([name_out], {name_in: x})[0], np.float32)
+
+
+def _balanced(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Row indices with at most ``per_class`` rows per (first) class, seeded."""
+    rng = np.random.default_rng(seed)
+    first = labels if labels.ndim == 1 else labels.argmax(axis=1)
+    rows = [rng.permutation(np.flatnonzero(first == k))[:per_class] for k in np.unique(first)]
+    return np.sort(np.concatenate(rows))
+
+
+def _holdout(labels: np.ndarray) -> np.ndarray:
+    """Every fifth row of each class held back for the adaptation gate."""
+    first = labels if labels.ndim == 1 else labels.argmax(axis=1)
+    mask = np.zeros(len(labels), bool)
+    for k in np.unique(first):
+        mask[np.flatnonzero(first == k)[::5]] = True
+    return mask
+
+
+def _source(run_dir: Path, info: RunInfo) -> DataSet:
+    """Training chips of the run (its split), or the whole data set for old runs."""
+    if (Path(run_dir) / SPLIT_FILE).is_file():
+        return load_split(run_dir, "train")
+    return scan(Path(str(info.config["data"])), info.task)
+
+
+def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
+           console: Console | None = None) -> Manifest:
+    """Write and seal a bundle for the run in ``run_dir``; returns the sealed manifest."""
+    options = options or BundleOptions()
+    console = console or Console(stderr=True)
+    torch.set_num_threads(2)
+    info, model = load_trained(run_dir)
+    spec = info.input_spec
+    source = _source(run_dir, info)
+    labels_all = source.label_array()
+    rows = _balanced(labels_all, BANK_PER_CLASS, seed=0)
+    chips = load_chips(source.subset(rows.tolist()), spec.size).images
+    labels = labels_all[rows]
+    out.mkdir(parents=True, exist_ok=True)
+
+    x = torch.from_numpy(spec.normalise(chips[:PARITY_CHIPS]))
+    with torch.no_grad():
+        feats = model.backbone(x)
+    exporter = export_onnx(model.backbone, x[:2], out / BACKBONE, IMAGE_INPUT, FEATURES)
+    export_onnx(_FeatureToLogits(model.classifier), feats[:2], out / CLASSIFIER, FEATURES, LOGITS)
+    export_onnx(model.embedder, feats[:2], out / EMBEDDER, FEATURES, EMBEDDING)
+    console.print(f"exported with the {exporter} exporter (opset {OPSET})")
+
+    parity = {"fp32": _parity(model, out, x)}
+    if parity["fp32"]["max_abs_diff"] > FP32_TOLERANCE:
+        raise ParityError(f"fp32 ONNX vs torch max abs diff {parity['fp32']['max_abs_diff']:.2e} "
+                          f"> {FP32_TOLERANCE:.0e}: {parity['fp32']}")
+    if options.precision == "fp16":
+        for name in (BACKBONE, CLASSIFIER, EMBEDDER):
+            _to_fp16(out / name)
+    elif options.precision == "int8":
+        if options.calibration is None:
+            raise ValueError("--int8 needs --calibration DIR (real chips for activation ranges)")
+        quantise_int8(out / BACKBONE, calibration_chips(options.calibration, spec))
+    if options.precision != "fp32":
+        parity[options.precision] = _parity(model, out, x)
+    for name, p in parity.items():
+        console.print(f"parity {name}: max abs diff features {p['features']:.2e}, "
+                      f"logits {p['logits']:.2e}, embedding {p['embedding']:.2e}")
+
+    # Source bank and reference from the exported graphs: what the appliance computes.
+    features = np.concatenate([
+        _run(out / BACKBONE, IMAGE_INPUT, FEATURES, spec.normalise(chips[i : i + 64]))
+        for i in range(0, len(chips), 64)])
+    probs = activate(_run(out / CLASSIFIER, FEATURES, LOGITS, features),
+                     info.task == "multi-label")
+    n_classes = len(info.classes)
+    centroids = class_centroids(features, labels, n_classes)
+    SourceBank(features, labels, centroids, _holdout(labels)).save(out / SOURCE_BANK)
+    pixels = chips.transpose(0, 2, 3, 1).reshape(-1, chips.shape[1])
+    pick = np.random.default_rng(0).choice(len(pixels), min(PIXEL_SAMPLE, len(pixels)), False)
+    reference = build_reference(spec.bands, pixels[pick], features, probs, centroids)
+    (out / REFERENCE).write_text(reference.model_dump_json(by_alias=True))
+
+    manifest = Manifest(
+        name=options.name or Path(run_dir).resolve().name, version=options.version,
+        backbone=info.backbone, task=info.task, classes=class_colours(info.classes),
+        input=spec, scales=list(options.scales), feature_dim=info.feature_dim,
+        embedding_dim=info.embedding_dim, metrics=_metrics(run_dir, parity, exporter, options),
+        notes=options.notes or f"precision {options.precision}",
+    )
+    return seal_bundle(out, manifest)
+
+
+def _parity(model: nn.Module, out: Path, x: torch.Tensor) -> dict[str, float]:
+    """Max abs difference onnxruntime vs torch for each graph, on real chips."""
+    with torch.no_grad():
+        feats, logits, emb = model(x)
+    ort_feats = _run(out / BACKBONE, IMAGE_INPUT, FEATURES, x.numpy())
+    diffs = {
+        "features": float(np.abs(ort_feats - feats.numpy()).max()),
+        "logits": float(np.abs(_run(out / CLASSIFIER, FEATURES, LOGITS, feats.numpy())
+                               - logits.numpy()).max()),
+        "embedding": float(np.abs(_run(out / EMBEDDER, FEATURES, EMBEDDING, feats.numpy())
+                                  - emb.numpy()).max()),
+    }
+    diffs["max_abs_diff"] = max(diffs.values())
+    return diffs
+
+
+def _metrics(run_dir: Path, parity: dict[str, dict[str, float]], exporter: str,
+             options: BundleOptions) -> dict[str, Any]:
+    doc: dict[str, Any] = {"parity": parity, "exporter": exporter, "precision": options.precision,
+                           "onnxruntime": ort.__version__, "torch": torch.__version__}
+    metrics_file = Path(run_dir) / METRICS
+    if metrics_file.is_file():
+        train = json.loads(metrics_file.read_text())
+        last = train["epochs"][-1] if train.get("epochs") else {}
+        doc |= {"train_seconds": train.get("train_seconds"), "epochs": last.get("epoch"),
+                "val_score": last.get("val_score")}
+    return doc
+

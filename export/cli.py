@@ -1,0 +1,107 @@
+"""``terratile-export``: the workstation CLI — train, bundle, evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from appliance.bundle import BundleError
+from export.backbones import BACKBONES, BackboneError
+from export.data import DataError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+console = Console(stderr=True)
+TASKS = ("single-label", "multi-label")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+@app.command("train")
+def train_cmd(
+    data: Path = typer.Option(..., help="ImageFolder directory, or a path,labels CSV."),
+    backbone: str = typer.Option(..., help=f"One of {', '.join(BACKBONES)}."),
+    out: Path = typer.Option(..., help="Run directory (checkpoint, metrics.json, split.json)."),
+    epochs: int = typer.Option(8, min=1),
+    image_size: int = typer.Option(128, min=16, help="Network input size in pixels."),
+    task: str = typer.Option("single-label", help="single-label or multi-label."),
+    val_fraction: float = typer.Option(0.2, help="Held-out fraction of every class."),
+    seed: int = typer.Option(0),
+    init: Optional[Path] = typer.Option(None, help="Start from a previous run (second round)."),  # noqa: UP045
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
+    batch_size: int = typer.Option(32, min=1),
+    lr: float = typer.Option(1e-3),
+    freeze_backbone: bool = typer.Option(False, help="Train the heads only (off-the-shelf)."),
+    embedding_dim: int = typer.Option(128, min=2),
+) -> None:
+    """Fine-tune BACKBONE on DATA with a classifier and an embedding head."""
+    from export.train import TrainConfig, train
+
+    if task not in TASKS:
+        raise _fail(f"--task must be one of {TASKS}, got {task!r}")
+    cfg = TrainConfig(data=data, backbone=backbone, out=out, epochs=epochs,
+                      image_size=image_size, task=task,  # type: ignore[arg-type]
+                      val_fraction=val_fraction, seed=seed, init=init, pretrained=pretrained,
+                      batch_size=batch_size, lr=lr, freeze_backbone=freeze_backbone,
+                      embedding_dim=embedding_dim)
+    try:
+        run = train(cfg, console)
+    except (DataError, BackboneError) as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"run written to {run}")
+
+
+@app.command("bundle")
+def bundle_cmd(
+    run: Path = typer.Option(..., help="A run directory written by `train`."),
+    out: Path = typer.Option(..., help="Bundle directory to write."),
+    fp16: bool = typer.Option(False, help="Convert the graphs to fp16 (float32 I/O)."),
+    int8: bool = typer.Option(False, help="Static QDQ int8 backbone (needs --calibration)."),
+    calibration: Optional[Path] = typer.Option(None, help="Images to calibrate int8 on."),  # noqa: UP045
+    version: int = typer.Option(1, min=1),
+    name: Optional[str] = typer.Option(None, help="Bundle name (default: the run's name)."),  # noqa: UP045
+    scales: str = typer.Option("56,112,224", help="Default tile scales (px), comma-separated."),
+) -> None:
+    """Export RUN as a sealed bundle: ONNX graphs, source bank, reference, manifest."""
+    from export.bundler import BundleOptions, ParityError, Precision, bundle
+
+    if fp16 and int8:
+        raise _fail("choose one of --fp16 and --int8")
+    if int8 and calibration is None:
+        raise _fail("--int8 needs --calibration DIR")
+    precision: Precision = "fp16" if fp16 else "int8" if int8 else "fp32"
+    try:
+        options = BundleOptions(precision=precision, calibration=calibration, version=version,
+                                name=name, scales=tuple(int(s) for s in scales.split(",")))
+        manifest = bundle(run, out, options, console)
+    except (DataError, BundleError, ParityError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"bundle {manifest.name} v{manifest.version} sealed in {out}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    bundle: Path = typer.Option(..., help="Bundle directory."),
+    data: Optional[Path] = typer.Option(None, help="ImageFolder directory or labels CSV."),  # noqa: UP045
+    run: Optional[Path] = typer.Option(None, help="Run directory whose split.json to use."),  # noqa: UP045
+    split: Optional[str] = typer.Option(None, help="train or val (with --run)."),  # noqa: UP045
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    batch_size: int = typer.Option(64, min=1),
+) -> None:
+    """Evaluate BUNDLE through the appliance's onnxruntime code on labelled chips."""
+    from export.evaluate import evaluate, format_report
+
+    try:
+        report = evaluate(bundle, data=data, run=run, split=split, batch_size=batch_size)
+    except (DataError, BundleError) as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        typer.echo(format_report(report))

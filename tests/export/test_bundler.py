@@ -1,0 +1,113 @@
+"""A real torch-exported bundle: contract, parity with torch, sealing, tampering, int8."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from rich.console import Console
+
+from appliance.bundle import (
+    BACKBONE,
+    CLASSIFIER,
+    EMBEDDER,
+    MANIFEST,
+    REFERENCE,
+    SOURCE_BANK,
+    BundleError,
+    load_bundle,
+)
+from appliance.runtime import ModelRuntime, ProviderPlan
+from export.bundler import BundleOptions, bundle, class_colours
+from export.data import load_chips, load_split
+from export.train import load_trained, predict
+
+CPU = ProviderPlan(providers=("cpu",))
+
+
+def test_bundle_matches_the_contract(tiny_run: Path) -> None:
+    b = load_bundle(tiny_run / "bundle")
+    m = b.manifest
+    assert m.class_names == ["urban", "vegetation", "water"]
+    assert len({c.colour for c in m.classes}) == 3
+    assert m.input.bands == ["red", "green", "blue"] and m.input.size == 32
+    assert m.scales == [16, 32] and m.backbone == "resnet18"
+    assert set(m.files) == {BACKBONE, CLASSIFIER, EMBEDDER, SOURCE_BANK, REFERENCE}
+    io = {name: onnx.load(str(b.file(name))).graph for name in (BACKBONE, CLASSIFIER, EMBEDDER)}
+    assert [i.name for i in io[BACKBONE].input] == ["image"]
+    assert [o.name for o in io[BACKBONE].output] == ["features"]
+    assert [o.name for o in io[CLASSIFIER].output] == ["logits"]
+    assert [o.name for o in io[EMBEDDER].output] == ["embedding"]
+    assert io[BACKBONE].input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic N
+    bank = b.source_bank
+    assert bank.features.shape[1] == m.feature_dim == 512
+    assert bank.centroids.shape == (3, 512) and bank.holdout.any() and not bank.holdout.all()
+    assert sorted(np.unique(bank.labels).tolist()) == [0, 1, 2]
+    assert len(b.reference.bands) == 3 and 0 <= b.reference.bands[0].mean <= 255
+
+
+def test_appliance_runtime_matches_torch(tiny_run: Path) -> None:
+    """Parity of the exported graphs through ModelRuntime on real chips, any batch size."""
+    b = load_bundle(tiny_run / "bundle")
+    info, model = load_trained(tiny_run / "run")
+    chips = load_chips(load_split(tiny_run / "run", "val"), info.input_spec.size).images
+    feats, logits, emb = predict(model, chips, info.input_spec)
+    runtime = ModelRuntime(b, CPU)
+    for n in (1, len(chips)):
+        out = runtime.infer(chips[:n])
+        assert np.abs(out.features - feats[:n]).max() < 1e-4
+        probs = torch.softmax(torch.from_numpy(logits[:n]), 1).numpy()
+        assert np.abs(out.probs - probs).max() < 1e-4
+        assert np.abs(out.embedding - emb[:n]).max() < 1e-4
+    assert np.allclose(np.linalg.norm(out.embedding, axis=1), 1.0, atol=1e-5)
+    parity = b.manifest.metrics["parity"]["fp32"]
+    assert parity["max_abs_diff"] < 1e-4
+
+
+def test_tampered_file_is_refused(tiny_run: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(tiny_run / "bundle", tmp_path / "b")
+    with (copy / CLASSIFIER).open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(BundleError, match=r"sha256 mismatch for classifier\.onnx"):
+        load_bundle(copy)
+
+
+def test_missing_file_is_refused(tiny_run: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(tiny_run / "bundle", tmp_path / "b")
+    (copy / SOURCE_BANK).unlink()
+    with pytest.raises(BundleError, match=r"missing file source_bank\.npz"):
+        load_bundle(copy)
+
+
+def test_manifest_edit_is_refused(tiny_run: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(tiny_run / "bundle", tmp_path / "b")
+    doc = json.loads((copy / MANIFEST).read_text())
+    doc["files"][BACKBONE] = "0" * 64
+    (copy / MANIFEST).write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match=r"backbone\.onnx"):
+        load_bundle(copy)
+
+
+def test_int8_bundle_is_quantised_and_close(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "int8"
+    manifest = bundle(tiny_run / "run", out, BundleOptions(
+        precision="int8", calibration=tiny_run / "data", version=2, scales=(16, 32)),
+        Console(quiet=True))
+    ops = {n.op_type for n in onnx.load(str(out / BACKBONE)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    parity = manifest.metrics["parity"]
+    assert parity["fp32"]["max_abs_diff"] < 1e-4 and parity["int8"]["max_abs_diff"] > 0
+    b = load_bundle(out)
+    assert b.version == 2 and b.manifest.metrics["precision"] == "int8"
+    probs = ModelRuntime(b, CPU).infer(np.full((2, 3, 32, 32), 128, np.float32)).probs
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_class_colours_are_distinct_beyond_the_palette() -> None:
+    specs = class_colours([f"c{i}" for i in range(45)])
+    assert len({s.colour for s in specs}) == 45

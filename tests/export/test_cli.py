@@ -1,0 +1,100 @@
+"""``terratile-export`` end to end through its CLI: train → bundle → evaluate, and bad data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from appliance.bundle import load_bundle
+from export.cli import app
+from tests.export.test_data import write_geotiff_chips
+from tests.torch_bundle import write_colour_chips
+
+runner = CliRunner()
+TINY = ["--backbone", "resnet18", "--epochs", "1", "--image-size", "32", "--no-pretrained",
+        "--batch-size", "8"]
+
+
+def test_evaluate_held_out_split_as_json(tiny_run: Path) -> None:
+    result = runner.invoke(app, ["evaluate", "--bundle", str(tiny_run / "bundle"), "--run",
+                                 str(tiny_run / "run"), "--split", "val", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    split = json.loads((tiny_run / "run" / "split.json").read_text())
+    assert report["chips"] == len(split["val"]) == 6
+    for key in ("overall_accuracy", "kappa", "macro_f1", "map_at_20", "precision_at_5", "anmrr"):
+        assert isinstance(report[key], float), key
+    cm = np.asarray(report["confusion_matrix"])
+    assert cm.sum() == 6 and np.trace(cm) / 6 == report["overall_accuracy"]
+
+
+def test_four_band_geotiffs_train_bundle_evaluate(tmp_path: Path) -> None:
+    data = write_geotiff_chips(tmp_path / "g")
+    run, out = tmp_path / "run", tmp_path / "bundle"
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(run), *TINY])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["bundle", "--run", str(run), "--out", str(out), "--version", "3",
+                            "--name", "geo", "--scales", "16,32"])
+    assert r.exit_code == 0, r.output
+    manifest = load_bundle(out).manifest
+    assert manifest.input.bands == ["band0", "band1", "band2", "band3"]
+    assert manifest.name == "geo" and manifest.version == 3 and manifest.scales == [16, 32]
+    assert manifest.metrics["parity"]["fp32"]["max_abs_diff"] < 1e-4
+    r = runner.invoke(app, ["evaluate", "--bundle", str(out), "--data", str(data), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["chips"] == 18
+
+
+def test_multi_label_csv_train_bundle_evaluate(tmp_path: Path) -> None:
+    data = write_colour_chips(tmp_path / "d", per_class=6, size=32)
+    rows = [f"{p},{p.parent.name}|{'wet' if p.parent.name == 'water' else 'dry'}"
+            for p in sorted(data.rglob("*.png"))]
+    (data / "labels.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
+    run, out = tmp_path / "run", tmp_path / "bundle"
+    r = runner.invoke(app, ["train", "--data", str(data / "labels.csv"), "--task", "multi-label",
+                            "--out", str(run), *TINY])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["bundle", "--run", str(run), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    b = load_bundle(out)
+    assert b.manifest.task == "multi-label" and b.source_bank.labels.shape[1] == 5
+    r = runner.invoke(app, ["evaluate", "--bundle", str(out), "--data", str(data), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert 0 <= report["micro_f1"] <= 1 and 0 <= report["map_at_20"] <= 1
+    assert set(report["per_class_f1"]) == {"dry", "urban", "vegetation", "water", "wet"}
+
+
+def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
+    data = write_colour_chips(tmp_path / "d", per_class=3)
+    (data / "empty").mkdir()
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "r"), *TINY])
+    assert r.exit_code == 2 and "empty class folder" in r.output
+    r = runner.invoke(app, ["train", "--data", str(tmp_path / "missing"),
+                            "--out", str(tmp_path / "r"), *TINY])
+    assert r.exit_code == 2 and "no such file or directory" in r.output
+    (data / "empty").rmdir()
+    (data / "water" / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    r = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "r"), *TINY])
+    assert r.exit_code == 2 and "bad.jpg: unreadable image" in r.output
+
+
+def test_unknown_backbone_and_missing_calibration(tiny_run: Path, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["train", "--data", str(tiny_run / "data"), "--out", str(tmp_path),
+                            "--backbone", "vgg99"])
+    assert r.exit_code == 2 and "unknown backbone 'vgg99'" in r.output
+    r = runner.invoke(app, ["bundle", "--run", str(tiny_run / "run"), "--out", str(tmp_path / "b"),
+                            "--int8"])
+    assert r.exit_code == 2 and "--calibration" in r.output
+
+
+def test_evaluate_refuses_a_tampered_bundle(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = shutil.copytree(tiny_run / "bundle", tmp_path / "b")
+    (copy / "embedder.onnx").write_bytes(b"junk")
+    r = runner.invoke(app, ["evaluate", "--bundle", str(copy), "--data", str(tiny_run / "data")])
+    assert r.exit_code == 2 and "sha256 mismatch for embedder.onnx" in r.output

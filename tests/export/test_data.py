@@ -1,0 +1,98 @@
+"""Data loading: ImageFolder / CSV / GeoTIFF chips, the stratified split, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from export.data import DataError, load_chips, load_split, save_split, scan, stratified_split
+from tests.torch_bundle import write_colour_chips
+
+
+def write_geotiff_chips(root: Path, per_class: int = 6, bands: int = 4, size: int = 24) -> Path:
+    """An ImageFolder of uint8 GeoTIFF chips with ``bands`` bands, class = brightest band."""
+    rng = np.random.default_rng(1)
+    for k, name in enumerate(["bright", "dark", "mid"]):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            chip = rng.integers(0, 60, size=(bands, size, size)) + 60 * k
+            with rasterio.open(folder / f"{i}.tif", "w", driver="GTiff", width=size,
+                               height=size, count=bands, dtype="uint8", crs="EPSG:32633",
+                               transform=from_origin(500000, 4000000, 1, 1)) as dst:
+                dst.write(chip.astype(np.uint8))
+                dst.descriptions = tuple(f"band{j}" for j in range(bands))
+    return root
+
+
+def test_imagefolder_scan_and_split(tmp_path: Path) -> None:
+    data = write_colour_chips(tmp_path / "d", per_class=10)
+    ds = scan(data)
+    assert ds.classes == ["urban", "vegetation", "water"]
+    assert len(ds.samples) == 30
+    train, val = stratified_split(ds, 0.2, seed=0)
+    assert not set(train) & set(val) and len(train) + len(val) == 30
+    val_labels = ds.label_array()[val]
+    assert np.bincount(val_labels).tolist() == [2, 2, 2]
+    assert stratified_split(ds, 0.2, seed=0) == (train, val)
+    assert stratified_split(ds, 0.2, seed=1) != (train, val)
+    save_split(tmp_path, ds, train, val)
+    held = load_split(tmp_path, "val")
+    assert [s.path for s in held.samples] == [ds.samples[i].path.resolve() for i in val]
+
+
+def test_geotiff_chips_of_four_bands(tmp_path: Path) -> None:
+    ds = scan(write_geotiff_chips(tmp_path / "g"))
+    chips = load_chips(ds, 16)
+    assert chips.images.shape == (18, 4, 16, 16)
+    assert chips.bands == ["band0", "band1", "band2", "band3"]
+    assert chips.value_range == (0.0, 255.0)
+
+
+def test_multi_label_csv(tmp_path: Path) -> None:
+    data = write_colour_chips(tmp_path / "d", per_class=2)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,labels\n" + "".join(
+        f"{p.relative_to(tmp_path)},{p.parent.name}|wet\n" if p.parent.name == "water" else
+        f"{p.relative_to(tmp_path)},{p.parent.name}\n" for p in sorted(data.rglob("*.png"))))
+    ds = scan(csv, "multi-label")
+    assert ds.classes == ["urban", "vegetation", "water", "wet"]
+    hot = ds.label_array()
+    assert hot.shape == (6, 4) and hot[:, 3].sum() == 2 and (hot[hot[:, 3] == 1, 2] == 1).all()
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such file or directory"):
+        scan(tmp_path / "nope")
+
+
+def test_empty_class_folder(tmp_path: Path) -> None:
+    data = write_colour_chips(tmp_path / "d", per_class=2)
+    (data / "zz_empty").mkdir()
+    with pytest.raises(DataError, match=r"zz_empty: empty class folder"):
+        scan(data)
+
+
+def test_only_one_class(tmp_path: Path) -> None:
+    data = write_colour_chips(tmp_path / "d", per_class=2, classes=("water",))
+    with pytest.raises(DataError, match="only one class"):
+        scan(data)
+
+
+def test_unreadable_image(tmp_path: Path) -> None:
+    data = write_colour_chips(tmp_path / "d", per_class=2)
+    bad = data / "urban" / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(DataError, match=r"broken\.png: unreadable image"):
+        load_chips(scan(data), 16)
+
+
+def test_bad_csv_row(tmp_path: Path) -> None:
+    csv = tmp_path / "labels.csv"
+    csv.write_text("a.png,water\nb.png\n")
+    with pytest.raises(DataError, match=r"labels\.csv:2"):
+        scan(csv, "multi-label")
