@@ -316,3 +316,31 @@ def test_scene_that_keeps_crashing_is_failed_as_crash_loop(tmp_path: Path, broke
         if d.proc is not None:
             d.kill()
         listener.close()
+
+
+@pytest.mark.slow
+def test_real_torch_exported_bundle_end_to_end(tmp_path: Path, broker: Broker) -> None:
+    """The workstation's real export path (torch → ONNX → sealed bundle) runs in the daemon."""
+    pytest.importorskip("torch", reason="needs the [export] extra to build the bundle")
+    from tests.torch_bundle import build_tiny_bundle
+
+    bundle = build_tiny_bundle(tmp_path / "torch")
+    d = DaemonProc(tmp_path / "box", bundle, broker.port)
+    listener = Listener(broker.port, f"{P}/#")
+    scene = write_scene(tmp_path / "quarters.tif", size=(128, 128),
+                        layout=quarters(128, 128))
+    try:
+        d.start()
+        d.drop(scene)
+        result = SceneResult.model_validate_json(listener.wait_for(results)[0].payload)
+        assert (result.model.name, result.model.version) == ("tiny-torch", 1)
+        assert set(result.classes) == {"urban", "vegetation", "water"}
+        assert sum(c.fraction for c in result.classes.values()) == pytest.approx(1.0, abs=1e-3)
+        assert 0 < result.mean_confidence <= 1 and result.tiles == 2 * 8 * 8
+        with rasterio.open(result.outputs["landuse"]) as out, rasterio.open(scene) as src:
+            assert out.crs == src.crs and out.bounds == pytest.approx(src.bounds)
+        assert d.terminate() == 0
+    finally:
+        if d.proc is not None:
+            d.kill()
+        listener.close()
