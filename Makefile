@@ -16,11 +16,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# mosquitto is a real broker in the tests and the demo; installed from Debian if missing.
+# mosquitto is a real broker in the tests and the demo; systemd-analyze (Debian package
+# 'systemd') checks the unit file. Installed from Debian if missing.
 system-deps:
-	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+	@{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } \
+	  && command -v mosquitto_sub >/dev/null 2>&1 \
+	  && command -v systemd-analyze >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients; }
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO apt-get install -y -qq mosquitto mosquitto-clients systemd; }
 
 lint: venv
 	$(BIN)/ruff check appliance export tests benchmarks
