@@ -49,7 +49,8 @@ from scipy.optimize import minimize
 
 from appliance.bundle import CLASSIFIER, Bundle, load_bundle, seal_bundle
 from appliance.cells import SceneCells
-from appliance.config import AdaptConfig
+from appliance.config import AdaptConfig, TilingConfig
+from appliance.fusion import fuse
 from appliance.head import LinearHead, read_head, write_head
 from appliance.models import ModelStore
 from appliance.runtime import activate
@@ -172,11 +173,14 @@ class Alignment:
         return (features * self.scale + self.shift).astype(np.float32)
 
 
-def fused_probs(head: LinearHead, features: np.ndarray) -> np.ndarray:
-    """Softmax per scale of [n,S,D] features, fused by the mean over scales → [n,K]."""
+def fused_probs(head: LinearHead, features: np.ndarray, tiling: TilingConfig | None = None
+                ) -> np.ndarray:
+    """Softmax per scale of [n,S,D] features, fused over scales as the pipeline does → [n,K]."""
     n, s, d = features.shape
     probs = activate(head.logits(features.reshape(n * s, d)), multi_label=False)
-    return probs.reshape(n, s, -1).mean(axis=1)
+    if tiling is None or len(tiling.scales) != s:
+        return fuse(probs.reshape(n, s, -1))
+    return fuse(probs.reshape(n, s, -1), tiling.fusion, tiling.weights)
 
 
 def select_pseudo_labels(probs: np.ndarray, tau: float, cap: int) -> np.ndarray:
@@ -326,14 +330,19 @@ class AdaptationReport:
 class Adapter:
     """Collects target cells and runs gated adaptation jobs against a ``ModelStore``."""
 
-    def __init__(self, models: ModelStore, cfg: AdaptConfig, state_dir: Path) -> None:
+    def __init__(self, models: ModelStore, cfg: AdaptConfig, state_dir: Path,
+                 tiling: TilingConfig | None = None) -> None:
         self.models = models
         self.cfg = cfg
+        self.tiling = tiling
         self.root = Path(state_dir) / ADAPT_DIR
         self.store = CandidateStore(self.root / "candidates", cfg.store_max_cells)
         self.rejected_dir = self.root / "rejected"
         self._job_lock = threading.Lock()
         self._marker = self.root / "last_job.json"
+
+    def _fused(self, head: LinearHead, features: np.ndarray) -> np.ndarray:
+        return fused_probs(head, features, self.tiling)
 
     # -- collection and scheduling -----------------------------------------------------
 
@@ -411,7 +420,7 @@ class Adapter:
         teacher = source.composed(alignment.scale, alignment.shift)
         index = faiss.IndexFlatL2(bank.features.shape[1])
         index.add(np.ascontiguousarray(bank.features[train]))
-        probs = fused_probs(teacher, cands.features)
+        probs = self._fused(teacher, cands.features)
         pseudo = probs.argmax(axis=1)
         confirmed = self._confirm(probs, cands.features, alignment, index, labels[train])
         counts = {"candidates": len(cands), "scenes": len(np.unique(cands.scenes)),
@@ -454,12 +463,12 @@ class Adapter:
         src_before = accuracy(data.current, data.holdout_x, data.holdout_y)
         src_after = accuracy(head, data.holdout_x, data.holdout_y)
         k = head.n_classes
-        ent_after = class_entropy(fused_probs(head, data.candidates.features).argmax(1), k)
+        ent_after = class_entropy(self._fused(head, data.candidates.features).argmax(1), k)
         conf = data.confirmed
         target = data.pseudo[conf]
-        agree_before = float((fused_probs(data.current, data.candidates.features[conf])
+        agree_before = float((self._fused(data.current, data.candidates.features[conf])
                               .argmax(1) == target).mean()) if len(conf) else 0.0
-        agree_after = float((fused_probs(head, data.candidates.features[conf])
+        agree_after = float((self._fused(head, data.candidates.features[conf])
                              .argmax(1) == target).mean()) if len(conf) else 0.0
         failures = []
         if src_after < src_ref - cfg.max_source_drop - 1e-9:
@@ -502,7 +511,7 @@ class Adapter:
         before = data.bundle.version
         chain = self.lineage(data.bundle)
         current_entropy = class_entropy(
-            fused_probs(data.current, data.candidates.features).argmax(1), data.current.n_classes)
+            self._fused(data.current, data.candidates.features).argmax(1), data.current.n_classes)
         if len(chain) > 1 and (len(chain) - 1 >= cfg.reset_after
                                or current_entropy < cfg.min_entropy):
             why = (f"{len(chain) - 1} adapted versions since the source"
@@ -532,11 +541,11 @@ class Adapter:
         cells, labels = data.confirmed, data.pseudo[data.confirmed]
         head = self.fit(data, cells, labels, deadline)
         rounds = [{"round": 1, "confirmed": len(cells)}]
-        teacher_probs = fused_probs(data.teacher, feats)
+        teacher_probs = self._fused(data.teacher, feats)
         for r in range(2, self.cfg.rounds + 1):
             if time.monotonic() > deadline:
                 break
-            probs = 0.5 * (teacher_probs + fused_probs(head, feats))
+            probs = 0.5 * (teacher_probs + self._fused(head, feats))
             bank_labels = data.train_y
             cells = self._confirm(probs, feats, data.alignment, data.index, bank_labels)
             if len(cells) < self.cfg.min_samples:

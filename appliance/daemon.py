@@ -33,8 +33,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from appliance.bundle import Bundle, BundleError
+from appliance.adaptation import AdaptationReport, Adapter
+from appliance.bundle import BACKBONE, CLASSIFIER, EMBEDDER, Bundle, BundleError
 from appliance.config import Settings
+from appliance.drift import DriftMonitor
 from appliance.inbox import Inbox, sha256_stream
 from appliance.index import IndexStateError, TileIndex
 from appliance.journal import Journal, Message, Scene
@@ -42,6 +44,8 @@ from appliance.models import ModelStore
 from appliance.mqtt import Comms
 from appliance.payloads import (
     ClassShare,
+    DriftEvent,
+    ModelEvent,
     ModelRef,
     SceneFailed,
     SceneResult,
@@ -145,6 +149,7 @@ class Daemon:
         self.comms = (Comms(settings.mqtt, settings.node_id, self.journal, self.status_json)
                       if settings.mqtt.enabled else None)
         self.index = self._open_index()
+        self._open_adaptation()
         self._register_commands()
         self._register_requests()
 
@@ -166,9 +171,86 @@ class Daemon:
         if self.index is not None:
             self.index.add_scene(outcome, self.bundle.manifest.class_names)
 
+    def _open_adaptation(self) -> None:
+        """(e) Drift monitor and adapter; both keep their state under ``paths.state``."""
+        s = self.settings
+        self.drift = (DriftMonitor(self.bundle.reference, s.drift, s.paths.state)
+                      if s.drift.enabled else None)
+        self.adapter = (Adapter(self.store, s.adapt, s.paths.state, s.tiling)
+                        if s.adapt.enabled else None)
+        self._drifting = self.drift.status()["drifting"] if self.drift is not None else False
+
     def _drift_for(self, outcome: SceneOutcome) -> dict[str, Any]:
-        """(b) Drift scores for the result payload (DriftMonitor.observe(...).as_dict())."""
-        return {}
+        """(b) Collect the scene's cells, score drift; publish a change, start a job if due."""
+        if self.adapter is not None:
+            self.adapter.collect(outcome.cells)
+        if self.drift is None:
+            return {}
+        report = self.drift.observe(outcome.cells)
+        if report.drifting != self._drifting and self.comms is not None:
+            event = DriftEvent(node_id=self.settings.node_id, scene_id=outcome.scene_id,
+                               report=report.as_dict())
+            self.comms.send("events/drift", event.to_json(), event.msg_id)
+        self._drifting = report.drifting
+        if self.adapter is not None and self.adapter.due(report.drifting):
+            self._start_adaptation("drift")
+        return report.as_dict()
+
+    def _start_adaptation(self, reason: str) -> None:
+        """Run a gated job on a background thread; its outcome is applied on the main loop."""
+        adapter = self.adapter
+        if adapter is None or adapter.running:
+            log.info("adaptation (%s) not started: %s", reason,
+                     "disabled" if adapter is None else "a job is running")
+            return
+
+        def job() -> None:
+            report = adapter.run(reason)
+            self.submit(lambda: self._adapted(report))
+
+        threading.Thread(target=job, name="adaptation", daemon=True).start()
+
+    def _adapted(self, report: AdaptationReport) -> None:
+        """A job finished: swap in a promoted (or reset) head; publish what happened."""
+        if report.model_changed:
+            self._switch_model(self.store.active(), "adapted" if report.promoted else "reset",
+                               report.as_dict())
+        elif report.action == "rejected" and self.comms is not None:
+            event = ModelEvent(node_id=self.settings.node_id, action="rejected",
+                               model=ModelRef(name=self.bundle.manifest.name,
+                                              version=self.bundle.version),
+                               detail=report.as_dict())
+            self.comms.send("events/model", event.to_json(), event.msg_id)
+
+    def _rollback(self) -> None:
+        """``cmd/rollback``: activate the parent version and run it."""
+        try:
+            bundle = self.store.rollback()
+        except BundleError as exc:
+            log.error("rollback refused: %s", exc)
+            return
+        self._switch_model(bundle, "rollback", {})
+
+    def _switch_model(self, bundle: Bundle, action: str, detail: dict[str, Any]) -> None:
+        """Run ``bundle``: only the head is swapped when backbone and embedder are the same."""
+        previous = self.bundle
+        files = (BACKBONE, EMBEDDER)
+        same = all(bundle.manifest.files.get(f) == previous.manifest.files.get(f) for f in files)
+        if same and bundle.manifest.input == previous.manifest.input:
+            self.runtime.swap_classifier(bundle.file(CLASSIFIER))
+        else:
+            self.runtime = open_runtime(bundle, self.settings)
+        self.bundle = bundle
+        if self.drift is not None:
+            self.drift.reset_confidence()
+        log.info("model v%d → v%d (%s)", previous.version, bundle.version, action)
+        if self.comms is not None:
+            event = ModelEvent(node_id=self.settings.node_id, action=action,
+                               model=ModelRef(name=bundle.manifest.name, version=bundle.version),
+                               previous=ModelRef(name=previous.manifest.name,
+                                                 version=previous.version), detail=detail)
+            self.comms.send("events/model", event.to_json(), event.msg_id)
+        self._set_state(self.state, force=True)
 
     def _register_commands(self) -> None:
         """(c) ``<p>/cmd/<verb>`` handlers; each queues its work for the main loop."""
@@ -176,6 +258,9 @@ class Daemon:
             return
         self.comms.on_command("reload", lambda _payload: self.submit(self.reload))
         self.comms.on_command("rescan", lambda _payload: self.submit(self.inbox.rescan))
+        self.comms.on_command("rollback", lambda _payload: self.submit(self._rollback))
+        self.comms.on_command(
+            "adapt", lambda _payload: self.submit(lambda: self._start_adaptation("command")))
 
     def _register_requests(self) -> None:
         """(d) Request/response topics (``retrieval/query`` → RetrievalService).
@@ -433,6 +518,8 @@ class Daemon:
             model=ModelRef(name=self.bundle.manifest.name, version=self.bundle.version),
             providers=self.runtime.providers, queue_depth=self.inbox.depth(),
             counts=self.journal.counts(), version=software_version(),
+            drift={**(self.drift.status() if self.drift is not None else {}),
+                   "adapting": self.adapter is not None and self.adapter.running},
         ).to_json()
 
     def publish_stats(self) -> None:

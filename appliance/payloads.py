@@ -121,6 +121,7 @@ class StatusPayload(Payload):
     queue_depth: int
     counts: dict[str, int] = Field(default_factory=dict, description="Journal scenes per state.")
     version: str = Field(description="terratile software version.")
+    drift: dict[str, Any] = Field(default_factory=dict, description="Drift state, adapting.")
 
 
 class StatsPayload(Payload):

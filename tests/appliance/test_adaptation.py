@@ -21,6 +21,9 @@ from appliance.head import read_head
 from appliance.models import ModelStore
 from appliance.runtime import ModelRuntime, ProviderPlan
 from tests.appliance.colour_scenes import BLUE_CAST, colour_scene
+from tests.appliance.test_daemon import P, DaemonProc
+from tests.conftest import Broker
+from tests.mqtt_listener import Listener, topic_is
 
 CFG = AdaptConfig(min_samples=20, store_max_cells=1000, cooldown_scenes=2)
 REPO = Path(__file__).resolve().parents[2]
@@ -190,3 +193,39 @@ def test_sigkill_during_adaptation_leaves_a_loadable_model(
             load_bundle(version.path)
     assert store.active_version() is not None
     assert _sha_tree(store.dir_for(1)) == original
+
+
+def test_mqtt_adapt_and_rollback_commands(colour_bundle: Path, runtime: ModelRuntime,
+                                          broker: Broker, tmp_path: Path) -> None:
+    """cmd/adapt promotes from the stored cells, cmd/rollback goes back; events/model says so."""
+    daemon = DaemonProc(tmp_path / "box", colour_bundle, broker.port,
+                        adapt={"min_samples": 20, "store_max_cells": 1000})
+    state = tmp_path / "box" / "state"
+    store = ModelStore(state / "models")
+    store.install(colour_bundle)
+    _fill(Adapter(store, CFG, state), runtime)
+    listener = Listener(broker.port, f"{P}/#")
+    try:
+        daemon.start()
+        models = topic_is(f"{P}/events/model")
+        listener.publish(f"{P}/cmd/adapt", "{}")
+        adapted = json.loads(listener.wait_for(models, timeout=60)[0].payload)
+        assert adapted["action"] == "adapted"
+        assert (adapted["previous"]["version"], adapted["model"]["version"]) == (1, 2)
+        assert adapted["detail"]["gate"]["passed"] is True
+        assert store.active_version() == 2
+
+        listener.publish(f"{P}/cmd/rollback", "")
+        rolled = json.loads(listener.wait_for(models, count=2, timeout=60)[1].payload)
+        assert rolled["action"] == "rollback"
+        assert (rolled["previous"]["version"], rolled["model"]["version"]) == (2, 1)
+        assert store.active_version() == 1
+        status = topic_is(f"{P}/status")
+        daemon.wait(lambda: any(json.loads(m.payload)["model"]["version"] == 1
+                                and "drifting" in json.loads(m.payload)["drift"]
+                                for m in listener.matching(status)), "status with v1")
+        assert daemon.terminate() == 0
+    finally:
+        listener.close()
+        if daemon.proc is not None:
+            daemon.kill()
