@@ -206,7 +206,7 @@ class TileIndex:
             faiss.omp_set_num_threads(cfg.faiss_threads)
         self._db = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss too
         self._db.executescript(_SCHEMA)
         self._check_dim()
         self._tombstones: set[int] = set()
@@ -304,7 +304,8 @@ class TileIndex:
                 return
             if self.kind == "hnsw" and len(self._tombstones) > self.cfg.tombstone_rebuild * max(
                     1, self._index.ntotal):
-                self._rebuild(self.kind, check_recall=False)
+                self._rebuild(self.kind, check_recall=False)  # drops them; checkpoints itself
+                return
             tmp = self.faiss_path.with_suffix(f".faiss.{os.getpid()}.tmp")
             faiss.write_index(self._index, str(tmp))
             with tmp.open("rb") as fh:

@@ -274,3 +274,15 @@ def test_real_pipeline_outcome_is_indexed(tmp_path: Path, colour_bundle: Path) -
     assert {h.entry.class_name for h in index.search(red, 3)} == {"urban"}
     assert index.add_scene(out, bundle.manifest.class_names) == n
     assert index.count() == n
+
+
+def test_hnsw_tombstones_are_compacted_by_a_rebuild(tmp_path: Path) -> None:
+    index = TileIndex(tmp_path, cfg(exact_max=0, checkpoint_every=1), DIM)
+    index.add_scene(outcome("a", seed=1), CLASSES)
+    index.add_scene(outcome("b", seed=2), CLASSES)
+    again = outcome("a", seed=3)
+    index.add_scene(again, CLASSES)  # 12 replaced of 36 > tombstone_rebuild (0.2)
+    stats = index.stats()
+    assert stats["type"] == "hnsw"
+    assert stats["tombstones"] == 0 and stats["faiss_ntotal"] == stats["entries"] == 24
+    assert index.search(again.cells.embeddings[0], 1)[0].score == pytest.approx(1.0, abs=1e-5)
