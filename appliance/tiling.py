@@ -76,30 +76,36 @@ class CellGrid:
     def valid(self, scene: Scene, max_nodata: float) -> np.ndarray:
         """[n] bool: cells whose smallest-scale window is at most ``max_nodata`` nodata.
 
-        One decimated read gives a validity grid with a step of a quarter of the smallest
-        window (or of the cell, if smaller) in px; each window's
-        valid fraction is a box sum over that grid (a summed-area table), with the area
-        outside the scene counting as nodata.
+        The part of the window outside the scene is exact geometry. Inside, one
+        decimated read gives a validity grid with a step of about a quarter of the
+        smallest window (or of the cell, if smaller), and a window's valid share is the
+        valid share of the grid samples it covers (box sums over a summed-area table).
         """
         step = max(1, min(self.cell, *self.scales) // MASK_SAMPLES_PER_WINDOW)
         gh, gw = math.ceil(self.height / step), math.ceil(self.width / step)
-        if scene.has_mask:
-            _, grid = scene.read_decimated((gh, gw))
-        else:
-            grid = np.ones((gh, gw), bool)
-        sat = np.zeros((gh + 1, gw + 1), np.int64)
-        sat[1:, 1:] = grid.cumsum(0).cumsum(1)
         smallest = min(self.scales)
         cols0, rows0 = self.origins(smallest)
-        x0, x1 = _sample_span(cols0, smallest, step, gw)
-        y0, y1 = _sample_span(rows0, smallest, step, gh)
-        inside = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
-        frac_valid = inside / (smallest / step) ** 2
-        return np.asarray(1.0 - frac_valid <= max_nodata + 1e-9)
+        frac_inside = (_overlap(cols0, smallest, self.width)
+                       * _overlap(rows0, smallest, self.height) / smallest**2)
+        if scene.has_mask:
+            _, grid = scene.read_decimated((gh, gw))
+            sat = np.zeros((gh + 1, gw + 1), np.int64)
+            sat[1:, 1:] = grid.cumsum(0).cumsum(1)
+            # the decimated read samples at (k + 0.5) * size / n: its true steps
+            x0, x1 = _sample_span(cols0, smallest, self.width / gw, gw)
+            y0, y1 = _sample_span(rows0, smallest, self.height / gh, gh)
+            good = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+            frac_inside = frac_inside * good / np.maximum((x1 - x0) * (y1 - y0), 1)
+        return np.asarray(1.0 - frac_inside <= max_nodata + 1e-9)
+
+
+def _overlap(start: np.ndarray, size: int, n: int) -> np.ndarray:
+    """Length of ``[start, start + size)`` inside ``[0, n)``."""
+    return np.clip(np.minimum(start + size, n) - np.maximum(start, 0), 0, None)
 
 
 def _sample_span(
-    start: np.ndarray, size: int, step: int, n: int
+    start: np.ndarray, size: int, step: float, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grid samples (centres at ``(k + 0.5) * step``) inside ``[start, start + size)``."""
     lo = np.clip(np.ceil(start / step - 0.5), 0, n).astype(np.int64)

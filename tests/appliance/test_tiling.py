@@ -132,3 +132,15 @@ def test_validity_with_cells_larger_than_the_smallest_window(tmp_path: Path) -> 
     inner = np.zeros((4, 4), bool)
     inner[1:3, 1:3] = True
     np.testing.assert_array_equal(valid, inner)
+
+
+@pytest.mark.parametrize("nodata", [None, 0], ids=["no-mask", "nodata-value"])
+def test_edge_cells_when_the_scene_is_not_a_multiple_of_the_sample_step(
+    tmp_path: Path, nodata: int | None
+) -> None:
+    # 968 px, cell 56: the last column's 56 px window is 40 px outside (71 % nodata)
+    path = write_scene(tmp_path / "s.tif", size=(56, 968), nodata=nodata)
+    grid = CellGrid(width=968, height=56, cell=56, scales=(56, 112))
+    with open_scene(path, InputConfig(), SPEC) as scene:
+        assert grid.valid(scene, 0.5).tolist() == [True] * 17 + [False]
+        assert grid.valid(scene, 0.75).all()
