@@ -491,10 +491,7 @@ class Daemon:
         if bundle.version == self.bundle.version:
             log.info("reload: model v%d already active", bundle.version)
             return
-        self.runtime = open_runtime(bundle, self.settings)
-        self.bundle = bundle
-        log.info("reload: now running model v%d", bundle.version)
-        self._set_state(self.state, force=True)
+        self._switch_model(bundle, "reload", {})
 
     # -- status and stats ---------------------------------------------------------------
 
