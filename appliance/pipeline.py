@@ -65,7 +65,7 @@ class SceneOutcome:
     areas_ha: dict[str, float]
     mean_confidence: float
     outputs: dict[str, str]
-    timings: dict[str, float]
+    timings: dict[str, float]  # "read" runs in a thread beside "infer": they overlap
     tiles: int
     cells: SceneCells
 
@@ -117,16 +117,16 @@ def process_scene(
 ) -> SceneOutcome:
     """Classify one scene and write its outputs into ``out_dir``; raise ``SceneError``."""
     path = Path(path)
+    t_start = time.perf_counter()
     with rasterio.Env(GDAL_CACHEMAX=settings.tiling.gdal_cachemax_mb), \
             open_scene(path, settings.input, runtime.manifest.input) as scene:
-        return _process(scene, path, scene_id, Path(out_dir), runtime, settings)
+        return _process(scene, path, scene_id, Path(out_dir), runtime, settings, t_start)
 
 
 def _process(
     scene: Scene, path: Path, scene_id: str, out_dir: Path, runtime: ModelRuntime,
-    settings: Settings,
+    settings: Settings, t_start: float,
 ) -> SceneOutcome:
-    t_start = time.perf_counter()
     tiling = settings.tiling
     manifest = runtime.manifest
     grid = CellGrid(scene.width, scene.height, tiling.cell_size, tuple(tiling.scales))
@@ -146,7 +146,7 @@ def _process(
     r_index = _retrieval_scale_index(settings)
     multi_label = manifest.task == "multi-label"
     todo = np.flatnonzero(valid)
-    t_read = t_infer = 0.0
+    t_read, t_infer = time.perf_counter() - t_start, 0.0  # opening: statistics and mask reads
     tiles = 0
     batches = iter_batches(scene, grid, todo, runtime.input_size, tiling.batch_size)
     # closing(): on an error the reader thread is joined here, before the scene closes.
