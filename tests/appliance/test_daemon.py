@@ -344,3 +344,35 @@ def test_real_torch_exported_bundle_end_to_end(tmp_path: Path, broker: Broker) -
         if d.proc is not None:
             d.kill()
         listener.close()
+
+
+def test_commands_retained_ignored_live_reload_runs(tmp_path: Path, broker: Broker,
+                                                    colour_bundle: Path) -> None:
+    from appliance.models import ModelStore
+    from tests.colour_bundle import build_colour_bundle
+
+    d = DaemonProc(tmp_path / "box", colour_bundle, broker.port)
+    store = ModelStore(d.root / "state" / "models")
+    store.install(colour_bundle)
+    store.install(build_colour_bundle(tmp_path / "v2", version=2))  # active: v2
+    listener = Listener(broker.port, f"{P}/#")
+    listener.publish(f"{P}/cmd/rollback", "{}", retain=True)  # stale: must not fire on start
+    try:
+        d.start()
+        d.wait(lambda: b"ignoring retained command" in d.log.read_bytes(), "retained ignored")
+
+        def status_version(m: Received) -> bool:
+            return m.topic == f"{P}/status" and json.loads(m.payload)["model"]["version"] == 2
+        listener.wait_for(status_version)
+        store.activate(1)  # e.g. `terratile models activate 1`, then tell the daemon
+        listener.publish(f"{P}/cmd/reload", "{}")
+        event = json.loads(listener.wait_for(lambda m: m.topic == f"{P}/events/model")[0]
+                           .payload)
+        assert event["action"] == "reload" and event["model"]["version"] == 1
+        assert event["previous"]["version"] == 2
+        assert not any(json.loads(m.payload)["action"] == "rollback"
+                       for m in listener.matching(lambda m: m.topic == f"{P}/events/model"))
+    finally:
+        if d.proc is not None:
+            d.kill()
+        listener.close()
