@@ -4,7 +4,8 @@ The maps are written at cell resolution on a grid whose geotransform is the scen
 scaled by the cell size, so CRS and origin match the input exactly and the far edges
 match within one cell (the last partial row/column of cells is a whole map pixel).
 
-- ``landuse.tif``: COG, uint8 class index, nodata 255, a colour table from the bundle's
+- ``landuse.tif``: COG (GDAL's COG driver, or a tiled GTiff with internal overviews on
+  a GDAL without it), uint8 class index, nodata 255, a colour table from the bundle's
   classes, class names as tags ``CLASS_<i>=name`` (plus ``CLASSES`` as JSON) and as the
   band description.
 - ``confidence.tif``: COG, uint8 fused max probability in percent (0..100), nodata 255;
@@ -22,6 +23,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ import rasterio.features
 import rasterio.warp
 from PIL import Image, ImageDraw, ImageFont
 from rasterio.crs import CRS
+from rasterio.enums import Resampling
 from rasterio.io import MemoryFile
 from rasterio.shutil import copy as raster_copy
 from rasterio.transform import Affine
@@ -157,12 +160,24 @@ def _overview_count(shape: tuple[int, int]) -> int:
     return max(1, min(6, int(math.log2(max(max(shape), 2))) - 2))
 
 
+@lru_cache(maxsize=1)
+def has_cog_driver() -> bool:
+    """True when this GDAL has the COG driver (GDAL ≥ 3.1)."""
+    with rasterio.Env() as env:
+        return "COG" in env.drivers()
+
+
 def _write_cog(path: Path, data: np.ndarray, transform: Affine, crs: CRS, tags: dict[str, str],
                description: str, colours: dict[int, tuple[int, int, int, int]] | None) -> None:
-    """Write a one-band uint8 COG (nodata 255) through an in-memory GTiff."""
+    """Write a one-band uint8 COG (nodata 255) through an in-memory GTiff.
+
+    GDAL's COG driver where available; otherwise a tiled GTiff with internal overviews
+    copied ahead of the pixels (``COPY_SRC_OVERVIEWS``), the layout a COG has.
+    """
     h, w = data.shape
     profile = {"driver": "GTiff", "width": w, "height": h, "count": 1, "dtype": "uint8",
                "crs": crs, "transform": transform, "nodata": NODATA}
+    levels = [2**i for i in range(1, _overview_count((h, w)) + 1)]
     tmp = path.with_name(f".{path.name}.tmp")
     with MemoryFile() as mem:
         with mem.open(**profile) as dst:
@@ -171,9 +186,15 @@ def _write_cog(path: Path, data: np.ndarray, transform: Affine, crs: CRS, tags: 
             dst.set_band_description(1, description)
             dst.update_tags(1, **tags)
             dst.write(data.astype(np.uint8), 1)
+            if not has_cog_driver():
+                dst.build_overviews(levels, Resampling.nearest)
         with mem.open() as src:
-            raster_copy(src, str(tmp), driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=256,
-                        OVERVIEW_RESAMPLING="NEAREST", OVERVIEW_COUNT=_overview_count((h, w)))
+            if has_cog_driver():
+                raster_copy(src, str(tmp), driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=256,
+                            OVERVIEW_RESAMPLING="NEAREST", OVERVIEW_COUNT=len(levels))
+            else:
+                raster_copy(src, str(tmp), driver="GTiff", TILED="YES", BLOCKXSIZE=256,
+                            BLOCKYSIZE=256, COMPRESS="DEFLATE", COPY_SRC_OVERVIEWS="YES")
     os.replace(tmp, path)
 
 

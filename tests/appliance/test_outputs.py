@@ -13,6 +13,7 @@ from PIL import Image
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
+from appliance import outputs
 from appliance.bundle import ClassSpec
 from appliance.outputs import (
     NODATA,
@@ -88,6 +89,18 @@ def test_landuse_is_a_cog_with_colours_and_names(tmp_path: Path, cmap: ClassMap)
         assert ds.colormap(1)[0][:3] == (200, 40, 40) and ds.colormap(1)[1][:3] == (40, 40, 200)
         assert ds.tags(1)["CLASS_1"] == "water"
         assert json.loads(ds.tags(1)["CLASSES"]) == ["urban", "water"]
+        np.testing.assert_array_equal(ds.read(1), cmap.labels)
+
+
+def test_tiled_gtiff_fallback_without_cog_driver(
+    tmp_path: Path, cmap: ClassMap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outputs, "has_cog_driver", lambda: False)
+    path = tmp_path / "landuse.tif"
+    write_landuse(path, cmap.labels, cmap.transform, cmap.crs, cmap.classes)
+    with rasterio.open(path) as ds:
+        assert ds.profile["tiled"] and ds.overviews(1) == [2]
+        assert ds.colormap(1)[1][:3] == (40, 40, 200) and ds.tags(1)["CLASS_0"] == "urban"
         np.testing.assert_array_equal(ds.read(1), cmap.labels)
 
 
