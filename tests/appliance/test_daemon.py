@@ -7,6 +7,7 @@ killed; then the test polls the journal until the scene is ``processing`` and ki
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -56,9 +57,10 @@ class DaemonProc:
         self.log = root / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, **extra_env: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         env.pop("NOTIFY_SOCKET", None)
+        env.update(extra_env)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "appliance", "run", "--config", str(self.config)],
@@ -376,3 +378,68 @@ def test_commands_retained_ignored_live_reload_runs(tmp_path: Path, broker: Brok
         if d.proc is not None:
             d.kill()
         listener.close()
+
+
+def test_scene_kinds_uint8_uint16_nodata_geographic(tmp_path: Path, broker: Broker,
+                                                    colour_bundle: Path) -> None:
+    """One daemon, band selection from config (scenes are stored B,G,R[,NIR])."""
+    d = DaemonProc(tmp_path / "box", colour_bundle, broker.port, input={"bands": [3, 2, 1]})
+    listener = Listener(broker.port, f"{P}/scene/#")
+    bgr = (2, 1, 0)
+    scenes = {
+        "u8.tif": write_scene(tmp_path / "u8.tif", size=(128, 128), band_order=bgr),
+        "u16.tif": write_scene(tmp_path / "u16.tif", size=(128, 128), bands=4,
+                               dtype="uint16", band_order=bgr, gain=40.0, offset=100.0),
+        "border.tif": write_scene(tmp_path / "border.tif", size=(160, 160), band_order=bgr,
+                                  nodata=0, border=16),
+        "wgs84.tif": write_scene(tmp_path / "wgs84.tif", size=(128, 128), band_order=bgr,
+                                 crs="EPSG:4326"),
+    }
+    try:
+        d.start()
+        for s in scenes.values():
+            d.drop(s)
+        got = listener.wait_for(results, count=len(scenes))
+        by_name = {r.source: r for r in (SceneResult.model_validate_json(m.payload)
+                                         for m in got)}
+        assert set(by_name) == set(scenes)
+        for name, result in by_name.items():
+            assert result.classes["urban"].fraction == pytest.approx(0.5, abs=0.1), name
+            assert result.classes["vegetation"].fraction == pytest.approx(0.5, abs=0.1), name
+            with rasterio.open(scenes[name]) as src, \
+                    rasterio.open(result.outputs["landuse"]) as out:
+                assert out.crs == src.crs, name
+                assert out.bounds == pytest.approx(src.bounds), name
+        assert by_name["wgs84.tif"].crs == "EPSG:4326"
+        assert by_name["wgs84.tif"].bounds_wgs84 == pytest.approx(by_name["wgs84.tif"].bounds)
+    finally:
+        if d.proc is not None:
+            d.kill()
+        listener.close()
+
+
+def test_sd_notify_ready_watchdog_stopping(daemon: DaemonProc, tmp_path: Path) -> None:
+    """Under a (simulated) systemd: READY after reconciliation, watchdog pings, STOPPING."""
+    import socket
+
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(sock_path))
+        server.settimeout(30)
+        daemon.start(NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="1000000")
+        seen: list[str] = []
+        while not any(m.startswith("READY=1") for m in seen):
+            seen.append(server.recv(4096).decode())
+        ready = next(m for m in seen if m.startswith("READY=1"))
+        assert "STATUS=ready; model colour-test v1" in ready
+        assert any("reconciling" in m for m in seen[: seen.index(ready)])
+        pings = 0
+        while pings < 3:  # the main loop pings every half interval while idle
+            pings += server.recv(4096) == b"WATCHDOG=1"
+        assert daemon.terminate() == 0
+        rest = []
+        server.settimeout(1)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                rest.append(server.recv(4096).decode())
+        assert any(m.startswith("STOPPING=1") for m in rest)
