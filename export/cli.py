@@ -39,6 +39,8 @@ def train_cmd(
     lr: float = typer.Option(1e-3),
     freeze_backbone: bool = typer.Option(False, help="Train the heads only (off-the-shelf)."),
     embedding_dim: int = typer.Option(128, min=2),
+    warmup_epochs: float = typer.Option(1.0, min=0.0, help="Linear warm-up length (epochs)."),
+    threads: int = typer.Option(2, min=1, help="torch CPU threads."),
 ) -> None:
     """Fine-tune BACKBONE on DATA with a classifier and an embedding head."""
     from export.train import TrainConfig, train
@@ -49,7 +51,8 @@ def train_cmd(
                       image_size=image_size, task=task,  # type: ignore[arg-type]
                       val_fraction=val_fraction, seed=seed, init=init, pretrained=pretrained,
                       batch_size=batch_size, lr=lr, freeze_backbone=freeze_backbone,
-                      embedding_dim=embedding_dim)
+                      embedding_dim=embedding_dim, warmup_epochs=warmup_epochs,
+                      threads=threads)
     try:
         run = train(cfg, console)
     except (DataError, BackboneError) as exc:

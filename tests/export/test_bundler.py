@@ -29,6 +29,8 @@ from export.train import load_trained, predict
 
 CPU = ProviderPlan(providers=("cpu",))
 
+pytestmark = pytest.mark.slow  # trains and exports real (tiny) networks
+
 
 def test_bundle_matches_the_contract(tiny_run: Path) -> None:
     b = load_bundle(tiny_run / "bundle")

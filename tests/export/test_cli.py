@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from appliance.bundle import load_bundle
@@ -16,6 +17,8 @@ from tests.torch_bundle import write_colour_chips
 runner = CliRunner()
 TINY = ["--backbone", "resnet18", "--epochs", "1", "--image-size", "32", "--no-pretrained",
         "--batch-size", "8"]
+
+pytestmark = pytest.mark.slow  # trains and exports real (tiny) networks
 
 
 def test_evaluate_held_out_split_as_json(tiny_run: Path) -> None:
@@ -98,3 +101,13 @@ def test_evaluate_refuses_a_tampered_bundle(tiny_run: Path, tmp_path: Path) -> N
     (copy / "embedder.onnx").write_bytes(b"junk")
     r = runner.invoke(app, ["evaluate", "--bundle", str(copy), "--data", str(tiny_run / "data")])
     assert r.exit_code == 2 and "sha256 mismatch for embedder.onnx" in r.output
+
+
+def test_pretrained_timm_without_hub_fails_clearly(tiny_run: Path, tmp_path: Path) -> None:
+    from export.backbones import hub_reachable
+
+    if hub_reachable():
+        pytest.skip("the Hugging Face hub is reachable here; this checks the offline error")
+    r = runner.invoke(app, ["train", "--data", str(tiny_run / "data"), "--out", str(tmp_path),
+                            "--backbone", "resnet18", "--pretrained"])
+    assert r.exit_code == 2 and "--no-pretrained" in r.output and "unreachable" in r.output
