@@ -454,20 +454,25 @@ class Daemon:
 
     def _fail(self, scene: Scene, work: Path | None, reason: str, text: str,
               attempts: int | None = None) -> None:
-        """Journal ``failed`` + the failed message first, then move the file and sidecar."""
+        """Sidecar and file into ``failed/<reason>/`` first, then journal + failed message.
+
+        In this order a consumer that reacts to ``failed`` finds the file where the message
+        says. A crash between the two leaves the file in ``failed/`` and the scene
+        ``processing``; reconciliation then reports it as ``missing``.
+        """
         target = unique_path(self.settings.paths.failed / reason, scene.source) if work else None
         payload = SceneFailed(node_id=self.settings.node_id, scene_id=scene.scene_id,
                               source=scene.source, reason=reason, message=text,
                               moved_to=str(target) if target else None,
                               attempts=attempts if attempts is not None else scene.attempts)
+        if work is not None and target is not None:
+            sidecar = target.with_name(target.name + ".json")
+            sidecar.write_text(json.dumps(json.loads(payload.to_json()), indent=2) + "\n")
+            os.replace(work, target)
+            self.inbox.release(work)
         self.journal.fail(scene.scene_id, reason, text,
                           Message(payload.msg_id, self._topic(scene.scene_id, "failed"),
                                   payload.to_json()))
-        if work is not None and target is not None:
-            os.replace(work, target)
-            self.inbox.release(work)
-            sidecar = target.with_name(target.name + ".json")
-            sidecar.write_text(json.dumps(json.loads(payload.to_json()), indent=2) + "\n")
         if self.comms is not None:
             self.comms.kick()
         self._counters["failed"] += 1

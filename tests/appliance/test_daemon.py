@@ -159,7 +159,8 @@ def test_dropped_scene_yields_result_with_outputs(daemon: DaemonProc, broker: Br
         assert tuple(result.bounds) == pytest.approx(tuple(src.bounds))
     for path in result.outputs.values():
         assert Path(path).is_file() and Path(path).parent.name == sid
-    assert (daemon.root / "processed" / "halves.tif").is_file()
+    # The input moves on just after the result is committed (and maybe published).
+    daemon.wait(lambda: (daemon.root / "processed" / "halves.tif").is_file(), "input moved")
     assert not any(daemon.inbox.iterdir())
     status = listener.wait_for(lambda m: m.topic == f"{P}/status"
                                and json.loads(m.payload)["state"] == "ready")[-1]
@@ -282,7 +283,8 @@ def test_sigkill_mid_scene_then_restart_publishes_once(daemon: DaemonProc, broke
     got = listener.wait_for(results)
     assert json.loads(got[0].payload)["msg_id"] == result_msg_id(sid)
     assert daemon.scenes()[sid] == ("done", 2)
-    assert not any(p for p in (daemon.root / "work").rglob("*") if p.is_file())
+    daemon.wait(lambda: not any(p for p in (daemon.root / "work").rglob("*") if p.is_file()),
+                "work/ emptied")
     # The same bytes dropped again under another name: recognised, not recomputed; the
     # stored result is re-announced under the same msg_id.
     landuse = daemon.root / "outbox" / sid / "landuse.tif"
