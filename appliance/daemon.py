@@ -390,6 +390,8 @@ class Daemon:
             elif path is None or not path.exists():
                 self._fail(scene, None, "missing", "the claimed file disappeared from work/")
         for work in self.inbox.claimed():
+            if self._stop.is_set():
+                break  # SIGTERM during recovery: the rest waits in work/ for the next start
             self.handle(work, recovering=True)
         pending = self.journal.outbox_depth()
         if pending:

@@ -445,3 +445,17 @@ def test_sd_notify_ready_watchdog_stopping(daemon: DaemonProc, tmp_path: Path) -
             while True:
                 rest.append(server.recv(4096).decode())
         assert any(m.startswith("STOPPING=1") for m in rest)
+
+
+def test_sigterm_mid_scene_finishes_it_then_exits(daemon: DaemonProc, broker: Broker,
+                                                  tmp_path: Path) -> None:
+    listener = Listener(broker.port, f"{P}/scene/#")
+    scene = big_scene(tmp_path)
+    sid = scene_id_of(scene)
+    daemon.start()
+    daemon.drop(scene)
+    daemon.wait(lambda: daemon.scenes().get(sid, ("", 0))[0] == "processing", "processing")
+    assert daemon.terminate() == 0
+    assert daemon.scenes()[sid] == ("done", 1)
+    assert json.loads(listener.wait_for(results)[0].payload)["scene_id"] == sid
+    listener.close()
