@@ -13,9 +13,10 @@ input moves to ``processed/`` (or is deleted). A re-dropped identical file is re
 from the journal: it is not recomputed, and its stored result is re-announced with the
 *same* ``msg_id`` so a consumer that already has it can drop the copy.
 
-The main loop is single-threaded: scenes, commands and stats run one after another, so
-the runtime, the index and the store are never used concurrently. MQTT handlers only
-queue work for it.
+The main loop runs scenes, commands and stats one after another; MQTT command handlers
+only queue work for it (``submit``). Two things run beside it on purpose: retrieval
+queries are answered on the comms handler thread (the index takes its own lock), and an
+adaptation job trains on its own thread and hands its outcome back through ``submit``.
 """
 
 from __future__ import annotations
