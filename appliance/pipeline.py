@@ -118,7 +118,8 @@ def process_scene(
     """Classify one scene and write its outputs into ``out_dir``; raise ``SceneError``."""
     path = Path(path)
     t_start = time.perf_counter()
-    with rasterio.Env(GDAL_CACHEMAX=settings.tiling.gdal_cachemax_mb), \
+    # rasterio hands GDAL_CACHEMAX to GDALSetCacheMax64: bytes, not MB.
+    with rasterio.Env(GDAL_CACHEMAX=settings.tiling.gdal_cachemax_mb << 20), \
             open_scene(path, settings.input, runtime.manifest.input) as scene:
         return _process(scene, path, scene_id, Path(out_dir), runtime, settings, t_start)
 
