@@ -313,6 +313,7 @@ class Daemon:
                 for path in self.inbox.ready():
                     if self._stop.is_set():
                         break
+                    self.notifier.watchdog()
                     work = self.inbox.claim(path)
                     if work is not None:
                         self.handle(work)
