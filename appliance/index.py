@@ -372,6 +372,11 @@ class TileIndex:
             raise KeyError(entry_id)
         return np.frombuffer(row[0], np.float32).copy()
 
+    def entry(self, entry_id: int) -> Entry:
+        """The metadata of one entry; ``KeyError`` if it does not exist (any more)."""
+        with self._lock:
+            return self._rows({entry_id})[entry_id][0]
+
     def items(self, scene_prefix: str = "") -> tuple[np.ndarray, list[Entry], np.ndarray]:
         """Ids, entries and vectors of every entry whose scene id starts with the prefix
         (e.g. ``"ref:"`` for reference images), in id order: for evaluation and export."""

@@ -163,11 +163,11 @@ def test_find_cell_by_pixel_and_lonlat(tmp_path: Path) -> None:
     index.add_scene(out, CLASSES)
     cell = index.find_cell("s1", pixel=(20.0, 17.0))
     assert cell is not None
-    assert index.search(index.vector(cell), 1)[0].entry.window == (16, 16, 16, 16)
+    assert index.entry(cell).window == (16, 16, 16, 16)
     lon, lat = 10.0 + 40 * 1e-4, 45.0 - 40 * 1e-4  # pixel (40, 40): cell col 32, row 32
     by_lonlat = index.find_cell("s1", lonlat=(lon, lat))
     assert by_lonlat is not None
-    assert index.search(index.vector(by_lonlat), 1)[0].entry.window == (32, 32, 16, 16)
+    assert index.entry(by_lonlat).window == (32, 32, 16, 16)
     assert index.find_cell("s1", pixel=(1000.0, 1000.0)) is None
     assert index.find_cell("nope", pixel=(1.0, 1.0)) is None
 
@@ -274,6 +274,12 @@ def test_real_pipeline_outcome_is_indexed(tmp_path: Path, colour_bundle: Path) -
     assert {h.entry.class_name for h in index.search(red, 3)} == {"urban"}
     assert index.add_scene(out, bundle.manifest.class_names) == n
     assert index.count() == n
+    # The real cell geometry: a lon/lat inside a cell's WGS84 bounds finds that cell.
+    i = int(np.flatnonzero(out.cells.valid)[-1])
+    lon0, lat0, lon1, lat1 = out.cells.bounds_wgs84[i]
+    cell = index.find_cell("ab" * 32, lonlat=((lon0 + lon1) / 2, (lat0 + lat1) / 2))
+    assert cell is not None
+    assert index.entry(cell).window == tuple(int(v) for v in out.cells.windows[i])
 
 
 def test_hnsw_tombstones_are_compacted_by_a_rebuild(tmp_path: Path) -> None:
