@@ -204,10 +204,12 @@ class Journal:
                for r in rows if r[0] not in exclude]
         return out[:limit]
 
-    def acknowledge(self, msg_id: str) -> None:
-        """The broker has the message: drop its row."""
+    def acknowledge(self, *msg_ids: str) -> None:
+        """The broker has these messages: drop their rows (one transaction, one fsync)."""
+        if not msg_ids:
+            return
         with self._tx() as db:
-            db.execute("DELETE FROM outbox WHERE msg_id = ?", (msg_id,))
+            db.executemany("DELETE FROM outbox WHERE msg_id = ?", [(m,) for m in msg_ids])
 
     def outbox_depth(self) -> int:
         with self._lock:

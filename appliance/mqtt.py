@@ -187,19 +187,22 @@ class Comms:
             self._settle_acks()
 
     def _settle_acks(self) -> None:
+        """Delete the rows of every PUBACK received so far, in one transaction."""
+        acked = []
         while True:
             try:
                 mid, ok = self._acks.get_nowait()
             except queue.Empty:
-                return
+                break
             msg_id = self._inflight.pop(mid, None)
             if msg_id is None:
                 continue  # status, available, replies: not outbox rows
             if ok:
-                self.journal.acknowledge(msg_id)
-                self._handed.discard(msg_id)
+                acked.append(msg_id)
             else:
                 log.error("MQTT: broker refused %s; it stays in the outbox until restart", msg_id)
+        self.journal.acknowledge(*acked)
+        self._handed.difference_update(acked)
 
     # -- paho callbacks (network thread) ------------------------------------------------
 

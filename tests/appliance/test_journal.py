@@ -83,6 +83,9 @@ def test_outbox_order_exclude_and_acknowledge(journal: Journal) -> None:
     journal.acknowledge("m1")
     assert journal.outbox_depth() == 3
     assert [m.msg_id for m in journal.pending()] == ["m0", "m2", "m3"]
+    journal.acknowledge("m0", "m3", "unknown")
+    journal.acknowledge()
+    assert [m.msg_id for m in journal.pending()] == ["m2"]
 
 
 def test_start_unknown_scene_raises(journal: Journal) -> None:
