@@ -316,7 +316,7 @@ class Daemon:
                     self.notifier.watchdog()
                     work = self.inbox.claim(path)
                     if work is not None:
-                        self.handle(work)
+                        self._handle_guarded(work)
                     self._run_tasks()
                 self._set_state("ready")
                 if time.monotonic() >= next_stats:
@@ -402,6 +402,16 @@ class Daemon:
             self.comms.kick()
 
     # -- one scene ----------------------------------------------------------------------
+
+    def _handle_guarded(self, work: Path) -> None:
+        """``handle``, but an unexpected error (disk full, I/O) costs one file, not the box.
+
+        The file stays in ``work/``; the next start's reconciliation takes it up again.
+        """
+        try:
+            self.handle(work)
+        except Exception:
+            log.exception("could not handle %s; it stays in work/ until the next start", work)
 
     def handle(self, work: Path, recovering: bool = False) -> str:
         """Process one claimed file; returns its final state (done, failed, duplicate)."""

@@ -156,7 +156,7 @@ class Inbox:
         return min(self.settle / 2 or 0.05, 0.5)
 
     def claim(self, path: Path) -> Path | None:
-        """Atomically move a ready file into ``work/<token>/``; None if it vanished."""
+        """Atomically move a ready file into ``work/<token>/``; None if that failed."""
         with self._lock:
             self._candidates.pop(path, None)
         folder = self.work / uuid.uuid4().hex[:12]
@@ -165,6 +165,10 @@ class Inbox:
             os.rename(path, folder / path.name)
         except FileNotFoundError:
             folder.rmdir()
+            return None
+        except OSError as exc:  # e.g. no permission: leave it, the next rescan retries
+            folder.rmdir()
+            log.error("cannot claim %s: %s", path, exc)
             return None
         return folder / path.name
 
