@@ -384,8 +384,9 @@ def test_commands_retained_ignored_live_reload_runs(tmp_path: Path, broker: Brok
 
 def test_scene_kinds_uint8_uint16_nodata_geographic(tmp_path: Path, broker: Broker,
                                                     colour_bundle: Path) -> None:
-    """One daemon, band selection from config (scenes are stored B,G,R[,NIR])."""
-    d = DaemonProc(tmp_path / "box", colour_bundle, broker.port, input={"bands": [3, 2, 1]})
+    """One daemon, band selection from config (scenes are stored B,G,R[,NIR]); inputs deleted."""
+    d = DaemonProc(tmp_path / "box", colour_bundle, broker.port,
+                   input={"bands": [3, 2, 1], "keep_processed": False})
     listener = Listener(broker.port, f"{P}/scene/#")
     bgr = (2, 1, 0)
     scenes = {
@@ -412,6 +413,8 @@ def test_scene_kinds_uint8_uint16_nodata_geographic(tmp_path: Path, broker: Brok
                     rasterio.open(result.outputs["landuse"]) as out:
                 assert out.crs == src.crs, name
                 assert out.bounds == pytest.approx(src.bounds), name
+        d.wait(lambda: not any(p.is_file() for p in (d.root / "work").rglob("*")), "inputs gone")
+        assert not (d.root / "processed").exists()  # keep_processed: false deletes inputs
         assert by_name["wgs84.tif"].crs == "EPSG:4326"
         assert by_name["wgs84.tif"].bounds_wgs84 == pytest.approx(by_name["wgs84.tif"].bounds)
     finally:
