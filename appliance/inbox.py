@@ -112,7 +112,7 @@ class Inbox:
         except FileNotFoundError:
             return
         for entry in entries:
-            if entry.is_file(follow_symlinks=False) and not ignored(entry.name):
+            if entry.is_file() and not ignored(entry.name):  # a symlinked scene is fine
                 self.notice(Path(entry.path))
 
     def wait(self, timeout: float) -> None:
