@@ -31,6 +31,7 @@ re-activates the source version instead of adapting further.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ import faiss
 import numpy as np
 from scipy.optimize import minimize
 
-from appliance.bundle import CLASSIFIER, Bundle, load_bundle, seal_bundle
+from appliance.bundle import CLASSIFIER, BandStats, Bundle, InputSpec, load_bundle, seal_bundle
 from appliance.cells import SceneCells
 from appliance.config import AdaptConfig, TilingConfig
 from appliance.fusion import fuse
@@ -69,21 +70,38 @@ class AdaptationError(RuntimeError):
 
 @dataclass(frozen=True)
 class Candidates:
-    """Stored target cells: per-scale features [n,S,D], fused probs [n,K], scene of each."""
+    """Stored target cells: per-scale features [n,S,D], fused probs [n,K], scene of each.
+
+    ``bands`` [m,2,C] holds each stored scene's per-band mean and mean square of its
+    rescaled pixels (model value range), for every scene whatever its input key.
+    """
 
     features: np.ndarray
     probs: np.ndarray
     scenes: np.ndarray
+    bands: np.ndarray
 
     def __len__(self) -> int:
         return len(self.features)
+
+    def band_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled per-band mean and standard deviation of the stored scenes' pixels."""
+        mean = self.bands[:, 0].mean(axis=0)
+        var = self.bands[:, 1].mean(axis=0) - mean**2
+        return mean, np.sqrt(np.maximum(var, 1e-12))
+
+
+def input_key(spec: InputSpec) -> str:
+    """A short fingerprint of an input spec: features are comparable only under equal keys."""
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
 
 
 class CandidateStore:
     """A bounded ring of per-scene ``.npz`` files (features stored as float16).
 
-    Files are named ``<seq>-<cells>.npz`` and written under a temporary name then renamed,
-    so a reader (the adaptation thread) never sees half a file.
+    Files are named ``<seq>-<cells>-<input key>.npz`` and written under a temporary name
+    then renamed, so a reader (the adaptation thread) never sees half a file. Features are
+    only comparable under the input spec they were computed with, hence the key.
     """
 
     def __init__(self, root: Path, max_cells: int) -> None:
@@ -91,12 +109,12 @@ class CandidateStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_cells = max_cells
 
-    def _files(self) -> list[tuple[int, int, Path]]:
+    def _files(self) -> list[tuple[int, int, str, Path]]:
         out = []
-        for path in self.root.glob("*-*.npz"):
-            seq, n = path.stem.split("-", 1)
+        for path in self.root.glob("*-*-*.npz"):
+            seq, n, key = path.stem.split("-", 2)
             if seq.isdigit() and n.isdigit():
-                out.append((int(seq), int(n), path))
+                out.append((int(seq), int(n), key, path))
         return sorted(out)
 
     @property
@@ -104,48 +122,56 @@ class CandidateStore:
         files = self._files()
         return files[-1][0] if files else 0
 
-    def __len__(self) -> int:
-        return sum(n for _, n, _ in self._files())
+    def count(self, key: str | None = None) -> int:
+        """Stored cells (computed under input ``key``, or all)."""
+        return sum(n for _, n, k, _ in self._files() if key is None or k == key)
 
-    def add(self, scene_id: str, features: np.ndarray, probs: np.ndarray) -> int:
-        """Store one scene's cells; drop the oldest scenes beyond the cap. Returns cells kept."""
+    def __len__(self) -> int:
+        return self.count()
+
+    def add(self, scene_id: str, features: np.ndarray, probs: np.ndarray, pixels: np.ndarray,
+            key: str) -> int:
+        """Store one scene's cells and band moments; drop the oldest scenes beyond the cap."""
         n = len(features)
         if n == 0:
             return 0
+        px = pixels.astype(np.float64)
         seq = self.last_seq + 1
-        final = self.root / f"{seq:08d}-{n}.npz"
+        final = self.root / f"{seq:08d}-{n}-{key}.npz"
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.root)
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, features=features.astype(np.float16), probs=probs.astype(np.float32),
-                     scene=np.asarray(scene_id))
+                     scene=np.asarray(scene_id),
+                     bands=np.stack([px.mean(axis=0), (px**2).mean(axis=0)]))
         os.replace(tmp, final)
         files = self._files()
-        total = sum(c for _, c, _ in files)
-        for _, count, path in files[:-1]:
+        total = sum(c for _, c, _, _ in files)
+        for _, count, _, path in files[:-1]:
             if total <= self.max_cells:
                 break
             path.unlink(missing_ok=True)
             total -= count
         return n
 
-    def load(self) -> Candidates:
-        feats, probs, scenes = [], [], []
-        for _, _, path in self._files():
+    def load(self, key: str | None = None, features: bool = True) -> Candidates:
+        """Cells computed under input ``key`` (or all); band moments of every stored scene."""
+        feats, probs, scenes, bands = [], [], [], []
+        for _, _, k, path in self._files():
             try:
                 with np.load(path) as data:
-                    feats.append(data["features"].astype(np.float32))
-                    probs.append(data["probs"])
-                    scenes.append(np.full(len(data["probs"]), str(data["scene"])))
+                    bands.append(data["bands"])
+                    if features and (key is None or k == key):
+                        feats.append(data["features"].astype(np.float32))
+                        probs.append(data["probs"])
+                        scenes.append(np.full(len(data["probs"]), str(data["scene"])))
             except (FileNotFoundError, OSError, ValueError, KeyError):
                 continue  # pruned or damaged while we listed; the ring goes on without it
+        band_arr = np.stack(bands) if bands else np.zeros((0, 2, 1))
         if not feats:
             return Candidates(np.zeros((0, 1, 1), np.float32), np.zeros((0, 1), np.float32),
-                              np.zeros(0, str))
-        return Candidates(np.concatenate(feats), np.concatenate(probs), np.concatenate(scenes))
-
-    def clear(self) -> None:
-        for _, _, path in self._files():
-            path.unlink(missing_ok=True)
+                              np.zeros(0, str), band_arr)
+        return Candidates(np.concatenate(feats), np.concatenate(probs), np.concatenate(scenes),
+                          band_arr)
 
 
 # -- the learning steps ------------------------------------------------------------------
@@ -171,6 +197,53 @@ class Alignment:
 
     def apply(self, features: np.ndarray) -> np.ndarray:
         return (features * self.scale + self.shift).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class InputAlignment:
+    """Per-band radiometric map ``x ↦ gain·x + offset`` of scene values (model value range).
+
+    It is folded into the bundle's ``InputSpec`` (mean/std), so it costs nothing at run time
+    and needs no new backbone: ``(g·x + o)·s − m) / σ = (x·s − (m − s·o)/g) / (σ/g)``.
+    """
+
+    gain: np.ndarray
+    offset: np.ndarray
+
+    @classmethod
+    def blended(cls, ref: list[BandStats], target_mean: np.ndarray, target_std: np.ndarray,
+                blend: float) -> InputAlignment:
+        """Standardise with blended target band statistics, de-standardise with source."""
+        mu_s = np.array([b.mean for b in ref])
+        sd_s = np.array([b.std for b in ref])
+        mean = (1 - blend) * mu_s + blend * target_mean
+        std = np.sqrt((1 - blend) * sd_s**2 + blend * target_std**2)
+        gain = sd_s / np.maximum(std, 1e-9)
+        return cls(gain, mu_s - gain * mean)
+
+    @classmethod
+    def of_spec(cls, source: InputSpec, spec: InputSpec) -> InputAlignment:
+        """The map that ``spec`` applies relative to the ``source`` spec."""
+        m0, s0 = np.asarray(source.mean), np.asarray(source.std)
+        m1, s1 = np.asarray(spec.mean), np.asarray(spec.std)
+        gain = s0 / s1
+        return cls(gain, (m0 - gain * m1) / source.scale)
+
+    def spec(self, source: InputSpec) -> InputSpec:
+        """``source`` with this map folded into its mean and std."""
+        m0, s0 = np.asarray(source.mean), np.asarray(source.std)
+        mean = (m0 - source.scale * self.offset) / self.gain
+        return source.model_copy(update={"mean": [float(v) for v in mean],
+                                         "std": [float(v) for v in s0 / self.gain]})
+
+    def distance(self, ref: list[BandStats], target_mean: np.ndarray,
+                 target_std: np.ndarray) -> float:
+        """Mean over bands of |Δmean|/σ_source + |log σ ratio| after mapping the target."""
+        mu_s = np.array([b.mean for b in ref])
+        sd_s = np.maximum(np.array([b.std for b in ref]), 1e-9)
+        mu = self.gain * target_mean + self.offset
+        sd = np.maximum(self.gain * target_std, 1e-9)
+        return float(np.mean(np.abs(mu - mu_s) / sd_s + np.abs(np.log(sd / sd_s))))
 
 
 def fused_probs(head: LinearHead, features: np.ndarray, tiling: TilingConfig | None = None
@@ -202,17 +275,19 @@ def retrieval_agreement(index: faiss.Index, bank_labels: np.ndarray, queries: np
     return (bank_labels[nn] == labels[:, None]).mean(axis=1).astype(np.float32)
 
 
-def fit_head(features: np.ndarray, labels: np.ndarray, weights: np.ndarray, init: LinearHead,
+def fit_head(features: np.ndarray, targets: np.ndarray, weights: np.ndarray, init: LinearHead,
              anchor: LinearHead, l2: float, deadline: float, max_iter: int = 200
              ) -> LinearHead:
     """Weighted softmax regression by L-BFGS, from ``init``, L2-pulled towards ``anchor``.
 
-    Minimises ``Σ wᵢ CE(xᵢ, yᵢ) + l2/2 ‖W − W_anchor‖²``; stops at ``deadline``
+    ``targets`` are class indexes [n] or class distributions [n,K] (distillation).
+    Minimises ``Σ wᵢ CE(xᵢ, tᵢ) + l2/2 ‖W − W_anchor‖²``; stops at ``deadline``
     (``time.monotonic``) so a job stays within its time budget.
     """
     d, k = init.weight.shape
     x = features.astype(np.float32)
-    onehot = np.eye(k, dtype=np.float32)[labels]
+    onehot = (np.eye(k, dtype=np.float32)[targets] if targets.ndim == 1
+              else targets.astype(np.float32))
     w_rows = (weights / weights.sum()).astype(np.float32)[:, None]
     w_anchor = anchor.weight.astype(np.float64)
 
@@ -297,6 +372,7 @@ class AdaptationReport:
     version_before: int | None
     version_after: int | None
     message: str = ""
+    step: str = "head"  # "input" (radiometric re-standardisation) | "head"
     counts: dict[str, int] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
@@ -320,6 +396,7 @@ class AdaptationReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "reason": self.reason, "action": self.action, "promoted": self.promoted,
+            "step": self.step,
             "version_before": self.version_before, "version_after": self.version_after,
             "message": self.message, "counts": self.counts, "gate": self.gate,
             "rounds": self.rounds, "seconds": round(self.seconds, 3),
@@ -340,6 +417,7 @@ class Adapter:
         self.rejected_dir = self.root / "rejected"
         self._job_lock = threading.Lock()
         self._marker = self.root / "last_job.json"
+        self._key: tuple[int | None, str] = (None, "")
 
     def _fused(self, head: LinearHead, features: np.ndarray) -> np.ndarray:
         return fused_probs(head, features, self.tiling)
@@ -352,34 +430,50 @@ class Adapter:
         Cloud-like cells are not filtered here: ``SceneCells`` carries no per-cell
         radiometry; retrieval confirmation rejects most of them (clouds have no source match).
         """
-        if len(cells.sample_index) == 0:
+        if len(cells.sample_index) == 0 or len(cells.band_sample) == 0:
             return 0
         valid = cells.valid[cells.sample_index]
         feats = cells.sample_features[valid]
         probs = cells.probs[cells.sample_index][valid]
-        return self.store.add(cells.scene_id, feats, probs)
+        return self.store.add(cells.scene_id, feats, probs, cells.band_sample, self.active_key())
+
+    def active_key(self) -> str:
+        """Input key of the active bundle (re-read only when the active version changed)."""
+        version = self.models.active_version()
+        if self._key[0] != version or version is None:
+            self._key = (version, input_key(self.models.active().manifest.input))
+        return self._key[1]
 
     @property
     def running(self) -> bool:
         return self._job_lock.locked()
 
     def due(self, drifting: bool) -> bool:
-        """Whether an automatic job should start now: drift, enough cells, cooled down."""
-        if not (self.cfg.enabled and self.cfg.auto and drifting) or self.running:
+        """Whether an automatic job should start now: drift (or a head step owed after an
+        input re-standardisation), enough cells under the active input, cooled down."""
+        last = self._last_job()
+        if not (self.cfg.enabled and self.cfg.auto) or self.running:
             return False
-        if len(self.store) < self.cfg.min_samples:
+        if not (drifting or last.get("follow_up", False)):
             return False
-        return self.store.last_seq - self._last_job_seq() >= self.cfg.cooldown_scenes
+        if self.store.count(self.active_key()) < self.cfg.min_samples:
+            return False
+        return self.store.last_seq - int(last.get("seq", -(10**9))) >= self.cfg.cooldown_scenes
 
-    def _last_job_seq(self) -> int:
+    def _last_job(self) -> dict[str, Any]:
         try:
-            return int(json.loads(self._marker.read_text())["seq"])
-        except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError):
-            return -(10**9)
+            data = json.loads(self._marker.read_text())
+            return data if isinstance(data, dict) else {}
+        except (FileNotFoundError, ValueError, json.JSONDecodeError):
+            return {}
 
-    def _mark_job(self) -> None:
+    def _mark_job(self, report: AdaptationReport) -> None:
+        """Remember when the last job ran and whether a head step is still owed."""
+        owed = self._last_job().get("follow_up", False) and report.action == "skipped"
+        follow_up = (report.step == "input" and report.promoted) or owed
         tmp = self._marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seq": self.store.last_seq, "ts": time.time()}))
+        tmp.write_text(json.dumps({"seq": self.store.last_seq, "ts": time.time(),
+                                   "follow_up": bool(follow_up)}))
         os.replace(tmp, self._marker)
 
     # -- lineage -----------------------------------------------------------------------
@@ -403,9 +497,9 @@ class Adapter:
         source_bundle = load_bundle(self.models.dir_for(self.lineage(bundle)[-1]))
         current = read_head(bundle.file(CLASSIFIER))
         source = read_head(source_bundle.file(CLASSIFIER))
-        cands = self.store.load()
+        cands = self.store.load(input_key(bundle.manifest.input))
         if len(cands) == 0:
-            raise AdaptationError("no candidate cells collected yet")
+            raise AdaptationError("no candidate cells collected under the active input spec")
         if cands.features.shape[-1] != current.dim:
             raise AdaptationError(
                 f"stored features have {cands.features.shape[-1]} dims, head expects "
@@ -443,18 +537,28 @@ class Adapter:
         return chosen[agree >= self.cfg.agreement]
 
     def fit(self, data: AdaptationData, cells: np.ndarray, labels: np.ndarray,
-            deadline: float, init: LinearHead | None = None) -> LinearHead:
-        """A head trained on target ``cells`` (all their scales) with ``labels`` + source rows."""
-        feats = data.candidates.features[cells]
-        n, s, d = feats.shape
-        tx = feats.reshape(n * s, d)
-        ty = np.repeat(labels, s)
+            deadline: float, init: LinearHead | None = None, distill: bool = False
+            ) -> LinearHead:
+        """A head trained on target ``cells`` (all their scales) with ``labels`` + source rows.
+
+        With ``distill`` every stored target cell also contributes the aligned teacher's
+        class distribution (weight ``adapt.distill``): the head learns on raw target features
+        what the teacher does on re-standardised ones, while the source rows keep it honest.
+        """
+        k = data.current.n_classes
+        feats = data.candidates.features
+        d = feats.shape[-1]
         sw = self.cfg.source_weight
-        x = np.concatenate([tx, data.train_x])
-        y = np.concatenate([ty, data.train_y])
-        w = np.concatenate([np.full(len(tx), 1.0 / max(len(tx), 1)),
-                            np.full(len(data.train_x), sw / max(len(data.train_x), 1))])
-        return fit_head(x, y, w, init or data.current, data.source, self.cfg.l2, deadline)
+        tx = feats[cells].reshape(-1, d)
+        parts = [(tx, np.eye(k, dtype=np.float32)[np.repeat(labels, feats.shape[1])], 1.0),
+                 (data.train_x, np.eye(k, dtype=np.float32)[data.train_y], sw)]
+        if distill and self.cfg.distill > 0:
+            rows = feats.reshape(-1, d)
+            parts.append((rows, activate(data.teacher.logits(rows), False), self.cfg.distill))
+        x = np.concatenate([p[0] for p in parts])
+        t = np.concatenate([p[1] for p in parts])
+        w = np.concatenate([np.full(len(p[0]), p[2] / max(len(p[0]), 1)) for p in parts])
+        return fit_head(x, t, w, init or data.current, data.source, self.cfg.l2, deadline)
 
     def gate(self, head: LinearHead, data: AdaptationData) -> GateResult:
         """Promotion criteria; ``figures`` carries the before/after numbers."""
@@ -494,13 +598,14 @@ class Adapter:
                                     "another adaptation job is running")
         started = time.monotonic()
         try:
-            report = self._run(reason, started + self.cfg.max_seconds)
+            report = (self._input_step(reason)
+                      or self._run(reason, started + self.cfg.max_seconds))
         except AdaptationError as exc:
             report = AdaptationReport(reason, "skipped", self.models.active_version(), None,
                                       str(exc))
         finally:
             self._job_lock.release()
-        self._mark_job()
+        self._mark_job(report)
         report.seconds = time.monotonic() - started
         log.info("adaptation (%s): %s %s", reason, report.action, report.message)
         return report
@@ -531,7 +636,50 @@ class Adapter:
                                   None, "; ".join(gate.failures), counts=data.counts,
                                   gate={"passed": gate.passed, "failures": gate.failures,
                                         **gate.figures}, rounds=rounds)
-        self._publish(head, data, report)
+        self._publish(data.bundle, report, head=head)
+        return report
+
+    def _input_step(self, reason: str) -> AdaptationReport | None:
+        """Radiometric re-standardisation of the input, when the stored scenes call for it.
+
+        The pooled band statistics of the stored scenes, mapped by the active input spec,
+        are compared with the source reference; beyond ``adapt.input_tolerance`` a new
+        version folds a blended per-band standardisation into ``InputSpec`` mean/std (no
+        new backbone) and goes back to the source head, which expects source-like inputs.
+        Its gate is radiometric (the distance must fall); the source head keeps the
+        held-back source accuracy by construction. Returns None when there is nothing to do.
+        """
+        cfg = self.cfg
+        if cfg.input_blend <= 0:
+            return None
+        bundle = self.models.active()
+        chain = self.lineage(bundle)
+        if len(chain) - 1 >= cfg.reset_after:
+            return None  # the head step resets to the source first
+        stored = self.store.load(key="", features=False)
+        if len(stored.bands) == 0 or stored.bands.shape[-1] != len(bundle.manifest.input.bands):
+            return None
+        source_bundle = load_bundle(self.models.dir_for(chain[-1]))
+        ref = source_bundle.reference.bands
+        source_spec = source_bundle.manifest.input
+        mean_t, std_t = stored.band_moments()
+        now = InputAlignment.of_spec(source_spec, bundle.manifest.input)
+        before = now.distance(ref, mean_t, std_t)
+        if before <= cfg.input_tolerance:
+            return None
+        proposal = InputAlignment.blended(ref, mean_t, std_t, cfg.input_blend)
+        after = proposal.distance(ref, mean_t, std_t)
+        passed = after < before
+        report = AdaptationReport(
+            reason, "promoted" if passed else "rejected", bundle.version, None,
+            "" if passed else f"radiometric distance did not fall ({before:.3f} → {after:.3f})",
+            step="input", counts={"scenes": len(stored.bands)},
+            gate={"passed": passed, "radiometric_distance_before": before,
+                  "radiometric_distance_after": after,
+                  "gain": [round(float(g), 4) for g in proposal.gain],
+                  "offset": [round(float(o), 3) for o in proposal.offset]})
+        self._publish(bundle, report, input_spec=proposal.spec(source_spec),
+                      classifier=source_bundle.file(CLASSIFIER))
         return report
 
     def _rounds(self, data: AdaptationData, deadline: float
@@ -539,7 +687,7 @@ class Adapter:
         """Self-training rounds: the teacher (aligned source head), then teacher ⊕ new head."""
         feats = data.candidates.features
         cells, labels = data.confirmed, data.pseudo[data.confirmed]
-        head = self.fit(data, cells, labels, deadline)
+        head = self.fit(data, cells, labels, deadline, distill=True)
         rounds = [{"round": 1, "confirmed": len(cells)}]
         teacher_probs = self._fused(data.teacher, feats)
         for r in range(2, self.cfg.rounds + 1):
@@ -551,24 +699,30 @@ class Adapter:
             if len(cells) < self.cfg.min_samples:
                 break
             labels = probs.argmax(axis=1)[cells]
-            head = self.fit(data, cells, labels, deadline, init=head)
+            head = self.fit(data, cells, labels, deadline, init=head, distill=True)
             rounds.append({"round": r, "confirmed": len(cells)})
         return head, rounds
 
-    def _publish(self, head: LinearHead, data: AdaptationData, report: AdaptationReport) -> None:
-        """Write the candidate bundle; install + activate it, or keep it as rejected."""
+    def _publish(self, bundle: Bundle, report: AdaptationReport, head: LinearHead | None = None,
+                 input_spec: InputSpec | None = None, classifier: Path | None = None) -> None:
+        """Write the candidate bundle (a copy of ``bundle`` with a new head or input spec);
+        install + activate it when the gate passed, else keep it under ``rejected/``."""
         version = self.models.next_version()
         build = Path(tempfile.mkdtemp(prefix=".build-", dir=self.root))
         try:
-            shutil.copytree(data.bundle.path, build, dirs_exist_ok=True)
-            write_head(head, build / CLASSIFIER, like=data.bundle.file(CLASSIFIER))
-            metrics = dict(data.bundle.manifest.metrics)
-            metrics["adaptation"] = {"reason": report.reason, "counts": report.counts,
-                                     "gate": report.gate}
-            manifest = data.bundle.manifest.model_copy(update={
-                "version": version, "parent": data.bundle.version,
+            shutil.copytree(bundle.path, build, dirs_exist_ok=True)
+            if head is not None:
+                write_head(head, build / CLASSIFIER, like=bundle.file(CLASSIFIER))
+            elif classifier is not None:
+                shutil.copyfile(classifier, build / CLASSIFIER)
+            metrics = dict(bundle.manifest.metrics)
+            metrics["adaptation"] = {"reason": report.reason, "step": report.step,
+                                     "counts": report.counts, "gate": report.gate}
+            manifest = bundle.manifest.model_copy(update={
+                "version": version, "parent": bundle.version,
+                "input": input_spec or bundle.manifest.input,
                 "created": datetime.now(timezone.utc), "metrics": metrics,
-                "notes": f"adapted from v{data.bundle.version}: {report.reason}"})
+                "notes": f"adapted ({report.step}) from v{bundle.version}: {report.reason}"})
             seal_bundle(build, manifest)
             if report.action == "promoted":
                 installed = self.models.install(build, activate=True)
@@ -576,8 +730,8 @@ class Adapter:
                 report.bundle_path = str(installed.path)
             else:
                 self.rejected_dir.mkdir(parents=True, exist_ok=True)
-                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-                kept = self.rejected_dir / f"{stamp}-from-v{data.bundle.version:04d}"
+                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")
+                kept = self.rejected_dir / f"{stamp}-{report.step}-from-v{bundle.version:04d}"
                 (build / "report.json").write_text(json.dumps(report.as_dict(), indent=2))
                 build.replace(kept)
                 report.kept_at = str(kept)

@@ -258,6 +258,16 @@ class AdaptConfig(Section):
     cooldown_scenes: int = Field(
         default=5, ge=0, description="New scenes collected before another automatic job."
     )
+    distill: float = Field(
+        default=1.0, ge=0, description="Weight of the aligned teacher's soft targets (0: off)."
+    )
+    input_blend: float = Field(
+        default=1.0, ge=0, le=1,
+        description="Weight of target band statistics in the input re-standardisation (0: off).",
+    )
+    input_tolerance: float = Field(
+        default=0.15, ge=0, description="Radiometric distance that triggers an input step."
+    )
 
 
 class Settings(BaseSettings):

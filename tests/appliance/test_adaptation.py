@@ -25,7 +25,8 @@ from tests.appliance.test_daemon import P, DaemonProc
 from tests.conftest import Broker
 from tests.mqtt_listener import Listener, topic_is
 
-CFG = AdaptConfig(min_samples=20, store_max_cells=1000, cooldown_scenes=2)
+# Head-step tests switch the input step off; test_input_step_* covers it.
+CFG = AdaptConfig(min_samples=20, store_max_cells=1000, cooldown_scenes=2, input_blend=0)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -74,6 +75,35 @@ def test_shifted_stream_is_adapted_and_promoted(store: ModelStore, runtime: Mode
     after = _shifted_accuracy(active.file(CLASSIFIER), runtime)
     assert after > before
     json.dumps(report.as_dict())
+
+
+def test_input_step_restandardises_bands_then_owes_a_head_step(
+        store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
+    adapter = Adapter(store, CFG.model_copy(update={"input_blend": 1.0}), tmp_path / "state")
+    _fill(adapter, runtime)
+    source = store.active()
+    report = adapter.run("drift")
+    assert report.step == "input" and report.promoted, report.as_dict()
+    gate = report.gate
+    assert gate["radiometric_distance_after"] < gate["radiometric_distance_before"]
+    adapted = store.active()
+    assert adapted.version == 2 and adapted.manifest.parent == 1
+    assert adapted.manifest.input.mean != source.manifest.input.mean
+    assert adapted.file(CLASSIFIER).read_bytes() == source.file(CLASSIFIER).read_bytes()
+    # The new input spec undoes the cast: shifted tiles classify like clean ones again.
+    new_runtime = ModelRuntime(adapted, ProviderPlan(providers=("cpu",)))
+    cells, truth = colour_scene(new_runtime, 950, BLUE_CAST)
+    shifted, _ = colour_scene(runtime, 950, BLUE_CAST)
+    assert (cells.labels == truth).mean() > (shifted.labels == truth).mean()
+    # Stored features are from the old input spec: a head step waits for fresh cells.
+    assert adapter.store.count(adapter.active_key()) == 0
+    assert not adapter.due(drifting=False)
+    for seed in range(3):
+        adapter.collect(colour_scene(new_runtime, 960 + seed, BLUE_CAST)[0])
+    assert adapter.due(drifting=False)  # owed after the input step, drift or not
+    follow = adapter.run("follow-up")
+    assert follow.step == "head" and follow.action in ("promoted", "rejected", "skipped")
+    assert adapter.run("again").step == "head"  # the input is aligned now
 
 
 def test_gate_refuses_a_head_trained_on_wrong_labels(store: ModelStore, runtime: ModelRuntime,
@@ -143,12 +173,19 @@ def test_due_needs_drift_cells_and_cooldown(store: ModelStore, runtime: ModelRun
 
 def test_candidate_store_is_bounded(tmp_path: Path) -> None:
     ring = CandidateStore(tmp_path, max_cells=100)
+    pixels = np.array([[10.0, 20.0, 30.0], [30.0, 40.0, 50.0]])
     for i in range(8):
-        ring.add(f"s{i}", np.ones((30, 2, 4), np.float32) * i, np.full((30, 3), 1 / 3))
+        ring.add(f"s{i}", np.ones((30, 2, 4), np.float32) * i, np.full((30, 3), 1 / 3), pixels,
+                 "old" if i < 6 else "new")
     assert len(ring) <= 100
     loaded = ring.load()
     assert set(np.unique(loaded.scenes)) == {"s5", "s6", "s7"}
     assert loaded.features.shape == (90, 2, 4)
+    assert ring.count("new") == 60 and set(np.unique(ring.load("new").scenes)) == {"s6", "s7"}
+    mean, std = loaded.band_moments()
+    np.testing.assert_allclose(mean, [20, 30, 40])
+    np.testing.assert_allclose(std, [10, 10, 10])
+    assert len(ring.load("new", features=False)) == 0 and len(loaded.bands) == 3
     assert not list(tmp_path.glob(".tmp-*"))
 
 
@@ -174,7 +211,8 @@ def test_sigkill_during_adaptation_leaves_a_loadable_model(
         "from appliance.models import ModelStore\n"
         "state = Path(sys.argv[1])\n"
         "adapter = Adapter(ModelStore(state / 'models'),"
-        " AdaptConfig(min_samples=20, store_max_cells=1000, reset_after=1000), state)\n"
+        " AdaptConfig(min_samples=20, store_max_cells=1000, reset_after=1000, input_blend=0),"
+        " state)\n"
         "print('ready', flush=True)\n"
         "while True:\n    adapter.run('crash-test')\n"
     )
