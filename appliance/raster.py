@@ -63,7 +63,9 @@ class Rescale:
         """Rescale raw values whose band axis is ``axis`` into float32, clipped to the range."""
         shape = [1] * raw.ndim
         shape[axis] = -1
-        out = raw.astype(np.float32) * self.gain.reshape(shape) + self.bias.reshape(shape)
+        out = raw.astype(np.float32)  # then in place: strips can be tens of MB
+        out *= self.gain.reshape(shape)
+        out += self.bias.reshape(shape)
         return np.clip(out, *self.value_range, out=out)
 
     def as_dict(self) -> dict[str, object]:

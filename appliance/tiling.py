@@ -127,13 +127,14 @@ def iter_batches(
 ) -> Iterator[Batch]:
     """Batches of up to ``batch_size`` tiles (whole cells, every scale) for sorted ``cells``.
 
-    Per row of cells and per scale, GDAL reads and resizes *one strip* (the scale's window
-    height, spanning the row's cells) straight to the model's resolution; each cell's tile
-    is then a slice of it. That is one read per row and scale instead of one per tile, and
-    a large window's pixels are resampled once, not once per overlapping cell. Tile
+    Per row of cells and per scale whose windows overlap (scale ≥ cell, the default),
+    GDAL reads and resizes *one strip* (the window height, spanning the row's cells)
+    straight to the model's resolution, and each tile is a slice of it: one read per row
+    and scale instead of one per tile, and overlapping pixels are resampled once. Tile
     offsets in a strip are rounded to whole output pixels, a shift of at most half an
-    output pixel (exact when ``cell * size`` is a multiple of every scale, as with GID's
-    56/112/224 and any input size divisible by 4).
+    output pixel (exact when ``cell * size`` is a multiple of the scale, as with GID's
+    56/112/224 and any input size divisible by 4). Scales smaller than the cell, whose
+    windows leave gaps, are read window by window.
     """
     per_batch = max(1, batch_size // len(grid.scales))
     rows = cells // grid.cols
@@ -144,18 +145,22 @@ def iter_batches(
         t0 = time.perf_counter()
         row_cells = cells[rows == r]
         c_lo, c_hi = int(row_cells[0] % grid.cols), int(row_cells[-1] % grid.cols)
-        strips = []
+        strips: dict[int, np.ndarray] = {}
         for s in grid.scales:
-            col, row = grid.origin(int(r) * grid.cols + c_lo, s)
-            k = size / s
-            width_out = round((c_hi - c_lo) * grid.cell * k) + size
-            strip = scene.read_window(col, row, (c_hi - c_lo) * grid.cell + s, s, width_out, size)
-            strips.append((strip, k))
+            if s >= grid.cell:
+                col, row = grid.origin(int(r) * grid.cols + c_lo, s)
+                width_out = round((c_hi - c_lo) * grid.cell * size / s) + size
+                span = (c_hi - c_lo) * grid.cell + s
+                strips[s] = scene.read_window(col, row, span, s, width_out, size)
         for cell in row_cells:
             offset = (int(cell) % grid.cols - c_lo) * grid.cell
-            for strip, k in strips:
-                x = round(offset * k)
-                tiles.append(strip[:, :, x : x + size])
+            for s in grid.scales:
+                if s in strips:
+                    x = round(offset * size / s)
+                    tiles.append(strips[s][:, :, x : x + size])
+                else:
+                    col, row = grid.origin(int(cell), s)
+                    tiles.append(scene.read_window(col, row, s, s, size, size))
             pending.append(int(cell))
             if len(pending) == per_batch:
                 seconds += time.perf_counter() - t0

@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 10980])
     ap.add_argument("--overhead-size", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-cells", type=int, default=3000)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)

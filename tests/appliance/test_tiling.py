@@ -144,3 +144,14 @@ def test_edge_cells_when_the_scene_is_not_a_multiple_of_the_sample_step(
     with open_scene(path, InputConfig(), SPEC) as scene:
         assert grid.valid(scene, 0.5).tolist() == [True] * 17 + [False]
         assert grid.valid(scene, 0.75).all()
+
+
+def test_scales_smaller_than_the_cell_are_read_per_window(tmp_path: Path) -> None:
+    path = write_scene(tmp_path / "s.tif", size=(96, 96), noise=40)
+    grid = CellGrid(width=96, height=96, cell=32, scales=(16, 32))  # 16 px windows leave gaps
+    cells = np.arange(9)
+    with open_scene(path, InputConfig(), SPEC) as scene:
+        tiles = np.concatenate([b.tiles for b in iter_batches(scene, grid, cells, 32, 8)])
+        for cell in cells:
+            want = scene.read_window(*grid.origin(int(cell), 16), 16, 16, 32, 32)
+            np.testing.assert_array_equal(tiles[2 * cell], want)
