@@ -223,7 +223,9 @@ class DriftConfig(Section):
 
     enabled: bool = True
     psi_threshold: float = Field(default=0.25, gt=0)
-    feature_threshold: float = Field(default=0.5, gt=0)
+    feature_threshold: float = Field(
+        default=0.01, gt=0, description="Window median of MMD² on the PCA-projected features."
+    )
     confidence_delta: float = Field(default=0.05, gt=0)
     confidence_threshold: float = Field(default=0.5, gt=0)
     window: int = Field(default=5, ge=1, description="Scenes in the sliding window.")

@@ -39,10 +39,11 @@ import rasterio
 from PIL import Image, ImageFilter
 from rasterio.transform import from_origin
 
-from appliance.adaptation import Adapter
+from appliance.adaptation import Adapter, accuracy
 from appliance.bundle import CLASSIFIER, load_bundle
 from appliance.config import Settings, load_settings
 from appliance.drift import DriftMonitor
+from appliance.head import read_head
 from appliance.models import ModelStore
 from appliance.pipeline import process_scene
 from appliance.runtime import ModelRuntime, ProviderPlan
@@ -127,7 +128,8 @@ def write_mosaics(images: list[np.ndarray], labels: np.ndarray, order: np.ndarra
         mosaic = np.zeros((3, ROWS * CELL, COLS * CELL), np.uint8)
         for j, i in enumerate(idx):
             r, c = divmod(j, COLS)
-            mosaic[:, r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = images[i].transpose(2, 0, 1)
+            tile = images[i].transpose(2, 0, 1)
+            mosaic[:, r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = tile
         path = out / f"{prefix}-{s:02d}.tif"
         with rasterio.open(path, "w", driver="GTiff", width=COLS * CELL, height=ROWS * CELL,
                            count=3, dtype="uint8", crs="EPSG:32633",
@@ -138,8 +140,14 @@ def write_mosaics(images: list[np.ndarray], labels: np.ndarray, order: np.ndarra
     return scenes
 
 
-def settings_for(state: Path) -> Settings:
+# "full": the defaults (input re-standardisation, then distilled head steps);
+# "head_only": adapt.input_blend = 0, the head steps alone (the input spec never changes).
+VARIANTS: dict[str, dict[str, Any]] = {"full": {}, "head_only": {"input_blend": 0.0}}
+
+
+def settings_for(state: Path, adapt: dict[str, Any] | None = None) -> Settings:
     return load_settings(None, **{
+        "adapt": adapt or {},
         "paths": {"state": str(state / "state"), "inbox": str(state / "inbox"),
                   "outbox": str(state / "outbox"), "failed": str(state / "failed")},
         "model": {"providers": ["cpu"], "warmup": False},
@@ -164,12 +172,21 @@ def classify(runtime: ModelRuntime, settings: Settings, scenes: list[tuple[Path,
     return hits / max(total, 1)
 
 
-def run_condition(name: str, shift: Shift, bundle_dir: Path, images: list[np.ndarray],
-                  labels: np.ndarray, adapt_order: np.ndarray, test_order: np.ndarray,
-                  clean_test: list[tuple[Path, np.ndarray]], work: Path) -> dict[str, Any]:
+def bank_holdout_oa(bundle_dir: Path) -> float:
+    """Accuracy of a bundle's head on the held-back rows of its source bank (the gate's)."""
+    bundle = load_bundle(bundle_dir)
+    bank = bundle.source_bank
+    return accuracy(read_head(bundle.file(CLASSIFIER)), bank.features[bank.holdout],
+                    bank.labels[bank.holdout])
+
+
+def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
+                  images: list[np.ndarray], labels: np.ndarray, adapt_order: np.ndarray,
+                  test_order: np.ndarray, clean_test: list[tuple[Path, np.ndarray]], work: Path
+                  ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    root = work / name
-    settings = settings_for(root)
+    root = work / f"{name}-{variant}"
+    settings = settings_for(root, VARIANTS[variant])
     store = ModelStore(settings.paths.state / "models")
     store.install(bundle_dir)
     plan = ProviderPlan(providers=("cpu",))
@@ -197,19 +214,28 @@ def run_condition(name: str, shift: Shift, bundle_dir: Path, images: list[np.nda
         if adapter.due(report.drifting):
             job = adapter.run(f"drift at scene {i}")
             jobs.append({"scene": i, **job.as_dict()})
-            if job.model_changed and job.classifier_path is not None:
-                runtime.swap_classifier(job.classifier_path)
+            if job.model_changed:  # what Daemon._switch_model does
+                bundle = store.active()
+                if bundle.manifest.input == runtime.manifest.input:
+                    runtime.swap_classifier(bundle.file(CLASSIFIER))
+                else:
+                    runtime = ModelRuntime(bundle, plan)
                 monitor.reset_confidence()
+    active = store.active()
     target_after = classify(runtime, settings, test_scenes, root / "eval")
     source_after = classify(runtime, settings, clean_test, root / "eval")
     first_fire = next((s["scene"] for s in stream if s["drifting"]), None)
-    active = store.active()
     return {
-        "shift": name, "target_oa_before": target_before, "target_oa_after": target_after,
-        "source_oa_after": source_after, "drift_first_fired_at_scene": first_fire,
+        "shift": name, "variant": variant, "target_oa_before": target_before,
+        "target_oa_after": target_after, "source_oa_after": source_after,
+        "bank_holdout_oa_before": bank_holdout_oa(bundle_dir),
+        "bank_holdout_oa_after": bank_holdout_oa(active.path),
+        "drift_first_fired_at_scene": first_fire,
         "scenes_drifting": sum(s["drifting"] for s in stream),
         "promotions": sum(j["action"] == "promoted" for j in jobs),
-        "active_version": active.version, "jobs": jobs, "stream": stream,
+        "active_version": active.version,
+        "active_input": {"mean": active.manifest.input.mean, "std": active.manifest.input.std},
+        "jobs": jobs, "stream": stream,
         "stream_seconds": round(stream_seconds, 2),
         "stream_scenes_per_s": round(len(adapt_scenes) / max(stream_seconds, 1e-9), 3),
         "seconds": round(time.perf_counter() - t0, 2),
@@ -224,6 +250,7 @@ def main() -> None:
     parser.add_argument("--split", type=Path, default=Path("/work/runs/aid_ft/split.json"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptation.json"))
     parser.add_argument("--shifts", nargs="*", default=list(SHIFTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
     t0 = time.perf_counter()
     bundle = load_bundle(args.bundle)
@@ -240,9 +267,11 @@ def main() -> None:
         clean_test = write_mosaics(images, labels, test_order, clean_root / "scenes", "test")
         source_before = classify(runtime, settings, clean_test, clean_root / "eval")
         results = []
-        for name in args.shifts:
-            res = run_condition(name, SHIFTS[name], args.bundle, images, labels, adapt_order,
-                                test_order, clean_test, work)
+        runs = [(n, v) for v in args.variants for n in args.shifts
+                if v == args.variants[0] or n != "none"]
+        for name, variant in runs:
+            res = run_condition(name, variant, SHIFTS[name], args.bundle, images, labels,
+                                adapt_order, test_order, clean_test, work)
             cost = source_before - res["target_oa_before"]
             res["source_oa_before"] = source_before
             res["shift_cost"] = cost
