@@ -211,6 +211,7 @@ class TileIndex:
         self._check_dim()
         self._tombstones: set[int] = set()
         self._since_checkpoint = 0
+        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
         self.kind = "flat"
         self._index = self._load()
 
@@ -254,6 +255,7 @@ class TileIndex:
             raise IndexStateError("this index was opened read-only")
         now = time.time()
         with self._lock:
+            self._sync()
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -302,6 +304,7 @@ class TileIndex:
         with self._lock:
             if self.read_only:
                 return
+            self._sync()
             if self.kind == "hnsw" and len(self._tombstones) > self.cfg.tombstone_rebuild * max(
                     1, self._index.ntotal):
                 self._rebuild(self.kind, check_recall=False)  # drops them; checkpoints itself
@@ -347,6 +350,7 @@ class TileIndex:
         own = list(exclude) if exclude is not None else [None] * len(q)
         extra = len(filters.exclude_ids) + (1 if any(e is not None for e in own) else 0)
         with self._lock:
+            self._sync()
             scores, ids = self._search_ids(q, k + extra, filters)
             rows = self._rows({int(i) for i in ids.ravel() if i >= 0})
         out = []
@@ -417,6 +421,7 @@ class TileIndex:
     def stats(self) -> dict[str, Any]:
         """Counts, type, dims, size on disk and the last recall check."""
         with self._lock:
+            self._sync()
             db = self._db
             count = self.count()
             scenes = db.execute("SELECT COUNT(DISTINCT scene_id) FROM entries "
@@ -486,7 +491,24 @@ class TileIndex:
             return self._index
         self.kind = _kind_of(index)
         self._index = index
+        replayed, dropped = self._reconcile()
+        recorded = self._get_meta("checkpoint") or {}
+        log.info("index: loaded %s checkpoint (recorded max id %s), replayed %d, dropped %d",
+                 self.kind, recorded.get("max_id"), replayed, dropped)
+        kind = self._desired_kind(self.count())
+        if kind != self.kind:
+            self._rebuild(kind, check_recall=True)
+        elif self._since_checkpoint:
+            self.checkpoint()
+        return self._index
+
+    def _reconcile(self) -> tuple[int, int]:
+        """Make faiss hold exactly the log's ids: add rows it lacks, drop ids whose row is
+        gone (ids are never reused, so set differences suffice). Returns (added, dropped)."""
         in_faiss = self._faiss_ids()
+        if self._tombstones:
+            gone = np.fromiter(self._tombstones, np.int64, len(self._tombstones))
+            in_faiss = np.setdiff1d(in_faiss, gone, assume_unique=True)
         in_log = np.fromiter((r[0] for r in self._db.execute("SELECT id FROM entries")), np.int64)
         stale = np.setdiff1d(in_faiss, in_log, assume_unique=True)
         missing = np.setdiff1d(in_log, in_faiss, assume_unique=True)
@@ -494,17 +516,17 @@ class TileIndex:
         for start in range(0, len(missing), 65536):
             ids = missing[start:start + 65536]
             self._index.add_with_ids(self._vectors(ids), ids)
-        recorded = self._get_meta("checkpoint") or {}
-        log.info("index: loaded %s checkpoint (%d vectors, recorded max id %s), replayed %d, "
-                 "dropped %d", self.kind, len(in_faiss), recorded.get("max_id"), len(missing),
-                 len(stale))
-        self._since_checkpoint = len(missing) + len(stale)
-        kind = self._desired_kind(len(in_log))
-        if kind != self.kind:
-            self._rebuild(kind, check_recall=True)
-        elif self._since_checkpoint:
-            self.checkpoint()
-        return self._index
+        self._since_checkpoint += len(missing) + len(stale)
+        return len(missing), len(stale)
+
+    def _sync(self) -> None:
+        """Catch up with commits made by another process (``terratile index add`` beside a
+        running daemon): SQLite's ``data_version`` changes only on other connections' commits."""
+        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:
+            self._data_version = version
+            added, dropped = self._reconcile()
+            log.info("index: another writer changed the log: +%d -%d", added, dropped)
 
     def _rebuild(self, kind: str, check_recall: bool) -> None:
         """A new index of ``kind`` from every vector in the log; optionally recall-checked."""

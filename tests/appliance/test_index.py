@@ -292,3 +292,18 @@ def test_hnsw_tombstones_are_compacted_by_a_rebuild(tmp_path: Path) -> None:
     assert stats["type"] == "hnsw"
     assert stats["tombstones"] == 0 and stats["faiss_ntotal"] == stats["entries"] == 24
     assert index.search(again.cells.embeddings[0], 1)[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_commits_of_another_process_are_seen(tmp_path: Path) -> None:
+    """``terratile index add`` beside a running daemon: each index sees the other's rows."""
+    daemon = TileIndex(tmp_path, cfg(exact_max=0), DIM)  # HNSW: replacements are tombstones
+    daemon.add_scene(outcome("s0", seed=0), CLASSES)
+    cli = TileIndex(tmp_path, cfg(exact_max=0), DIM)
+    added = outcome("s1", seed=1)
+    cli.add_scene(added, CLASSES)
+    cli.add_scene(outcome("s0", seed=2), CLASSES)  # replaces rows the daemon holds
+    hit = daemon.search(added.cells.embeddings[4], 1)[0]
+    assert hit.entry.scene_id == "s1" and hit.score == pytest.approx(1.0, abs=1e-5)
+    stats = daemon.stats()
+    assert stats["entries"] == 24 and stats["faiss_ntotal"] - stats["tombstones"] == 24
+    assert len({h.id for h in daemon.search(added.cells.embeddings[0], 30)}) == 24
