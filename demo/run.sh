@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the main job end to end on this machine, in a few minutes on 2 CPU cores.
 #
-#   data (generated colour classes, or 3 AID classes from DATA) → terratile-export train →
+#   data (generated textured classes, or 3 AID classes from DATA) → terratile-export train →
 #   terratile-export bundle → mosquitto → terratile run → drop a GeoTIFF into the inbox →
 #   print the MQTT result → stop everything.
 #
@@ -50,36 +50,22 @@ mkdir -p "$DEMO"
 
 # -- 1. training data -----------------------------------------------------------------
 if [[ -n "$DATA" ]]; then
+    TAG="aid-$(echo "$DEMO_CLASSES" | tr ' ' '-')"
+    CHIPS="$DEMO/data-$TAG"
     say "training data: classes $DEMO_CLASSES from $DATA"
-    rm -rf "$DEMO/data" && mkdir -p "$DEMO/data"
+    rm -rf "$CHIPS" && mkdir -p "$CHIPS"
     for c in $DEMO_CLASSES; do
         [[ -d "$DATA/$c" ]] || die "$DATA/$c does not exist (set DEMO_CLASSES)"
-        ln -s "$(cd "$DATA/$c" && pwd)" "$DEMO/data/$c"   # read-only data is linked, not copied
+        ln -s "$(cd "$DATA/$c" && pwd)" "$CHIPS/$c"   # read-only data is linked, not copied
     done
-    TAG="aid-$(echo "$DEMO_CLASSES" | tr ' ' '-')"
 else
-    TAG=colours
-    if [[ ! -f "$DEMO/data/.complete" ]]; then
-        say "training data: generating 3 colour classes (urban, vegetation, water)"
-        rm -rf "$DEMO/data"
-        "$PY" - "$DEMO/data" <<'EOF'
-import sys
-from pathlib import Path
-
-import numpy as np
-from PIL import Image
-
-out = Path(sys.argv[1])
-colours = {"urban": (200, 60, 50), "vegetation": (60, 160, 60), "water": (40, 70, 190)}
-rng = np.random.default_rng(0)
-for name, rgb in colours.items():
-    (out / name).mkdir(parents=True)
-    for i in range(40):
-        base = np.asarray(rgb, np.float32) * rng.uniform(0.8, 1.2)
-        chip = base + rng.normal(0, 18, (64, 64, 3))
-        Image.fromarray(np.clip(chip, 0, 255).astype(np.uint8)).save(out / name / f"{i:03d}.png")
-(out / ".complete").touch()
-EOF
+    TAG=synthetic
+    CHIPS="$DEMO/data-$TAG"
+    if [[ ! -f "$CHIPS/.complete" ]]; then
+        say "training data: generating 3 textured classes (urban, vegetation, water)"
+        rm -rf "$CHIPS"
+        "$PY" demo/synthetic.py chips "$CHIPS"
+        touch "$CHIPS/.complete"
     fi
 fi
 
@@ -89,7 +75,7 @@ BUNDLE="$DEMO/bundle-$TAG"
 if [[ ! -f "$RUN/metrics.json" ]]; then
     say "terratile-export train (efficientnet_lite0, 3 epochs, 64 px)"
     rm -rf "$RUN"
-    "$BIN/terratile-export" train --data "$DEMO/data" --backbone efficientnet_lite0 \
+    "$BIN/terratile-export" train --data "$CHIPS" --backbone efficientnet_lite0 \
         --pretrained --epochs 3 --image-size 64 --batch-size 16 --out "$RUN"
 fi
 if [[ ! -f "$BUNDLE/manifest.json" ]]; then
@@ -101,33 +87,10 @@ fi
 
 # -- 3. the scene to drop ---------------------------------------------------------------
 if [[ -z "$SCENE" ]]; then
-    SCENE="$DEMO/scene.tif"
+    SCENE="$DEMO/synthetic-scene.tif"
     if [[ ! -f "$SCENE" ]]; then
         say "generating a 512x512 GeoTIFF scene (EPSG:32633, 10 m pixels)"
-        "$PY" - "$SCENE" <<'EOF'
-import sys
-
-import numpy as np
-import rasterio
-from rasterio.transform import from_origin
-
-rng = np.random.default_rng(1)
-size = 512
-rows, cols = np.mgrid[0:size, 0:size]
-rgb = np.zeros((3, size, size), np.float32)
-regions = [((rows < 256) & (cols < 256), (200, 60, 50)),      # urban
-           ((rows < 256) & (cols >= 256), (60, 160, 60)),     # vegetation
-           ((rows >= 256), (40, 70, 190))]                    # water
-for mask, colour in regions:
-    for b in range(3):
-        rgb[b][mask] = colour[b]
-rgb += rng.normal(0, 12, rgb.shape)
-profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
-           "crs": "EPSG:32633", "transform": from_origin(500000, 5000000, 10, 10),
-           "tiled": True, "blockxsize": 256, "blockysize": 256}
-with rasterio.open(sys.argv[1], "w", **profile) as dst:
-    dst.write(np.clip(rgb, 0, 255).astype(np.uint8))
-EOF
+        "$PY" demo/synthetic.py scene "$SCENE"
     fi
 fi
 [[ -f "$SCENE" ]] || die "SCENE=$SCENE does not exist"
