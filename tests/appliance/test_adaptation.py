@@ -21,7 +21,7 @@ from appliance.head import read_head
 from appliance.models import ModelStore
 from appliance.runtime import ModelRuntime, ProviderPlan
 from tests.appliance.colour_scenes import BLUE_CAST, colour_scene
-from tests.appliance.test_daemon import P, DaemonProc
+from tests.appliance.test_daemon import DaemonProc, P
 from tests.conftest import Broker
 from tests.mqtt_listener import Listener, topic_is
 
