@@ -9,7 +9,6 @@ otherwise. Unreadable files are reported and skipped; the rest are indexed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 import typer
 
-from appliance.bundle import Bundle, BundleError, load_bundle
+from appliance.bundle import Bundle, BundleError, load_bundle, sha256_file
 from appliance.config import ConfigError, Settings, load_settings
 from appliance.index import Entry, IndexStateError, TileIndex
 from appliance.models import ModelStore
@@ -78,10 +77,6 @@ def _images(root: Path) -> Iterator[Path]:
             yield path
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def add_reference_images(root: Path, index: TileIndex, runtime: ModelRuntime,
                          bands: list[int] | None = None) -> tuple[int, list[str]]:
     """Index every image under ``root``; returns (entries added, one line per skipped file)."""
@@ -108,7 +103,11 @@ def add_reference_images(root: Path, index: TileIndex, runtime: ModelRuntime,
         return n
 
     for path in _images(root):
-        sid = "ref:" + _sha256(path)
+        try:
+            sid = "ref:" + sha256_file(path)
+        except OSError as exc:
+            skipped.append(f"{path}: unreadable: {exc}")
+            continue
         if sid in seen:
             skipped.append(f"{path}: duplicate of a file already added in this run")
             continue
