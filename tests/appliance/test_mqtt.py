@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -209,6 +210,53 @@ def test_password_from_file_authenticates_and_is_never_logged(
             bad.stop()
         assert secret not in caplog.text
         assert "connection refused" in caplog.text.lower() or "not authorized" in caplog.text
+    finally:
+        journal.close()
+        broker.stop()
+
+
+def test_tls_with_a_private_ca(tmp_path: Path) -> None:
+    """Comms verifies the broker against ``tls.ca_certs`` and delivers over TLS."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed; needed to make a test CA")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=tmp_path)
+
+    def key_and_cert(*args: str) -> None:  # EC keys: fast to generate
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", *args)
+
+    key_and_cert("-x509", "-days", "1", "-subj", "/CN=test-ca", "-keyout", "ca.key",
+                 "-out", "ca.crt")
+    key_and_cert("-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr")
+    (tmp_path / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "1", "-extfile", "san.ext", "-out", "server.crt")
+    broker = Broker(tmp_path)
+    broker.conf.write_text(broker.conf.read_text() + (
+        f"cafile {tmp_path / 'ca.crt'}\ncertfile {tmp_path / 'server.crt'}\n"
+        f"keyfile {tmp_path / 'server.key'}\n" + ("user root\n" if os.geteuid() == 0 else "")))
+    broker.start()
+    journal = Journal(tmp_path / "j.sqlite")
+    try:
+        comms = make_comms(broker, journal, tls={"enabled": True,
+                                                 "ca_certs": tmp_path / "ca.crt"})
+        comms.start()
+        wait_until(comms.connected.is_set)
+        comms.send("scene/x/result", "{}", msg_id="tls-1")
+        wait_until(lambda: journal.outbox_depth() == 0)
+        comms.stop()
+        other_ca = tmp_path / "other"
+        other_ca.mkdir()
+        key_and_cert("-x509", "-days", "1", "-subj", "/CN=x", "-keyout", "other/ca.key",
+                     "-out", "other/ca.crt")
+        untrusting = make_comms(broker, journal, tls={"enabled": True,
+                                                      "ca_certs": other_ca / "ca.crt"})
+        untrusting.start()
+        time.sleep(1.0)
+        assert not untrusting.connected.is_set()  # the broker's certificate is not trusted
+        untrusting.stop()
     finally:
         journal.close()
         broker.stop()
