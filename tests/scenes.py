@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.transform import Affine, from_origin
+from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from tests.colour_bundle import PURE
@@ -40,8 +40,8 @@ def quarters(height: int, width: int) -> Layout:
 def default_transform(crs: str, size: tuple[int, int]) -> Affine:
     """10 m pixels in a UTM-like CRS; 0.0001° pixels near 45°N, 10°E in a geographic CRS."""
     if rasterio.crs.CRS.from_user_input(crs).is_geographic:
-        return from_origin(10.0, 45.0, 1e-4, 1e-4)
-    return from_origin(500000.0, 5000000.0, 10.0, 10.0)
+        return Affine(1e-4, 0.0, 10.0, 0.0, -1e-4, 45.0)
+    return Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0)
 
 
 def write_scene(
