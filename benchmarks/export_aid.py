@@ -31,11 +31,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 EXE = str(Path(sys.executable).parent / "terratile-export")
 DATA = Path("/work/shared/data/aid")
-COMMON = ["--backbone", "efficientnet_lite0", "--image-size", "112", "--batch-size", "32",
+COMMON = ["--backbone", "efficientnet_lite0", "--image-size", "128", "--batch-size", "32",
           "--lr", "1e-3", "--warmup-epochs", "0.5", "--threads", "1", "--val-fraction", "0.2",
           "--seed", "0"]
 RUNS: dict[str, list[str]] = {
-    "aid_ft": ["--epochs", "5"],
+    "aid_ft": ["--epochs", "6"],
     "aid_frozen": ["--epochs", "3", "--freeze-backbone"],
 }
 KEYS = ("overall_accuracy", "kappa", "macro_f1", "map_at_20", "precision_at_5",
