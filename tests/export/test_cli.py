@@ -111,3 +111,18 @@ def test_pretrained_timm_without_hub_fails_clearly(tiny_run: Path, tmp_path: Pat
     r = runner.invoke(app, ["train", "--data", str(tiny_run / "data"), "--out", str(tmp_path),
                             "--backbone", "resnet18", "--pretrained"])
     assert r.exit_code == 2 and "--no-pretrained" in r.output and "unreachable" in r.output
+
+
+def test_init_starts_from_a_previous_run(tiny_run: Path, tmp_path: Path) -> None:
+    """A second round (--init) starts from the first run's weights, not from scratch."""
+    import torch
+
+    run = tmp_path / "round2"
+    r = runner.invoke(app, ["train", "--data", str(tiny_run / "data"), "--out", str(run),
+                            "--init", str(tiny_run / "run"), "--lr", "0", *TINY])
+    assert r.exit_code == 0, r.output
+    first = torch.load(tiny_run / "run" / "checkpoint.pt", weights_only=True)["model"]
+    second = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    convs = [k for k in first if k.endswith("conv1.weight")]
+    assert convs and all(torch.equal(first[k], second[k]) for k in convs)
+    assert torch.equal(first["classifier.weight"], second["classifier.weight"])
