@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -253,24 +254,36 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
     t0 = time.perf_counter()
-    bundle = load_bundle(args.bundle)
+    work = Path(tempfile.mkdtemp(prefix="terratile-adapt-bench-"))
+    snapshot = work / "bundle"  # a private copy: the exporter may rewrite its bundle meanwhile
+    shutil.copytree(args.bundle, snapshot)
+    bundle = load_bundle(snapshot)
     paths, labels = load_split(args.split, bundle.manifest.class_names)
     images = [read_image(p) for p in paths]
     adapt_idx, test_idx = halves(labels)
     rng = np.random.default_rng(0)
     adapt_order, test_order = rng.permutation(adapt_idx), rng.permutation(test_idx)
-    work = Path(tempfile.mkdtemp(prefix="terratile-adapt-bench-"))
+    results: list[dict[str, Any]] = []
+    doc = {
+        "benchmark": "adaptation", "bundle": str(args.bundle),
+        "bundle_name": bundle.manifest.name, "bundle_files": bundle.manifest.files,
+        "split": str(args.split),
+        "target_images": {"adapt": len(adapt_idx), "test": len(test_idx)},
+        "mosaic": {"rows": ROWS, "cols": COLS, "cell_px": CELL, "scales": [CELL]},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "seconds": 0.0, "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         clean_root = work / "clean"
         settings = settings_for(clean_root)
         runtime = ModelRuntime(bundle, ProviderPlan(providers=("cpu",)))
         clean_test = write_mosaics(images, labels, test_order, clean_root / "scenes", "test")
         source_before = classify(runtime, settings, clean_test, clean_root / "eval")
-        results = []
         runs = [(n, v) for v in args.variants for n in args.shifts
                 if v == args.variants[0] or n != "none"]
         for name, variant in runs:
-            res = run_condition(name, variant, SHIFTS[name], args.bundle, images, labels,
+            res = run_condition(name, variant, SHIFTS[name], snapshot, images, labels,
                                 adapt_order, test_order, clean_test, work)
             cost = source_before - res["target_oa_before"]
             res["source_oa_before"] = source_before
@@ -281,18 +294,10 @@ def main() -> None:
             results.append(res)
             print(json.dumps({k: v for k, v in res.items() if k not in ("jobs", "stream")}),
                   flush=True)
+            doc["seconds"] = round(time.perf_counter() - t0, 1)
+            args.out.write_text(json.dumps(doc, indent=2) + "\n")  # partial results survive
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    doc = {
-        "benchmark": "adaptation", "bundle": str(args.bundle),
-        "bundle_name": bundle.manifest.name, "split": str(args.split),
-        "target_images": {"adapt": len(adapt_idx), "test": len(test_idx)},
-        "mosaic": {"rows": ROWS, "cols": COLS, "cell_px": CELL, "scales": [CELL]},
-        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
-        "seconds": round(time.perf_counter() - t0, 1), "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out} in {doc['seconds']} s")
 
 
