@@ -47,6 +47,7 @@ from appliance.bundle import (
 from appliance.reference import build_reference, class_centroids
 from appliance.runtime import ProviderPlan, activate, open_session
 from export.data import SPLIT_FILE, DataSet, load_chips, load_split, scan
+from export.model import Descriptor
 from export.train import METRICS, RunInfo, load_trained
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class BundleOptions:
     name: str | None = None
     scales: tuple[int, ...] = (56, 112, 224)
     notes: str = ""
+    descriptor: Literal["trained", "pooled"] = "trained"
 
 
 def class_colours(names: list[str]) -> list[ClassSpec]:
@@ -238,10 +240,12 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
         feats = model.backbone(x)
     exporter = export_onnx(model.backbone, x[:2], out / BACKBONE, IMAGE_INPUT, FEATURES)
     export_onnx(_FeatureToLogits(model.classifier), feats[:2], out / CLASSIFIER, FEATURES, LOGITS)
-    export_onnx(model.embedder, feats[:2], out / EMBEDDER, FEATURES, EMBEDDING)
+    embedder = model.embedder if options.descriptor == "trained" else None
+    descriptor = Descriptor(embedder, model.classifier, info.task == "multi-label").eval()
+    export_onnx(descriptor, feats[:2], out / EMBEDDER, FEATURES, EMBEDDING)
     console.print(f"exported with the {exporter} exporter (opset {OPSET})")
 
-    parity = {"fp32": _parity(model, out, x)}
+    parity = {"fp32": _parity(model, descriptor, out, x)}
     if parity["fp32"]["max_abs_diff"] > FP32_TOLERANCE:
         raise ParityError(f"fp32 ONNX vs torch max abs diff {parity['fp32']['max_abs_diff']:.2e} "
                           f"> {FP32_TOLERANCE:.0e}: {parity['fp32']}")
@@ -253,7 +257,7 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
             raise ValueError("--int8 needs --calibration DIR (real chips for activation ranges)")
         quantise_int8(out / BACKBONE, calibration_chips(options.calibration, spec))
     if options.precision != "fp32":
-        parity[options.precision] = _parity(model, out, x)
+        parity[options.precision] = _parity(model, descriptor, out, x)
     for name, p in parity.items():
         console.print(f"parity {name}: max abs diff features {p['features']:.2e}, "
                       f"logits {p['logits']:.2e}, embedding {p['embedding']:.2e}")
@@ -276,16 +280,20 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
         name=options.name or Path(run_dir).resolve().name, version=options.version,
         backbone=info.backbone, task=info.task, classes=class_colours(info.classes),
         input=spec, scales=list(options.scales), feature_dim=info.feature_dim,
-        embedding_dim=info.embedding_dim, metrics=_metrics(run_dir, parity, exporter, options),
+        embedding_dim=(info.embedding_dim + n_classes if embedder is not None
+                       else info.feature_dim),
+        metrics=_metrics(run_dir, parity, exporter, options),
         notes=options.notes or f"precision {options.precision}",
     )
     return seal_bundle(out, manifest)
 
 
-def _parity(model: nn.Module, out: Path, x: torch.Tensor) -> dict[str, float]:
+def _parity(model: nn.Module, descriptor: Descriptor, out: Path,
+            x: torch.Tensor) -> dict[str, float]:
     """Max abs difference onnxruntime vs torch for each graph, on real chips."""
     with torch.no_grad():
-        feats, logits, emb = model(x)
+        feats, logits, _ = model(x)
+        emb = descriptor(feats)
     ort_feats = _run(out / BACKBONE, IMAGE_INPUT, FEATURES, x.numpy())
     diffs = {
         "features": float(np.abs(ort_feats - feats.numpy()).max()),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 from rich.console import Console
@@ -70,6 +70,9 @@ def bundle_cmd(
     version: int = typer.Option(1, min=1),
     name: Optional[str] = typer.Option(None, help="Bundle name (default: the run's name)."),  # noqa: UP045
     scales: str = typer.Option("56,112,224", help="Default tile scales (px), comma-separated."),
+    descriptor: str = typer.Option(
+        "trained", help="Retrieval descriptor: 'trained' (embedding ⊕ posterior) or 'pooled' "
+        "(L2-normalised backbone features, the off-the-shelf baseline)."),
 ) -> None:
     """Export RUN as a sealed bundle: ONNX graphs, source bank, reference, manifest."""
     from export.bundler import BundleOptions, ParityError, Precision, bundle
@@ -81,11 +84,20 @@ def bundle_cmd(
     precision: Precision = "fp16" if fp16 else "int8" if int8 else "fp32"
     try:
         options = BundleOptions(precision=precision, calibration=calibration, version=version,
-                                name=name, scales=tuple(int(s) for s in scales.split(",")))
+                                name=name, scales=tuple(int(s) for s in scales.split(",")),
+                                descriptor=_descriptor(descriptor))
         manifest = bundle(run, out, options, console)
     except (DataError, BundleError, ParityError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     console.print(f"bundle {manifest.name} v{manifest.version} sealed in {out}")
+
+
+def _descriptor(value: str) -> Literal["trained", "pooled"]:
+    if value == "trained":
+        return "trained"
+    if value == "pooled":
+        return "pooled"
+    raise _fail(f"--descriptor must be 'trained' or 'pooled', got {value!r}")
 
 
 @app.command("evaluate")

@@ -39,6 +39,34 @@ class TerratileNet(nn.Module):
         return features, self.classifier(features), self.embedder(features)
 
 
+class Descriptor(nn.Module):
+    """The exported retrieval descriptor: metric embedding ⊕ class posterior, L2-normalised.
+
+    The proxy-trained embedding orders images within a class; the posterior (softmax, or
+    sigmoid for multi-label) separates classes. Concatenating the two unit vectors and
+    normalising gives equal weight to both: on AID's held-out split this lifts mAP@20 from
+    0.73 (embedding alone) to 0.82 with the same network (README, "Retrieval"). The
+    classifier weights are copied at export, so the index keeps one descriptor even when the
+    appliance later adapts its classifier head. Without an embedder it is the seed papers'
+    off-the-shelf baseline: L2-normalised pooled backbone features.
+    """
+
+    def __init__(self, embedder: Embedder | None, classifier: nn.Module,
+                 multi_label: bool) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.classifier = classifier
+        self.multi_label = multi_label
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.embedder is None:  # off-the-shelf: the pooled features themselves
+            return F.normalize(features, dim=1)
+        logits = self.classifier(features)
+        posterior = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
+        both = torch.cat([self.embedder(features), F.normalize(posterior, dim=1)], dim=1)
+        return F.normalize(both, dim=1)
+
+
 class ProxyLoss(nn.Module):
     """Normalised-softmax proxy loss on the embedding (one learnable proxy per class).
 

@@ -25,6 +25,7 @@ from appliance.bundle import (
 from appliance.runtime import ModelRuntime, ProviderPlan
 from export.bundler import BundleOptions, bundle, class_colours
 from export.data import load_chips, load_split
+from export.model import Descriptor
 from export.train import load_trained, predict
 
 CPU = ProviderPlan(providers=("cpu",))
@@ -58,7 +59,10 @@ def test_appliance_runtime_matches_torch(tiny_run: Path) -> None:
     b = load_bundle(tiny_run / "bundle")
     info, model = load_trained(tiny_run / "run")
     chips = load_chips(load_split(tiny_run / "run", "val"), info.input_spec.size).images
-    feats, logits, emb = predict(model, chips, info.input_spec)
+    feats, logits, _ = predict(model, chips, info.input_spec)
+    with torch.no_grad():  # the exported descriptor: embedding ⊕ posterior, normalised
+        emb = Descriptor(model.embedder, model.classifier, False)(torch.from_numpy(feats)).numpy()
+    assert emb.shape[1] == b.manifest.embedding_dim
     runtime = ModelRuntime(b, CPU)
     for n in (1, len(chips)):
         out = runtime.infer(chips[:n])
@@ -108,6 +112,17 @@ def test_int8_bundle_is_quantised_and_close(tiny_run: Path, tmp_path: Path) -> N
     assert b.version == 2 and b.manifest.metrics["precision"] == "int8"
     probs = ModelRuntime(b, CPU).infer(np.full((2, 3, 32, 32), 128, np.float32)).probs
     assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_pooled_descriptor_is_the_normalised_backbone_feature(tiny_run: Path,
+                                                               tmp_path: Path) -> None:
+    manifest = bundle(tiny_run / "run", tmp_path / "pooled",
+                      BundleOptions(descriptor="pooled", scales=(16, 32)), Console(quiet=True))
+    assert manifest.embedding_dim == manifest.feature_dim
+    out = ModelRuntime(load_bundle(tmp_path / "pooled"), CPU).infer(
+        np.random.default_rng(0).uniform(0, 255, (3, 3, 32, 32)).astype(np.float32))
+    expected = out.features / np.linalg.norm(out.features, axis=1, keepdims=True)
+    np.testing.assert_allclose(out.embedding, expected, atol=1e-5)
 
 
 def test_class_colours_are_distinct_beyond_the_palette() -> None:
