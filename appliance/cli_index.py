@@ -18,7 +18,8 @@ import numpy as np
 import typer
 
 from appliance.bundle import Bundle, BundleError, load_bundle, sha256_file
-from appliance.config import ConfigError, Settings, load_settings
+from appliance.cli_options import CONFIG_OPTION, settings_or_exit
+from appliance.config import Settings
 from appliance.index import Entry, IndexStateError, TileIndex
 from appliance.models import ModelStore
 from appliance.retrieval import (
@@ -34,15 +35,8 @@ from appliance.runtime import ModelRuntime, ProviderPlan
 index_app = typer.Typer(no_args_is_help=True, help="The local retrieval index.")
 BATCH = 32
 
-ConfigOpt = typer.Option(..., "--config", "-c", help="Appliance config YAML.")
 
 
-def _settings(config: Path) -> Settings:
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        typer.echo(f"{config}: invalid configuration\n{exc}", err=True)
-        raise typer.Exit(2) from exc
 
 
 def active_bundle(settings: Settings) -> Bundle:
@@ -125,9 +119,9 @@ def add_reference_images(root: Path, index: TileIndex, runtime: ModelRuntime,
 
 @index_app.command("add")
 def add(directory: Path = typer.Argument(..., exists=True, file_okay=False),
-        config: Path = ConfigOpt) -> None:
+        config: Path = CONFIG_OPTION) -> None:
     """Index the reference images under DIRECTORY (label = parent folder name)."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         runtime = open_runtime(settings)
         index = open_index(settings, runtime.manifest.embedding_dim)
@@ -144,10 +138,10 @@ def add(directory: Path = typer.Argument(..., exists=True, file_okay=False),
 
 
 @index_app.command("stats")
-def stats(config: Path = ConfigOpt,
+def stats(config: Path = CONFIG_OPTION,
           as_json: bool = typer.Option(False, "--json", help="One JSON object.")) -> None:
     """Counts, index type, dimensions, size on disk and the last recall check."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         index = open_index(settings, read_only=True)
     except (BundleError, IndexStateError) as exc:
@@ -173,7 +167,7 @@ def _read_vector(path: Path) -> np.ndarray:
 
 
 def query_command(
-    config: Path = ConfigOpt,
+    config: Path = CONFIG_OPTION,
     image: Path | None = typer.Option(None, "--image", help="Query by an image file."),
     scene: str | None = typer.Option(None, "--scene", help="Query by a cell of this scene."),
     pixel: tuple[float, float] | None = typer.Option(None, "--pixel", help="COL ROW"),
@@ -188,7 +182,7 @@ def query_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Nearest indexed cells / reference images to an image, a cell or a vector."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     runtime: ModelRuntime | None = None
     try:
         if image is not None:

@@ -14,12 +14,12 @@ import typer
 
 from appliance.adaptation import Adapter
 from appliance.bundle import BundleError
-from appliance.config import ConfigError, Settings, load_settings
+from appliance.cli_options import CONFIG_OPTION, settings_or_exit
+from appliance.config import Settings
 from appliance.models import ModelStore
 
 models_app = typer.Typer(no_args_is_help=True, help="Installed model versions.")
 
-ConfigOption = typer.Option(..., "--config", "-c", help="Appliance YAML configuration.")
 
 
 def model_store(settings: Settings) -> ModelStore:
@@ -27,19 +27,13 @@ def model_store(settings: Settings) -> ModelStore:
     return ModelStore(settings.paths.state / "models")
 
 
-def _settings(config: Path) -> Settings:
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        typer.echo(f"{config}: invalid configuration\n{exc}", err=True)
-        raise typer.Exit(1) from exc
 
 
 @models_app.command("list")
-def list_versions(config: Path = ConfigOption,
+def list_versions(config: Path = CONFIG_OPTION,
                   as_json: bool = typer.Option(False, "--json", help="JSON array.")) -> None:
     """Every installed version with its path, parent and whether it is active."""
-    versions = model_store(_settings(config)).versions()
+    versions = model_store(settings_or_exit(config)).versions()
     if as_json:
         typer.echo(json.dumps([v.as_dict() for v in versions], indent=2))
         return
@@ -52,7 +46,7 @@ def list_versions(config: Path = ConfigOption,
 
 
 def _switch(config: Path, version: int | None) -> None:
-    store = model_store(_settings(config))
+    store = model_store(settings_or_exit(config))
     before = store.active_version()
     try:
         bundle = store.rollback() if version is None else store.activate(version)
@@ -63,22 +57,22 @@ def _switch(config: Path, version: int | None) -> None:
 
 
 @models_app.command("rollback")
-def rollback(config: Path = ConfigOption) -> None:
+def rollback(config: Path = CONFIG_OPTION) -> None:
     """Activate the parent of the active version."""
     _switch(config, None)
 
 
 @models_app.command("activate")
 def activate(version: int = typer.Argument(..., help="Installed version number."),
-             config: Path = ConfigOption) -> None:
+             config: Path = CONFIG_OPTION) -> None:
     """Activate an installed VERSION (verified first)."""
     _switch(config, version)
 
 
 @models_app.command("adapt")
-def adapt(config: Path = ConfigOption) -> None:
+def adapt(config: Path = CONFIG_OPTION) -> None:
     """Run one gated adaptation job on the stored target cells now; print its report."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     adapter = Adapter(model_store(settings), settings.adapt, settings.paths.state)
     try:
         report = adapter.run("cli")

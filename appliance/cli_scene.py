@@ -10,18 +10,8 @@ from pathlib import Path
 import typer
 
 from appliance.bundle import BundleError
-from appliance.config import ConfigError, Settings, load_settings
-
-CONFIG = typer.Option(..., "--config", "-c", help="Appliance YAML config file.",
-                      exists=False, dir_okay=False)
-
-
-def _settings(config: Path) -> Settings:
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        typer.echo(f"{config}: invalid configuration\n{exc}", err=True)
-        raise typer.Exit(78) from exc
+from appliance.cli_options import CONFIG_OPTION, settings_or_exit
+from appliance.config import Settings
 
 
 def _logging(settings: Settings) -> None:
@@ -29,22 +19,22 @@ def _logging(settings: Settings) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def run(config: Path = CONFIG) -> None:
+def run(config: Path = CONFIG_OPTION) -> None:
     """Run the daemon: watch the inbox, process scenes, publish on MQTT, until SIGTERM."""
     from appliance.daemon import run_daemon
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     _logging(settings)
     raise typer.Exit(run_daemon(settings))
 
 
-def process(scene: Path, config: Path = CONFIG) -> None:
+def process(scene: Path, config: Path = CONFIG_OPTION) -> None:
     """Process one SCENE (no inbox, no journal, no MQTT) and print the result JSON."""
     from appliance.daemon import build_result, open_runtime, open_store
     from appliance.inbox import sha256_stream
     from appliance.pipeline import SceneError, process_scene
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     _logging(settings)
     if not scene.is_file():
         typer.echo(f"{scene}: no such file", err=True)
@@ -66,13 +56,13 @@ def process(scene: Path, config: Path = CONFIG) -> None:
         by_alias=True, indent=2))
 
 
-def status(config: Path = CONFIG) -> None:
+def status(config: Path = CONFIG_OPTION) -> None:
     """Print the journal's view as JSON: queue depth, active model, scene counts, outbox."""
     from appliance.inbox import ignored
     from appliance.journal import Journal
     from appliance.models import ModelStore
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     paths = settings.paths
     db = paths.state / "journal.sqlite"
     if not db.is_file():

@@ -50,6 +50,7 @@ import numpy as np
 
 from appliance.cells import SceneCells
 from appliance.config import RetrievalConfig
+from appliance.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +315,7 @@ class TileIndex:
             with tmp.open("rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, self.faiss_path)
-            _fsync_dir(self.state_dir)
+            fsync_dir(self.state_dir)
             ids = self._faiss_ids()
             self._set_meta("checkpoint", {"max_id": int(ids.max()) if len(ids) else 0,
                                           "ntotal": int(self._index.ntotal), "kind": self.kind,
@@ -689,11 +690,3 @@ def _kind_of(index: Any) -> str:
     if isinstance(inner, faiss.IndexIVFPQ):
         return "ivfpq"
     return "flat"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.bundle import Bundle, BundleError, load_bundle
+from appliance.durable import fsync_dir
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,9 @@ class ModelStore:
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
             shutil.copytree(source, tmp, dirs_exist_ok=True)
             load_bundle(tmp)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             tmp.replace(target)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         if activate:
             self.activate(bundle.version)
         return load_bundle(target)
@@ -109,7 +110,7 @@ class ModelStore:
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(self._pointer)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return bundle
 
     def rollback(self) -> Bundle:
@@ -127,11 +128,3 @@ class ModelStore:
         """Remove half-copied ``.tmp-*`` directories left by a crash."""
         for tmp in self.root.glob(".tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

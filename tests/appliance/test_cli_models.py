@@ -84,4 +84,4 @@ def test_errors_are_clear(colour_bundle: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("adapt: {tau: 3}\n")
     invalid = runner.invoke(app, ["models", "list", "--config", str(bad)])
-    assert invalid.exit_code == 1 and "adapt.tau" in invalid.output
+    assert invalid.exit_code == 78 and "adapt.tau" in invalid.output
