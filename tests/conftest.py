@@ -14,9 +14,7 @@ import pytest
 
 from tests.colour_bundle import build_colour_bundle
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not SHARED.is_dir():
-    SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared beside the checkout
 
 
 def shared_data() -> Path:
