@@ -17,9 +17,14 @@ The GID scheme (Tong et al.), made safe for a box in the field:
 5. **Fit** a softmax-regression head on raw features, confirmed target rows plus the source
    training rows, started from the current head and pulled towards the source head (L2,
    ``adapt.l2``); ``adapt.rounds`` rounds, each re-labelling with the teacher and the new head.
+   Every ``adapt.holdout_every``-th stored cell is never fitted (neither as a confirmed row nor
+   as a distillation row): the gate judges on those.
 6. **Gate**: held-back source accuracy may drop at most ``adapt.max_source_drop`` below the
    source head's, predicted-class entropy on target cells stays ≥ ``adapt.min_entropy``, and
-   agreement with the round-1 confirmed cells must rise above the current head's.
+   on the held-out cells the update must never get worse and must gain something: agreement
+   with their confirmed pseudo-labels must not fall and must rise, unless the current head is
+   already at ``adapt.agreement_ceiling``; then agreement with the teacher on all held-out
+   cells (where the unconfirmed gains are) must rise instead.
 7. **Promote** a passing head as a new bundle version (copy of the active bundle, new
    ``classifier.onnx``, ``parent`` recorded, sealed) through ``ModelStore.install``, which
    switches the active pointer atomically; a failing one is kept under ``state/adapt/rejected``.
@@ -323,6 +328,11 @@ def accuracy(head: LinearHead, features: np.ndarray, labels: np.ndarray) -> floa
     return float((head.logits(features).argmax(axis=1) == labels).mean())
 
 
+def _agreement(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows whose argmax equals ``labels`` (0 for no rows)."""
+    return float((probs.argmax(axis=1) == labels).mean()) if len(labels) else 0.0
+
+
 def class_entropy(predicted: np.ndarray, n_classes: int) -> float:
     """Normalised entropy of the predicted-class histogram (1 = uniform, 0 = one class)."""
     if len(predicted) == 0:
@@ -347,7 +357,9 @@ class AdaptationData:
     alignment: Alignment
     teacher: LinearHead  # source head composed with the alignment
     pseudo: np.ndarray  # [n] pseudo-label per candidate cell (teacher argmax)
-    confirmed: np.ndarray  # indexes of confirmed cells (round 1)
+    confirmed: np.ndarray  # indexes of confirmed cells that may be fitted (round 1)
+    heldout: np.ndarray  # [n] bool: cells never fitted, for the gate
+    validation: np.ndarray  # indexes of confirmed held-out cells (round 1)
     train_x: np.ndarray  # source training rows
     train_y: np.ndarray
     holdout_x: np.ndarray
@@ -517,13 +529,17 @@ class Adapter:
         probs = self._fused(teacher, cands.features)
         pseudo = probs.argmax(axis=1)
         confirmed = self._confirm(probs, cands.features, alignment, index, labels[train])
+        heldout = np.arange(len(cands)) % self.cfg.holdout_every == 0
+        validation = confirmed[heldout[confirmed]]
+        confirmed = confirmed[~heldout[confirmed]]
         counts = {"candidates": len(cands), "scenes": len(np.unique(cands.scenes)),
                   "pseudo": int((probs.max(axis=1) >= self.cfg.tau).sum()),
-                  "confirmed": len(confirmed), "source_train": int(train.sum()),
+                  "confirmed": len(confirmed), "heldout": int(heldout.sum()),
+                  "validation": len(validation), "source_train": int(train.sum()),
                   "source_holdout": int(hold.sum())}
         return AdaptationData(bundle, source_bundle, current, source, cands, alignment, teacher,
-                              pseudo, confirmed, bank.features[train], labels[train],
-                              bank.features[hold], labels[hold], index, counts)
+                              pseudo, confirmed, heldout, validation, bank.features[train],
+                              labels[train], bank.features[hold], labels[hold], index, counts)
 
     def _confirm(self, probs: np.ndarray, features: np.ndarray, alignment: Alignment,
                  index: faiss.Index, bank_labels: np.ndarray) -> np.ndarray:
@@ -541,9 +557,10 @@ class Adapter:
             ) -> LinearHead:
         """A head trained on target ``cells`` (all their scales) with ``labels`` + source rows.
 
-        With ``distill`` every stored target cell also contributes the aligned teacher's
-        class distribution (weight ``adapt.distill``): the head learns on raw target features
-        what the teacher does on re-standardised ones, while the source rows keep it honest.
+        With ``distill`` every stored target cell outside the gate's held-out part also
+        contributes the aligned teacher's class distribution (weight ``adapt.distill``): the
+        head learns on raw target features what the teacher does on re-standardised ones,
+        while the source rows keep it honest.
         """
         k = data.current.n_classes
         feats = data.candidates.features
@@ -553,7 +570,7 @@ class Adapter:
         parts = [(tx, np.eye(k, dtype=np.float32)[np.repeat(labels, feats.shape[1])], 1.0),
                  (data.train_x, np.eye(k, dtype=np.float32)[data.train_y], sw)]
         if distill and self.cfg.distill > 0:
-            rows = feats.reshape(-1, d)
+            rows = feats[~data.heldout].reshape(-1, d)
             parts.append((rows, activate(data.teacher.logits(rows), False), self.cfg.distill))
         x = np.concatenate([p[0] for p in parts])
         t = np.concatenate([p[1] for p in parts])
@@ -567,13 +584,16 @@ class Adapter:
         src_before = accuracy(data.current, data.holdout_x, data.holdout_y)
         src_after = accuracy(head, data.holdout_x, data.holdout_y)
         k = head.n_classes
-        ent_after = class_entropy(self._fused(head, data.candidates.features).argmax(1), k)
-        conf = data.confirmed
-        target = data.pseudo[conf]
-        agree_before = float((self._fused(data.current, data.candidates.features[conf])
-                              .argmax(1) == target).mean()) if len(conf) else 0.0
-        agree_after = float((self._fused(head, data.candidates.features[conf])
-                             .argmax(1) == target).mean()) if len(conf) else 0.0
+        feats = data.candidates.features
+        ent_after = class_entropy(self._fused(head, feats).argmax(1), k)
+        held = np.flatnonzero(data.heldout)
+        teacher_says = self._fused(data.teacher, feats[held]).argmax(1)
+        agree_before = _agreement(self._fused(data.current, feats[data.validation]),
+                                  data.pseudo[data.validation])
+        agree_after = _agreement(self._fused(head, feats[data.validation]),
+                                 data.pseudo[data.validation])
+        teacher_before = _agreement(self._fused(data.current, feats[held]), teacher_says)
+        teacher_after = _agreement(self._fused(head, feats[held]), teacher_says)
         failures = []
         if src_after < src_ref - cfg.max_source_drop - 1e-9:
             failures.append(f"source holdout accuracy {src_after:.4f} < source head "
@@ -581,12 +601,24 @@ class Adapter:
         if ent_after < cfg.min_entropy:
             failures.append(f"class collapse: predicted-class entropy {ent_after:.3f} < "
                             f"{cfg.min_entropy}")
-        if not agree_after > agree_before:
-            failures.append(f"agreement with confirmed target cells did not rise "
+        ceiling = cfg.agreement_ceiling
+        if len(data.validation) == 0:
+            failures.append("no confirmed cells among the held-out target cells")
+        elif agree_after < min(agree_before, ceiling) - 1e-9:
+            failures.append(f"agreement with held-out confirmed target cells fell "
                             f"({agree_before:.4f} → {agree_after:.4f})")
+        elif agree_before < ceiling and not agree_after > agree_before:
+            failures.append(f"agreement with held-out confirmed target cells did not rise "
+                            f"({agree_before:.4f} → {agree_after:.4f})")
+        elif agree_before >= ceiling and not teacher_after > teacher_before:
+            failures.append(f"agreement with confirmed cells at the ceiling and agreement with "
+                            f"the teacher on held-out cells did not rise "
+                            f"({teacher_before:.4f} → {teacher_after:.4f})")
         figures = {"source_acc_source_head": src_ref, "source_acc_before": src_before,
                    "source_acc_after": src_after, "target_entropy_after": ent_after,
-                   "agreement_before": agree_before, "agreement_after": agree_after}
+                   "agreement_before": agree_before, "agreement_after": agree_after,
+                   "teacher_agreement_before": teacher_before,
+                   "teacher_agreement_after": teacher_after}
         return GateResult(not failures, failures, figures)
 
     # -- the whole job -----------------------------------------------------------------
@@ -643,11 +675,16 @@ class Adapter:
         """Radiometric re-standardisation of the input, when the stored scenes call for it.
 
         The pooled band statistics of the stored scenes, mapped by the active input spec,
-        are compared with the source reference; beyond ``adapt.input_tolerance`` a new
-        version folds a blended per-band standardisation into ``InputSpec`` mean/std (no
-        new backbone) and goes back to the source head, which expects source-like inputs.
-        Its gate is radiometric (the distance must fall); the source head keeps the
-        held-back source accuracy by construction. Returns None when there is nothing to do.
+        are compared with the source reference. When a blended per-band standardisation
+        (``adapt.input_blend``) would remove more than ``adapt.input_tolerance`` of that
+        distance, a new version folds it into ``InputSpec`` mean/std (no new backbone) and
+        goes back to the source head, which expects source-like inputs; otherwise the input
+        is as aligned as the blend allows and the job goes on to a head step. The source
+        head keeps the held-back source accuracy by construction, but source-sensor imagery
+        would now be
+        mapped away from the reference: ``source_distance_after`` says how far (the price of
+        the step for source imagery; ``adapt.input_blend`` < 1 trades target gain for it).
+        Returns None when there is nothing to do.
         """
         cfg = self.cfg
         if cfg.input_blend <= 0:
@@ -665,17 +702,18 @@ class Adapter:
         mean_t, std_t = stored.band_moments()
         now = InputAlignment.of_spec(source_spec, bundle.manifest.input)
         before = now.distance(ref, mean_t, std_t)
-        if before <= cfg.input_tolerance:
-            return None
         proposal = InputAlignment.blended(ref, mean_t, std_t, cfg.input_blend)
         after = proposal.distance(ref, mean_t, std_t)
-        passed = after < before
+        if before - after <= cfg.input_tolerance:
+            return None  # aligned as far as input_blend goes: the head step's turn
+        mu_s, sd_s = np.array([b.mean for b in ref]), np.array([b.std for b in ref])
+        source_after = proposal.distance(ref, mu_s, sd_s)
         report = AdaptationReport(
-            reason, "promoted" if passed else "rejected", bundle.version, None,
-            "" if passed else f"radiometric distance did not fall ({before:.3f} → {after:.3f})",
-            step="input", counts={"scenes": len(stored.bands)},
-            gate={"passed": passed, "radiometric_distance_before": before,
+            reason, "promoted", bundle.version, None, step="input",
+            counts={"scenes": len(stored.bands)},
+            gate={"passed": True, "radiometric_distance_before": before,
                   "radiometric_distance_after": after,
+                  "source_distance_after": source_after,
                   "gain": [round(float(g), 4) for g in proposal.gain],
                   "offset": [round(float(o), 3) for o in proposal.offset]})
         self._publish(bundle, report, input_spec=proposal.spec(source_spec),
@@ -696,6 +734,7 @@ class Adapter:
             probs = 0.5 * (teacher_probs + self._fused(head, feats))
             bank_labels = data.train_y
             cells = self._confirm(probs, feats, data.alignment, data.index, bank_labels)
+            cells = cells[~data.heldout[cells]]
             if len(cells) < self.cfg.min_samples:
                 break
             labels = probs.argmax(axis=1)[cells]

@@ -242,7 +242,7 @@ class AdaptConfig(Section):
     k: int = Field(default=10, ge=1, description="Source neighbours that must agree.")
     agreement: float = Field(default=0.5, gt=0, le=1, description="Fraction of k that agree.")
     per_class_cap: int = Field(default=200, ge=1)
-    min_samples: int = Field(default=50, ge=1)
+    min_samples: int = Field(default=30, ge=1, description="Confirmed cells a head step needs.")
     store_max_cells: int = Field(default=20_000, ge=100)
     max_seconds: float = Field(default=120.0, gt=0)
     max_source_drop: float = Field(default=0.01, ge=0, description="Gate: Δ on held-back OA.")
@@ -268,7 +268,16 @@ class AdaptConfig(Section):
         description="Weight of target band statistics in the input re-standardisation (0: off).",
     )
     input_tolerance: float = Field(
-        default=0.15, ge=0, description="Radiometric distance that triggers an input step."
+        default=0.15, ge=0,
+        description="Radiometric distance an input step must remove to be taken.",
+    )
+    holdout_every: int = Field(
+        default=4, ge=2,
+        description="Every n-th stored target cell is kept out of the fit: the gate judges on it.",
+    )
+    agreement_ceiling: float = Field(
+        default=0.99, gt=0, le=1,
+        description="Gate: held-out agreement at or above this need not rise, only stay there.",
     )
 
 

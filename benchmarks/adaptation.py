@@ -142,8 +142,10 @@ def write_mosaics(images: list[np.ndarray], labels: np.ndarray, order: np.ndarra
 
 
 # "full": the defaults (input re-standardisation, then distilled head steps);
+# "half_input": adapt.input_blend = 0.5, the input step goes half-way to the new sensor;
 # "head_only": adapt.input_blend = 0, the head steps alone (the input spec never changes).
-VARIANTS: dict[str, dict[str, Any]] = {"full": {}, "head_only": {"input_blend": 0.0}}
+VARIANTS: dict[str, dict[str, Any]] = {"full": {}, "half_input": {"input_blend": 0.5},
+                                       "head_only": {"input_blend": 0.0}}
 
 
 def settings_for(state: Path, adapt: dict[str, Any] | None = None) -> Settings:

@@ -86,6 +86,9 @@ def test_input_step_restandardises_bands_then_owes_a_head_step(
     assert report.step == "input" and report.promoted, report.as_dict()
     gate = report.gate
     assert gate["radiometric_distance_after"] < gate["radiometric_distance_before"]
+    # Full blend: the target lands on the reference, source imagery would be pushed away.
+    assert gate["source_distance_after"] > gate["radiometric_distance_after"]
+    assert gate["source_distance_after"] > 0.5 * gate["radiometric_distance_before"]
     adapted = store.active()
     assert adapted.version == 2 and adapted.manifest.parent == 1
     assert adapted.manifest.input.mean != source.manifest.input.mean
@@ -116,15 +119,38 @@ def test_gate_refuses_a_head_trained_on_wrong_labels(store: ModelStore, runtime:
     head = adapter.fit(data, cells, wrong, deadline=time.monotonic() + 30)
     gate = adapter.gate(head, data)
     assert not gate.passed
-    assert any("agreement" in f for f in gate.failures)
+    assert any("held-out confirmed target cells fell" in f for f in gate.failures)
+    assert gate.figures["agreement_after"] < gate.figures["agreement_before"]
     good = adapter.fit(data, cells, data.pseudo[cells], deadline=time.monotonic() + 30)
     assert adapter.gate(good, data).passed
     assert store.active_version() == 1  # fit and gate never touch the store
 
 
+def test_gate_judges_on_cells_the_fit_never_saw(store: ModelStore, runtime: ModelRuntime,
+                                                tmp_path: Path) -> None:
+    """Held-out cells are never fitted; at the agreement ceiling the teacher's must rise."""
+    adapter = Adapter(store, CFG.model_copy(update={"agreement_ceiling": 0.5}),
+                      tmp_path / "state")
+    _fill(adapter, runtime)
+    data = adapter.prepare()
+    assert data.heldout.sum() == -(-len(data.candidates) // CFG.holdout_every)
+    assert not data.heldout[data.confirmed].any() and data.heldout[data.validation].all()
+    assert len(data.validation) > 0
+    cells = data.confirmed
+    good = adapter.fit(data, cells, data.pseudo[cells], deadline=time.monotonic() + 30)
+    gate = adapter.gate(good, data)
+    assert gate.figures["agreement_before"] >= 0.5  # at this ceiling: the teacher decides
+    assert gate.passed, gate.failures
+    assert gate.figures["teacher_agreement_after"] > gate.figures["teacher_agreement_before"]
+    # The current head itself gains nothing over itself: refused, whatever the ceiling.
+    same = adapter.gate(data.current, data)
+    assert not same.passed and any("did not rise" in f for f in same.failures)
+
+
 def test_rejected_update_is_kept_not_promoted(store: ModelStore, runtime: ModelRuntime,
                                               tmp_path: Path) -> None:
-    """On clean data the source head already agrees fully, so agreement cannot rise."""
+    """On clean data the source head already agrees fully with the confirmed cells and with
+    the teacher, so there is nothing to gain."""
     adapter = Adapter(store, CFG, tmp_path / "state")
     _fill(adapter, runtime, cast=(0, 0, 0))
     report = adapter.run("manual")
