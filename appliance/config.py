@@ -242,7 +242,7 @@ class AdaptConfig(Section):
     k: int = Field(default=10, ge=1, description="Source neighbours that must agree.")
     agreement: float = Field(default=0.5, gt=0, le=1, description="Fraction of k that agree.")
     per_class_cap: int = Field(default=200, ge=1)
-    min_samples: int = Field(default=30, ge=1, description="Confirmed cells a head step needs.")
+    min_samples: int = Field(default=50, ge=1, description="Confirmed cells a head step needs.")
     store_max_cells: int = Field(default=20_000, ge=100)
     max_seconds: float = Field(default=120.0, gt=0)
     max_source_drop: float = Field(default=0.01, ge=0, description="Gate: Δ on held-back OA.")
@@ -264,8 +264,9 @@ class AdaptConfig(Section):
         default=1.0, ge=0, description="Weight of the aligned teacher's soft targets (0: off)."
     )
     input_blend: float = Field(
-        default=1.0, ge=0, le=1,
-        description="Weight of target band statistics in the input re-standardisation (0: off).",
+        default=0.5, ge=0, le=1,
+        description="Weight of target band statistics in the input re-standardisation (0: off; "
+        "1 calibrates fully to the new sensor at the price of source imagery).",
     )
     input_tolerance: float = Field(
         default=0.15, ge=0,

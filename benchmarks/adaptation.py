@@ -141,10 +141,10 @@ def write_mosaics(images: list[np.ndarray], labels: np.ndarray, order: np.ndarra
     return scenes
 
 
-# "full": the defaults (input re-standardisation, then distilled head steps);
-# "half_input": adapt.input_blend = 0.5, the input step goes half-way to the new sensor;
-# "head_only": adapt.input_blend = 0, the head steps alone (the input spec never changes).
-VARIANTS: dict[str, dict[str, Any]] = {"full": {}, "half_input": {"input_blend": 0.5},
+# "full": the defaults (input re-standardisation half-way to the new sensor, input_blend 0.5,
+# then distilled head steps); "full_input": adapt.input_blend = 1, the input step calibrates
+# fully to the new sensor; "head_only": adapt.input_blend = 0, the head steps alone.
+VARIANTS: dict[str, dict[str, Any]] = {"full": {}, "full_input": {"input_blend": 1.0},
                                        "head_only": {"input_blend": 0.0}}
 
 
