@@ -30,8 +30,8 @@ def run(config: Path = CONFIG_OPTION) -> None:
 
 def process(scene: Path, config: Path = CONFIG_OPTION) -> None:
     """Process one SCENE (no inbox, no journal, no MQTT) and print the result JSON."""
+    from appliance.bundle import sha256_file
     from appliance.daemon import build_result, open_runtime, open_store
-    from appliance.inbox import sha256_stream
     from appliance.pipeline import SceneError, process_scene
 
     settings = settings_or_exit(config)
@@ -45,7 +45,7 @@ def process(scene: Path, config: Path = CONFIG_OPTION) -> None:
     except (BundleError, FileNotFoundError) as exc:
         typer.echo(f"cannot load the model: {exc}", err=True)
         raise typer.Exit(78) from exc
-    scene_id = sha256_stream(scene)
+    scene_id = sha256_file(scene)
     try:
         outcome = process_scene(scene, scene_id, settings.paths.outbox / scene_id, runtime,
                                 settings)

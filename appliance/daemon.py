@@ -35,10 +35,10 @@ from types import FrameType
 from typing import Any
 
 from appliance.adaptation import AdaptationReport, Adapter
-from appliance.bundle import BACKBONE, CLASSIFIER, EMBEDDER, Bundle, BundleError
+from appliance.bundle import BACKBONE, CLASSIFIER, EMBEDDER, Bundle, BundleError, sha256_file
 from appliance.config import Settings
 from appliance.drift import DriftMonitor
-from appliance.inbox import Inbox, sha256_stream
+from appliance.inbox import Inbox
 from appliance.index import IndexStateError, TileIndex
 from appliance.journal import Journal, Message, Scene
 from appliance.models import ModelStore
@@ -416,7 +416,7 @@ class Daemon:
     def handle(self, work: Path, recovering: bool = False) -> str:
         """Process one claimed file; returns its final state (done, failed, duplicate)."""
         source = work.name
-        scene_id = sha256_stream(work)
+        scene_id = sha256_file(work)
         scene = self.journal.claim(scene_id, source, work)
         if scene.state == "done":
             self._duplicate(scene, work, announce=not recovering)

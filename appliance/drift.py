@@ -34,7 +34,6 @@ from appliance.config import DriftConfig
 from appliance.reference import entropy
 
 STATE_FILE = "drift.json"
-SIGNALS = ("radiometry", "features", "confidence")
 _MMD_ROWS = 256
 _EPS = 1e-4
 

@@ -13,7 +13,6 @@ the inbox or in ``work/``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -31,15 +30,6 @@ log = logging.getLogger(__name__)
 def ignored(name: str) -> bool:
     """Half-written (``.part``) and hidden files are never picked up."""
     return name.startswith(".") or name.endswith(".part")
-
-
-def sha256_stream(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, read in chunks so a multi-GB scene is never in memory."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

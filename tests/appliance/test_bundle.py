@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from appliance.bundle import (
     BundleError,
     load_bundle,
     seal_bundle,
+    sha256_file,
 )
 
 
@@ -69,3 +71,10 @@ def test_reseal_after_a_legitimate_change(bundle_copy: Path) -> None:
     assert again.version == 2 and again.manifest.files == sealed.files
     # A bank written without a holdout mask gets a deterministic one.
     assert again.source_bank.holdout.sum() == 2
+
+
+def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
+    f = tmp_path / "big.bin"
+    data = bytes(range(256)) * 9000  # > one 1 MiB block
+    f.write_bytes(data)
+    assert sha256_file(f) == hashlib.sha256(data).hexdigest()

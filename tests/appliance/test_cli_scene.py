@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
+from appliance.bundle import sha256_file
 from appliance.cli import app
-from appliance.inbox import sha256_stream
 from appliance.journal import Journal, Message
 from appliance.payloads import SceneResult, result_msg_id
 from tests.scenes import write_scene
@@ -33,7 +33,7 @@ def test_process_prints_the_result_json(tmp_path: Path, colour_bundle: Path) -> 
                                    str(config(tmp_path, colour_bundle))])
     assert res.exit_code == 0, res.output
     result = SceneResult.model_validate_json(res.stdout[res.stdout.index("{"):])
-    sid = sha256_stream(scene)
+    sid = sha256_file(scene)
     assert result.scene_id == sid and result.msg_id == result_msg_id(sid)
     assert result.source == "scene.tif" and result.node_id == "cli-t"
     assert Path(result.outputs["landuse"]).is_file()

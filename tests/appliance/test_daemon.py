@@ -134,8 +134,8 @@ def failures(m: Received) -> bool:
 
 
 def scene_id_of(path: Path) -> str:
-    from appliance.inbox import sha256_stream
-    return sha256_stream(path)
+    from appliance.bundle import sha256_file
+    return sha256_file(path)
 
 
 def test_dropped_scene_yields_result_with_outputs(daemon: DaemonProc, broker: Broker,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from appliance.inbox import Inbox, ignored, sha256_stream
+from appliance.inbox import Inbox, ignored
 
 
 @pytest.fixture()
@@ -91,10 +90,3 @@ def test_same_name_claims_do_not_collide(inbox: Inbox) -> None:
 
 def test_claim_of_vanished_file_returns_none(inbox: Inbox) -> None:
     assert inbox.claim(inbox.dir / "gone.tif") is None
-
-
-def test_sha256_stream_matches_hashlib(tmp_path: Path) -> None:
-    f = tmp_path / "big.bin"
-    data = bytes(range(256)) * 9000
-    f.write_bytes(data)
-    assert sha256_stream(f, chunk=4096) == hashlib.sha256(data).hexdigest()
