@@ -41,7 +41,7 @@ BATCH = 32
 
 def active_bundle(settings: Settings) -> Bundle:
     """The model store's active bundle, else ``model.bundle`` from the config."""
-    store = ModelStore(settings.paths.state / "models")
+    store = ModelStore.for_settings(settings)
     if store.active_version() is not None:
         return store.active()
     if settings.model.bundle is None:
@@ -51,11 +51,7 @@ def active_bundle(settings: Settings) -> Bundle:
 
 def open_runtime(settings: Settings) -> ModelRuntime:
     """A runtime for the active bundle on the configured providers."""
-    m = settings.model
-    plan = ProviderPlan(providers=tuple(m.providers), trt_fp16=m.trt_fp16,
-                        trt_cache=m.trt_engine_cache or settings.paths.state / "trt-cache",
-                        intra_op_threads=m.intra_op_threads)
-    return ModelRuntime(active_bundle(settings), plan)
+    return ModelRuntime(active_bundle(settings), ProviderPlan.from_settings(settings))
 
 
 def open_index(settings: Settings, dim: int | None = None, read_only: bool = False) -> TileIndex:

@@ -15,25 +15,16 @@ import typer
 from appliance.adaptation import Adapter
 from appliance.bundle import BundleError
 from appliance.cli_options import CONFIG_OPTION, settings_or_exit
-from appliance.config import Settings
 from appliance.models import ModelStore
 
 models_app = typer.Typer(no_args_is_help=True, help="Installed model versions.")
-
-
-
-def model_store(settings: Settings) -> ModelStore:
-    """The node's model store, ``<paths.state>/models``."""
-    return ModelStore(settings.paths.state / "models")
-
-
 
 
 @models_app.command("list")
 def list_versions(config: Path = CONFIG_OPTION,
                   as_json: bool = typer.Option(False, "--json", help="JSON array.")) -> None:
     """Every installed version with its path, parent and whether it is active."""
-    versions = model_store(settings_or_exit(config)).versions()
+    versions = ModelStore.for_settings(settings_or_exit(config)).versions()
     if as_json:
         typer.echo(json.dumps([v.as_dict() for v in versions], indent=2))
         return
@@ -46,7 +37,7 @@ def list_versions(config: Path = CONFIG_OPTION,
 
 
 def _switch(config: Path, version: int | None) -> None:
-    store = model_store(settings_or_exit(config))
+    store = ModelStore.for_settings(settings_or_exit(config))
     before = store.active_version()
     try:
         bundle = store.rollback() if version is None else store.activate(version)
@@ -73,7 +64,7 @@ def activate(version: int = typer.Argument(..., help="Installed version number."
 def adapt(config: Path = CONFIG_OPTION) -> None:
     """Run one gated adaptation job on the stored target cells now; print its report."""
     settings = settings_or_exit(config)
-    adapter = Adapter(model_store(settings), settings.adapt, settings.paths.state)
+    adapter = Adapter(ModelStore.for_settings(settings), settings.adapt, settings.paths.state)
     try:
         report = adapter.run("cli")
     except BundleError as exc:

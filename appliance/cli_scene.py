@@ -70,7 +70,7 @@ def status(config: Path = CONFIG_OPTION) -> None:
         raise typer.Exit(1)
     journal = Journal(db)
     try:
-        store = ModelStore(paths.state / "models")
+        store = ModelStore.for_settings(settings)
         active = store.active_version()
         model = next((v.as_dict() for v in store.versions() if v.version == active), None)
         queued = [p for p in paths.inbox.iterdir() if p.is_file() and not ignored(p.name)] \

@@ -73,7 +73,7 @@ def software_version() -> str:
 
 def open_store(settings: Settings) -> ModelStore:
     """The model store; the seed bundle is installed when nothing is active yet."""
-    store = ModelStore(settings.paths.state / "models")
+    store = ModelStore.for_settings(settings)
     store.cleanup()
     if store.active_version() is None:
         if settings.model.bundle is None:
@@ -85,12 +85,8 @@ def open_store(settings: Settings) -> ModelStore:
 
 def open_runtime(bundle: Bundle, settings: Settings) -> ModelRuntime:
     """A runtime on the configured providers, warmed up so the first scene is not slow."""
-    m = settings.model
-    plan = ProviderPlan(providers=tuple(m.providers), trt_fp16=m.trt_fp16,
-                        trt_cache=m.trt_engine_cache or settings.paths.state / "trt-cache",
-                        intra_op_threads=m.intra_op_threads)
-    runtime = ModelRuntime(bundle, plan)
-    if m.warmup:
+    runtime = ModelRuntime(bundle, ProviderPlan.from_settings(settings))
+    if settings.model.warmup:
         runtime.warmup(batch=settings.tiling.batch_size)
     log.info("model %s v%d on %s", bundle.manifest.name, bundle.version, runtime.providers)
     return runtime

@@ -14,9 +14,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.bundle import Bundle, BundleError, load_bundle
 from appliance.durable import fsync_dir
+
+if TYPE_CHECKING:
+    from appliance.config import Settings
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,11 @@ class ModelStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._pointer = self.root / "ACTIVE"
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ModelStore:
+        """The node's model store, ``<paths.state>/models``."""
+        return cls(settings.paths.state / "models")
 
     def dir_for(self, version: int) -> Path:
         return self.root / f"v{version:04d}"

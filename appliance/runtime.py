@@ -15,7 +15,7 @@ import logging
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +30,9 @@ from appliance.bundle import (
     LOGITS,
     Bundle,
 )
+
+if TYPE_CHECKING:
+    from appliance.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,14 @@ class ProviderPlan:
     trt_fp16: bool = True
     trt_cache: Path | None = None
     intra_op_threads: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ProviderPlan:
+        """The plan ``model.*`` asks for; TensorRT engines default to ``state/trt-cache``."""
+        m = settings.model
+        return cls(providers=tuple(m.providers), trt_fp16=m.trt_fp16,
+                   trt_cache=m.trt_engine_cache or settings.paths.state / "trt-cache",
+                   intra_op_threads=m.intra_op_threads)
 
     def narrowed_to(self, active: list[str]) -> ProviderPlan:
         """The same plan restricted to providers a session actually loaded."""
