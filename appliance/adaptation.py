@@ -56,6 +56,7 @@ from scipy.optimize import minimize
 from appliance.bundle import CLASSIFIER, BandStats, Bundle, InputSpec, load_bundle, seal_bundle
 from appliance.cells import SceneCells
 from appliance.config import AdaptConfig, TilingConfig
+from appliance.durable import atomic_write_text
 from appliance.fusion import fuse
 from appliance.head import LinearHead, read_head, write_head
 from appliance.models import ModelStore
@@ -483,10 +484,8 @@ class Adapter:
         """Remember when the last job ran and whether a head step is still owed."""
         owed = self._last_job().get("follow_up", False) and report.action == "skipped"
         follow_up = (report.step == "input" and report.promoted) or owed
-        tmp = self._marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seq": self.store.last_seq, "ts": time.time(),
-                                   "follow_up": bool(follow_up)}))
-        os.replace(tmp, self._marker)
+        atomic_write_text(self._marker, json.dumps({"seq": self.store.last_seq, "ts": time.time(),
+                                                    "follow_up": bool(follow_up)}))
 
     # -- lineage -----------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ Window and detector state live in ``state_dir/drift.json`` and survive restarts.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 from appliance.bundle import Reference
 from appliance.cells import SceneCells
 from appliance.config import DriftConfig
+from appliance.durable import atomic_write_text
 from appliance.reference import entropy
 
 STATE_FILE = "drift.json"
@@ -159,9 +159,7 @@ class DriftMonitor:
     def _save(self) -> None:
         data = {"history": self._history, "ph_max_prob": self._ph_prob.state(),
                 "ph_entropy": self._ph_entropy.state()}
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.state_path)
+        atomic_write_text(self.state_path, json.dumps(data))
 
     def reset_confidence(self) -> None:
         """Restart the confidence detectors (the classifier head changed)."""

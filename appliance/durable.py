@@ -1,4 +1,4 @@
-"""Crash-safe file system steps shared by the model store and the index checkpoint."""
+"""Crash-safe file system steps shared by the model store, the index checkpoint and state files."""
 
 from __future__ import annotations
 
@@ -13,3 +13,10 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it into place: readers see old or new, whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -39,6 +39,7 @@ from rasterio.shutil import copy as raster_copy
 from rasterio.transform import Affine
 
 from appliance.bundle import ClassSpec
+from appliance.durable import atomic_write_text
 
 NODATA = 255
 WGS84 = CRS.from_epsg(4326)
@@ -150,12 +151,6 @@ def bbox_wgs84(bounds: Sequence[float], crs: CRS) -> tuple[float, float, float, 
 # -- files ------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _overview_count(shape: tuple[int, int]) -> int:
     return max(1, min(6, int(math.log2(max(max(shape), 2))) - 2))
 
@@ -232,7 +227,7 @@ def write_geojson(path: Path, cmap: ClassMap) -> int:
             "properties": {"class_id": k, "class": spec.name,
                            "colour": "#{:02x}{:02x}{:02x}".format(*spec.colour)},
         })
-    _atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": features}))
+    atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": features}))
     return len(features)
 
 
@@ -268,7 +263,7 @@ def write_quicklook(path: Path, cmap: ClassMap, fractions: dict[str, float]) -> 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Any JSON document, written atomically."""
-    _atomic_write_text(path, json.dumps(payload, indent=2))
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def stac_item(
