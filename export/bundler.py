@@ -191,8 +191,10 @@ def calibration_chips(directory: Path, spec: InputSpec, limit: int = 128) -> np.
     return spec.normalise(load_chips(ds, spec.size).images)
 
 
-def _run(path: Path, name_in: str, name_out: str, x: np.ndarray) -> np.ndarray:
-    session = open_session(path, CPU)
+def _run(model: Path | ort.InferenceSession, name_in: str, name_out: str,
+         x: np.ndarray) -> np.ndarray:
+    """One graph's output on CPU; ``model`` is a file (opened here) or an open session."""
+    session = open_session(model, CPU) if isinstance(model, Path) else model
     return np.asarray(session.run([name_out], {name_in: x})[0], np.float32)
 
 
@@ -263,8 +265,9 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
                       f"logits {p['logits']:.2e}, embedding {p['embedding']:.2e}")
 
     # Source bank and reference from the exported graphs: what the appliance computes.
+    backbone = open_session(out / BACKBONE, CPU)  # once, not per batch
     features = np.concatenate([
-        _run(out / BACKBONE, IMAGE_INPUT, FEATURES, spec.normalise(chips[i : i + 64]))
+        _run(backbone, IMAGE_INPUT, FEATURES, spec.normalise(chips[i : i + 64]))
         for i in range(0, len(chips), 64)])
     probs = activate(_run(out / CLASSIFIER, FEATURES, LOGITS, features),
                      info.task == "multi-label")
