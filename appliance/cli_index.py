@@ -36,9 +36,6 @@ index_app = typer.Typer(no_args_is_help=True, help="The local retrieval index.")
 BATCH = 32
 
 
-
-
-
 def active_bundle(settings: Settings) -> Bundle:
     """The model store's active bundle, else ``model.bundle`` from the config."""
     store = ModelStore.for_settings(settings)
