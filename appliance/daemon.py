@@ -38,6 +38,7 @@ from appliance.adaptation import AdaptationReport, Adapter
 from appliance.bundle import BACKBONE, CLASSIFIER, EMBEDDER, Bundle, BundleError, sha256_file
 from appliance.config import Settings
 from appliance.drift import DriftMonitor
+from appliance.durable import atomic_write_text
 from appliance.inbox import Inbox
 from appliance.index import IndexStateError, TileIndex
 from appliance.journal import Journal, Message, Scene
@@ -477,7 +478,7 @@ class Daemon:
                               attempts=attempts if attempts is not None else scene.attempts)
         if work is not None and target is not None:
             sidecar = target.with_name(target.name + ".json")
-            sidecar.write_text(json.dumps(json.loads(payload.to_json()), indent=2) + "\n")
+            atomic_write_text(sidecar, json.dumps(json.loads(payload.to_json()), indent=2) + "\n")
             os.replace(work, target)
             self.inbox.release(work)
         self.journal.fail(scene.scene_id, reason, text,
