@@ -25,9 +25,18 @@ The GID scheme (Tong et al.), made safe for a box in the field:
    with their confirmed pseudo-labels must not fall and must rise, unless the current head is
    already at ``adapt.agreement_ceiling``; then agreement with the teacher on all held-out
    cells (where the unconfirmed gains are) must rise instead.
-7. **Promote** a passing head as a new bundle version (copy of the active bundle, new
-   ``classifier.onnx``, ``parent`` recorded, sealed) through ``ModelStore.install``, which
-   switches the active pointer atomically; a failing one is kept under ``state/adapt/rejected``.
+7. **Promote** a passing head as a new bundle version (copy of the active bundle, new head
+   file for the adapted expert, ``parent`` recorded, sealed) through ``ModelStore.install``,
+   which switches the active pointer atomically; a failing one is kept under
+   ``state/adapt/rejected``.
+
+Before any head step, a radiometric shift (another sensor's gains, gamma, haze) gets its
+own *expert* (``_input_step``, ``bundle.Domain``): an input spec calibrated to the new
+domain's band statistics plus a copy of the source head, which head steps then refine.
+Scenes are routed per scene to the expert whose radiometric signature is nearest
+(``appliance/routing.py``), so source-sensor scenes keep the source model untouched. Shifts
+that leave band statistics alone (blur, coarser resolution) are adapted in the source
+model's own head, under the source-accuracy gate.
 
 A reset policy guards against slow decay: after ``adapt.reset_after`` successive adapted
 versions, or when the current head's predictions on target cells collapse, the job
@@ -53,18 +62,28 @@ import faiss
 import numpy as np
 from scipy.optimize import minimize
 
-from appliance.bundle import CLASSIFIER, BandStats, Bundle, InputSpec, load_bundle, seal_bundle
+from appliance.bundle import (
+    CLASSIFIER,
+    BandStats,
+    Bundle,
+    Domain,
+    InputSpec,
+    load_bundle,
+    seal_bundle,
+)
 from appliance.cells import SceneCells
 from appliance.config import AdaptConfig, TilingConfig
 from appliance.durable import atomic_write_text
 from appliance.fusion import fuse
 from appliance.head import LinearHead, read_head, write_head
 from appliance.models import ModelStore
+from appliance.routing import nearest, radiometric_distance, source_signature
 from appliance.runtime import activate
 
 log = logging.getLogger(__name__)
 
 ADAPT_DIR = "adapt"
+DOMAIN = "adapted"  # the one expert an adaptation lineage grows (see ``_input_step``)
 
 
 class AdaptationError(RuntimeError):
@@ -90,11 +109,18 @@ class Candidates:
     def __len__(self) -> int:
         return len(self.features)
 
-    def band_moments(self) -> tuple[np.ndarray, np.ndarray]:
-        """Pooled per-band mean and standard deviation of the stored scenes' pixels."""
-        mean = self.bands[:, 0].mean(axis=0)
-        var = self.bands[:, 1].mean(axis=0) - mean**2
+    def band_moments(self, scenes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled per-band mean and std of the stored scenes' pixels (or of ``scenes``, a
+        boolean mask over them)."""
+        bands = self.bands if scenes is None else self.bands[scenes]
+        mean = bands[:, 0].mean(axis=0)
+        var = bands[:, 1].mean(axis=0) - mean**2
         return mean, np.sqrt(np.maximum(var, 1e-12))
+
+    def scene_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per stored scene: per-band mean and std [m,C] each."""
+        mean = self.bands[:, 0]
+        return mean, np.sqrt(np.maximum(self.bands[:, 1] - mean**2, 1e-12))
 
 
 def input_key(spec: InputSpec) -> str:
@@ -227,14 +253,6 @@ class InputAlignment:
         gain = sd_s / np.maximum(std, 1e-9)
         return cls(gain, mu_s - gain * mean)
 
-    @classmethod
-    def of_spec(cls, source: InputSpec, spec: InputSpec) -> InputAlignment:
-        """The map that ``spec`` applies relative to the ``source`` spec."""
-        m0, s0 = np.asarray(source.mean), np.asarray(source.std)
-        m1, s1 = np.asarray(spec.mean), np.asarray(spec.std)
-        gain = s0 / s1
-        return cls(gain, (m0 - gain * m1) / source.scale)
-
     def spec(self, source: InputSpec) -> InputSpec:
         """``source`` with this map folded into its mean and std."""
         m0, s0 = np.asarray(source.mean), np.asarray(source.std)
@@ -244,12 +262,9 @@ class InputAlignment:
 
     def distance(self, ref: list[BandStats], target_mean: np.ndarray,
                  target_std: np.ndarray) -> float:
-        """Mean over bands of |Δmean|/σ_source + |log σ ratio| after mapping the target."""
-        mu_s = np.array([b.mean for b in ref])
-        sd_s = np.maximum(np.array([b.std for b in ref]), 1e-9)
-        mu = self.gain * target_mean + self.offset
-        sd = np.maximum(self.gain * target_std, 1e-9)
-        return float(np.mean(np.abs(mu - mu_s) / sd_s + np.abs(np.log(sd / sd_s))))
+        """``radiometric_distance`` of the mapped target moments to the source reference."""
+        return radiometric_distance(self.gain * target_mean + self.offset,
+                                    self.gain * target_std, *source_signature(ref))
 
 
 def fused_probs(head: LinearHead, features: np.ndarray, tiling: TilingConfig | None = None
@@ -343,6 +358,33 @@ def class_entropy(predicted: np.ndarray, n_classes: int) -> float:
     return float(-(p * np.log(p)).sum() / np.log(max(n_classes, 2)))
 
 
+def adapted_domain(bundle: Bundle) -> str | None:
+    """The expert adaptation refines: the bundle's adapted domain, else its source head."""
+    return bundle.manifest.domains[-1].name if bundle.manifest.domains else None
+
+
+def _domain_scenes(stored: Candidates, ref: list[BandStats], rounds: int = 5) -> np.ndarray:
+    """Which stored scenes form the new domain ([m] bool): two-signature k-means.
+
+    Starting from the pooled moments of all stored scenes, each scene joins the new
+    signature when it is nearer to it than to the source reference, and the signature is
+    re-pooled from its members, a few times over: recent source-like scenes in the store
+    then neither dilute the new domain's signature nor count as its members.
+    """
+    means, stds = stored.scene_moments()
+    source = source_signature(ref)
+    members = np.ones(len(means), bool)
+    for _ in range(rounds):
+        signature = stored.band_moments(members)
+        joined = np.array([nearest({None: radiometric_distance(m, s, *source),
+                                    DOMAIN: radiometric_distance(m, s, *signature)})
+                           == DOMAIN for m, s in zip(means, stds, strict=True)])
+        if not joined.any() or (joined == members).all():
+            return joined
+        members = joined
+    return members
+
+
 # -- the job -----------------------------------------------------------------------------
 
 
@@ -352,6 +394,7 @@ class AdaptationData:
 
     bundle: Bundle
     source_bundle: Bundle
+    domain: str | None  # the expert being adapted (None: the source model's own head)
     current: LinearHead
     source: LinearHead
     candidates: Candidates
@@ -386,12 +429,14 @@ class AdaptationReport:
     version_after: int | None
     message: str = ""
     step: str = "head"  # "input" (radiometric re-standardisation) | "head"
+    domain: str | None = None  # the expert the step changed (None: the source model's head)
     counts: dict[str, int] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     bundle_path: str | None = None
     kept_at: str | None = None
+    refused_input: dict[str, Any] | None = None  # an input step refused in the same job
 
     @property
     def promoted(self) -> bool:
@@ -404,16 +449,20 @@ class AdaptationReport:
 
     @property
     def classifier_path(self) -> Path | None:
-        return Path(self.bundle_path) / CLASSIFIER if self.bundle_path else None
+        """The head file the step wrote, in the installed bundle."""
+        if self.bundle_path is None:
+            return None
+        return load_bundle(Path(self.bundle_path)).classifier(self.domain)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "reason": self.reason, "action": self.action, "promoted": self.promoted,
-            "step": self.step,
+            "step": self.step, "domain": self.domain,
             "version_before": self.version_before, "version_after": self.version_after,
             "message": self.message, "counts": self.counts, "gate": self.gate,
             "rounds": self.rounds, "seconds": round(self.seconds, 3),
             "bundle_path": self.bundle_path, "kept_at": self.kept_at,
+            "refused_input": self.refused_input,
         }
 
 
@@ -430,7 +479,7 @@ class Adapter:
         self.rejected_dir = self.root / "rejected"
         self._job_lock = threading.Lock()
         self._marker = self.root / "last_job.json"
-        self._key: tuple[int | None, str] = (None, "")
+        self._experts_of: tuple[int | None, dict[str | None, str], str | None] = (None, {}, None)
 
     def _fused(self, head: LinearHead, features: np.ndarray) -> np.ndarray:
         return fused_probs(head, features, self.tiling)
@@ -440,6 +489,8 @@ class Adapter:
     def collect(self, cells: SceneCells) -> int:
         """Keep a scene's sampled valid cells as candidates (never nodata); returns the count.
 
+        They are stored under the input key of the expert the scene was routed to, so a job
+        adapting one expert learns only from features computed the way it computes them.
         Cloud-like cells are not filtered here: ``SceneCells`` carries no per-cell
         radiometry; retrieval confirmation rejects most of them (clouds have no source match).
         """
@@ -448,14 +499,28 @@ class Adapter:
         valid = cells.valid[cells.sample_index]
         feats = cells.sample_features[valid]
         probs = cells.probs[cells.sample_index][valid]
-        return self.store.add(cells.scene_id, feats, probs, cells.band_sample, self.active_key())
+        return self.store.add(cells.scene_id, feats, probs, cells.band_sample,
+                              self.active_key(cells.domain))
 
-    def active_key(self) -> str:
-        """Input key of the active bundle (re-read only when the active version changed)."""
+    def _experts(self) -> tuple[dict[str | None, str], str | None]:
+        """Input key per expert of the active bundle and the expert adaptation works on
+        (``adapted_domain``); re-read only when the active version changed."""
         version = self.models.active_version()
-        if self._key[0] != version or version is None:
-            self._key = (version, input_key(self.models.active().manifest.input))
-        return self._key[1]
+        if self._experts_of[0] != version or version is None:
+            bundle = self.models.active()
+            keys: dict[str | None, str] = {None: input_key(bundle.manifest.input)}
+            keys |= {d.name: input_key(d.input) for d in bundle.manifest.domains}
+            self._experts_of = (version, keys, adapted_domain(bundle))
+        return self._experts_of[1], self._experts_of[2]
+
+    def active_key(self, domain: str | None = None) -> str:
+        """Input key of an expert of the active bundle (None: the source model's)."""
+        return self._experts()[0].get(domain, "")
+
+    def adapted_key(self) -> str:
+        """Input key of the expert the next job adapts."""
+        keys, domain = self._experts()
+        return keys[domain]
 
     @property
     def running(self) -> bool:
@@ -469,7 +534,7 @@ class Adapter:
             return False
         if not (drifting or last.get("follow_up", False)):
             return False
-        if self.store.count(self.active_key()) < self.cfg.min_samples:
+        if self.store.count(self.adapted_key()) < self.cfg.min_samples:
             return False
         return self.store.last_seq - int(last.get("seq", -(10**9))) >= self.cfg.cooldown_scenes
 
@@ -506,11 +571,13 @@ class Adapter:
         if bundle.manifest.task != "single-label":
             raise AdaptationError("adaptation supports single-label bundles only")
         source_bundle = load_bundle(self.models.dir_for(self.lineage(bundle)[-1]))
-        current = read_head(bundle.file(CLASSIFIER))
+        domain = adapted_domain(bundle)
+        current = read_head(bundle.classifier(domain))
         source = read_head(source_bundle.file(CLASSIFIER))
-        cands = self.store.load(input_key(bundle.manifest.input))
+        cands = self.store.load(input_key(bundle.manifest.input_for(domain)))
         if len(cands) == 0:
-            raise AdaptationError("no candidate cells collected under the active input spec")
+            raise AdaptationError(f"no candidate cells collected under the input spec of "
+                                  f"{'domain ' + repr(domain) if domain else 'the source model'}")
         if cands.features.shape[-1] != current.dim:
             raise AdaptationError(
                 f"stored features have {cands.features.shape[-1]} dims, head expects "
@@ -536,8 +603,8 @@ class Adapter:
                   "confirmed": len(confirmed), "heldout": int(heldout.sum()),
                   "validation": len(validation), "source_train": int(train.sum()),
                   "source_holdout": int(hold.sum())}
-        return AdaptationData(bundle, source_bundle, current, source, cands, alignment, teacher,
-                              pseudo, confirmed, heldout, validation, bank.features[train],
+        return AdaptationData(bundle, source_bundle, domain, current, source, cands, alignment,
+                              teacher, pseudo, confirmed, heldout, validation, bank.features[train],
                               labels[train], bank.features[hold], labels[hold], index, counts)
 
     def _confirm(self, probs: np.ndarray, features: np.ndarray, alignment: Alignment,
@@ -629,8 +696,12 @@ class Adapter:
                                     "another adaptation job is running")
         started = time.monotonic()
         try:
-            report = (self._input_step(reason)
-                      or self._run(reason, started + self.cfg.max_seconds))
+            first = self._input_step(reason)
+            if first is not None and first.promoted:
+                report = first
+            else:  # no new expert (or a refused one, kept for inspection): a head step
+                report = self._head_step(reason, started + self.cfg.max_seconds)
+                report.refused_input = first.as_dict() if first is not None else None
         except AdaptationError as exc:
             report = AdaptationReport(reason, "skipped", self.models.active_version(), None,
                                       str(exc))
@@ -641,7 +712,7 @@ class Adapter:
         log.info("adaptation (%s): %s %s", reason, report.action, report.message)
         return report
 
-    def _run(self, reason: str, deadline: float) -> AdaptationReport:
+    def _head_step(self, reason: str, deadline: float) -> AdaptationReport:
         cfg = self.cfg
         data = self.prepare()
         before = data.bundle.version
@@ -664,59 +735,69 @@ class Adapter:
         head, rounds = self._rounds(data, deadline)
         gate = self.gate(head, data)
         report = AdaptationReport(reason, "promoted" if gate.passed else "rejected", before,
-                                  None, "; ".join(gate.failures), counts=data.counts,
+                                  None, "; ".join(gate.failures), domain=data.domain,
+                                  counts=data.counts,
                                   gate={"passed": gate.passed, "failures": gate.failures,
                                         **gate.figures}, rounds=rounds)
         self._publish(data.bundle, report, head=head)
         return report
 
     def _input_step(self, reason: str) -> AdaptationReport | None:
-        """Radiometric re-standardisation of the input, when the stored scenes call for it.
+        """A new expert for a new sensor: calibrated input and the source head, routed to.
 
-        The pooled band statistics of the stored scenes, mapped by the active input spec,
-        are compared with the source reference. When a blended per-band standardisation
-        (``adapt.input_blend``) would remove more than ``adapt.input_tolerance`` of that
-        distance, a new version folds it into ``InputSpec`` mean/std (no new backbone) and
-        goes back to the source head, which expects source-like inputs; otherwise the input
-        is as aligned as the blend allows and the job goes on to a head step. The source
-        head keeps the held-back source accuracy by construction, but source-sensor imagery
-        would now be
-        mapped away from the reference: ``source_distance_after`` says how far (the price of
-        the step for source imagery; ``adapt.input_blend`` < 1 trades target gain for it).
-        Returns None when there is nothing to do.
+        Runs when the active bundle has no adapted expert yet. The stored scenes' band
+        moments split into the new domain and source-like scenes (``_domain_scenes``); when
+        the new domain's pooled moments are more than ``adapt.input_tolerance`` from the
+        source reference (``routing.radiometric_distance``), a new version adds a
+        ``Domain``: that signature, an input spec that re-standardises it towards the
+        reference (``adapt.input_blend`` of the way; folded into mean/std, no new backbone)
+        and a copy of the source head, which expects source-like inputs. Head steps then
+        refine that expert. Source-sensor scenes keep routing to the source model, so the
+        step costs them nothing; the gate refuses it unless at least
+        ``adapt.domain_min_fraction`` of the stored scenes would route to the new expert
+        (a signature that cannot tell the domains apart would misroute). Returns None when
+        there is nothing to do: the job goes on to a head step.
         """
         cfg = self.cfg
         if cfg.input_blend <= 0:
             return None
         bundle = self.models.active()
         chain = self.lineage(bundle)
-        if len(chain) - 1 >= cfg.reset_after:
-            return None  # the head step resets to the source first
+        if bundle.manifest.domains or len(chain) - 1 >= cfg.reset_after:
+            return None  # refine the expert in hand; a reset to the source starts over
         stored = self.store.load(key="", features=False)
         if len(stored.bands) == 0 or stored.bands.shape[-1] != len(bundle.manifest.input.bands):
             return None
         source_bundle = load_bundle(self.models.dir_for(chain[-1]))
         ref = source_bundle.reference.bands
-        source_spec = source_bundle.manifest.input
-        mean_t, std_t = stored.band_moments()
-        now = InputAlignment.of_spec(source_spec, bundle.manifest.input)
-        before = now.distance(ref, mean_t, std_t)
+        members = _domain_scenes(stored, ref)
+        if not members.any():
+            return None
+        mean_t, std_t = stored.band_moments(members)
+        before = radiometric_distance(mean_t, std_t, *source_signature(ref))
+        if before <= cfg.input_tolerance:
+            return None  # radiometry unchanged (blur, season of the same sensor): head steps
         proposal = InputAlignment.blended(ref, mean_t, std_t, cfg.input_blend)
-        after = proposal.distance(ref, mean_t, std_t)
-        if before - after <= cfg.input_tolerance:
-            return None  # aligned as far as input_blend goes: the head step's turn
-        mu_s, sd_s = np.array([b.mean for b in ref]), np.array([b.std for b in ref])
-        source_after = proposal.distance(ref, mu_s, sd_s)
+        fraction = float(members.mean())
+        passed = fraction >= cfg.domain_min_fraction
+        domain = Domain(name=DOMAIN, mean=[float(v) for v in mean_t],
+                        std=[float(v) for v in std_t],
+                        input=proposal.spec(source_bundle.manifest.input),
+                        classifier=f"classifier.{DOMAIN}.onnx")
         report = AdaptationReport(
-            reason, "promoted", bundle.version, None, step="input",
-            counts={"scenes": len(stored.bands)},
-            gate={"passed": True, "radiometric_distance_before": before,
-                  "radiometric_distance_after": after,
-                  "source_distance_after": source_after,
+            reason, "promoted" if passed else "rejected", bundle.version, None, step="input",
+            domain=DOMAIN,
+            message="" if passed else (f"only {fraction:.0%} of the stored scenes route to the "
+                                       f"new domain < adapt.domain_min_fraction "
+                                       f"{cfg.domain_min_fraction:.0%}"),
+            counts={"scenes": len(stored.bands), "domain_scenes": int(members.sum())},
+            gate={"passed": passed, "radiometric_distance_before": before,
+                  "radiometric_distance_after": proposal.distance(ref, mean_t, std_t),
+                  "domain_fraction": fraction,
                   "gain": [round(float(g), 4) for g in proposal.gain],
                   "offset": [round(float(o), 3) for o in proposal.offset]})
-        self._publish(bundle, report, input_spec=proposal.spec(source_spec),
-                      classifier=source_bundle.file(CLASSIFIER))
+        self._publish(bundle, report, domains=[domain],
+                      files={domain.classifier: source_bundle.file(CLASSIFIER)})
         return report
 
     def _rounds(self, data: AdaptationData, deadline: float
@@ -742,23 +823,27 @@ class Adapter:
         return head, rounds
 
     def _publish(self, bundle: Bundle, report: AdaptationReport, head: LinearHead | None = None,
-                 input_spec: InputSpec | None = None, classifier: Path | None = None) -> None:
-        """Write the candidate bundle (a copy of ``bundle`` with a new head or input spec);
-        install + activate it when the gate passed, else keep it under ``rejected/``."""
+                 domains: list[Domain] | None = None, files: dict[str, Path] | None = None
+                 ) -> None:
+        """Write the candidate bundle: a copy of ``bundle`` with a new head for
+        ``report.domain``, or new experts (``domains``) and their ``files``; install and
+        activate it when the gate passed, else keep it under ``rejected/``."""
         version = self.models.next_version()
         build = Path(tempfile.mkdtemp(prefix=".build-", dir=self.root))
         try:
             shutil.copytree(bundle.path, build, dirs_exist_ok=True)
             if head is not None:
-                write_head(head, build / CLASSIFIER, like=bundle.file(CLASSIFIER))
-            elif classifier is not None:
-                shutil.copyfile(classifier, build / CLASSIFIER)
+                target = bundle.classifier(report.domain)
+                write_head(head, build / target.name, like=target)
+            for name, file in (files or {}).items():
+                shutil.copyfile(file, build / name)
             metrics = dict(bundle.manifest.metrics)
             metrics["adaptation"] = {"reason": report.reason, "step": report.step,
                                      "counts": report.counts, "gate": report.gate}
             manifest = bundle.manifest.model_copy(update={
                 "version": version, "parent": bundle.version,
-                "input": input_spec or bundle.manifest.input,
+                "domains": bundle.manifest.domains if domains is None else domains,
+                "files": {**bundle.manifest.files, **dict.fromkeys(files or {}, "")},
                 "created": datetime.now(timezone.utc), "metrics": metrics,
                 "notes": f"adapted ({report.step}) from v{bundle.version}: {report.reason}"})
             seal_bundle(build, manifest)

@@ -79,6 +79,24 @@ class InputSpec(_Frozen):
         return ((out - mean) / std).astype(np.float32, copy=False)
 
 
+class Domain(_Frozen):
+    """An adapted expert inside a bundle, for scenes from another sensor or season.
+
+    Self-adaptation (``appliance/adaptation.py``) calibrates the input to a new domain and
+    fits a head for it, but the source domain must not pay for that: source-sensor scenes
+    keep the bundle's own ``input`` and ``classifier.onnx``. Each scene is routed
+    (``appliance/routing.py``) to the expert whose radiometric signature, the per-band
+    ``mean`` and ``std`` of its scenes in the model's value range, is nearest its own; the
+    source's signature is ``reference.json``. Backbone and embedder are shared.
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    mean: list[float]
+    std: list[float]
+    input: InputSpec
+    classifier: str = Field(description="Head file of this expert, listed in ``files``.")
+
+
 class Manifest(_Frozen):
     """``manifest.json``. ``files`` maps every other file of the bundle to its sha256."""
 
@@ -97,12 +115,27 @@ class Manifest(_Frozen):
     feature_dim: int = Field(gt=0)
     embedding_dim: int = Field(gt=0)
     files: dict[str, str] = Field(default_factory=dict)
+    domains: list[Domain] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     notes: str = ""
 
     @property
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    def domain(self, name: str | None) -> Domain | None:
+        """The adapted expert called ``name``; None for the source (``name`` None)."""
+        if name is None:
+            return None
+        for d in self.domains:
+            if d.name == name:
+                return d
+        raise BundleError(f"bundle {self.name} v{self.version} has no domain {name!r}")
+
+    def input_for(self, domain: str | None) -> InputSpec:
+        """The input spec of an expert (the bundle's own for the source)."""
+        d = self.domain(domain)
+        return self.input if d is None else d.input
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True, indent=2)
@@ -193,6 +226,11 @@ class Bundle:
     def file(self, name: str) -> Path:
         return self.path / name
 
+    def classifier(self, domain: str | None = None) -> Path:
+        """The head file of an expert (``classifier.onnx`` for the source)."""
+        d = self.manifest.domain(domain)
+        return self.file(CLASSIFIER if d is None else d.classifier)
+
     @cached_property
     def source_bank(self) -> SourceBank:
         return SourceBank.load(self.file(SOURCE_BANK))
@@ -249,6 +287,15 @@ def load_bundle(path: Path) -> Bundle:
         manifest.input.bands
     ):
         raise BundleError(f"{manifest_path}: input mean/std must have one value per band")
+    for d in manifest.domains:
+        n = len(manifest.input.bands)
+        if d.classifier not in manifest.files:
+            raise BundleError(f"{manifest_path}: domain {d.name!r} head {d.classifier} has no "
+                              "sha256 in files")
+        if {len(d.mean), len(d.std), len(d.input.mean), len(d.input.std)} != {n}:
+            raise BundleError(f"{manifest_path}: domain {d.name!r} needs one mean/std per band")
+    if len({d.name for d in manifest.domains}) != len(manifest.domains):
+        raise BundleError(f"{manifest_path}: domain names must be unique")
     return Bundle(path=path, manifest=manifest)
 
 

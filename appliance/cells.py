@@ -29,6 +29,8 @@ class SceneCells:
         sample_index: [m] int64 indexes of the cells in the feature sample.
         sample_features: [m,S,D] float32 backbone features of sampled valid cells, per scale.
         band_sample: [p,C] float32 valid pixels after rescaling (model value range).
+        domain: the bundle expert the scene was routed to (None: the source model); the
+            features were computed under that expert's input spec.
     """
 
     scene_id: str
@@ -42,6 +44,7 @@ class SceneCells:
     sample_index: np.ndarray
     sample_features: np.ndarray
     band_sample: np.ndarray
+    domain: str | None = None
 
     @property
     def labels(self) -> np.ndarray:

@@ -264,13 +264,19 @@ class AdaptConfig(Section):
         default=1.0, ge=0, description="Weight of the aligned teacher's soft targets (0: off)."
     )
     input_blend: float = Field(
-        default=0.5, ge=0, le=1,
-        description="Weight of target band statistics in the input re-standardisation (0: off; "
-        "1 calibrates fully to the new sensor at the price of source imagery).",
+        default=1.0, ge=0, le=1,
+        description="How far the adapted expert's input re-standardisation goes towards the "
+        "source statistics (0: no input step; 1: all the way). Source scenes are routed to the "
+        "source model, so they do not pay for it.",
     )
     input_tolerance: float = Field(
         default=0.15, ge=0,
-        description="Radiometric distance an input step must remove to be taken.",
+        description="Radiometric distance from the source above which a new expert is made.",
+    )
+    domain_min_fraction: float = Field(
+        default=0.5, gt=0, le=1,
+        description="Gate of the input step: share of stored scenes that must route to the new "
+        "expert (a signature that cannot tell the domains apart would misroute scenes).",
     )
     holdout_every: int = Field(
         default=4, ge=2,

@@ -35,7 +35,7 @@ from types import FrameType
 from typing import Any
 
 from appliance.adaptation import AdaptationReport, Adapter
-from appliance.bundle import BACKBONE, CLASSIFIER, EMBEDDER, Bundle, BundleError, sha256_file
+from appliance.bundle import Bundle, BundleError, sha256_file
 from appliance.config import Settings
 from appliance.drift import DriftMonitor
 from appliance.durable import atomic_write_text
@@ -99,7 +99,8 @@ def build_result(outcome: SceneOutcome, bundle: Bundle, node_id: str,
     return SceneResult(
         msg_id=result_msg_id(outcome.scene_id), node_id=node_id,
         scene_id=outcome.scene_id, source=outcome.source,
-        model=ModelRef(name=bundle.manifest.name, version=bundle.version),
+        model=ModelRef(name=bundle.manifest.name, version=bundle.version,
+                       domain=outcome.cells.domain),
         crs=outcome.crs, bounds=outcome.bounds, bounds_wgs84=outcome.bounds_wgs84,
         width=outcome.width, height=outcome.height,
         classes={name: ClassShare(fraction=outcome.fractions[name],
@@ -230,13 +231,9 @@ class Daemon:
         self._switch_model(bundle, "rollback", {})
 
     def _switch_model(self, bundle: Bundle, action: str, detail: dict[str, Any]) -> None:
-        """Run ``bundle``: only the head is swapped when backbone and embedder are the same."""
+        """Run ``bundle``: only heads are swapped when backbone and embedder are the same."""
         previous = self.bundle
-        files = (BACKBONE, EMBEDDER)
-        same = all(bundle.manifest.files.get(f) == previous.manifest.files.get(f) for f in files)
-        if same and bundle.manifest.input == previous.manifest.input:
-            self.runtime.swap_classifier(bundle.file(CLASSIFIER))
-        else:
+        if not self.runtime.adopt(bundle):
             self.runtime = open_runtime(bundle, self.settings)
         self.bundle = bundle
         if self.drift is not None:

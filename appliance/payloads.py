@@ -65,6 +65,8 @@ class ModelRef(BaseModel):
 
     name: str
     version: int
+    domain: str | None = Field(
+        default=None, description="The adapted expert a scene was routed to (null: source).")
 
 
 class ClassShare(BaseModel):

@@ -38,6 +38,7 @@ from appliance.outputs import (
     write_quicklook,
 )
 from appliance.raster import Scene, SceneError, open_scene
+from appliance.routing import route
 from appliance.runtime import ModelRuntime
 from appliance.segments import cell_labels_on, hybrid_map, segment
 from appliance.tiling import CellGrid, iter_batches, read_ahead
@@ -139,6 +140,9 @@ def _process(
         raise SceneError("nodata", f"{path.name}: every cell is more than "
                          f"{tiling.nodata_fraction:.0%} nodata")
 
+    band_sample = scene.band_sample()
+    domain = route(runtime.bundle, band_sample)
+    scene.use_spec(manifest.input_for(domain))
     n, k = len(grid), len(manifest.classes)
     n_scales = len(grid.scales)
     acc = _Accumulator(np.zeros((n, k), np.float32),
@@ -154,7 +158,7 @@ def _process(
     with closing(read_ahead(batches, tiling.read_ahead)) as stream:
         for batch in stream:
             t0 = time.perf_counter()
-            out = runtime.infer(batch.tiles)
+            out = runtime.infer(batch.tiles, domain)
             t_infer += time.perf_counter() - t0
             t_read += batch.read_seconds
             tiles += len(batch.tiles)
@@ -166,7 +170,7 @@ def _process(
 
     t_write0 = time.perf_counter()
     outcome = _write_outputs(scene, path, scene_id, out_dir, runtime, settings, grid, valid, acc,
-                             tiles)
+                             tiles, band_sample, domain)
     t_end = time.perf_counter()
     timings = {"read": round(t_read, 4), "infer": round(t_infer, 4),
                "write": round(t_end - t_write0, 4), "total": round(t_end - t_start, 4)}
@@ -181,6 +185,7 @@ def _process(
 def _write_outputs(
     scene: Scene, path: Path, scene_id: str, out_dir: Path, runtime: ModelRuntime,
     settings: Settings, grid: CellGrid, valid: np.ndarray, acc: _Accumulator, tiles: int,
+    band_sample: np.ndarray, domain: str | None,
 ) -> SceneOutcome:
     manifest = runtime.manifest
     classes = manifest.classes
@@ -194,7 +199,7 @@ def _write_outputs(
         sample_index=np.asarray(acc.sample_index, np.int64),
         sample_features=(np.stack(acc.sample_features).astype(np.float32) if acc.sample_features
                          else np.zeros((0, len(grid.scales), manifest.feature_dim), np.float32)),
-        band_sample=scene.band_sample(),
+        band_sample=band_sample, domain=domain,
     )
     labels = cells.labels
     confidence = cells.confidence
@@ -228,7 +233,8 @@ def _write_outputs(
     item = stac_item(
         scene_id=scene_id, source=path.name, crs=scene.crs, bounds=scene_bounds,
         scene_shape=(scene.height, scene.width), cmap=cmap, outputs=assets,
-        properties={"terratile:model": {"name": manifest.name, "version": manifest.version},
+        properties={"terratile:model": {"name": manifest.name, "version": manifest.version,
+                                        "domain": domain},
                     "terratile:fractions": fractions, "terratile:areas_ha": areas_ha},
     )
     write_json(files["stac"], item)
@@ -264,7 +270,8 @@ def _summary(outcome: SceneOutcome, runtime: ModelRuntime, settings: Settings,
         "schema": SUMMARY_SCHEMA,
         "scene_id": outcome.scene_id,
         "source": outcome.source,
-        "model": {"name": manifest.name, "version": manifest.version},
+        "model": {"name": manifest.name, "version": manifest.version,
+                  "domain": outcome.cells.domain},
         "crs": outcome.crs,
         "bounds": list(outcome.bounds),
         "bounds_wgs84": list(outcome.bounds_wgs84),

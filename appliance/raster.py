@@ -102,9 +102,7 @@ class Scene:
 
     def __init__(self, path: Path, cfg: InputConfig, spec: InputSpec) -> None:
         self.path = path
-        self.spec = spec
-        neutral = np.asarray(spec.mean, np.float32) / np.float32(spec.scale)
-        self.neutral = neutral.reshape(-1, 1, 1)
+        self.use_spec(spec)
         try:
             if path.stat().st_size == 0:
                 raise SceneError("unreadable", f"{path.name} is a zero-byte file")
@@ -121,6 +119,16 @@ class Scene:
         except BaseException:
             self.ds.close()
             raise
+
+    def use_spec(self, spec: InputSpec) -> None:
+        """Read for a model with input ``spec``: its neutral value fills outside the scene.
+
+        The pipeline switches to a routed expert's spec (same bands and value range, other
+        mean/std) once the scene's statistics are known.
+        """
+        self.spec = spec
+        neutral = np.asarray(spec.mean, np.float32) / np.float32(spec.scale)
+        self.neutral = neutral.reshape(-1, 1, 1)
 
     def _validate(self, cfg: InputConfig) -> None:
         ds = self.ds

@@ -5,12 +5,14 @@ onnxruntime silently drops a provider it cannot load; this module compares what 
 for with what the session actually runs on and logs a WARNING for every provider that
 fell away, so a box that lost its GPU never runs on CPU unnoticed.
 
-The heads are separate sessions so that an adapted ``classifier.onnx`` can replace the
-head without rebuilding the backbone's TensorRT engine (``swap_classifier``).
+The heads are separate sessions so that an adapted head can replace the old one without
+rebuilding the backbone's TensorRT engine (``adopt``), and so that one backbone serves
+every expert of a bundle (``bundle.Domain``: its own input spec and head per domain).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass, replace
@@ -22,13 +24,13 @@ import onnxruntime as ort
 
 from appliance.bundle import (
     BACKBONE,
-    CLASSIFIER,
     EMBEDDER,
     EMBEDDING,
     FEATURES,
     IMAGE_INPUT,
     LOGITS,
     Bundle,
+    Manifest,
 )
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ PROVIDER_NAMES: dict[str, str] = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
+GPU_PROVIDERS = frozenset({"tensorrt", "cuda"})
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,24 @@ class ProviderPlan:
         return out
 
 
+@functools.cache
+def load_gpu_libraries() -> None:
+    """Load the CUDA/cuDNN libraries of pip's ``nvidia-*`` wheels, once per process.
+
+    onnxruntime-gpu does not look in those wheels' folders by itself: on a box whose CUDA
+    comes from pip rather than the system, the CUDA provider fails with "libcublasLt.so.13:
+    cannot open shared object file" and the node runs on CPU. ``preload_dlls`` loads them
+    from site-packages, then from the default loader path; a CPU-only build skips it.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload()
+
+
 def open_session(model: Path | bytes, plan: ProviderPlan) -> ort.InferenceSession:
     """An InferenceSession on the best available provider, falling back loudly."""
+    if GPU_PROVIDERS.intersection(plan.providers):
+        load_gpu_libraries()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if plan.intra_op_threads:
@@ -122,18 +141,29 @@ class Inference:
 
 
 class ModelRuntime:
-    """Runs a bundle: ``infer(tiles)`` from value-range tiles to features, probs, embedding."""
+    """Runs a bundle: ``infer(tiles)`` from value-range tiles to features, probs, embedding.
+
+    ``domain`` picks the expert (None: the source): its input spec normalises the tiles and
+    its head classifies them; backbone and embedder are the same for all.
+    """
 
     def __init__(self, bundle: Bundle, plan: ProviderPlan | None = None) -> None:
         self.bundle = bundle
         self.plan = plan or ProviderPlan()
-        self.manifest = bundle.manifest
         self._backbone = open_session(bundle.file(BACKBONE), self.plan)
         # Heads go on what the backbone really got, so a missing GPU is reported once.
         self.plan = self.plan.narrowed_to(self._backbone.get_providers())
-        self._classifier = open_session(bundle.file(CLASSIFIER), self.plan)
         self._embedder = open_session(bundle.file(EMBEDDER), self.plan)
         self._lock = threading.Lock()
+        self._classifiers = self._open_heads(bundle)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    def _open_heads(self, bundle: Bundle) -> dict[str | None, ort.InferenceSession]:
+        names = [None, *(d.name for d in bundle.manifest.domains)]
+        return {name: open_session(bundle.classifier(name), self.plan) for name in names}
 
     @property
     def providers(self) -> list[str]:
@@ -151,31 +181,39 @@ class ModelRuntime:
         tiles = np.full((batch, len(spec.bands), spec.size, spec.size), (lo + hi) / 2, np.float32)
         self.infer(tiles)
 
-    def features(self, tiles: np.ndarray) -> np.ndarray:
+    def features(self, tiles: np.ndarray, domain: str | None = None) -> np.ndarray:
         """[N,C,S,S] tiles in the model's value range → [N,D] pooled features."""
-        x = self.manifest.input.normalise(tiles)
+        x = self.manifest.input_for(domain).normalise(tiles)
         out = self._backbone.run([FEATURES], {IMAGE_INPUT: x})[0]
         return np.asarray(out, np.float32)
 
-    def probs(self, features: np.ndarray) -> np.ndarray:
+    def probs(self, features: np.ndarray, domain: str | None = None) -> np.ndarray:
         """Features → class probabilities (softmax, or sigmoid for multi-label bundles)."""
         with self._lock:
-            logits = self._classifier.run([LOGITS], {FEATURES: features})[0]
+            head = self._classifiers[domain]
+            logits = head.run([LOGITS], {FEATURES: features})[0]
         return activate(np.asarray(logits, np.float32), self.manifest.task == "multi-label")
 
     def embed(self, features: np.ndarray) -> np.ndarray:
         """Features → L2-normalised retrieval embedding."""
         return np.asarray(self._embedder.run([EMBEDDING], {FEATURES: features})[0], np.float32)
 
-    def infer(self, tiles: np.ndarray) -> Inference:
-        feats = self.features(tiles)
-        return Inference(feats, self.probs(feats), self.embed(feats))
+    def infer(self, tiles: np.ndarray, domain: str | None = None) -> Inference:
+        feats = self.features(tiles, domain)
+        return Inference(feats, self.probs(feats, domain), self.embed(feats))
 
-    def swap_classifier(self, model: Path | bytes) -> None:
-        """Replace the classifier head (adaptation, rollback) without rebuilding the backbone."""
-        session = open_session(model, self.plan)
+    def adopt(self, bundle: Bundle) -> bool:
+        """Run ``bundle`` with the sessions in hand when only heads, input specs or experts
+        changed (adaptation, rollback); False when its backbone or embedder differs, and a
+        new runtime is needed."""
+        files = (BACKBONE, EMBEDDER)
+        if any(bundle.manifest.files.get(f) != self.manifest.files.get(f) for f in files):
+            return False
+        heads = self._open_heads(bundle)
         with self._lock:
-            self._classifier = session
+            self._classifiers = heads
+            self.bundle = bundle
+        return True
 
 
 def activate(logits: np.ndarray, multi_label: bool) -> np.ndarray:

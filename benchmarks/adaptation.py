@@ -40,7 +40,7 @@ import rasterio
 from PIL import Image, ImageFilter
 from rasterio.transform import from_origin
 
-from appliance.adaptation import Adapter, accuracy
+from appliance.adaptation import Adapter, accuracy, adapted_domain
 from appliance.bundle import CLASSIFIER, load_bundle
 from appliance.config import Settings, load_settings
 from appliance.drift import DriftMonitor
@@ -141,10 +141,10 @@ def write_mosaics(images: list[np.ndarray], labels: np.ndarray, order: np.ndarra
     return scenes
 
 
-# "full": the defaults (input re-standardisation half-way to the new sensor, input_blend 0.5,
-# then distilled head steps); "full_input": adapt.input_blend = 1, the input step calibrates
-# fully to the new sensor; "head_only": adapt.input_blend = 0, the head steps alone.
-VARIANTS: dict[str, dict[str, Any]] = {"full": {}, "full_input": {"input_blend": 1.0},
+# "full": the defaults (a routed expert for the new sensor, its input calibrated all the way,
+# then distilled head steps on it); "half_input": the expert's input re-standardised half-way
+# (adapt.input_blend = 0.5); "head_only": adapt.input_blend = 0, head steps on the source head.
+VARIANTS: dict[str, dict[str, Any]] = {"full": {}, "half_input": {"input_blend": 0.5},
                                        "head_only": {"input_blend": 0.0}}
 
 
@@ -161,9 +161,10 @@ def settings_for(state: Path, adapt: dict[str, Any] | None = None) -> Settings:
 
 
 def classify(runtime: ModelRuntime, settings: Settings, scenes: list[tuple[Path, np.ndarray]],
-             out: Path) -> float:
-    """Overall accuracy of the pipeline's per-cell labels on labelled mosaics."""
-    hits = total = 0
+             out: Path) -> tuple[float, float]:
+    """Overall accuracy of the pipeline's per-cell labels on labelled mosaics, and the
+    fraction of the scenes routed to an adapted expert."""
+    hits = total = routed = 0
     for i, (path, truth) in enumerate(scenes):
         outcome = process_scene(path, f"eval-{i}", out / f"eval-{i}", runtime, settings)
         cells = outcome.cells
@@ -171,16 +172,18 @@ def classify(runtime: ModelRuntime, settings: Settings, scenes: list[tuple[Path,
         cols = cells.windows[:, 0] // CELL
         hits += int((cells.labels == truth[rows, cols]).sum())
         total += len(cells)
+        routed += cells.domain is not None
     shutil.rmtree(out, ignore_errors=True)
-    return hits / max(total, 1)
+    return hits / max(total, 1), routed / max(len(scenes), 1)
 
 
 def bank_holdout_oa(bundle_dir: Path) -> float:
-    """Accuracy of a bundle's head on the held-back rows of its source bank (the gate's)."""
+    """Accuracy of the adapted expert's head (the source head if none) on the held-back
+    rows of the source bank: the gate's source figure."""
     bundle = load_bundle(bundle_dir)
     bank = bundle.source_bank
-    return accuracy(read_head(bundle.file(CLASSIFIER)), bank.features[bank.holdout],
-                    bank.labels[bank.holdout])
+    head = read_head(bundle.classifier(adapted_domain(bundle)))
+    return accuracy(head, bank.features[bank.holdout], bank.labels[bank.holdout])
 
 
 def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
@@ -199,7 +202,7 @@ def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
     shifted = [shift(img) for img in images]
     adapt_scenes = write_mosaics(shifted, labels, adapt_order, root / "scenes", "adapt")
     test_scenes = write_mosaics(shifted, labels, test_order, root / "scenes", "test")
-    target_before = classify(runtime, settings, test_scenes, root / "eval")
+    target_before, _ = classify(runtime, settings, test_scenes, root / "eval")
     stream: list[dict[str, Any]] = []
     jobs: list[dict[str, Any]] = []
     stream_seconds = 0.0
@@ -209,7 +212,8 @@ def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
         report = monitor.observe(outcome.cells)
         adapter.collect(outcome.cells)
         stream_seconds += time.perf_counter() - t
-        stream.append({"scene": i, "drifting": report.drifting, "fired": report.fired,
+        stream.append({"scene": i, "domain": outcome.cells.domain,
+                       "drifting": report.drifting, "fired": report.fired,
                        "psi": round(report.scene["psi"], 4), "mmd": round(report.scene["mmd"], 4),
                        "mean_max_prob": round(report.scene["mean_max_prob"], 4),
                        "ph_max_prob": round(report.window["ph_max_prob"], 4),
@@ -218,15 +222,12 @@ def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
             job = adapter.run(f"drift at scene {i}")
             jobs.append({"scene": i, **job.as_dict()})
             if job.model_changed:  # what Daemon._switch_model does
-                bundle = store.active()
-                if bundle.manifest.input == runtime.manifest.input:
-                    runtime.swap_classifier(bundle.file(CLASSIFIER))
-                else:
-                    runtime = ModelRuntime(bundle, plan)
+                if not runtime.adopt(store.active()):
+                    runtime = ModelRuntime(store.active(), plan)
                 monitor.reset_confidence()
     active = store.active()
-    target_after = classify(runtime, settings, test_scenes, root / "eval")
-    source_after = classify(runtime, settings, clean_test, root / "eval")
+    target_after, target_routed = classify(runtime, settings, test_scenes, root / "eval")
+    source_after, source_routed = classify(runtime, settings, clean_test, root / "eval")
     first_fire = next((s["scene"] for s in stream if s["drifting"]), None)
     return {
         "shift": name, "variant": variant, "target_oa_before": target_before,
@@ -237,13 +238,16 @@ def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
         "scenes_drifting": sum(s["drifting"] for s in stream),
         "promotions": sum(j["action"] == "promoted" for j in jobs),
         "active_version": active.version,
-        "active_input": {"mean": active.manifest.input.mean, "std": active.manifest.input.std},
+        "domains": [d.model_dump(mode="json") for d in active.manifest.domains],
+        "target_test_scenes_routed_to_expert": target_routed,
+        "clean_test_scenes_routed_to_expert": source_routed,
         "jobs": jobs, "stream": stream,
         "stream_seconds": round(stream_seconds, 2),
         "stream_scenes_per_s": round(len(adapt_scenes) / max(stream_seconds, 1e-9), 3),
         "seconds": round(time.perf_counter() - t0, 2),
-        "head_changed": active.file(CLASSIFIER).read_bytes()
-        != (bundle_dir / CLASSIFIER).read_bytes(),
+        "heads_changed": [name or "source" for name in (None, adapted_domain(active))
+                          if active.classifier(name).read_bytes()
+                          != (bundle_dir / CLASSIFIER).read_bytes()],
     }
 
 
@@ -281,7 +285,7 @@ def main() -> None:
         settings = settings_for(clean_root)
         runtime = ModelRuntime(bundle, ProviderPlan(providers=("cpu",)))
         clean_test = write_mosaics(images, labels, test_order, clean_root / "scenes", "test")
-        source_before = classify(runtime, settings, clean_test, clean_root / "eval")
+        source_before, _ = classify(runtime, settings, clean_test, clean_root / "eval")
         runs = [(n, v) for v in args.variants for n in args.shifts
                 if v == args.variants[0] or n != "none"]
         for name, variant in runs:

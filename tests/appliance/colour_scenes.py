@@ -2,7 +2,8 @@
 
 Each cell is a noisy tile of one pure class colour (urban=red, vegetation=green,
 water=blue), classes balanced per scene, run through the real ``ModelRuntime`` at both
-bundle scales, so drift and adaptation see exactly what the pipeline would hand them.
+bundle scales (routed to the bundle's expert like the pipeline does), so drift and
+adaptation see exactly what the pipeline would hand them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from appliance.cells import SceneCells
+from appliance.routing import route
 from appliance.runtime import ModelRuntime
 from tests.colour_bundle import INPUT_SIZE, PURE
 
@@ -26,14 +28,16 @@ def colour_scene(runtime: ModelRuntime, seed: int, cast: tuple[float, float, flo
     noise = rng.normal(0, 10, (n_cells, 3, INPUT_SIZE, INPUT_SIZE))
     shift = np.asarray(cast, np.float32)[None, :, None, None]
     tiles = np.clip(base[:, :, None, None] + noise + shift, 0, 255).astype(np.float32)
-    out = runtime.infer(tiles)
     pixels = tiles.transpose(0, 2, 3, 1).reshape(-1, 3)
     sample = pixels[rng.choice(len(pixels), 2000, replace=False)]
+    domain = route(runtime.bundle, sample)  # as the pipeline does
+    out = runtime.infer(tiles, domain)
     cells = SceneCells(
         scene_id=f"scene-{seed}", crs="EPSG:32633",
         windows=np.zeros((n_cells, 4), np.int64), bounds=np.zeros((n_cells, 4)),
         bounds_wgs84=np.zeros((n_cells, 4)), probs=out.probs, valid=np.ones(n_cells, bool),
         embeddings=out.embedding, sample_index=np.arange(n_cells),
         sample_features=np.stack([out.features, out.features], axis=1), band_sample=sample,
+        domain=domain,
     )
     return cells, truth

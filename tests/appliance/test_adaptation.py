@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.adaptation import Adapter, CandidateStore, select_pseudo_labels
+from appliance.adaptation import DOMAIN, Adapter, CandidateStore, select_pseudo_labels
 from appliance.bundle import CLASSIFIER, load_bundle
+from appliance.cells import SceneCells
 from appliance.config import AdaptConfig
 from appliance.head import read_head
 from appliance.models import ModelStore
@@ -77,36 +78,71 @@ def test_shifted_stream_is_adapted_and_promoted(store: ModelStore, runtime: Mode
     json.dumps(report.as_dict())
 
 
-def test_input_step_restandardises_bands_then_owes_a_head_step(
+def _accuracy(cells: SceneCells, truth: np.ndarray) -> float:
+    return float((cells.labels == truth).mean())
+
+
+def test_input_step_adds_a_routed_expert_then_owes_a_head_step(
         store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
     adapter = Adapter(store, CFG.model_copy(update={"input_blend": 1.0}), tmp_path / "state")
     _fill(adapter, runtime)
     source = store.active()
     report = adapter.run("drift")
     assert report.step == "input" and report.promoted, report.as_dict()
+    assert report.domain == DOMAIN
     gate = report.gate
-    assert gate["radiometric_distance_after"] < gate["radiometric_distance_before"]
-    # Full blend: the target lands on the reference, source imagery would be pushed away.
-    assert gate["source_distance_after"] > gate["radiometric_distance_after"]
-    assert gate["source_distance_after"] > 0.5 * gate["radiometric_distance_before"]
+    assert gate["radiometric_distance_after"] < 0.1 * gate["radiometric_distance_before"]
+    assert gate["domain_fraction"] == 1.0
     adapted = store.active()
     assert adapted.version == 2 and adapted.manifest.parent == 1
-    assert adapted.manifest.input.mean != source.manifest.input.mean
+    assert [d.name for d in adapted.manifest.domains] == [DOMAIN]
+    # The source expert is untouched; the new one starts from the source head.
+    assert adapted.manifest.input == source.manifest.input
     assert adapted.file(CLASSIFIER).read_bytes() == source.file(CLASSIFIER).read_bytes()
-    # The new input spec undoes the cast: shifted tiles classify like clean ones again.
+    assert adapted.classifier(DOMAIN).read_bytes() == source.file(CLASSIFIER).read_bytes()
+    assert adapted.manifest.input_for(DOMAIN).mean != source.manifest.input.mean
     new_runtime = ModelRuntime(adapted, ProviderPlan(providers=("cpu",)))
+    # Cast scenes route to the new expert, whose input spec undoes the cast...
     cells, truth = colour_scene(new_runtime, 950, BLUE_CAST)
     shifted, _ = colour_scene(runtime, 950, BLUE_CAST)
-    assert (cells.labels == truth).mean() > (shifted.labels == truth).mean()
-    # Stored features are from the old input spec: a head step waits for fresh cells.
-    assert adapter.store.count(adapter.active_key()) == 0
+    assert cells.domain == DOMAIN and shifted.domain is None
+    assert _accuracy(cells, truth) > _accuracy(shifted, truth)
+    # ...while clean scenes still route to the source model: bit for bit what they were.
+    clean_after, _ = colour_scene(new_runtime, 951)
+    clean_before, _ = colour_scene(runtime, 951)
+    assert clean_after.domain is None
+    np.testing.assert_array_equal(clean_after.probs, clean_before.probs)
+    # Stored features are from the source input spec: a head step waits for fresh cells.
+    assert adapter.store.count(adapter.adapted_key()) == 0
     assert not adapter.due(drifting=False)
     for seed in range(3):
         adapter.collect(colour_scene(new_runtime, 960 + seed, BLUE_CAST)[0])
+    assert adapter.store.count(adapter.adapted_key()) > 0
     assert adapter.due(drifting=False)  # owed after the input step, drift or not
     follow = adapter.run("follow-up")
-    assert follow.step == "head" and follow.action in ("promoted", "rejected", "skipped")
-    assert adapter.run("again").step == "head"  # the input is aligned now
+    assert follow.step == "head" and follow.domain == DOMAIN, follow.as_dict()
+    assert follow.action in ("promoted", "rejected", "skipped")
+    if follow.promoted:  # a head step changes the expert's head only
+        after = store.active()
+        assert after.file(CLASSIFIER).read_bytes() == source.file(CLASSIFIER).read_bytes()
+        assert follow.classifier_path == after.classifier(DOMAIN)
+    assert adapter.run("again").step == "head"  # one expert per lineage: refine, not re-make
+
+
+def test_input_step_refuses_a_domain_most_stored_scenes_do_not_belong_to(
+        store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
+    cfg = CFG.model_copy(update={"input_blend": 1.0, "domain_min_fraction": 0.5})
+    adapter = Adapter(store, cfg, tmp_path / "state")
+    _fill(adapter, runtime, scenes=5, cast=(0.0, 0.0, 0.0))
+    _fill(adapter, runtime, scenes=2)  # two cast scenes among seven
+    report = adapter.run("drift")
+    refused = report.refused_input
+    assert refused is not None and refused["action"] == "rejected", report.as_dict()
+    assert refused["counts"]["domain_scenes"] == 2
+    assert "route to the new domain" in refused["message"]
+    assert refused["kept_at"] and Path(refused["kept_at"]).is_dir()
+    assert report.step == "head"  # the job went on with the source model's head
+    assert not store.active().manifest.domains
 
 
 def test_gate_refuses_a_head_trained_on_wrong_labels(store: ModelStore, runtime: ModelRuntime,

@@ -211,11 +211,11 @@ class _FailingRuntime(ModelRuntime):
 
     calls = 0
 
-    def infer(self, tiles: np.ndarray) -> Any:
+    def infer(self, tiles: np.ndarray, domain: str | None = None) -> Any:
         self.calls += 1
         if self.calls == 3:
             raise RuntimeError("injected inference failure")
-        return super().infer(tiles)
+        return super().infer(tiles, domain)
 
 
 def test_inference_error_stops_the_reader(tmp_path: Path, colour_bundle: Path) -> None:

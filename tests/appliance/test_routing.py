@@ -1,0 +1,101 @@
+"""Routing scenes to a bundle's experts by radiometry, through the real pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from appliance.bundle import CLASSIFIER, BundleError, Domain, load_bundle, seal_bundle
+from appliance.config import Settings
+from appliance.pipeline import process_scene
+from appliance.routing import band_moments, nearest, radiometric_distance, route
+from appliance.runtime import ModelRuntime, ProviderPlan
+from tests.scenes import quarters, write_scene
+
+DARK = 0.6  # the other sensor: every band at 60 % of the source's gain
+SETTINGS = Settings.model_validate({"model": {"providers": ["cpu"]},
+                                    "tiling": {"scales": [16, 32], "batch_size": 16}})
+
+
+def test_radiometric_distance_counts_offsets_in_sigma_and_gains_as_log_ratios() -> None:
+    mean, std = np.array([100.0, 50.0]), np.array([20.0, 10.0])
+    assert radiometric_distance(mean, std, mean, std) == 0.0
+    assert radiometric_distance(mean + std, std, mean, std) == pytest.approx(1.0)
+    assert radiometric_distance(mean, 2 * std, mean, std) == pytest.approx(np.log(2))
+
+
+def test_nearest_prefers_the_source_on_a_tie() -> None:
+    assert nearest({None: 0.3, "dark": 0.3}) is None
+    assert nearest({None: 0.3, "dark": 0.2}) == "dark"
+
+
+def _scene(path: Path, gain: float = 1.0) -> Path:
+    return write_scene(path, size=(128, 128), layout=quarters(128, 128), noise=12, gain=gain)
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read().reshape(ds.count, -1).T.astype(np.float32)
+
+
+@pytest.fixture()
+def dark_bundle(colour_bundle: Path, tmp_path: Path) -> Path:
+    """The colour bundle plus an expert for the dark sensor: its input spec undoes the gain."""
+    out = tmp_path / "bundle"
+    shutil.copytree(colour_bundle, out)
+    source = load_bundle(out).manifest
+    mean, std = band_moments(_pixels(_scene(tmp_path / "dark-ref.tif", DARK)))
+    spec = source.input.model_copy(update={"mean": [m * DARK for m in source.input.mean],
+                                           "std": [s * DARK for s in source.input.std]})
+    shutil.copyfile(out / CLASSIFIER, out / "classifier.dark.onnx")
+    domain = Domain(name="dark", mean=mean.tolist(), std=std.tolist(), input=spec,
+                    classifier="classifier.dark.onnx")
+    seal_bundle(out, source.model_copy(update={
+        "version": 2, "domains": [domain],
+        "files": {**source.files, domain.classifier: ""}}))
+    return out
+
+
+def test_pipeline_routes_each_scene_to_the_expert_of_its_sensor(
+        colour_bundle: Path, dark_bundle: Path, tmp_path: Path) -> None:
+    runtime = ModelRuntime(load_bundle(dark_bundle), ProviderPlan(providers=("cpu",)))
+    clean = process_scene(_scene(tmp_path / "clean.tif"), "aa" * 32, tmp_path / "c", runtime,
+                          SETTINGS)
+    dark = process_scene(_scene(tmp_path / "dark.tif", DARK), "bb" * 32, tmp_path / "d",
+                         runtime, SETTINGS)
+    assert clean.cells.domain is None and dark.cells.domain == "dark"
+    summary = json.loads(Path(dark.outputs["summary"]).read_text())
+    assert summary["model"] == {"name": "colour-test", "version": 2, "domain": "dark"}
+    # The expert's input spec undoes the gain: the dark scene reads like the clean one.
+    np.testing.assert_array_equal(dark.cells.labels, clean.cells.labels)
+    assert np.abs(dark.cells.probs - clean.cells.probs).max() < 0.05
+    # The source path is the plain bundle's, unchanged by the expert beside it.
+    plain = ModelRuntime(load_bundle(colour_bundle), ProviderPlan(providers=("cpu",)))
+    alone = process_scene(tmp_path / "clean.tif", "aa" * 32, tmp_path / "p", plain, SETTINGS)
+    np.testing.assert_array_equal(alone.cells.probs, clean.cells.probs)
+    assert route(runtime.bundle, _pixels(tmp_path / "dark.tif")) == "dark"
+
+
+def test_adopt_swaps_experts_without_a_new_backbone(colour_bundle: Path, dark_bundle: Path
+                                                   ) -> None:
+    runtime = ModelRuntime(load_bundle(colour_bundle), ProviderPlan(providers=("cpu",)))
+    backbone = runtime._backbone
+    assert runtime.adopt(load_bundle(dark_bundle))
+    assert runtime._backbone is backbone and runtime.manifest.version == 2
+    tiles = np.full((2, 3, 32, 32), 60.0, np.float32)
+    assert runtime.infer(tiles, "dark").probs.shape == (2, 3)
+    with pytest.raises(BundleError, match="no domain 'bright'"):
+        runtime.infer(tiles, "bright")
+
+
+def test_a_domain_head_must_be_sealed(dark_bundle: Path) -> None:
+    manifest = json.loads((dark_bundle / "manifest.json").read_text())
+    del manifest["files"]["classifier.dark.onnx"]
+    (dark_bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"domain 'dark' head classifier\.dark\.onnx"):
+        load_bundle(dark_bundle)
