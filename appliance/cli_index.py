@@ -20,10 +20,10 @@ import typer
 from appliance.bundle import Bundle, BundleError, load_bundle, sha256_file
 from appliance.cli_options import CONFIG_OPTION, settings_or_exit
 from appliance.config import Settings
+from appliance.image_files import is_image
 from appliance.index import Entry, IndexStateError, TileIndex
 from appliance.models import ModelStore
 from appliance.retrieval import (
-    IMAGE_SUFFIXES,
     RESPONSE_SCHEMA,
     RequestError,
     RetrievalService,
@@ -60,7 +60,7 @@ def open_index(settings: Settings, dim: int | None = None, read_only: bool = Fal
 
 def _images(root: Path) -> Iterator[Path]:
     for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if path.is_file() and is_image(path):
             yield path
 
 

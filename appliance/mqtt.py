@@ -16,7 +16,10 @@ What it guarantees (DESIGN.md, 'MQTT'):
 * ``<p>/cmd/<verb>`` commands run registered handlers; retained commands are ignored so a
   stale retained ``cmd/rollback`` cannot fire on every restart.
 * ``on_request(suffix, handler)`` answers on the MQTT 5 response topic with the request's
-  correlation data, or on ``<p>/<base>/response/<request_id>`` for MQTT 3.1.1 clients.
+  correlation data, or on ``<p>/<base>/response/<request_id>`` for MQTT 3.1.1 clients. The
+  handler alone parses and validates the payload; Comms never reads it, and takes the
+  ``request_id`` for that topic from the handler's reply (``<p>/<base>/response`` when the
+  reply has none, so an error about a missing or invalid id still reaches the client).
 
 Handlers run on one worker thread, never on paho's network thread, so a slow handler
 does not stall keep-alives. The password is read from a file and never logged.
@@ -81,7 +84,12 @@ class Comms:
         self._commands[verb] = handler
 
     def on_request(self, topic_suffix: str, handler: RequestHandler) -> None:
-        """Answer requests on ``<p>/<topic_suffix>`` with ``handler(payload)`` as JSON."""
+        """Answer requests on ``<p>/<topic_suffix>`` with ``handler(payload)`` as JSON.
+
+        ``handler`` gets the raw payload and owns its parsing and validation. Its reply's
+        ``request_id``, when a string, must already be a valid single topic level: without
+        an MQTT 5 response topic the reply is published under it.
+        """
         self._requests[topic_suffix] = handler
         if self.connected.is_set():
             self.client.subscribe(self.topic(topic_suffix), qos=1)
@@ -251,7 +259,7 @@ class Comms:
                 return
 
     def _answer(self, suffix: str, handler: RequestHandler, msg: mqtt.MQTTMessage) -> None:
-        """Run a request handler and reply (MQTT 5 response topic, or request_id topic)."""
+        """Run a request handler and publish its reply (see ``on_request`` for the topic)."""
         try:
             reply = handler(bytes(msg.payload))
         except Exception as exc:  # handlers should not raise; never lose the reply
@@ -264,23 +272,12 @@ class Comms:
         if correlation is not None:
             props.CorrelationData = correlation
         if not response_topic:
-            request_id = _request_id(bytes(msg.payload))
-            if request_id is None:
-                log.warning("MQTT: request on %s without response topic or request_id", suffix)
-                return
             base = suffix.rsplit("/", 1)[0] if "/" in suffix else suffix
-            response_topic = self.topic(f"{base}/response/{request_id}")
+            request_id = reply.get("request_id")
+            response_topic = self.topic(f"{base}/response")
+            if isinstance(request_id, str) and request_id:
+                response_topic += f"/{request_id}"
         self.client.publish(response_topic, json.dumps(reply), qos=1, properties=props)
-
-
-def _request_id(payload: bytes) -> str | None:
-    try:
-        value = json.loads(payload).get("request_id")
-    except (ValueError, AttributeError):
-        return None
-    if not isinstance(value, str) or not value or any(c in value for c in "#+/"):
-        return None
-    return value
 
 
 def _guarded(handler: CommandHandler, payload: bytes) -> None:

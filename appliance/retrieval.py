@@ -9,8 +9,11 @@ results by class, scene and time range.
 reply, ``terratile.retrieval-response/1``, with either ``results`` or an ``error``
 {code, message}; malformed JSON, wrong types, a ``k`` out of range, an unknown scene or a
 path outside ``retrieval.allowed_dirs`` (symlinks and ``..`` resolved first) are error
-replies, never exceptions. The local CLI calls ``run`` directly: its user already has the
-file system, so ``allowed_dirs`` guards only remote requests.
+replies, never exceptions. This module alone parses and validates a request, its
+``request_id`` included: Comms hands over the raw payload and addresses a 3.1.1 client's
+reply by the ``request_id`` the reply carries (``None`` when it was missing or invalid).
+The local CLI calls ``run`` directly: its user already has the file system, so
+``allowed_dirs`` guards only remote requests.
 """
 
 from __future__ import annotations
@@ -33,14 +36,14 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
 
 from appliance.config import RetrievalConfig
+from appliance.image_files import IMAGE_SUFFIXES, is_image, is_raster
 from appliance.index import Filters, Hit, TileIndex
 from appliance.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
 RESPONSE_SCHEMA = "terratile.retrieval-response/1"
-RASTER_SUFFIXES = {".tif", ".tiff"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"} | RASTER_SUFFIXES
+MAX_REQUEST_ID = 128
 
 
 class RequestError(Exception):
@@ -86,7 +89,7 @@ def load_image(path: Path, runtime: ModelRuntime, bands: Sequence[int] | None = 
     """
     spec = runtime.manifest.input
     size, n_bands = spec.size, len(spec.bands)
-    if path.suffix.lower() in RASTER_SUFFIXES:
+    if is_raster(path):
         try:
             with rasterio.open(path) as src:
                 idx = list(bands) if bands else list(range(1, n_bands + 1))
@@ -242,7 +245,7 @@ class RetrievalService:
             raise RequestError("no-model", "no model is loaded; image queries are unavailable")
         if not path.is_file():
             raise RequestError("not-found", f"{path}: no such file")
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if not is_image(path):
             raise RequestError("bad-image", f"{path.name}: not one of {sorted(IMAGE_SUFFIXES)}")
         tile = load_image(path, runtime, self.bands)
         return embed_images(tile[None], runtime)[0][0]
@@ -265,12 +268,19 @@ class RetrievalService:
 
 
 def _request_id(request: dict[str, Any]) -> str | None:
+    """The request's ``request_id``, or ``None`` if it has none.
+
+    The only check of it anywhere: Comms publishes a 3.1.1 client's reply under
+    ``…/response/<request_id>``, so it must be one safe topic level: printable (no NUL or
+    other control characters, no lone surrogates), no ``/ # +``, at most 128 characters.
+    """
     rid = request.get("request_id")
     if rid is None:
         return None
-    if not isinstance(rid, str) or not rid or len(rid) > 128 or any(c in rid for c in "#+/"):
-        raise RequestError("bad-request",
-                           "request_id must be a non-empty string without / # + (≤128 chars)")
+    if (not isinstance(rid, str) or not rid or len(rid) > MAX_REQUEST_ID
+            or not rid.isprintable() or any(c in rid for c in "#+/")):
+        raise RequestError("bad-request", f"request_id must be a string of 1..{MAX_REQUEST_ID} "
+                           "printable characters without / # +")
     return rid
 
 

@@ -44,9 +44,11 @@ from appliance.bundle import (
     SourceBank,
     seal_bundle,
 )
+from appliance.durable import atomic_write_text
+from appliance.image_files import is_image
 from appliance.reference import build_reference, class_centroids
 from appliance.runtime import ProviderPlan, activate, open_session
-from export.data import SPLIT_FILE, DataSet, load_chips, load_split, scan
+from export.data import SPLIT_FILE, DataSet, Sample, load_chips, load_split, scan
 from export.model import Descriptor
 from export.train import METRICS, RunInfo, load_trained
 
@@ -180,9 +182,7 @@ def quantise_int8(path: Path, calibration: np.ndarray) -> None:
 
 def calibration_chips(directory: Path, spec: InputSpec, limit: int = 128) -> np.ndarray:
     """Normalised [N,C,S,S] chips from an ImageFolder or a flat folder of images."""
-    from export.data import IMAGE_SUFFIXES, Sample
-
-    files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in Path(directory).rglob("*") if is_image(p))
     if not files:
         raise FileNotFoundError(f"{directory}: no calibration images")
     step = max(1, len(files) // limit)
@@ -277,7 +277,7 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     pixels = chips.transpose(0, 2, 3, 1).reshape(-1, chips.shape[1])
     pick = np.random.default_rng(0).choice(len(pixels), min(PIXEL_SAMPLE, len(pixels)), False)
     reference = build_reference(spec.bands, pixels[pick], features, probs, centroids)
-    (out / REFERENCE).write_text(reference.model_dump_json(by_alias=True))
+    atomic_write_text(out / REFERENCE, reference.model_dump_json(by_alias=True))
 
     manifest = Manifest(
         name=options.name or Path(run_dir).resolve().name, version=options.version,

@@ -20,8 +20,9 @@ from PIL import Image, UnidentifiedImageError
 from rasterio.errors import RasterioIOError
 
 from appliance.bundle import Task
+from appliance.durable import atomic_write_text
+from appliance.image_files import IMAGE_SUFFIXES, is_image, is_raster
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 RGB_BANDS = ["red", "green", "blue"]
 SPLIT_FILE = "split.json"
 
@@ -76,7 +77,7 @@ def scan(data: Path, task: Task = "single-label") -> DataSet:
         raise DataError(f"{data}: no class sub-folders (expected one folder per class)")
     samples: list[Sample] = []
     for k, folder in enumerate(class_dirs):
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in folder.iterdir() if is_image(p))
         if not files:
             raise DataError(f"{folder}: empty class folder (no {sorted(IMAGE_SUFFIXES)} files)")
         samples += [Sample(f, (k,)) for f in files]
@@ -109,7 +110,7 @@ def _scan_csv(csv_path: Path) -> DataSet:
 def read_chip(path: Path) -> tuple[np.ndarray, list[str]]:
     """A chip as [C,H,W] array (native dtype) and its band names."""
     try:
-        if path.suffix.lower() in {".tif", ".tiff"}:
+        if is_raster(path):
             with rasterio.open(path) as src:
                 array = src.read()
                 names = [d or f"b{i + 1}" for i, d in enumerate(src.descriptions)]
@@ -189,7 +190,7 @@ def save_split(run_dir: Path, dataset: DataSet, train: list[int], val: list[int]
         "train": [_entry(dataset.samples[i], dataset.classes) for i in train],
         "val": [_entry(dataset.samples[i], dataset.classes) for i in val],
     }
-    out.write_text(json.dumps(doc, indent=1))
+    atomic_write_text(out, json.dumps(doc, indent=1))
     return out
 
 

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from appliance.bundle import InputSpec, Task
+from appliance.durable import atomic_write_text
 from export.augment import augment
 from export.backbones import build_backbone
 from export.data import (
@@ -82,7 +83,7 @@ class RunInfo:
         return InputSpec.model_validate(self.input)
 
     def save(self, run_dir: Path) -> None:
-        (run_dir / RUN_FILE).write_text(json.dumps(asdict(self), indent=2, default=str))
+        atomic_write_text(run_dir / RUN_FILE, json.dumps(asdict(self), indent=2, default=str))
 
     @classmethod
     def load(cls, run_dir: Path) -> RunInfo:
@@ -256,7 +257,7 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
                                         f"val {record.get('val_score', float('nan')):.3f}")
             torch.save({"model": model.state_dict(), "epoch": epoch}, cfg.out / CHECKPOINT)
             info.save(cfg.out)
-            (cfg.out / METRICS).write_text(json.dumps(
+            atomic_write_text(cfg.out / METRICS, json.dumps(
                 {"epochs": history, "train_seconds": time.perf_counter() - started,
                  "cpu_seconds": time.process_time() - cpu_started}, indent=2))
     return cfg.out

@@ -144,9 +144,15 @@ def test_retained_commands_are_ignored_live_ones_run(broker: Broker, journal: Jo
         listener.close()
 
 
+def echo(payload: bytes) -> dict[str, object]:
+    """A request handler that owns its payload: it parses it, and names the request_id."""
+    request = json.loads(payload)
+    return {"request_id": request.get("request_id"), "echo": request}
+
+
 def test_request_reply_mqtt5_and_request_id(broker: Broker, journal: Journal) -> None:
     comms = make_comms(broker, journal)
-    comms.on_request("retrieval/query", lambda payload: {"echo": json.loads(payload)})
+    comms.on_request("retrieval/query", echo)
     comms.start()
     listener = Listener(broker.port, "replies/#", f"{P}/retrieval/response/#")
     try:
@@ -157,11 +163,40 @@ def test_request_reply_mqtt5_and_request_id(broker: Broker, journal: Journal) ->
         props.CorrelationData = b"corr-1"
         listener.publish(f"{P}/retrieval/query", '{"k": 3}', properties=props)
         reply = listener.wait_for(topic_is("replies/me"))[0]
-        assert json.loads(reply.payload) == {"echo": {"k": 3}}
+        assert json.loads(reply.payload) == {"request_id": None, "echo": {"k": 3}}
         assert reply.properties.CorrelationData == b"corr-1"
         listener.publish(f"{P}/retrieval/query", '{"request_id": "r7", "k": 1}')
         legacy = listener.wait_for(topic_is(f"{P}/retrieval/response/r7"))[0]
         assert json.loads(legacy.payload)["echo"]["request_id"] == "r7"
+    finally:
+        comms.stop()
+        listener.close()
+
+
+def test_fallback_topic_comes_from_the_handlers_reply(broker: Broker, journal: Journal) -> None:
+    """Comms never parses a request: the 3.1.1 reply topic is the handler's ``request_id``,
+    and a reply without one goes to ``<base>/response`` (seen under ``response/#``)."""
+    seen: list[bytes] = []
+
+    def handler(payload: bytes) -> dict[str, object]:
+        seen.append(payload)
+        return {"request_id": "from-handler" if payload == b"named" else None}
+
+    comms = make_comms(broker, journal)
+    comms.on_request("retrieval/query", handler)
+    comms.start()
+    listener = Listener(broker.port, f"{P}/retrieval/response/#")
+    try:
+        wait_until(comms.connected.is_set)
+        time.sleep(0.2)
+        listener.publish(f"{P}/retrieval/query", "named")  # not JSON: Comms must not care
+        named = listener.wait_for(topic_is(f"{P}/retrieval/response/from-handler"))[0]
+        assert json.loads(named.payload) == {"request_id": "from-handler"}
+        listener.publish(f"{P}/retrieval/query", '{"request_id": "ignored-by-comms"}')
+        anonymous = listener.wait_for(topic_is(f"{P}/retrieval/response"))[0]
+        assert json.loads(anonymous.payload) == {"request_id": None}
+        assert seen == [b"named", b'{"request_id": "ignored-by-comms"}']
+        assert not [m for m in listener.messages if m.topic.endswith("ignored-by-comms")]
     finally:
         comms.stop()
         listener.close()

@@ -116,6 +116,10 @@ def test_vector_query_with_filters(service: RetrievalService) -> None:
     ({"vector": [1, 0, 0, 0, 0, 0], "filters": {"since": "yesterday"}}, "bad-request"),
     ({"vector": [1, 0, 0, 0, 0, 0], "filters": {"planet": "mars"}}, "bad-request"),
     ({"vector": [1, 0, 0, 0, 0, 0], "request_id": "a/b"}, "bad-request"),
+    ({"vector": [1, 0, 0, 0, 0, 0], "request_id": "x" * 129}, "bad-request"),
+    ({"vector": [1, 0, 0, 0, 0, 0], "request_id": "nul\u0000"}, "bad-request"),
+    ({"vector": [1, 0, 0, 0, 0, 0], "request_id": ""}, "bad-request"),
+    ({"vector": [1, 0, 0, 0, 0, 0], "request_id": 7}, "bad-request"),
     ({"scene_id": "nope", "pixel": [1, 1]}, "unknown-scene"),
     ({"scene_id": "s0", "pixel": [9999, 9999]}, "no-cell"),
     ({"scene_id": "s0"}, "bad-request"),
@@ -199,6 +203,32 @@ def test_mqtt311_style_request_gets_reply_on_request_id_topic(comms: Comms,
     got = listener.wait_for(lambda m: m.topic == "terratile/n1/retrieval/response/q7")[0]
     body = json.loads(got.payload)
     assert body["request_id"] == "q7" and body["error"]["code"] == "unknown-scene"
+    listener.close()
+
+
+@pytest.mark.parametrize("bad_id", ["a/b", "all#", "x" * 129, "nul\u0000"])
+def test_bad_request_id_gets_the_same_error_reply_either_way(comms: Comms, broker: Broker,
+                                                             bad_id: str) -> None:
+    """One validation of request_id (RetrievalService), whichever way the reply goes back:
+    the MQTT 5 response topic, or ``<p>/retrieval/response`` for a 3.1.1 client whose id
+    cannot name a topic (a client subscribed to ``response/#`` receives it)."""
+    reply_topic = f"client/{uuid.uuid4().hex}/reply"
+    listener = Listener(broker.port, reply_topic, "terratile/n1/retrieval/response/#")
+    request = json.dumps({"request_id": bad_id, "vector": [0, 0, 1, 0, 0, 0]})
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = reply_topic
+    props.CorrelationData = b"corr-bad"
+    listener.publish("terratile/n1/retrieval/query", request, properties=props)
+    listener.publish("terratile/n1/retrieval/query", request)
+    v5 = listener.wait_for(lambda m: m.topic == reply_topic)[0]
+    v311 = listener.wait_for(lambda m: m.topic == "terratile/n1/retrieval/response")[0]
+    assert v5.properties.CorrelationData == b"corr-bad"
+    bodies = [json.loads(v5.payload), json.loads(v311.payload)]
+    for body in bodies:
+        assert body["schema"] == RESPONSE_SCHEMA and "results" not in body
+        assert body["request_id"] is None and body["error"]["code"] == "bad-request"
+        assert "request_id" in body["error"]["message"]
+    assert bodies[0]["error"] == bodies[1]["error"]
     listener.close()
 
 

@@ -24,9 +24,9 @@ from appliance.bundle import (
 )
 from appliance.runtime import ModelRuntime, ProviderPlan
 from export.bundler import BundleOptions, bundle, class_colours
-from export.data import load_chips, load_split
+from export.data import SPLIT_FILE, load_chips, load_split
 from export.model import Descriptor
-from export.train import load_trained, predict
+from export.train import METRICS, RUN_FILE, load_trained, predict
 
 CPU = ProviderPlan(providers=("cpu",))
 
@@ -52,6 +52,17 @@ def test_bundle_matches_the_contract(tiny_run: Path) -> None:
     assert bank.centroids.shape == (3, 512) and bank.holdout.any() and not bank.holdout.all()
     assert sorted(np.unique(bank.labels).tolist()) == [0, 1, 2]
     assert len(b.reference.bands) == 3 and 0 <= b.reference.bands[0].mean <= 255
+
+
+def test_json_files_are_renamed_into_place_before_sealing(tiny_run: Path) -> None:
+    """The exporter's JSON files are whole under their own names, no temporary of
+    atomic_write_text is left beside them, and the bundle holds only sealed files."""
+    sealed = load_bundle(tiny_run / "bundle").manifest.files
+    assert sorted(p.name for p in (tiny_run / "bundle").iterdir()) == sorted({*sealed, MANIFEST})
+    run = tiny_run / "run"
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    for name in (RUN_FILE, METRICS, SPLIT_FILE):
+        assert json.loads((run / name).read_text())
 
 
 def test_appliance_runtime_matches_torch(tiny_run: Path) -> None:

@@ -9,7 +9,16 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from export.data import DataError, load_chips, load_split, save_split, scan, stratified_split
+from export.data import (
+    DataError,
+    load_chips,
+    load_split,
+    read_chip,
+    save_split,
+    scan,
+    stratified_split,
+)
+from tests.appliance.test_image_files import ALL_SUFFIXES, write_chip
 from tests.torch_bundle import write_colour_chips
 
 
@@ -96,3 +105,14 @@ def test_bad_csv_row(tmp_path: Path) -> None:
     csv.write_text("a.png,water\nb.png\n")
     with pytest.raises(DataError, match=r"labels\.csv:2"):
         scan(csv, "multi-label")
+
+
+@pytest.mark.parametrize("suffix", ALL_SUFFIXES)
+def test_every_chip_suffix_is_read(suffix: str, tmp_path: Path) -> None:
+    """The appliance's one suffix list (appliance.image_files) is what the exporter reads."""
+    path = write_chip(tmp_path / "blue" / f"chip{suffix}", (30, 30, 200))
+    write_chip(tmp_path / "red" / f"chip{suffix}", (200, 30, 30))
+    assert [s.path for s in scan(tmp_path).samples if s.labels == (0,)] == [path]
+    array, _ = read_chip(path)
+    assert array.shape == (3, 40, 40)
+    assert np.abs(array.reshape(3, -1).mean(axis=1) - [30, 30, 200]).max() < 8  # JPEG: lossy
