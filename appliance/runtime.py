@@ -44,6 +44,7 @@ PROVIDER_NAMES: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
 }
 GPU_PROVIDERS = frozenset({"tensorrt", "cuda"})
+SPINNING = "session.intra_op.allow_spinning"
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,10 @@ def open_session(model: Path | bytes, plan: ProviderPlan) -> ort.InferenceSessio
         load_gpu_libraries()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # infer() runs backbone, classifier and embedder back to back, each with its own
+    # thread pool: spinning idle threads of one pool hold the cores the next one needs
+    # (16-core box, CPU: the 3-session chain took 45 ms with spinning, 14 ms without).
+    opts.add_session_config_entry(SPINNING, "0")
     if plan.intra_op_threads:
         opts.intra_op_num_threads = plan.intra_op_threads
     available = set(ort.get_available_providers())

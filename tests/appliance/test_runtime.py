@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from appliance.bundle import load_bundle
-from appliance.runtime import ModelRuntime, ProviderPlan, activate
+from appliance.runtime import SPINNING, ModelRuntime, ProviderPlan, activate, open_session
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _painted(colours: list[tuple[int, int, int]], size: int = 32) -> np.ndarray:
@@ -63,3 +67,44 @@ def test_activation_functions() -> None:
     logits = np.array([[0.0, 0.0], [10.0, -10.0]], np.float32)
     np.testing.assert_allclose(activate(logits, False)[0], [0.5, 0.5])
     np.testing.assert_allclose(activate(logits, True)[1], [1.0, 0.0], atol=1e-4)
+
+
+def test_sessions_do_not_spin_between_runs(colour_bundle: Path) -> None:
+    # Three sessions run back to back per batch; spinning pools would fight over the cores.
+    session = open_session(colour_bundle / "backbone.onnx", ProviderPlan(providers=("cpu",)))
+    assert session.get_session_options().get_session_config_entry(SPINNING) == "0"
+
+
+def _pip_cublas() -> str | None:
+    """The cuBLASLt library of pip's nvidia wheels matching this onnxruntime's CUDA, if any."""
+    import importlib.util
+
+    from onnxruntime.capi import build_and_package_info
+
+    cuda = getattr(build_and_package_info, "cuda_version", "")
+    spec = importlib.util.find_spec("nvidia")
+    if not cuda or spec is None or not spec.submodule_search_locations:
+        return None
+    name = f"libcublasLt.so.{cuda.split('.')[0]}"
+    found = any(any(Path(root).rglob(name)) for root in spec.submodule_search_locations)
+    return name if found else None
+
+
+def test_gpu_plan_loads_cuda_libraries_from_pip_wheels(colour_bundle: Path) -> None:
+    """Without this, onnxruntime-gpu with pip's CUDA fails "libcublasLt.so.13: cannot open
+    shared object file" and the node runs on CPU. A fresh process, so nothing else
+    (torch, an earlier test) has loaded the library already."""
+    lib = _pip_cublas()
+    if lib is None or not Path("/proc/self/maps").is_file():
+        pytest.skip("no onnxruntime CUDA build with pip nvidia-* CUDA wheels here")
+    code = (
+        "from pathlib import Path\n"
+        "from appliance.bundle import load_bundle\n"
+        "from appliance.runtime import ModelRuntime, ProviderPlan\n"
+        f"bundle = load_bundle(Path({str(colour_bundle)!r}))\n"
+        "ModelRuntime(bundle, ProviderPlan(providers=('cuda',)))\n"
+        f"print('mapped' if {lib!r} in Path('/proc/self/maps').read_text() else 'missing')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.split()[-1] == "mapped", out.stdout + out.stderr
