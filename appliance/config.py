@@ -274,7 +274,7 @@ class AdaptConfig(Section):
         description="Radiometric distance from the source above which a new expert is made.",
     )
     domain_min_fraction: float = Field(
-        default=0.5, gt=0, le=1,
+        default=0.8, gt=0, le=1,
         description="Gate of the input step: share of stored scenes that must route to the new "
         "expert (a signature that cannot tell the domains apart would misroute scenes).",
     )
