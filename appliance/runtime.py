@@ -53,6 +53,7 @@ class ProviderPlan:
 
     providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
     trt_fp16: bool = True
+    cuda_tf32: bool = False
     trt_cache: Path | None = None
     intra_op_threads: int = 0
 
@@ -60,7 +61,7 @@ class ProviderPlan:
     def from_settings(cls, settings: Settings) -> ProviderPlan:
         """The plan ``model.*`` asks for; TensorRT engines default to ``state/trt-cache``."""
         m = settings.model
-        return cls(providers=tuple(m.providers), trt_fp16=m.trt_fp16,
+        return cls(providers=tuple(m.providers), trt_fp16=m.trt_fp16, cuda_tf32=m.cuda_tf32,
                    trt_cache=m.trt_engine_cache or settings.paths.state / "trt-cache",
                    intra_op_threads=m.intra_op_threads)
 
@@ -83,6 +84,8 @@ class ProviderPlan:
                              "trt_timing_cache_enable": True,
                              "trt_timing_cache_path": str(self.trt_cache)}
                 out.append((name, opts))
+            elif key == "cuda":
+                out.append((name, {"use_tf32": int(self.cuda_tf32)}))
             else:
                 out.append(name)
         if "cpu" not in self.providers:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from appliance.bundle import load_bundle
+from appliance.config import Settings
 from appliance.runtime import SPINNING, ModelRuntime, ProviderPlan, activate, open_session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +61,12 @@ def test_tensorrt_plan_carries_engine_cache_options(tmp_path: Path) -> None:
     assert isinstance(first, tuple) and first[0] == "TensorrtExecutionProvider"
     assert first[1]["trt_engine_cache_enable"] is True
     assert first[1]["trt_engine_cache_path"] == str(tmp_path / "trt")
-    assert second == "CUDAExecutionProvider" and last == "CPUExecutionProvider"
+    # TF32 off unless asked: features stay comparable with the CPU-made reference.
+    assert second == ("CUDAExecutionProvider", {"use_tf32": 0})
+    assert last == "CPUExecutionProvider"
+    fast = ProviderPlan.from_settings(Settings.model_validate(
+        {"model": {"providers": ["cuda"], "cuda_tf32": True}}))
+    assert fast.ort_providers()[0] == ("CUDAExecutionProvider", {"use_tf32": 1})
 
 
 def test_activation_functions() -> None:
