@@ -60,10 +60,13 @@ from typing import Any
 
 import faiss
 import numpy as np
+import onnx
 from scipy.optimize import minimize
 
 from appliance.bundle import (
+    BACKBONE,
     CLASSIFIER,
+    LAYER_STATS,
     BandStats,
     Bundle,
     Domain,
@@ -77,6 +80,7 @@ from appliance.durable import atomic_write_text
 from appliance.fusion import fuse
 from appliance.head import LinearHead, read_head, write_head
 from appliance.models import ModelStore
+from appliance.renorm import LayerStats, Renormalised, renormalise
 from appliance.routing import nearest, radiometric_distance, source_signature
 from appliance.runtime import activate
 
@@ -84,6 +88,7 @@ log = logging.getLogger(__name__)
 
 ADAPT_DIR = "adapt"
 DOMAIN = "adapted"  # the one expert an adaptation lineage grows (see ``_input_step``)
+MIN_RENORM_TILES = 8  # fewer target tiles than this give channel statistics too noisy to use
 
 
 class AdaptationError(RuntimeError):
@@ -98,13 +103,15 @@ class Candidates:
     """Stored target cells: per-scale features [n,S,D], fused probs [n,K], scene of each.
 
     ``bands`` [m,2,C] holds each stored scene's per-band mean and mean square of its
-    rescaled pixels (model value range), for every scene whatever its input key.
+    rescaled pixels (model value range), and ``seqs`` its number in the ring, for every
+    scene whatever its input key.
     """
 
     features: np.ndarray
     probs: np.ndarray
     scenes: np.ndarray
     bands: np.ndarray
+    seqs: list[int]  # per stored scene, like ``bands``: its sequence number in the ring
 
     def __len__(self) -> int:
         return len(self.features)
@@ -123,9 +130,12 @@ class Candidates:
         return mean, np.sqrt(np.maximum(self.bands[:, 1] - mean**2, 1e-12))
 
 
-def input_key(spec: InputSpec) -> str:
-    """A short fingerprint of an input spec: features are comparable only under equal keys."""
-    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
+def expert_key(bundle: Bundle, domain: str | None) -> str:
+    """A short fingerprint of an expert's input spec and backbone: features are comparable
+    only under equal keys."""
+    backbone = bundle.manifest.files.get(bundle.backbone(domain).name, "")
+    text = bundle.manifest.input_for(domain).model_dump_json() + backbone
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 class CandidateStore:
@@ -133,13 +143,17 @@ class CandidateStore:
 
     Files are named ``<seq>-<cells>-<input key>.npz`` and written under a temporary name
     then renamed, so a reader (the adaptation thread) never sees half a file. Features are
-    only comparable under the input spec they were computed with, hence the key.
+    only comparable under the expert they were computed with, hence the key. A scene's
+    few sampled model-input tiles go to a second, smaller ring (``tiles/<seq>.npy``,
+    ``max_tiles`` tiles in all): at 128 px and three scales a tile costs 100 kB.
     """
 
-    def __init__(self, root: Path, max_cells: int) -> None:
+    def __init__(self, root: Path, max_cells: int, max_tiles: int = 512) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.tiles_dir = self.root / "tiles"
+        self.tiles_dir.mkdir(parents=True, exist_ok=True)
         self.max_cells = max_cells
+        self.max_tiles = max_tiles
 
     def _files(self) -> list[tuple[int, int, str, Path]]:
         out = []
@@ -162,8 +176,9 @@ class CandidateStore:
         return self.count()
 
     def add(self, scene_id: str, features: np.ndarray, probs: np.ndarray, pixels: np.ndarray,
-            key: str) -> int:
-        """Store one scene's cells and band moments; drop the oldest scenes beyond the cap."""
+            key: str, tiles: np.ndarray | None = None) -> int:
+        """Store one scene's cells, band moments and sampled tiles; drop the oldest scenes
+        beyond the cap."""
         n = len(features)
         if n == 0:
             return 0
@@ -176,6 +191,8 @@ class CandidateStore:
                      scene=np.asarray(scene_id),
                      bands=np.stack([px.mean(axis=0), (px**2).mean(axis=0)]))
         os.replace(tmp, final)
+        if tiles is not None and len(tiles):
+            self._add_tiles(seq, tiles)
         files = self._files()
         total = sum(c for _, c, _, _ in files)
         for _, count, _, path in files[:-1]:
@@ -185,25 +202,68 @@ class CandidateStore:
             total -= count
         return n
 
+    def _tile_files(self) -> dict[int, tuple[int, Path]]:
+        """Kept tile files by scene sequence number: (tile count, path)."""
+        out = {}
+        for path in self.tiles_dir.glob("*-*.npy"):
+            seq, n = path.stem.split("-", 1)
+            if seq.isdigit() and n.isdigit():
+                out[int(seq)] = (int(n), path)
+        return out
+
+    def _add_tiles(self, seq: int, tiles: np.ndarray) -> None:
+        """Keep a scene's tiles [t,S,C,H,W]; drop the oldest scenes' beyond ``max_tiles``."""
+        count = tiles.shape[0] * tiles.shape[1]
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=self.tiles_dir)
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, tiles.astype(np.float16))
+        os.replace(tmp, self.tiles_dir / f"{seq:08d}-{count}.npy")
+        total = 0
+        for _, (n, path) in sorted(self._tile_files().items(), reverse=True):
+            total += n
+            if total > self.max_tiles and n != total:  # the newest scene is always kept
+                path.unlink(missing_ok=True)
+
+    def tiles(self, seqs: list[int], cap: int) -> np.ndarray | None:
+        """Model-input tiles [n,C,H,W] (every scale) of the scenes ``seqs``, newest first, at
+        most ``cap``; None when none are kept."""
+        kept = self._tile_files()
+        out: list[np.ndarray] = []
+        count = 0
+        for seq in sorted(set(seqs) & set(kept), reverse=True):
+            if count >= cap:
+                break
+            try:
+                tiles = np.load(kept[seq][1])
+            except (FileNotFoundError, OSError, ValueError):
+                continue  # pruned meanwhile
+            flat = tiles.reshape(-1, *tiles.shape[2:])[: cap - count]
+            out.append(flat.astype(np.float32))
+            count += len(flat)
+        return np.concatenate(out) if out else None
+
     def load(self, key: str | None = None, features: bool = True) -> Candidates:
         """Cells computed under input ``key`` (or all); band moments of every stored scene."""
         feats, probs, scenes, bands = [], [], [], []
-        for _, _, k, path in self._files():
+        seqs: list[int] = []
+        for seq, _, k, path in self._files():
             try:
                 with np.load(path) as data:
-                    bands.append(data["bands"])
+                    scene_bands = data["bands"]
                     if features and (key is None or k == key):
                         feats.append(data["features"].astype(np.float32))
                         probs.append(data["probs"])
                         scenes.append(np.full(len(data["probs"]), str(data["scene"])))
             except (FileNotFoundError, OSError, ValueError, KeyError):
                 continue  # pruned or damaged while we listed; the ring goes on without it
+            bands.append(scene_bands)
+            seqs.append(seq)
         band_arr = np.stack(bands) if bands else np.zeros((0, 2, 1))
         if not feats:
             return Candidates(np.zeros((0, 1, 1), np.float32), np.zeros((0, 1), np.float32),
-                              np.zeros(0, str), band_arr)
+                              np.zeros(0, str), band_arr, seqs)
         return Candidates(np.concatenate(feats), np.concatenate(probs), np.concatenate(scenes),
-                          band_arr)
+                          band_arr, seqs)
 
 
 # -- the learning steps ------------------------------------------------------------------
@@ -475,7 +535,8 @@ class Adapter:
         self.cfg = cfg
         self.tiling = tiling
         self.root = Path(state_dir) / ADAPT_DIR
-        self.store = CandidateStore(self.root / "candidates", cfg.store_max_cells)
+        self.store = CandidateStore(self.root / "candidates", cfg.store_max_cells,
+                                    cfg.store_max_tiles)
         self.rejected_dir = self.root / "rejected"
         self._job_lock = threading.Lock()
         self._marker = self.root / "last_job.json"
@@ -500,7 +561,7 @@ class Adapter:
         feats = cells.sample_features[valid]
         probs = cells.probs[cells.sample_index][valid]
         return self.store.add(cells.scene_id, feats, probs, cells.band_sample,
-                              self.active_key(cells.domain))
+                              self.active_key(cells.domain), cells.sample_tiles)
 
     def _experts(self) -> tuple[dict[str | None, str], str | None]:
         """Input key per expert of the active bundle and the expert adaptation works on
@@ -508,8 +569,8 @@ class Adapter:
         version = self.models.active_version()
         if self._experts_of[0] != version or version is None:
             bundle = self.models.active()
-            keys: dict[str | None, str] = {None: input_key(bundle.manifest.input)}
-            keys |= {d.name: input_key(d.input) for d in bundle.manifest.domains}
+            keys = {name: expert_key(bundle, name)
+                    for name in [None, *(d.name for d in bundle.manifest.domains)]}
             self._experts_of = (version, keys, adapted_domain(bundle))
         return self._experts_of[1], self._experts_of[2]
 
@@ -574,7 +635,7 @@ class Adapter:
         domain = adapted_domain(bundle)
         current = read_head(bundle.classifier(domain))
         source = read_head(source_bundle.file(CLASSIFIER))
-        cands = self.store.load(input_key(bundle.manifest.input_for(domain)))
+        cands = self.store.load(expert_key(bundle, domain))
         if len(cands) == 0:
             raise AdaptationError(f"no candidate cells collected under the input spec of "
                                   f"{'domain ' + repr(domain) if domain else 'the source model'}")
@@ -696,7 +757,7 @@ class Adapter:
                                     "another adaptation job is running")
         started = time.monotonic()
         try:
-            first = self._input_step(reason)
+            first = self._input_step(reason, started + self.cfg.max_seconds)
             if first is not None and first.promoted:
                 report = first
             else:  # no new expert (or a refused one, kept for inspection): a head step
@@ -742,7 +803,7 @@ class Adapter:
         self._publish(data.bundle, report, head=head)
         return report
 
-    def _input_step(self, reason: str) -> AdaptationReport | None:
+    def _input_step(self, reason: str, deadline: float) -> AdaptationReport | None:
         """A new expert for a new sensor: calibrated input and the source head, routed to.
 
         Runs when the active bundle has no adapted expert yet. The stored scenes' band
@@ -780,10 +841,12 @@ class Adapter:
         proposal = InputAlignment.blended(ref, mean_t, std_t, cfg.input_blend)
         fraction = float(members.mean())
         passed = fraction >= cfg.domain_min_fraction
+        spec = proposal.spec(source_bundle.manifest.input)
+        renorm = self._renormalise(source_bundle, spec, stored, members, deadline)
         domain = Domain(name=DOMAIN, mean=[float(v) for v in mean_t],
-                        std=[float(v) for v in std_t],
-                        input=proposal.spec(source_bundle.manifest.input),
-                        classifier=f"classifier.{DOMAIN}.onnx")
+                        std=[float(v) for v in std_t], input=spec,
+                        classifier=f"classifier.{DOMAIN}.onnx",
+                        backbone=None if renorm is None else f"backbone.{DOMAIN}.onnx")
         report = AdaptationReport(
             reason, "promoted" if passed else "rejected", bundle.version, None, step="input",
             domain=DOMAIN,
@@ -796,9 +859,36 @@ class Adapter:
                   "domain_fraction": fraction,
                   "gain": [round(float(g), 4) for g in proposal.gain],
                   "offset": [round(float(o), 3) for o in proposal.offset]})
-        self._publish(bundle, report, domains=[domain],
-                      files={domain.classifier: source_bundle.file(CLASSIFIER)})
+        files = {domain.classifier: source_bundle.file(CLASSIFIER)}
+        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+            if renorm is not None and domain.backbone is not None:
+                report.gate["renorm"] = {"layers": renorm.layers, "tiles": renorm.tiles,
+                                         "blend": self.cfg.renorm_blend,
+                                         "layer_shift_before": renorm.shift_before,
+                                         "seconds": round(renorm.seconds, 2)}
+                files[domain.backbone] = Path(tmp) / domain.backbone
+                onnx.save(renorm.model, str(files[domain.backbone]))
+            self._publish(bundle, report, domains=[domain], files=files)
         return report
+
+    def _renormalise(self, source: Bundle, spec: InputSpec, stored: Candidates,
+                     members: np.ndarray, deadline: float) -> Renormalised | None:
+        """The source backbone with its layers re-normalised on the new domain's stored
+        tiles (``appliance/renorm.py``); None when switched off, when the bundle has no
+        layer statistics or when no tiles were kept (the expert then shares the source
+        backbone)."""
+        cfg = self.cfg
+        if cfg.renorm_blend <= 0 or LAYER_STATS not in source.manifest.files:
+            return None
+        seqs = [q for q, keep in zip(stored.seqs, members, strict=True) if keep]
+        tiles = self.store.tiles(seqs, cfg.renorm_tiles)
+        if tiles is None or len(tiles) < MIN_RENORM_TILES:
+            log.info("no layer re-normalisation: %d target tiles kept (< %d)",
+                     0 if tiles is None else len(tiles), MIN_RENORM_TILES)
+            return None
+        return renormalise(source.file(BACKBONE), spec.normalise(tiles),
+                           LayerStats.load(source.file(LAYER_STATS)), cfg.renorm_blend,
+                           deadline)
 
     def _rounds(self, data: AdaptationData, deadline: float
                 ) -> tuple[LinearHead, list[dict[str, Any]]]:

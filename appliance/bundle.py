@@ -30,6 +30,7 @@ CLASSIFIER = "classifier.onnx"
 EMBEDDER = "embedder.onnx"
 SOURCE_BANK = "source_bank.npz"
 REFERENCE = "reference.json"
+LAYER_STATS = "layer_stats.npz"  # optional: per-Conv source statistics (appliance/renorm.py)
 REQUIRED_FILES = (BACKBONE, CLASSIFIER, EMBEDDER, SOURCE_BANK, REFERENCE)
 
 # ONNX tensor names fixed by the contract.
@@ -102,6 +103,8 @@ class Domain(_Frozen):
     std: list[float]
     input: InputSpec
     classifier: str = Field(description="Head file of this expert, listed in ``files``.")
+    backbone: str | None = Field(
+        default=None, description="Re-normalised backbone of this expert (None: the bundle's).")
 
 
 class Manifest(_Frozen):
@@ -238,6 +241,11 @@ class Bundle:
         d = self.manifest.domain(domain)
         return self.file(CLASSIFIER if d is None else d.classifier)
 
+    def backbone(self, domain: str | None = None) -> Path:
+        """The backbone file of an expert (``backbone.onnx`` unless it has its own)."""
+        d = self.manifest.domain(domain)
+        return self.file(BACKBONE if d is None or d.backbone is None else d.backbone)
+
     @cached_property
     def source_bank(self) -> SourceBank:
         return SourceBank.load(self.file(SOURCE_BANK))
@@ -296,9 +304,10 @@ def load_bundle(path: Path) -> Bundle:
         raise BundleError(f"{manifest_path}: input mean/std must have one value per band")
     for d in manifest.domains:
         n = len(manifest.input.bands)
-        if d.classifier not in manifest.files:
-            raise BundleError(f"{manifest_path}: domain {d.name!r} head {d.classifier} has no "
-                              "sha256 in files")
+        for own in (d.classifier, d.backbone):
+            if own is not None and own not in manifest.files:
+                raise BundleError(f"{manifest_path}: domain {d.name!r} file {own} has no "
+                                  "sha256 in files")
         if {len(d.mean), len(d.std), len(d.input.mean), len(d.input.std)} != {n}:
             raise BundleError(f"{manifest_path}: domain {d.name!r} needs one mean/std per band")
     if len({d.name for d in manifest.domains}) != len(manifest.domains):

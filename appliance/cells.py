@@ -31,6 +31,8 @@ class SceneCells:
         band_sample: [p,C] float32 valid pixels after rescaling (model value range).
         domain: the bundle expert the scene was routed to (None: the source model); the
             features were computed under that expert's input spec.
+        sample_tiles: [t,S,C,H,W] float16 model-input tiles (value range, every scale) of a
+            few random valid cells, for layer re-normalisation; None when not sampled.
     """
 
     scene_id: str
@@ -45,6 +47,7 @@ class SceneCells:
     sample_features: np.ndarray
     band_sample: np.ndarray
     domain: str | None = None
+    sample_tiles: np.ndarray | None = None
 
     @property
     def labels(self) -> np.ndarray:

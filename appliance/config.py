@@ -279,6 +279,16 @@ class AdaptConfig(Section):
         default=0.15, ge=0,
         description="Radiometric distance from the source above which a new expert is made.",
     )
+    renorm_blend: float = Field(
+        default=0.5, ge=0, le=1,
+        description="Weight of target statistics when the new expert's backbone layers are "
+        "re-normalised (0: the expert shares the source backbone; 1: AdaBN's full reset). Needs "
+        "the bundle's layer_stats.npz.",
+    )
+    renorm_tiles: int = Field(
+        default=256, ge=8, description="Most recent target tiles the re-normalisation measures.")
+    store_max_tiles: int = Field(
+        default=512, ge=8, description="Model-input tiles kept on disk for re-normalisation.")
     domain_min_fraction: float = Field(
         default=0.8, gt=0, le=1,
         description="Gate of the input step: share of stored scenes that must route to the new "

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from contextlib import closing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_SCHEMA = "terratile.scene-summary/1"
 FEATURE_SAMPLE = 512  # cells whose per-scale features are kept for adaptation/drift
+TILE_SAMPLE = 4  # cells whose model-input tiles are kept for layer re-normalisation
 
 
 @dataclass(frozen=True)
@@ -71,29 +72,42 @@ class SceneOutcome:
     cells: SceneCells
 
 
+class _Reservoir:
+    """A uniform random sample of at most ``cap`` items from a stream (algorithm R)."""
+
+    def __init__(self, cap: int, rng: np.random.Generator) -> None:
+        self.cap = cap
+        self.rng = rng
+        self.keys: list[int] = []
+        self.items: list[np.ndarray] = []
+        self.seen = 0
+
+    def offer(self, key: int, item: np.ndarray) -> None:
+        self.seen += 1
+        if len(self.keys) < self.cap:
+            self.keys.append(key)
+            self.items.append(item)
+            return
+        j = int(self.rng.integers(self.seen))
+        if j < self.cap:
+            self.keys[j] = key
+            self.items[j] = item
+
+
 @dataclass
 class _Accumulator:
-    """Per-cell results filled batch by batch, plus a reservoir sample of features."""
+    """Per-cell results filled batch by batch, plus reservoir samples of features and tiles."""
 
     probs: np.ndarray
     embeddings: np.ndarray
-    rng: np.random.Generator
-    sample_index: list[int] = field(default_factory=list)
-    sample_features: list[np.ndarray] = field(default_factory=list)
-    seen: int = 0
+    features: _Reservoir
+    tiles: _Reservoir
 
-    def add_features(self, cells: np.ndarray, features: np.ndarray) -> None:
-        """Reservoir-sample (algorithm R) cells' per-scale features [b,S,D]."""
-        for cell, feats in zip(cells, features, strict=True):
-            self.seen += 1
-            if len(self.sample_index) < FEATURE_SAMPLE:
-                self.sample_index.append(int(cell))
-                self.sample_features.append(feats)
-            else:
-                j = int(self.rng.integers(self.seen))
-                if j < FEATURE_SAMPLE:
-                    self.sample_index[j] = int(cell)
-                    self.sample_features[j] = feats
+    def add_samples(self, cells: np.ndarray, features: np.ndarray, tiles: np.ndarray) -> None:
+        """Offer cells' per-scale features [b,S,D] and model-input tiles [b,S,C,H,W]."""
+        for cell, feats, cell_tiles in zip(cells, features, tiles, strict=True):
+            self.features.offer(int(cell), feats)
+            self.tiles.offer(int(cell), cell_tiles.astype(np.float16))
 
 
 def _retrieval_scale_index(settings: Settings) -> int:
@@ -145,9 +159,10 @@ def _process(
     scene.use_spec(manifest.input_for(domain))
     n, k = len(grid), len(manifest.classes)
     n_scales = len(grid.scales)
+    rng = np.random.default_rng(_seed(scene_id))
     acc = _Accumulator(np.zeros((n, k), np.float32),
                        np.zeros((n, manifest.embedding_dim), np.float32),
-                       np.random.default_rng(_seed(scene_id)))
+                       _Reservoir(FEATURE_SAMPLE, rng), _Reservoir(TILE_SAMPLE, rng))
     r_index = _retrieval_scale_index(settings)
     multi_label = manifest.task == "multi-label"
     todo = np.flatnonzero(valid)
@@ -166,7 +181,8 @@ def _process(
             probs = out.probs.reshape(b, n_scales, -1)
             acc.probs[batch.cells] = fuse(probs, tiling.fusion, tiling.weights, multi_label)
             acc.embeddings[batch.cells] = out.embedding.reshape(b, n_scales, -1)[:, r_index]
-            acc.add_features(batch.cells, out.features.reshape(b, n_scales, -1))
+            acc.add_samples(batch.cells, out.features.reshape(b, n_scales, -1),
+                            batch.tiles.reshape(b, n_scales, *batch.tiles.shape[1:]))
 
     t_write0 = time.perf_counter()
     outcome = _write_outputs(scene, path, scene_id, out_dir, runtime, settings, grid, valid, acc,
@@ -196,10 +212,11 @@ def _write_outputs(
         scene_id=scene_id, crs=scene.crs_string, windows=windows, bounds=bounds,
         bounds_wgs84=bounds_to_wgs84(bounds, scene.crs), probs=acc.probs, valid=valid,
         embeddings=acc.embeddings,
-        sample_index=np.asarray(acc.sample_index, np.int64),
-        sample_features=(np.stack(acc.sample_features).astype(np.float32) if acc.sample_features
+        sample_index=np.asarray(acc.features.keys, np.int64),
+        sample_features=(np.stack(acc.features.items).astype(np.float32) if acc.features.items
                          else np.zeros((0, len(grid.scales), manifest.feature_dim), np.float32)),
         band_sample=band_sample, domain=domain,
+        sample_tiles=np.stack(acc.tiles.items) if acc.tiles.items else None,
     )
     labels = cells.labels
     confidence = cells.confidence

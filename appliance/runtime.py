@@ -163,15 +163,26 @@ class ModelRuntime:
         self.plan = self.plan.narrowed_to(self._backbone.get_providers())
         self._embedder = open_session(bundle.file(EMBEDDER), self.plan)
         self._lock = threading.Lock()
-        self._classifiers = self._open_heads(bundle)
+        self._experts = self._open_experts(bundle, {})
 
     @property
     def manifest(self) -> Manifest:
         return self.bundle.manifest
 
-    def _open_heads(self, bundle: Bundle) -> dict[str | None, ort.InferenceSession]:
-        names = [None, *(d.name for d in bundle.manifest.domains)]
-        return {name: open_session(bundle.classifier(name), self.plan) for name in names}
+    def _open_experts(self, bundle: Bundle, have: dict[str | None, _Expert]
+                      ) -> dict[str | None, _Expert]:
+        """Sessions per expert; a backbone already open under the same sha256 is reused
+        (a head step must not rebuild an expert's TensorRT engine)."""
+        by_sha = {e.backbone_sha: e.backbone for e in have.values()}
+        by_sha[self.manifest.files.get(BACKBONE, "")] = self._backbone
+        out: dict[str | None, _Expert] = {}
+        for name in [None, *(d.name for d in bundle.manifest.domains)]:
+            path = bundle.backbone(name)
+            sha = bundle.manifest.files.get(path.name, "")
+            backbone = by_sha.get(sha) or open_session(path, self.plan)
+            by_sha[sha] = backbone
+            out[name] = _Expert(backbone, sha, open_session(bundle.classifier(name), self.plan))
+        return out
 
     @property
     def providers(self) -> list[str]:
@@ -187,18 +198,19 @@ class ModelRuntime:
         spec = self.manifest.input
         lo, hi = spec.value_range
         tiles = np.full((batch, len(spec.bands), spec.size, spec.size), (lo + hi) / 2, np.float32)
-        self.infer(tiles)
+        for name in self._experts:
+            self.infer(tiles, name)
 
     def features(self, tiles: np.ndarray, domain: str | None = None) -> np.ndarray:
         """[N,C,S,S] tiles in the model's value range → [N,D] pooled features."""
         x = self.manifest.input_for(domain).normalise(tiles)
-        out = self._backbone.run([FEATURES], {IMAGE_INPUT: x})[0]
+        out = self._experts[domain].backbone.run([FEATURES], {IMAGE_INPUT: x})[0]
         return np.asarray(out, np.float32)
 
     def probs(self, features: np.ndarray, domain: str | None = None) -> np.ndarray:
         """Features → class probabilities (softmax, or sigmoid for multi-label bundles)."""
         with self._lock:
-            head = self._classifiers[domain]
+            head = self._experts[domain].classifier
             logits = head.run([LOGITS], {FEATURES: features})[0]
         return activate(np.asarray(logits, np.float32), self.manifest.task == "multi-label")
 
@@ -207,21 +219,32 @@ class ModelRuntime:
         return np.asarray(self._embedder.run([EMBEDDING], {FEATURES: features})[0], np.float32)
 
     def infer(self, tiles: np.ndarray, domain: str | None = None) -> Inference:
+        if domain not in self._experts:
+            self.manifest.domain(domain)  # raises BundleError naming the unknown domain
         feats = self.features(tiles, domain)
         return Inference(feats, self.probs(feats, domain), self.embed(feats))
 
     def adopt(self, bundle: Bundle) -> bool:
-        """Run ``bundle`` with the sessions in hand when only heads, input specs or experts
-        changed (adaptation, rollback); False when its backbone or embedder differs, and a
-        new runtime is needed."""
+        """Run ``bundle`` with the sessions in hand when only experts (heads, input specs,
+        re-normalised backbones) changed (adaptation, rollback); False when the bundle's own
+        backbone or embedder differs, and a new runtime is needed."""
         files = (BACKBONE, EMBEDDER)
         if any(bundle.manifest.files.get(f) != self.manifest.files.get(f) for f in files):
             return False
-        heads = self._open_heads(bundle)
+        experts = self._open_experts(bundle, self._experts)
         with self._lock:
-            self._classifiers = heads
+            self._experts = experts
             self.bundle = bundle
         return True
+
+
+@dataclass(frozen=True)
+class _Expert:
+    """The sessions of one expert: its backbone (shared when unchanged) and its head."""
+
+    backbone: ort.InferenceSession
+    backbone_sha: str
+    classifier: ort.InferenceSession
 
 
 def activate(logits: np.ndarray, multi_label: bool) -> np.ndarray:

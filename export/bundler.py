@@ -35,6 +35,7 @@ from appliance.bundle import (
     EMBEDDING,
     FEATURES,
     IMAGE_INPUT,
+    LAYER_STATS,
     LOGITS,
     REFERENCE,
     SOURCE_BANK,
@@ -47,6 +48,7 @@ from appliance.bundle import (
 from appliance.durable import atomic_write_text
 from appliance.image_files import is_image
 from appliance.reference import build_reference, class_centroids
+from appliance.renorm import measure
 from appliance.runtime import ProviderPlan, activate, open_session
 from export.data import SPLIT_FILE, DataSet, Sample, load_chips, load_split, scan
 from export.model import Descriptor
@@ -278,6 +280,10 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     pick = np.random.default_rng(0).choice(len(pixels), min(PIXEL_SAMPLE, len(pixels)), False)
     reference = build_reference(spec.bands, pixels[pick], features, probs, centroids)
     atomic_write_text(out / REFERENCE, reference.model_dump_json(by_alias=True))
+    extra: dict[str, str] = {}
+    if options.precision == "fp32":  # re-normalisation on the box rewrites fp32 Conv weights
+        measure(out / BACKBONE, spec.normalise(chips)).save(out / LAYER_STATS)
+        extra[LAYER_STATS] = ""
 
     manifest = Manifest(
         name=options.name or Path(run_dir).resolve().name, version=options.version,
@@ -286,7 +292,7 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
         embedding_dim=(info.embedding_dim + n_classes if embedder is not None
                        else info.feature_dim),
         metrics=_metrics(run_dir, parity, exporter, options),
-        notes=options.notes or f"precision {options.precision}",
+        notes=options.notes or f"precision {options.precision}", files=extra,
     )
     return seal_bundle(out, manifest)
 

@@ -23,6 +23,7 @@ from appliance.bundle import (
     EMBEDDING,
     FEATURES,
     IMAGE_INPUT,
+    LAYER_STATS,
     LOGITS,
     REFERENCE,
     SOURCE_BANK,
@@ -33,6 +34,7 @@ from appliance.bundle import (
     seal_bundle,
 )
 from appliance.reference import build_reference, class_centroids
+from appliance.renorm import measure
 
 CLASSES = [("urban", (200, 40, 40)), ("vegetation", (40, 160, 40)), ("water", (40, 40, 200))]
 PURE = {"urban": (200, 30, 30), "vegetation": (30, 200, 30), "water": (30, 30, 200)}
@@ -56,15 +58,20 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
 
 
 def backbone_graph() -> onnx.GraphProto:
+    """An identity 1×1 ``Conv`` (a layer to re-normalise, as in a real CNN), then the mean
+    colour of the tile, mixed into ``FEATURE_DIM`` dimensions."""
     a = _mixing()
     return helper.make_graph(
-        [helper.make_node("GlobalAveragePool", [IMAGE_INPUT], ["pooled"]),
+        [helper.make_node("Conv", [IMAGE_INPUT, "C", "c"], ["conv"]),
+         helper.make_node("GlobalAveragePool", ["conv"], ["pooled"]),
          helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
          helper.make_node("MatMul", ["flat", "A"], [FEATURES])],
         "backbone",
         [helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.FLOAT, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", FEATURE_DIM])],
-        [numpy_helper.from_array(a, "A")],
+        [numpy_helper.from_array(a, "A"),
+         numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "C"),
+         numpy_helper.from_array(np.zeros(3, np.float32), "c")],
     )
 
 
@@ -126,13 +133,15 @@ def build_colour_bundle(out: Path, version: int = 1, name: str = "colour-test") 
     SourceBank(features, labels.astype(np.int64), centroids, holdout).save(out / SOURCE_BANK)
     reference = build_reference(["red", "green", "blue"], colours, features, probs, centroids)
     (out / REFERENCE).write_text(reference.model_dump_json(by_alias=True))
+    tiles = np.broadcast_to(norm[:, :, None, None], (len(norm), 3, 4, 4)).astype(np.float32)
+    measure(out / BACKBONE, tiles).save(out / LAYER_STATS)
     manifest = Manifest(
         name=name, version=version, backbone="colour-gap", task="single-label",
         classes=[ClassSpec(name=n, colour=c) for n, c in CLASSES],
         input=InputSpec(bands=["red", "green", "blue"], value_range=(0, 255), scale=1.0,
                         mean=[127.5] * 3, std=[127.5] * 3, size=INPUT_SIZE),
         scales=[16, 32], feature_dim=FEATURE_DIM, embedding_dim=EMBED_DIM,
-        metrics={"overall_accuracy": 1.0},
+        metrics={"overall_accuracy": 1.0}, files={LAYER_STATS: ""},
     )
     seal_bundle(out, manifest)
     return out

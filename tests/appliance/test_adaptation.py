@@ -308,6 +308,9 @@ def test_mqtt_adapt_and_rollback_commands(colour_bundle: Path, runtime: ModelRun
     try:
         daemon.start()
         models = topic_is(f"{P}/events/model")
+        status = topic_is(f"{P}/status")
+        # Commands are not retained: send one only once the daemon is subscribed.
+        daemon.wait(lambda: bool(listener.matching(status)), "daemon online")
         listener.publish(f"{P}/cmd/adapt", "{}")
         adapted = json.loads(listener.wait_for(models, timeout=60)[0].payload)
         assert adapted["action"] == "adapted"
@@ -320,7 +323,6 @@ def test_mqtt_adapt_and_rollback_commands(colour_bundle: Path, runtime: ModelRun
         assert rolled["action"] == "rollback"
         assert (rolled["previous"]["version"], rolled["model"]["version"]) == (2, 1)
         assert store.active_version() == 1
-        status = topic_is(f"{P}/status")
         daemon.wait(lambda: any(json.loads(m.payload)["model"]["version"] == 1
                                 and "drifting" in json.loads(m.payload)["drift"]
                                 for m in listener.matching(status)), "status with v1")

@@ -97,5 +97,5 @@ def test_a_domain_head_must_be_sealed(dark_bundle: Path) -> None:
     manifest = json.loads((dark_bundle / "manifest.json").read_text())
     del manifest["files"]["classifier.dark.onnx"]
     (dark_bundle / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=r"domain 'dark' head classifier\.dark\.onnx"):
+    with pytest.raises(BundleError, match=r"domain 'dark' file classifier\.dark\.onnx"):
         load_bundle(dark_bundle)

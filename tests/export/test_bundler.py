@@ -16,6 +16,7 @@ from appliance.bundle import (
     BACKBONE,
     CLASSIFIER,
     EMBEDDER,
+    LAYER_STATS,
     MANIFEST,
     REFERENCE,
     SOURCE_BANK,
@@ -40,7 +41,7 @@ def test_bundle_matches_the_contract(tiny_run: Path) -> None:
     assert len({c.colour for c in m.classes}) == 3
     assert m.input.bands == ["red", "green", "blue"] and m.input.size == 32
     assert m.scales == [16, 32] and m.backbone == "resnet18"
-    assert set(m.files) == {BACKBONE, CLASSIFIER, EMBEDDER, SOURCE_BANK, REFERENCE}
+    assert set(m.files) == {BACKBONE, CLASSIFIER, EMBEDDER, SOURCE_BANK, REFERENCE, LAYER_STATS}
     io = {name: onnx.load(str(b.file(name))).graph for name in (BACKBONE, CLASSIFIER, EMBEDDER)}
     assert [i.name for i in io[BACKBONE].input] == ["image"]
     assert [o.name for o in io[BACKBONE].output] == ["features"]
