@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_SCHEMA = "terratile.scene-summary/1"
 FEATURE_SAMPLE = 512  # cells whose per-scale features are kept for adaptation/drift
-TILE_SAMPLE = 4  # cells whose model-input tiles are kept for layer re-normalisation
+TILE_SAMPLE = 8  # cells whose model-input tiles are kept for layer re-normalisation
 
 
 @dataclass(frozen=True)

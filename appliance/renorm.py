@@ -116,18 +116,17 @@ class _Probe:
     def stats(self, x: np.ndarray, outputs: list[str], batch: int = 32
               ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per-channel mean and variance of ``outputs`` over normalised inputs ``x``."""
-        total: list[tuple[np.ndarray, np.ndarray]] | None = None
-        count = 0
+        total: list[tuple[np.ndarray, np.ndarray, int]] | None = None
         for i in range(0, len(x), batch):
             feeds = {IMAGE_INPUT: x[i:i + batch], **self.weights}
             outs = self.session.run(outputs, feeds)
             sums = [(o.sum(axis=(0, 2, 3), dtype=np.float64),
-                     np.square(o, dtype=np.float64).sum(axis=(0, 2, 3))) for o in outs]
-            count += outs[0].shape[0] * outs[0].shape[2] * outs[0].shape[3]
-            total = sums if total is None else [(a + c, b + d) for (a, b), (c, d)
+                     np.square(o, dtype=np.float64).sum(axis=(0, 2, 3)),
+                     o.shape[0] * o.shape[2] * o.shape[3]) for o in outs]  # per layer: sizes
+            total = sums if total is None else [(a + d, b + e, c + f) for (a, b, c), (d, e, f)
                                                 in zip(total, sums, strict=True)]
         assert total is not None
-        return [(s / count, np.maximum(q / count - (s / count) ** 2, 0.0)) for s, q in total]
+        return [(s / n, np.maximum(q / n - (s / n) ** 2, 0.0)) for s, q, n in total]
 
 
 def measure(backbone: Path, x: np.ndarray) -> LayerStats:

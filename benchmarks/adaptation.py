@@ -16,7 +16,7 @@ into an *adapt* half (streamed, 20 scenes) and a *test* half (20 scenes the adap
 sees), which gives the target overall accuracy before and after. Source accuracy is the
 same test half without shift, before and after, plus the gate's held-back source-bank figure.
 
-    .venv/bin/python benchmarks/adaptation.py --bundle /work/runs/aid_ft/bundle \\
+    .venv/bin/python benchmarks/adaptation.py --bundle /work/runs/aid_ft/bundle_renorm \\
         --split /work/runs/aid_ft/split.json
 
 Writes ``benchmarks/results/adaptation.json``.
@@ -141,10 +141,11 @@ def write_mosaics(images: list[np.ndarray], labels: np.ndarray, order: np.ndarra
     return scenes
 
 
-# "full": the defaults (a routed expert for the new sensor, its input calibrated all the way,
-# then distilled head steps on it); "half_input": the expert's input re-standardised half-way
-# (adapt.input_blend = 0.5); "head_only": adapt.input_blend = 0, head steps on the source head.
-VARIANTS: dict[str, dict[str, Any]] = {"full": {}, "half_input": {"input_blend": 0.5},
+# "full": the defaults (a routed expert for the new sensor: input calibrated all the way,
+# backbone layers re-normalised half-way, then distilled head steps on it); "no_renorm": the
+# expert shares the source backbone (adapt.renorm_blend = 0); "head_only":
+# adapt.input_blend = 0, no expert, head steps on the source head (GID's scheme alone).
+VARIANTS: dict[str, dict[str, Any]] = {"full": {}, "no_renorm": {"renorm_blend": 0.0},
                                        "head_only": {"input_blend": 0.0}}
 
 
@@ -253,7 +254,7 @@ def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=Path("/work/runs/aid_ft/bundle"))
+    parser.add_argument("--bundle", type=Path, default=Path("/work/runs/aid_ft/bundle_renorm"))
     parser.add_argument("--split", type=Path, default=Path("/work/runs/aid_ft/split.json"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptation.json"))
     parser.add_argument("--shifts", nargs="*", default=list(SHIFTS))

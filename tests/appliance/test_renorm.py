@@ -16,12 +16,15 @@ from appliance.renorm import LayerStats, RenormError, conv_layers, measure, reno
 
 
 def _backbone(path: Path) -> Path:
-    """Conv(3→4, 3×3, bias) → Relu → Conv(4→4, 1×1, no bias) → global mean: [N,4]."""
+    """Conv(3→4, 3×3, bias) → Relu → Conv(4→4, 1×1, stride 2, no bias) → global mean: [N,4].
+
+    The stride makes the layers' outputs of different sizes (8² and 4² positions), as in a
+    real CNN: statistics must be normalised per layer."""
     rng = np.random.default_rng(0)
     graph = helper.make_graph(
         [helper.make_node("Conv", [IMAGE_INPUT, "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
          helper.make_node("Relu", ["c1"], ["r1"]),
-         helper.make_node("Conv", ["r1", "w2"], ["c2"]),
+         helper.make_node("Conv", ["r1", "w2"], ["c2"], strides=[2, 2]),
          helper.make_node("GlobalAveragePool", ["c2"], ["gap"]),
          helper.make_node("Flatten", ["gap"], [FEATURES], axis=1)],
         "backbone",
