@@ -66,6 +66,8 @@ from scipy.optimize import minimize
 from appliance.bundle import (
     BACKBONE,
     CLASSIFIER,
+    FEATURES,
+    IMAGE_INPUT,
     LAYER_STATS,
     BandStats,
     Bundle,
@@ -80,15 +82,16 @@ from appliance.durable import atomic_write_text
 from appliance.fusion import fuse
 from appliance.head import LinearHead, read_head, write_head
 from appliance.models import ModelStore
-from appliance.renorm import LayerStats, Renormalised, renormalise
+from appliance.renorm import LayerStats, renormalise
 from appliance.routing import nearest, radiometric_distance, source_signature
-from appliance.runtime import activate
+from appliance.runtime import ProviderPlan, activate, open_session
 
 log = logging.getLogger(__name__)
 
 ADAPT_DIR = "adapt"
 DOMAIN = "adapted"  # the one expert an adaptation lineage grows (see ``_input_step``)
 MIN_RENORM_TILES = 8  # fewer target tiles than this give channel statistics too noisy to use
+CPU_ONLY = ProviderPlan(providers=("cpu",))  # a job's checks: off the GPU the daemon infers on
 
 
 class AdaptationError(RuntimeError):
@@ -840,55 +843,104 @@ class Adapter:
             return None  # radiometry unchanged (blur, season of the same sensor): head steps
         proposal = InputAlignment.blended(ref, mean_t, std_t, cfg.input_blend)
         fraction = float(members.mean())
-        passed = fraction >= cfg.domain_min_fraction
         spec = proposal.spec(source_bundle.manifest.input)
-        renorm = self._renormalise(source_bundle, spec, stored, members, deadline)
-        domain = Domain(name=DOMAIN, mean=[float(v) for v in mean_t],
-                        std=[float(v) for v in std_t], input=spec,
-                        classifier=f"classifier.{DOMAIN}.onnx",
-                        backbone=None if renorm is None else f"backbone.{DOMAIN}.onnx")
-        report = AdaptationReport(
-            reason, "promoted" if passed else "rejected", bundle.version, None, step="input",
-            domain=DOMAIN,
-            message="" if passed else (f"only {fraction:.0%} of the stored scenes route to the "
-                                       f"new domain < adapt.domain_min_fraction "
-                                       f"{cfg.domain_min_fraction:.0%}"),
-            counts={"scenes": len(stored.bands), "domain_scenes": int(members.sum())},
-            gate={"passed": passed, "radiometric_distance_before": before,
-                  "radiometric_distance_after": proposal.distance(ref, mean_t, std_t),
-                  "domain_fraction": fraction,
-                  "gain": [round(float(g), 4) for g in proposal.gain],
-                  "offset": [round(float(o), 3) for o in proposal.offset]})
-        files = {domain.classifier: source_bundle.file(CLASSIFIER)}
+        seqs = [q for q, keep in zip(stored.seqs, members, strict=True) if keep]
+        tiles = self.store.tiles(seqs, cfg.renorm_tiles)
+        failures = [] if fraction >= cfg.domain_min_fraction else [
+            f"only {fraction:.0%} of the stored scenes route to the new domain < "
+            f"adapt.domain_min_fraction {cfg.domain_min_fraction:.0%}"]
+        gate: dict[str, Any] = {
+            "radiometric_distance_before": before,
+            "radiometric_distance_after": proposal.distance(ref, mean_t, std_t),
+            "domain_fraction": fraction,
+            "gain": [round(float(g), 4) for g in proposal.gain],
+            "offset": [round(float(o), 3) for o in proposal.offset]}
         with tempfile.TemporaryDirectory(dir=self.root) as tmp:
-            if renorm is not None and domain.backbone is not None:
-                report.gate["renorm"] = {"layers": renorm.layers, "tiles": renorm.tiles,
-                                         "blend": self.cfg.renorm_blend,
-                                         "layer_shift_before": renorm.shift_before,
-                                         "seconds": round(renorm.seconds, 2)}
-                files[domain.backbone] = Path(tmp) / domain.backbone
-                onnx.save(renorm.model, str(files[domain.backbone]))
+            backbone = self._expert_backbone(source_bundle, spec, tiles, Path(tmp), gate,
+                                             deadline)
+            failures += self._expert_check(source_bundle, spec, backbone, tiles, gate)
+            domain = Domain(name=DOMAIN, mean=[float(v) for v in mean_t],
+                            std=[float(v) for v in std_t], input=spec,
+                            classifier=f"classifier.{DOMAIN}.onnx",
+                            backbone=None if backbone is None else backbone.name)
+            files = {domain.classifier: source_bundle.file(CLASSIFIER)}
+            if backbone is not None:
+                files[backbone.name] = backbone
+            report = AdaptationReport(
+                reason, "rejected" if failures else "promoted", bundle.version, None,
+                step="input", domain=DOMAIN, message="; ".join(failures),
+                counts={"scenes": len(stored.bands), "domain_scenes": int(members.sum()),
+                        "tiles": 0 if tiles is None else len(tiles)},
+                gate={"passed": not failures, "failures": failures, **gate})
             self._publish(bundle, report, domains=[domain], files=files)
         return report
 
-    def _renormalise(self, source: Bundle, spec: InputSpec, stored: Candidates,
-                     members: np.ndarray, deadline: float) -> Renormalised | None:
-        """The source backbone with its layers re-normalised on the new domain's stored
-        tiles (``appliance/renorm.py``); None when switched off, when the bundle has no
-        layer statistics or when no tiles were kept (the expert then shares the source
-        backbone)."""
+    def _expert_backbone(self, source: Bundle, spec: InputSpec, tiles: np.ndarray | None,
+                         tmp: Path, gate: dict[str, Any], deadline: float) -> Path | None:
+        """The source backbone re-normalised on the new domain's stored tiles (every
+        ``adapt.holdout_every``-th tile kept out for ``_expert_check``), written under
+        ``tmp``; None when switched off, when the bundle has no layer statistics or when
+        too few tiles were kept: the expert then shares the source backbone."""
         cfg = self.cfg
         if cfg.renorm_blend <= 0 or LAYER_STATS not in source.manifest.files:
             return None
-        seqs = [q for q, keep in zip(stored.seqs, members, strict=True) if keep]
-        tiles = self.store.tiles(seqs, cfg.renorm_tiles)
-        if tiles is None or len(tiles) < MIN_RENORM_TILES:
-            log.info("no layer re-normalisation: %d target tiles kept (< %d)",
-                     0 if tiles is None else len(tiles), MIN_RENORM_TILES)
+        fit = None if tiles is None else tiles[np.arange(len(tiles)) % cfg.holdout_every != 0]
+        if fit is None or len(fit) < MIN_RENORM_TILES:
+            gate["renorm"] = {"skipped": f"{0 if fit is None else len(fit)} target tiles "
+                                         f"(< {MIN_RENORM_TILES})"}
             return None
-        return renormalise(source.file(BACKBONE), spec.normalise(tiles),
-                           LayerStats.load(source.file(LAYER_STATS)), cfg.renorm_blend,
-                           deadline)
+        renorm = renormalise(source.file(BACKBONE), spec.normalise(fit),
+                             LayerStats.load(source.file(LAYER_STATS)), cfg.renorm_blend,
+                             deadline)
+        gate["renorm"] = {"layers": renorm.layers, "tiles": renorm.tiles,
+                          "blend": cfg.renorm_blend, "layer_shift_before": renorm.shift_before,
+                          "seconds": round(renorm.seconds, 2)}
+        path = tmp / f"backbone.{DOMAIN}.onnx"
+        onnx.save(renorm.model, str(path))
+        return path
+
+    def _expert_check(self, source: Bundle, spec: InputSpec, backbone: Path | None,
+                      tiles: np.ndarray | None, gate: dict[str, Any]) -> list[str]:
+        """Label-free check of a new expert on held-out target tiles, against the source
+        model on the same tiles: the share of tiles whose ``adapt.k`` nearest source-bank
+        features confirm the predicted class (``adapt.agreement``) must not fall, and the
+        predicted classes must not collapse (``adapt.min_entropy``). A broken
+        re-normalisation or calibration fails both."""
+        if tiles is None:
+            return []
+        held = tiles[np.arange(len(tiles)) % self.cfg.holdout_every == 0]
+        before = self._judge(source, source.manifest.input, source.file(BACKBONE), held)
+        after = self._judge(source, spec, backbone or source.file(BACKBONE), held)
+        gate["check"] = {"tiles": len(held), "source_model": before, "expert": after}
+        failures = []
+        if after["confirmed"] < before["confirmed"] - 1e-9:
+            failures.append(f"retrieval-confirmed share of held-out target tiles fell "
+                            f"({before['confirmed']:.3f} → {after['confirmed']:.3f})")
+        if after["entropy"] < self.cfg.min_entropy:
+            failures.append(f"class collapse on held-out target tiles: entropy "
+                            f"{after['entropy']:.3f} < {self.cfg.min_entropy}")
+        return failures
+
+    def _judge(self, source: Bundle, spec: InputSpec, backbone: Path, tiles: np.ndarray
+               ) -> dict[str, float]:
+        """Source head on ``backbone`` features of ``tiles``: retrieval-confirmed share,
+        predicted-class entropy, mean confidence."""
+        session = open_session(backbone, CPU_ONLY)
+        feats = np.concatenate([
+            np.asarray(session.run([FEATURES], {IMAGE_INPUT: spec.normalise(tiles[i:i + 32])})[0])
+            for i in range(0, len(tiles), 32)])
+        head = read_head(source.file(CLASSIFIER))
+        probs = activate(head.logits(feats), multi_label=False)
+        labels = probs.argmax(axis=1)
+        bank = source.source_bank
+        train = ~bank.holdout
+        index = faiss.IndexFlatL2(bank.features.shape[1])
+        index.add(np.ascontiguousarray(bank.features[train]))
+        agree = retrieval_agreement(index, bank.labels[train].astype(np.int64), feats, labels,
+                                    self.cfg.k)
+        return {"confirmed": float((agree >= self.cfg.agreement).mean()),
+                "entropy": class_entropy(labels, head.n_classes),
+                "confidence": float(probs.max(axis=1).mean())}
 
     def _rounds(self, data: AdaptationData, deadline: float
                 ) -> tuple[LinearHead, list[dict[str, Any]]]:

@@ -39,5 +39,6 @@ def colour_scene(runtime: ModelRuntime, seed: int, cast: tuple[float, float, flo
         embeddings=out.embedding, sample_index=np.arange(n_cells),
         sample_features=np.stack([out.features, out.features], axis=1), band_sample=sample,
         domain=domain,
+        sample_tiles=np.stack([tiles[:4], tiles[:4]], axis=1).astype(np.float16),
     )
     return cells, truth

@@ -10,12 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from appliance.adaptation import DOMAIN, Adapter, CandidateStore, select_pseudo_labels
-from appliance.bundle import CLASSIFIER, load_bundle
+from appliance.bundle import BACKBONE, CLASSIFIER, load_bundle
 from appliance.cells import SceneCells
 from appliance.config import AdaptConfig
 from appliance.head import read_head
@@ -96,6 +97,15 @@ def test_input_step_adds_a_routed_expert_then_owes_a_head_step(
     adapted = store.active()
     assert adapted.version == 2 and adapted.manifest.parent == 1
     assert [d.name for d in adapted.manifest.domains] == [DOMAIN]
+    # Its backbone's layer was re-normalised on the stored target tiles (4 cells x 2
+    # scales of each of the 6 scenes, minus the quarter held out for the check).
+    assert adapted.manifest.domains[0].backbone == f"backbone.{DOMAIN}.onnx"
+    assert gate["renorm"]["layers"] == 1 and gate["renorm"]["tiles"] == 36
+    assert adapted.backbone(DOMAIN).read_bytes() != source.file(BACKBONE).read_bytes()
+    assert adapted.backbone(None) == adapted.file(BACKBONE)
+    check = gate["check"]  # the label-free check on the held-out quarter
+    assert check["tiles"] == 12
+    assert check["expert"]["confirmed"] >= check["source_model"]["confirmed"]
     # The source expert is untouched; the new one starts from the source head.
     assert adapted.manifest.input == source.manifest.input
     assert adapted.file(CLASSIFIER).read_bytes() == source.file(CLASSIFIER).read_bytes()
@@ -127,6 +137,27 @@ def test_input_step_adds_a_routed_expert_then_owes_a_head_step(
         assert after.file(CLASSIFIER).read_bytes() == source.file(CLASSIFIER).read_bytes()
         assert follow.classifier_path == after.classifier(DOMAIN)
     assert adapter.run("again").step == "head"  # one expert per lineage: refine, not re-make
+
+
+def test_expert_check_refuses_an_expert_that_breaks_the_features(
+        store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
+    """A mis-calibrated input loses retrieval confirmation (every band squashed towards one
+    value) or collapses the predictions (red pushed far up): the check names each."""
+    adapter = Adapter(store, CFG, tmp_path / "state")
+    _fill(adapter, runtime)
+    source = store.active()
+    stored = adapter.store.load(features=False)
+    tiles = adapter.store.tiles(stored.seqs, 64)
+    assert tiles is not None and len(tiles) == 48
+    squashed = source.manifest.input.model_copy(update={"std": [1e4] * 3})
+    gate: dict[str, Any] = {}
+    failures = adapter._expert_check(source, squashed, None, tiles, gate)
+    assert any("retrieval-confirmed share" in f for f in failures), gate
+    assert gate["check"]["expert"]["confirmed"] < gate["check"]["source_model"]["confirmed"]
+    reddened = source.manifest.input.model_copy(update={"mean": [-2000.0, 127.5, 127.5]})
+    failures = adapter._expert_check(source, reddened, None, tiles, gate)
+    assert any("class collapse" in f for f in failures), gate
+    assert adapter._expert_check(source, source.manifest.input, None, tiles, {}) == []
 
 
 def test_input_step_refuses_a_domain_most_stored_scenes_do_not_belong_to(
