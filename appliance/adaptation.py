@@ -83,7 +83,7 @@ from appliance.fusion import fuse
 from appliance.head import LinearHead, read_head, write_head
 from appliance.models import ModelStore
 from appliance.renorm import LayerStats, renormalise
-from appliance.routing import nearest, radiometric_distance, source_signature
+from appliance.routing import Signature, nearest, radiometric_distance, source_signature
 from appliance.runtime import ProviderPlan, activate, open_session
 
 log = logging.getLogger(__name__)
@@ -106,31 +106,37 @@ class Candidates:
     """Stored target cells: per-scale features [n,S,D], fused probs [n,K], scene of each.
 
     ``bands`` [m,2,C] holds each stored scene's per-band mean and mean square of its
-    rescaled pixels (model value range), and ``seqs`` its number in the ring, for every
-    scene whatever its input key.
+    rescaled pixels (model value range), ``sharp`` [m,C] its sharpness (NaN where it was
+    not measured) and ``seqs`` its number in the ring, for every scene whatever its key.
     """
 
     features: np.ndarray
     probs: np.ndarray
     scenes: np.ndarray
     bands: np.ndarray
-    seqs: list[int]  # per stored scene, like ``bands``: its sequence number in the ring
+    sharp: np.ndarray
+    seqs: list[int]
 
     def __len__(self) -> int:
         return len(self.features)
 
-    def band_moments(self, scenes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Pooled per-band mean and std of the stored scenes' pixels (or of ``scenes``, a
-        boolean mask over them)."""
-        bands = self.bands if scenes is None else self.bands[scenes]
+    def signature(self, scenes: np.ndarray | None = None) -> Signature:
+        """Pooled signature of the stored scenes (or of ``scenes``, a boolean mask over
+        them): per-band mean and std of their pixels, mean sharpness if all have one."""
+        keep = np.ones(len(self.bands), bool) if scenes is None else scenes
+        bands = self.bands[keep]
         mean = bands[:, 0].mean(axis=0)
         var = bands[:, 1].mean(axis=0) - mean**2
-        return mean, np.sqrt(np.maximum(var, 1e-12))
+        sharp = self.sharp[keep]
+        return (mean, np.sqrt(np.maximum(var, 1e-12)),
+                None if np.isnan(sharp).any() else sharp.mean(axis=0))
 
-    def scene_moments(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per stored scene: per-band mean and std [m,C] each."""
+    def scene_signatures(self) -> list[Signature]:
+        """Per stored scene: its signature."""
         mean = self.bands[:, 0]
-        return mean, np.sqrt(np.maximum(self.bands[:, 1] - mean**2, 1e-12))
+        std = np.sqrt(np.maximum(self.bands[:, 1] - mean**2, 1e-12))
+        return [(m, s, None if np.isnan(h).any() else h)
+                for m, s, h in zip(mean, std, self.sharp, strict=True)]
 
 
 def expert_key(bundle: Bundle, domain: str | None) -> str:
@@ -179,9 +185,9 @@ class CandidateStore:
         return self.count()
 
     def add(self, scene_id: str, features: np.ndarray, probs: np.ndarray, pixels: np.ndarray,
-            key: str, tiles: np.ndarray | None = None) -> int:
-        """Store one scene's cells, band moments and sampled tiles; drop the oldest scenes
-        beyond the cap."""
+            key: str, tiles: np.ndarray | None = None, sharp: np.ndarray | None = None) -> int:
+        """Store one scene's cells, band moments, sharpness and sampled tiles; drop the
+        oldest scenes beyond the cap."""
         n = len(features)
         if n == 0:
             return 0
@@ -192,7 +198,8 @@ class CandidateStore:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, features=features.astype(np.float16), probs=probs.astype(np.float32),
                      scene=np.asarray(scene_id),
-                     bands=np.stack([px.mean(axis=0), (px**2).mean(axis=0)]))
+                     bands=np.stack([px.mean(axis=0), (px**2).mean(axis=0)]),
+                     sharp=np.full(px.shape[1], np.nan) if sharp is None else sharp)
         os.replace(tmp, final)
         if tiles is not None and len(tiles):
             self._add_tiles(seq, tiles)
@@ -249,10 +256,13 @@ class CandidateStore:
         """Cells computed under input ``key`` (or all); band moments of every stored scene."""
         feats, probs, scenes, bands = [], [], [], []
         seqs: list[int] = []
+        sharps: list[np.ndarray] = []
         for seq, _, k, path in self._files():
             try:
                 with np.load(path) as data:
                     scene_bands = data["bands"]
+                    scene_sharp = (data["sharp"] if "sharp" in data.files
+                                   else np.full(scene_bands.shape[-1], np.nan))
                     if features and (key is None or k == key):
                         feats.append(data["features"].astype(np.float32))
                         probs.append(data["probs"])
@@ -260,13 +270,15 @@ class CandidateStore:
             except (FileNotFoundError, OSError, ValueError, KeyError):
                 continue  # pruned or damaged while we listed; the ring goes on without it
             bands.append(scene_bands)
+            sharps.append(scene_sharp)
             seqs.append(seq)
         band_arr = np.stack(bands) if bands else np.zeros((0, 2, 1))
+        sharp_arr = np.stack(sharps) if sharps else np.zeros((0, 1))
         if not feats:
             return Candidates(np.zeros((0, 1, 1), np.float32), np.zeros((0, 1), np.float32),
-                              np.zeros(0, str), band_arr, seqs)
+                              np.zeros(0, str), band_arr, sharp_arr, seqs)
         return Candidates(np.concatenate(feats), np.concatenate(probs), np.concatenate(scenes),
-                          band_arr, seqs)
+                          band_arr, sharp_arr, seqs)
 
 
 # -- the learning steps ------------------------------------------------------------------
@@ -325,9 +337,12 @@ class InputAlignment:
 
     def distance(self, ref: list[BandStats], target_mean: np.ndarray,
                  target_std: np.ndarray) -> float:
-        """``radiometric_distance`` of the mapped target moments to the source reference."""
-        return radiometric_distance(self.gain * target_mean + self.offset,
-                                    self.gain * target_std, *source_signature(ref))
+        """``radiometric_distance`` of the mapped target moments to the source reference's
+        (a per-band affine map leaves sharpness as it is, so it is left out)."""
+        mean, std, _ = source_signature(ref)
+        return radiometric_distance(
+            (self.gain * target_mean + self.offset, self.gain * target_std, None),
+            (mean, std, None))
 
 
 def fused_probs(head: LinearHead, features: np.ndarray, tiling: TilingConfig | None = None
@@ -429,19 +444,19 @@ def adapted_domain(bundle: Bundle) -> str | None:
 def _domain_scenes(stored: Candidates, ref: list[BandStats], rounds: int = 5) -> np.ndarray:
     """Which stored scenes form the new domain ([m] bool): two-signature k-means.
 
-    Starting from the pooled moments of all stored scenes, each scene joins the new
+    Starting from the pooled signature of all stored scenes, each scene joins the new
     signature when it is nearer to it than to the source reference, and the signature is
     re-pooled from its members, a few times over: recent source-like scenes in the store
     then neither dilute the new domain's signature nor count as its members.
     """
-    means, stds = stored.scene_moments()
+    scenes = stored.scene_signatures()
     source = source_signature(ref)
-    members = np.ones(len(means), bool)
+    members = np.ones(len(scenes), bool)
     for _ in range(rounds):
-        signature = stored.band_moments(members)
-        joined = np.array([nearest({None: radiometric_distance(m, s, *source),
-                                    DOMAIN: radiometric_distance(m, s, *signature)})
-                           == DOMAIN for m, s in zip(means, stds, strict=True)])
+        signature = stored.signature(members)
+        joined = np.array([nearest({None: radiometric_distance(scene, source),
+                                    DOMAIN: radiometric_distance(scene, signature)})
+                           == DOMAIN for scene in scenes])
         if not joined.any() or (joined == members).all():
             return joined
         members = joined
@@ -564,7 +579,8 @@ class Adapter:
         feats = cells.sample_features[valid]
         probs = cells.probs[cells.sample_index][valid]
         return self.store.add(cells.scene_id, feats, probs, cells.band_sample,
-                              self.active_key(cells.domain), cells.sample_tiles)
+                              self.active_key(cells.domain), cells.sample_tiles,
+                              cells.sharpness)
 
     def _experts(self) -> tuple[dict[str | None, str], str | None]:
         """Input key per expert of the active bundle and the expert adaptation works on
@@ -814,13 +830,15 @@ class Adapter:
         the new domain's pooled moments are more than ``adapt.input_tolerance`` from the
         source reference (``routing.radiometric_distance``), a new version adds a
         ``Domain``: that signature, an input spec that re-standardises it towards the
-        reference (``adapt.input_blend`` of the way; folded into mean/std, no new backbone)
-        and a copy of the source head, which expects source-like inputs. Head steps then
+        reference (``adapt.input_blend`` of the way; folded into mean/std), a copy of the
+        source head, which expects source-like inputs, and a backbone whose layers are
+        re-normalised on the domain's stored tiles (``_expert_backbone``). Head steps then
         refine that expert. Source-sensor scenes keep routing to the source model, so the
-        step costs them nothing; the gate refuses it unless at least
+        step costs them nothing. The gate refuses it unless at least
         ``adapt.domain_min_fraction`` of the stored scenes would route to the new expert
-        (a signature that cannot tell the domains apart would misroute). Returns None when
-        there is nothing to do: the job goes on to a head step.
+        (a signature that cannot tell the domains apart would misroute) and the expert
+        passes ``_expert_check`` on held-out tiles. Returns None when there is nothing to
+        do: the job goes on to a head step.
         """
         cfg = self.cfg
         if cfg.input_blend <= 0:
@@ -837,8 +855,8 @@ class Adapter:
         members = _domain_scenes(stored, ref)
         if not members.any():
             return None
-        mean_t, std_t = stored.band_moments(members)
-        before = radiometric_distance(mean_t, std_t, *source_signature(ref))
+        mean_t, std_t, sharp_t = stored.signature(members)
+        before = radiometric_distance((mean_t, std_t, sharp_t), source_signature(ref))
         if before <= cfg.input_tolerance:
             return None  # radiometry unchanged (blur, season of the same sensor): head steps
         proposal = InputAlignment.blended(ref, mean_t, std_t, cfg.input_blend)
@@ -860,7 +878,9 @@ class Adapter:
                                              deadline)
             failures += self._expert_check(source_bundle, spec, backbone, tiles, gate)
             domain = Domain(name=DOMAIN, mean=[float(v) for v in mean_t],
-                            std=[float(v) for v in std_t], input=spec,
+                            std=[float(v) for v in std_t],
+                            sharpness=None if sharp_t is None else [float(v) for v in sharp_t],
+                            input=spec,
                             classifier=f"classifier.{DOMAIN}.onnx",
                             backbone=None if backbone is None else backbone.name)
             files = {domain.classifier: source_bundle.file(CLASSIFIER)}

@@ -94,13 +94,15 @@ class Domain(_Frozen):
     fits a head for it, but the source domain must not pay for that: source-sensor scenes
     keep the bundle's own ``input`` and ``classifier.onnx``. Each scene is routed
     (``appliance/routing.py``) to the expert whose radiometric signature, the per-band
-    ``mean`` and ``std`` of its scenes in the model's value range, is nearest its own; the
-    source's signature is ``reference.json``. Backbone and embedder are shared.
+    ``mean`` and ``std`` of its scenes in the model's value range and their ``sharpness``,
+    is nearest its own; the source's signature is ``reference.json``. The embedder is
+    shared; the backbone too unless the expert has a re-normalised one.
     """
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
     mean: list[float]
     std: list[float]
+    sharpness: list[float] | None = None
     input: InputSpec
     classifier: str = Field(description="Head file of this expert, listed in ``files``.")
     backbone: str | None = Field(
@@ -158,6 +160,9 @@ class BandStats(_Frozen):
     mean: float
     std: float
     quantiles: list[float] = Field(description="101 values: the 0th..100th percentiles.")
+    sharpness: float | None = Field(
+        default=None, description="Neighbour difference over std on model-input chips "
+        "(appliance.routing.sharpness); None in bundles exported before it existed.")
 
 
 class FeatureStats(_Frozen):

@@ -33,6 +33,7 @@ class SceneCells:
             features were computed under that expert's input spec.
         sample_tiles: [t,S,C,H,W] float16 model-input tiles (value range, every scale) of a
             few random valid cells, for layer re-normalisation; None when not sampled.
+        sharpness: [C] the scene's sharpness (``routing.sharpness``) as routing measured it.
     """
 
     scene_id: str
@@ -48,6 +49,7 @@ class SceneCells:
     band_sample: np.ndarray
     domain: str | None = None
     sample_tiles: np.ndarray | None = None
+    sharpness: np.ndarray | None = None
 
     @property
     def labels(self) -> np.ndarray:

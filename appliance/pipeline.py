@@ -38,7 +38,7 @@ from appliance.outputs import (
     write_quicklook,
 )
 from appliance.raster import Scene, SceneError, open_scene
-from appliance.routing import route
+from appliance.routing import route, scene_signature
 from appliance.runtime import ModelRuntime
 from appliance.segments import cell_labels_on, hybrid_map, segment
 from appliance.tiling import CellGrid, iter_batches, read_ahead
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 SUMMARY_SCHEMA = "terratile.scene-summary/1"
 FEATURE_SAMPLE = 512  # cells whose per-scale features are kept for adaptation/drift
 TILE_SAMPLE = 8  # cells whose model-input tiles are kept for layer re-normalisation
+PROBE_CELLS = 16  # cells read ahead of inference to measure a scene's sharpness for routing
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,16 @@ class _Accumulator:
             self.tiles.offer(int(cell), cell_tiles.astype(np.float16))
 
 
+def _probe_tiles(scene: Scene, grid: CellGrid, valid: np.ndarray, size: int) -> np.ndarray:
+    """Model-input tiles [n,C,S,S] of up to ``PROBE_CELLS`` valid cells spread over the
+    scene, at the middle scale: what routing measures sharpness on before any inference."""
+    cells = np.flatnonzero(valid)
+    pick = cells[np.linspace(0, len(cells) - 1, min(PROBE_CELLS, len(cells))).astype(np.int64)]
+    scale = sorted(grid.scales)[len(grid.scales) // 2]
+    return np.stack([scene.read_window(*grid.origin(int(c), scale), scale, scale, size, size)
+                     for c in pick])
+
+
 def _retrieval_scale_index(settings: Settings) -> int:
     """Index (in ``tiling.scales``) of the scale whose embedding is indexed.
 
@@ -155,7 +166,8 @@ def _process(
                          f"{tiling.nodata_fraction:.0%} nodata")
 
     band_sample = scene.band_sample()
-    domain = route(runtime.bundle, band_sample)
+    signature = scene_signature(band_sample, _probe_tiles(scene, grid, valid, runtime.input_size))
+    domain = route(runtime.bundle, signature)
     scene.use_spec(manifest.input_for(domain))
     n, k = len(grid), len(manifest.classes)
     n_scales = len(grid.scales)
@@ -186,7 +198,7 @@ def _process(
 
     t_write0 = time.perf_counter()
     outcome = _write_outputs(scene, path, scene_id, out_dir, runtime, settings, grid, valid, acc,
-                             tiles, band_sample, domain)
+                             tiles, band_sample, domain, signature[2])
     t_end = time.perf_counter()
     timings = {"read": round(t_read, 4), "infer": round(t_infer, 4),
                "write": round(t_end - t_write0, 4), "total": round(t_end - t_start, 4)}
@@ -201,7 +213,7 @@ def _process(
 def _write_outputs(
     scene: Scene, path: Path, scene_id: str, out_dir: Path, runtime: ModelRuntime,
     settings: Settings, grid: CellGrid, valid: np.ndarray, acc: _Accumulator, tiles: int,
-    band_sample: np.ndarray, domain: str | None,
+    band_sample: np.ndarray, domain: str | None, sharp: np.ndarray | None,
 ) -> SceneOutcome:
     manifest = runtime.manifest
     classes = manifest.classes
@@ -215,7 +227,7 @@ def _write_outputs(
         sample_index=np.asarray(acc.features.keys, np.int64),
         sample_features=(np.stack(acc.features.items).astype(np.float32) if acc.features.items
                          else np.zeros((0, len(grid.scales), manifest.feature_dim), np.float32)),
-        band_sample=band_sample, domain=domain,
+        band_sample=band_sample, domain=domain, sharpness=sharp,
         sample_tiles=np.stack(acc.tiles.items) if acc.tiles.items else None,
     )
     labels = cells.labels

@@ -31,12 +31,15 @@ def nearest_centroid_distance(features: np.ndarray, centroids: np.ndarray) -> np
     return np.sqrt(np.maximum(d2.min(axis=1), 0.0)).astype(np.float32)
 
 
-def band_stats(names: list[str], pixels: np.ndarray) -> list[BandStats]:
-    """Per-band mean, std and 101 quantiles of [P,C] pixels in the model's value range."""
+def band_stats(names: list[str], pixels: np.ndarray, sharp: np.ndarray | None = None
+               ) -> list[BandStats]:
+    """Per-band mean, std and 101 quantiles of [P,C] pixels in the model's value range, and
+    the bands' sharpness on model-input chips if given."""
     qs = np.percentile(pixels, np.arange(101), axis=0)
     return [
         BandStats(name=name, mean=float(pixels[:, i].mean()), std=float(pixels[:, i].std()),
-                  quantiles=[float(v) for v in qs[:, i]])
+                  quantiles=[float(v) for v in qs[:, i]],
+                  sharpness=None if sharp is None else float(sharp[i]))
         for i, name in enumerate(names)
     ]
 
@@ -48,8 +51,10 @@ def build_reference(
     probs: np.ndarray,
     centroids: np.ndarray,
     seed: int = 0,
+    sharp: np.ndarray | None = None,
 ) -> Reference:
-    """The drift reference from source pixels [P,C], features [N,D], probs [N,K], centroids."""
+    """The drift reference from source pixels [P,C], features [N,D], probs [N,K], centroids
+    and the bands' sharpness on the source chips (``routing.sharpness``), if measured."""
     rng = np.random.default_rng(seed)
     mean = features.mean(axis=0)
     centred = features - mean
@@ -61,7 +66,7 @@ def build_reference(
     max_prob = probs.max(axis=1)
     ent = entropy(probs)
     return Reference(
-        bands=band_stats(band_names, pixels),
+        bands=band_stats(band_names, pixels, sharp),
         features=FeatureStats(
             mean=mean.tolist(), std=features.std(axis=0).tolist(), pca_mean=mean.tolist(),
             pca_components=components.tolist(), sample=projected.tolist(),

@@ -49,6 +49,7 @@ from appliance.durable import atomic_write_text
 from appliance.image_files import is_image
 from appliance.reference import build_reference, class_centroids
 from appliance.renorm import measure
+from appliance.routing import sharpness
 from appliance.runtime import ProviderPlan, activate, open_session
 from export.data import SPLIT_FILE, DataSet, Sample, load_chips, load_split, scan
 from export.model import Descriptor
@@ -278,7 +279,8 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     SourceBank(features, labels, centroids, _holdout(labels)).save(out / SOURCE_BANK)
     pixels = chips.transpose(0, 2, 3, 1).reshape(-1, chips.shape[1])
     pick = np.random.default_rng(0).choice(len(pixels), min(PIXEL_SAMPLE, len(pixels)), False)
-    reference = build_reference(spec.bands, pixels[pick], features, probs, centroids)
+    reference = build_reference(spec.bands, pixels[pick], features, probs, centroids,
+                                sharp=sharpness(chips))
     atomic_write_text(out / REFERENCE, reference.model_dump_json(by_alias=True))
     extra: dict[str, str] = {}
     if options.precision == "fp32":  # re-normalisation on the box rewrites fp32 Conv weights

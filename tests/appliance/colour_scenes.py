@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from appliance.cells import SceneCells
-from appliance.routing import route
+from appliance.routing import route, scene_signature
 from appliance.runtime import ModelRuntime
 from tests.colour_bundle import INPUT_SIZE, PURE
 
@@ -30,7 +30,7 @@ def colour_scene(runtime: ModelRuntime, seed: int, cast: tuple[float, float, flo
     tiles = np.clip(base[:, :, None, None] + noise + shift, 0, 255).astype(np.float32)
     pixels = tiles.transpose(0, 2, 3, 1).reshape(-1, 3)
     sample = pixels[rng.choice(len(pixels), 2000, replace=False)]
-    domain = route(runtime.bundle, sample)  # as the pipeline does
+    domain = route(runtime.bundle, scene_signature(sample))  # as the pipeline does
     out = runtime.infer(tiles, domain)
     cells = SceneCells(
         scene_id=f"scene-{seed}", crs="EPSG:32633",

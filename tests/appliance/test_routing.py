@@ -13,7 +13,14 @@ import rasterio
 from appliance.bundle import CLASSIFIER, BundleError, Domain, load_bundle, seal_bundle
 from appliance.config import Settings
 from appliance.pipeline import process_scene
-from appliance.routing import band_moments, nearest, radiometric_distance, route
+from appliance.routing import (
+    band_moments,
+    nearest,
+    radiometric_distance,
+    route,
+    scene_signature,
+    sharpness,
+)
 from appliance.runtime import ModelRuntime, ProviderPlan
 from tests.scenes import quarters, write_scene
 
@@ -24,9 +31,25 @@ SETTINGS = Settings.model_validate({"model": {"providers": ["cpu"]},
 
 def test_radiometric_distance_counts_offsets_in_sigma_and_gains_as_log_ratios() -> None:
     mean, std = np.array([100.0, 50.0]), np.array([20.0, 10.0])
-    assert radiometric_distance(mean, std, mean, std) == 0.0
-    assert radiometric_distance(mean + std, std, mean, std) == pytest.approx(1.0)
-    assert radiometric_distance(mean, 2 * std, mean, std) == pytest.approx(np.log(2))
+    sharp = np.array([0.3, 0.2])
+    assert radiometric_distance((mean, std, None), (mean, std, None)) == 0.0
+    assert radiometric_distance((mean + std, std, None), (mean, std, None)) == pytest.approx(1.0)
+    assert radiometric_distance((mean, 2 * std, None), (mean, std, None)) == pytest.approx(
+        np.log(2))
+    # Sharpness counts only when both sides measured it.
+    assert radiometric_distance((mean, std, sharp / 2), (mean, std, sharp)) == pytest.approx(
+        np.log(2))
+    assert radiometric_distance((mean, std, sharp / 2), (mean, std, None)) == 0.0
+
+
+def test_sharpness_ignores_gains_and_offsets_and_falls_with_blur() -> None:
+    rng = np.random.default_rng(0)
+    tiles = rng.uniform(0, 255, (4, 3, 32, 32))
+    sharp = sharpness(tiles)
+    np.testing.assert_allclose(sharpness(0.5 * tiles + 40), sharp, rtol=1e-9)
+    blurred = (tiles + np.roll(tiles, 1, axis=3) + np.roll(tiles, 1, axis=2)
+               + np.roll(tiles, (1, 1), axis=(2, 3))) / 4
+    assert (sharpness(blurred) < 0.8 * sharp).all()
 
 
 def test_nearest_prefers_the_source_on_a_tie() -> None:
@@ -78,7 +101,7 @@ def test_pipeline_routes_each_scene_to_the_expert_of_its_sensor(
     plain = ModelRuntime(load_bundle(colour_bundle), ProviderPlan(providers=("cpu",)))
     alone = process_scene(tmp_path / "clean.tif", "aa" * 32, tmp_path / "p", plain, SETTINGS)
     np.testing.assert_array_equal(alone.cells.probs, clean.cells.probs)
-    assert route(runtime.bundle, _pixels(tmp_path / "dark.tif")) == "dark"
+    assert route(runtime.bundle, scene_signature(_pixels(tmp_path / "dark.tif"))) == "dark"
 
 
 def test_adopt_swaps_experts_without_a_new_backbone(colour_bundle: Path, dark_bundle: Path
@@ -99,3 +122,52 @@ def test_a_domain_head_must_be_sealed(dark_bundle: Path) -> None:
     (dark_bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"domain 'dark' file classifier\.dark\.onnx"):
         load_bundle(dark_bundle)
+
+
+def _blurred(src: Path, dst: Path) -> Path:
+    """``src`` through a 5×5 box filter: the same band moments, far less sharpness."""
+    with rasterio.open(src) as ds:
+        data = ds.read().astype(np.float64)
+        profile = ds.profile
+    padded = np.pad(data, ((0, 0), (2, 2), (2, 2)), mode="edge")
+    out = sum(padded[:, i:i + data.shape[1], j:j + data.shape[2]]
+              for i in range(5) for j in range(5)) / 25
+    with rasterio.open(dst, "w", **profile) as ds:
+        ds.write(np.rint(out).astype(profile["dtype"]))
+    return dst
+
+
+def test_sharpness_routes_a_blurred_sensor_that_band_moments_cannot_tell_apart(
+        colour_bundle: Path, tmp_path: Path) -> None:
+    """A coarser sensor keeps band moments: only the sharpness term separates it."""
+    clean = write_scene(tmp_path / "clean.tif", size=(128, 128), layout=quarters(128, 128),
+                        noise=40)
+    soft = _blurred(clean, tmp_path / "soft.tif")
+    runtime = ModelRuntime(load_bundle(colour_bundle), ProviderPlan(providers=("cpu",)))
+    probes = {}
+    for name, path in (("clean", clean), ("soft", soft)):
+        outcome = process_scene(path, name * 32, tmp_path / name, runtime, SETTINGS)
+        probes[name] = outcome.cells
+    clean_sharp, soft_sharp = probes["clean"].sharpness, probes["soft"].sharpness
+    assert clean_sharp is not None and soft_sharp is not None
+    assert (soft_sharp < 0.7 * clean_sharp).all()
+    # A bundle whose reference knows the source sharpness, with an expert for the soft sensor
+    # whose band moments are the source's own: only sharpness can route.
+    out = tmp_path / "bundle"
+    shutil.copytree(colour_bundle, out)
+    manifest = load_bundle(out).manifest
+    reference = json.loads((out / "reference.json").read_text())
+    for band, value in zip(reference["bands"], clean_sharp, strict=True):
+        band["sharpness"] = float(value)
+    (out / "reference.json").write_text(json.dumps(reference))
+    shutil.copyfile(out / CLASSIFIER, out / "classifier.soft.onnx")
+    source_bands = load_bundle(colour_bundle).reference.bands
+    domain = Domain(name="soft", mean=[b.mean for b in source_bands],
+                    std=[b.std for b in source_bands], sharpness=soft_sharp.tolist(),
+                    input=manifest.input, classifier="classifier.soft.onnx")
+    seal_bundle(out, manifest.model_copy(update={
+        "version": 2, "domains": [domain], "files": {**manifest.files, domain.classifier: ""}}))
+    routed = ModelRuntime(load_bundle(out), ProviderPlan(providers=("cpu",)))
+    for name, path, expert in (("clean", clean, None), ("soft", soft, "soft")):
+        outcome = process_scene(path, name * 32, tmp_path / f"r-{name}", routed, SETTINGS)
+        assert outcome.cells.domain == expert, name
