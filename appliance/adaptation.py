@@ -30,13 +30,14 @@ The GID scheme (Tong et al.), made safe for a box in the field:
    which switches the active pointer atomically; a failing one is kept under
    ``state/adapt/rejected``.
 
-Before any head step, a radiometric shift (another sensor's gains, gamma, haze) gets its
-own *expert* (``_input_step``, ``bundle.Domain``): an input spec calibrated to the new
-domain's band statistics plus a copy of the source head, which head steps then refine.
-Scenes are routed per scene to the expert whose radiometric signature is nearest
-(``appliance/routing.py``), so source-sensor scenes keep the source model untouched. Shifts
-that leave band statistics alone (blur, coarser resolution) are adapted in the source
-model's own head, under the source-accuracy gate.
+Before any head step, a new sensor (other gains, gamma, haze, blur, coarser sampling) gets
+its own *expert* (``_input_step``, ``bundle.Domain``): an input spec calibrated to the new
+domain's band statistics, a backbone whose layer statistics are re-normalised towards it
+(``appliance/renorm.py``) and a copy of the source head, which head steps then refine.
+Scenes are routed per scene to the expert whose signature (band moments and sharpness) is
+nearest (``appliance/routing.py``), so source-sensor scenes keep the source model
+untouched. A shift no signature can separate is adapted in the source model's own head,
+under the source-accuracy gate.
 
 A reset policy guards against slow decay: after ``adapt.reset_after`` successive adapted
 versions, or when the current head's predictions on target cells collapse, the job
