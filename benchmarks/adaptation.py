@@ -4,8 +4,8 @@ For each condition (no shift, then several realistic sensor shifts) the benchmar
 fresh appliance state, installs the fine-tuned AID bundle and streams *adapt* mosaics
 through the very objects the daemon uses: ``appliance.pipeline.process_scene`` →
 ``DriftMonitor.observe`` → ``Adapter.collect``, and, whenever ``Adapter.due`` says so (drift
-fired, enough cells, cooled down), ``Adapter.run`` with the new head swapped into the
-runtime on promotion. No labels are used anywhere in that loop.
+fired, enough cells, cooled down), ``Adapter.run``, the runtime adopting every new version
+(``ModelRuntime.adopt``, as the daemon does). No labels are used anywhere in that loop.
 
 Target scenes are 3×4 mosaics of AID validation images (the bundle's ``split.json``; never
 seen in training), one 150 px image per grid cell: ``tiling.cell = 150`` and
@@ -14,7 +14,9 @@ network input like the training chips (a second, 75 px scale would look at a qua
 image the source head never saw in that form). The validation images are split per class
 into an *adapt* half (streamed, 20 scenes) and a *test* half (20 scenes the adaptation never
 sees), which gives the target overall accuracy before and after. Source accuracy is the
-same test half without shift, before and after, plus the gate's held-back source-bank figure.
+same test half without shift, before and after, through ``process_scene`` too, so routing
+decides which expert each clean scene gets; plus the gate's held-back source-bank figure.
+The bundle must be exported with ``layer_stats.npz`` for the re-normalisation to run.
 
     .venv/bin/python benchmarks/adaptation.py --bundle /work/runs/aid_ft/bundle_renorm \\
         --split /work/runs/aid_ft/split.json
