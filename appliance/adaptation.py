@@ -985,6 +985,13 @@ class Adapter:
             rounds.append({"round": r, "confirmed": len(cells)})
         return head, rounds
 
+    def _prune_rejected(self) -> None:
+        """Keep the newest ``adapt.keep_rejected`` refused candidates: a box that stays off
+        its source domain runs a job every few scenes, and each keeps a bundle copy."""
+        kept = sorted(p for p in self.rejected_dir.iterdir() if p.is_dir())
+        for old in kept[: max(len(kept) - self.cfg.keep_rejected, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+
     def _publish(self, bundle: Bundle, report: AdaptationReport, head: LinearHead | None = None,
                  domains: list[Domain] | None = None, files: dict[str, Path] | None = None
                  ) -> None:
@@ -1021,5 +1028,6 @@ class Adapter:
                 (build / "report.json").write_text(json.dumps(report.as_dict(), indent=2))
                 build.replace(kept)
                 report.kept_at = str(kept)
+                self._prune_rejected()
         finally:
             shutil.rmtree(build, ignore_errors=True)

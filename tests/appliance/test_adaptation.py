@@ -228,6 +228,12 @@ def test_rejected_update_is_kept_not_promoted(store: ModelStore, runtime: ModelR
     assert kept.parent == tmp_path / "state" / "adapt" / "rejected"
     assert load_bundle(kept).manifest.parent == 1
     assert json.loads((kept / "report.json").read_text())["action"] == "rejected"
+    # A box that stays off its domain refuses again and again: only the newest are kept.
+    pruned = Adapter(store, CFG.model_copy(update={"keep_rejected": 2}), tmp_path / "state")
+    reports = [pruned.run("again") for _ in range(3)]
+    assert all(r.action == "rejected" for r in reports)
+    left = sorted(p.name for p in kept.parent.iterdir())
+    assert left == sorted(Path(r.kept_at or "").name for r in reports[-2:])
 
 
 def test_reset_to_source_after_reset_after_updates(store: ModelStore, runtime: ModelRuntime,
