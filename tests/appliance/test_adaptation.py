@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import rasterio
 
 from appliance.adaptation import DOMAIN, Adapter, CandidateStore, select_pseudo_labels
 from appliance.bundle import BACKBONE, CLASSIFIER, load_bundle
@@ -25,7 +26,8 @@ from appliance.runtime import ModelRuntime, ProviderPlan
 from tests.appliance.colour_scenes import BLUE_CAST, colour_scene
 from tests.appliance.test_daemon import DaemonProc, P
 from tests.conftest import Broker
-from tests.mqtt_listener import Listener, topic_is
+from tests.mqtt_listener import Listener, topic_endswith, topic_is
+from tests.scenes import quarters, write_scene
 
 # Head-step tests switch the input step off; test_input_step_* covers it.
 CFG = AdaptConfig(min_samples=20, store_max_cells=1000, cooldown_scenes=2, input_blend=0)
@@ -339,6 +341,17 @@ def test_sigkill_during_adaptation_leaves_a_loadable_model(
     assert _sha_tree(store.dir_for(1)) == original
 
 
+def _cast(src: Path, dst: Path) -> Path:
+    """``src`` under the blue cast the stored cells were shifted by."""
+    with rasterio.open(src) as ds:
+        data = ds.read().astype(np.float64)
+        profile = ds.profile
+    shifted = data + np.asarray(BLUE_CAST)[:, None, None]
+    with rasterio.open(dst, "w", **profile) as ds:
+        ds.write(np.clip(np.rint(shifted), 0, 255).astype(profile["dtype"]))
+    return dst
+
+
 def test_mqtt_adapt_and_rollback_commands(colour_bundle: Path, runtime: ModelRuntime,
                                           broker: Broker, tmp_path: Path) -> None:
     """cmd/adapt promotes from the stored cells, cmd/rollback goes back; events/model says so."""
@@ -361,6 +374,16 @@ def test_mqtt_adapt_and_rollback_commands(colour_bundle: Path, runtime: ModelRun
         assert (adapted["previous"]["version"], adapted["model"]["version"]) == (1, 2)
         assert adapted["detail"]["gate"]["passed"] is True
         assert store.active_version() == 2
+        # The running daemon routes each dropped scene to its sensor's expert.
+        clean = write_scene(tmp_path / "clean.tif", size=(96, 96), layout=quarters(96, 96),
+                            noise=10)
+        results = topic_endswith("/result")
+        for path in (_cast(clean, tmp_path / "cast.tif"), clean):
+            daemon.drop(path)
+            listener.wait_for(results, count=1 if path != clean else 2, timeout=60)
+        routed = [json.loads(m.payload) for m in listener.matching(results)]
+        assert [(r["source"], r["model"]["version"], r["model"]["domain"]) for r in routed] == [
+            ("cast.tif", 2, DOMAIN), ("clean.tif", 2, None)]
 
         listener.publish(f"{P}/cmd/rollback", "")
         rolled = json.loads(listener.wait_for(models, count=2, timeout=60)[1].payload)
