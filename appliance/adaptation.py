@@ -74,6 +74,7 @@ from appliance.bundle import (
     Bundle,
     Domain,
     InputSpec,
+    Reference,
     load_bundle,
     seal_bundle,
 )
@@ -83,8 +84,15 @@ from appliance.durable import atomic_write_text
 from appliance.fusion import fuse
 from appliance.head import LinearHead, read_head, write_head
 from appliance.models import ModelStore
+from appliance.reference import REFERENCE_PIXELS, build_reference
 from appliance.renorm import LayerStats, renormalise
-from appliance.routing import Signature, nearest, radiometric_distance, source_signature
+from appliance.routing import (
+    Signature,
+    nearest,
+    radiometric_distance,
+    sharpness,
+    source_signature,
+)
 from appliance.runtime import ProviderPlan, activate, open_session
 
 log = logging.getLogger(__name__)
@@ -435,6 +443,15 @@ def class_entropy(predicted: np.ndarray, n_classes: int) -> float:
     p = np.bincount(predicted, minlength=n_classes) / len(predicted)
     p = p[p > 0]
     return float(-(p * np.log(p)).sum() / np.log(max(n_classes, 2)))
+
+
+def _features(spec: InputSpec, backbone: Path, tiles: np.ndarray) -> np.ndarray:
+    """Pooled features [n,D] of value-range ``tiles`` through ``backbone`` on the CPU (a job
+    leaves the accelerator to the daemon's inference)."""
+    session = open_session(backbone, CPU_ONLY)
+    return np.concatenate([
+        np.asarray(session.run([FEATURES], {IMAGE_INPUT: spec.normalise(tiles[i:i + 32])})[0])
+        for i in range(0, len(tiles), 32)])
 
 
 def adapted_domain(bundle: Bundle) -> str | None:
@@ -878,15 +895,22 @@ class Adapter:
             backbone = self._expert_backbone(source_bundle, spec, tiles, Path(tmp), gate,
                                              deadline)
             failures += self._expert_check(source_bundle, spec, backbone, tiles, gate)
+            reference = None
+            if tiles is not None:  # the drift baseline of the new domain, under the expert
+                reference = Path(tmp) / f"reference.{DOMAIN}.json"
+                atomic_write_text(reference, self._expert_reference(
+                    source_bundle, spec, backbone, tiles).model_dump_json(by_alias=True))
             domain = Domain(name=DOMAIN, mean=[float(v) for v in mean_t],
                             std=[float(v) for v in std_t],
                             sharpness=None if sharp_t is None else [float(v) for v in sharp_t],
                             input=spec,
                             classifier=f"classifier.{DOMAIN}.onnx",
-                            backbone=None if backbone is None else backbone.name)
+                            backbone=None if backbone is None else backbone.name,
+                            reference=None if reference is None else reference.name)
             files = {domain.classifier: source_bundle.file(CLASSIFIER)}
-            if backbone is not None:
-                files[backbone.name] = backbone
+            for extra in (backbone, reference):
+                if extra is not None:
+                    files[extra.name] = extra
             report = AdaptationReport(
                 reason, "rejected" if failures else "promoted", bundle.version, None,
                 step="input", domain=DOMAIN, message="; ".join(failures),
@@ -942,14 +966,24 @@ class Adapter:
                             f"{after['entropy']:.3f} < {self.cfg.min_entropy}")
         return failures
 
+    def _expert_reference(self, source: Bundle, spec: InputSpec, backbone: Path | None,
+                          tiles: np.ndarray) -> Reference:
+        """``reference.json`` of the new domain as the expert sees it: its stored tiles'
+        pixels, the expert's features and the source head's probabilities on them. Drift
+        on scenes routed to the expert is judged against this (``DriftMonitor``)."""
+        feats = _features(spec, backbone or source.file(BACKBONE), tiles)
+        probs = activate(read_head(source.file(CLASSIFIER)).logits(feats), multi_label=False)
+        pixels = tiles.transpose(0, 2, 3, 1).reshape(-1, tiles.shape[1])
+        pick = np.random.default_rng(0).choice(len(pixels), min(REFERENCE_PIXELS, len(pixels)),
+                                               replace=False)
+        return build_reference(spec.bands, pixels[pick], feats, probs,
+                               source.source_bank.centroids, sharp=sharpness(tiles))
+
     def _judge(self, source: Bundle, spec: InputSpec, backbone: Path, tiles: np.ndarray
                ) -> dict[str, float]:
         """Source head on ``backbone`` features of ``tiles``: retrieval-confirmed share,
         predicted-class entropy, mean confidence."""
-        session = open_session(backbone, CPU_ONLY)
-        feats = np.concatenate([
-            np.asarray(session.run([FEATURES], {IMAGE_INPUT: spec.normalise(tiles[i:i + 32])})[0])
-            for i in range(0, len(tiles), 32)])
+        feats = _features(spec, backbone, tiles)
         head = read_head(source.file(CLASSIFIER))
         probs = activate(head.logits(feats), multi_label=False)
         labels = probs.argmax(axis=1)

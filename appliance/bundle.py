@@ -107,6 +107,8 @@ class Domain(_Frozen):
     classifier: str = Field(description="Head file of this expert, listed in ``files``.")
     backbone: str | None = Field(
         default=None, description="Re-normalised backbone of this expert (None: the bundle's).")
+    reference: str | None = Field(
+        default=None, description="Drift reference of this expert's domain (Reference JSON).")
 
 
 class Manifest(_Frozen):
@@ -246,6 +248,11 @@ class Bundle:
         d = self.manifest.domain(domain)
         return self.file(CLASSIFIER if d is None else d.classifier)
 
+    def domain_references(self) -> dict[str, Reference]:
+        """The drift reference of every expert that has one, by domain name."""
+        return {d.name: Reference.model_validate_json(self.file(d.reference).read_text())
+                for d in self.manifest.domains if d.reference is not None}
+
     def backbone(self, domain: str | None = None) -> Path:
         """The backbone file of an expert (``backbone.onnx`` unless it has its own)."""
         d = self.manifest.domain(domain)
@@ -309,7 +316,7 @@ def load_bundle(path: Path) -> Bundle:
         raise BundleError(f"{manifest_path}: input mean/std must have one value per band")
     for d in manifest.domains:
         n = len(manifest.input.bands)
-        for own in (d.classifier, d.backbone):
+        for own in (d.classifier, d.backbone, d.reference):
             if own is not None and own not in manifest.files:
                 raise BundleError(f"{manifest_path}: domain {d.name!r} file {own} has no "
                                   "sha256 in files")

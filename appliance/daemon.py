@@ -173,7 +173,8 @@ class Daemon:
     def _open_adaptation(self) -> None:
         """(e) Drift monitor and adapter; both keep their state under ``paths.state``."""
         s = self.settings
-        self.drift = (DriftMonitor(self.bundle.reference, s.drift, s.paths.state)
+        self.drift = (DriftMonitor(self.bundle.reference, s.drift, s.paths.state,
+                                   self.bundle.domain_references())
                       if s.drift.enabled else None)
         self.adapter = (Adapter(self.store, s.adapt, s.paths.state, s.tiling)
                         if s.adapt.enabled else None)
@@ -237,6 +238,7 @@ class Daemon:
             self.runtime = open_runtime(bundle, self.settings)
         self.bundle = bundle
         if self.drift is not None:
+            self.drift.set_experts(bundle.domain_references())
             self.drift.reset_confidence()
         log.info("model v%d → v%d (%s)", previous.version, bundle.version, action)
         if self.comms is not None:

@@ -1,5 +1,8 @@
 """Label-free drift detection against the bundle's ``reference.json``.
 
+A scene routed to an adapted expert is scored against that expert's own reference (its
+domain as adapted to, ``Domain.reference``), every other scene against the source's.
+
 Three signals, each computed per scene and judged over a sliding window of scenes:
 
 - ``radiometry``: population stability index (PSI) of each band's rescaled pixels on the
@@ -116,24 +119,42 @@ def mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
     return float(xx + yy - 2 * kxy.mean())
 
 
+@dataclass(frozen=True)
+class _Baseline:
+    """What a scene is scored against, precomputed from one reference."""
+
+    edges: list[np.ndarray]  # per band: the reference deciles
+    pca_mean: np.ndarray
+    pca: np.ndarray
+    sample: np.ndarray  # reference features on the PCA axes
+    bandwidth: float  # RBF bandwidth: median pairwise distance of the sample
+    max_prob: float
+    entropy: float
+
+    @classmethod
+    def of(cls, reference: Reference) -> _Baseline:
+        feats = reference.features
+        sample = np.asarray(feats.sample, np.float64)
+        sq = (sample**2).sum(1)
+        d = np.sqrt(np.maximum(sq[:, None] - 2 * sample @ sample.T + sq[None, :], 0.0))
+        bandwidth = float(np.median(d[np.triu_indices_from(d, k=1)])) if len(d) > 1 else 1.0
+        return cls([np.asarray(b.quantiles[10:100:10], np.float64) for b in reference.bands],
+                   np.asarray(feats.pca_mean, np.float64),
+                   np.asarray(feats.pca_components, np.float64), sample, bandwidth or 1.0,
+                   reference.confidence.mean_max_prob, reference.confidence.mean_entropy)
+
+
 class DriftMonitor:
     """Streaming drift detector for one node; ``observe`` each processed scene."""
 
-    def __init__(self, reference: Reference, cfg: DriftConfig, state_dir: Path) -> None:
+    def __init__(self, reference: Reference, cfg: DriftConfig, state_dir: Path,
+                 experts: dict[str, Reference] | None = None) -> None:
         self.cfg = cfg
         self.state_path = Path(state_dir) / STATE_FILE
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        self._edges = [np.asarray(b.quantiles[10:100:10], np.float64) for b in reference.bands]
-        feats = reference.features
-        self._pca_mean = np.asarray(feats.pca_mean, np.float64)
-        self._pca = np.asarray(feats.pca_components, np.float64)
-        self._ref_sample = np.asarray(feats.sample, np.float64)
-        d = np.sqrt(np.maximum(
-            (self._ref_sample**2).sum(1)[:, None] - 2 * self._ref_sample @ self._ref_sample.T
-            + (self._ref_sample**2).sum(1)[None, :], 0.0))
-        self._bandwidth = float(np.median(d[np.triu_indices_from(d, k=1)])) or 1.0
-        self._ref_max_prob = reference.confidence.mean_max_prob
-        self._ref_entropy = reference.confidence.mean_entropy
+        self._source = _Baseline.of(reference)
+        self._experts: dict[str, _Baseline] = {}
+        self.set_experts(experts or {})
         self._history: list[dict[str, Any]] = []
         self._ph_prob = self._new_ph()
         self._ph_entropy = self._new_ph()
@@ -161,6 +182,15 @@ class DriftMonitor:
                 "ph_entropy": self._ph_entropy.state()}
         atomic_write_text(self.state_path, json.dumps(data))
 
+    def set_experts(self, experts: dict[str, Reference]) -> None:
+        """Score scenes routed to an adapted expert against that expert's own reference
+        (its domain as it was adapted to): after adaptation the stream is judged against
+        what the model now expects, so drift clears instead of firing for ever."""
+        self._experts = {name: _Baseline.of(ref) for name, ref in experts.items()}
+
+    def _baseline(self, domain: str | None) -> _Baseline:
+        return self._experts.get(domain or "", self._source)
+
     def reset_confidence(self) -> None:
         """Restart the confidence detectors (the classifier head changed)."""
         self._ph_prob = self._new_ph()
@@ -179,18 +209,20 @@ class DriftMonitor:
         valid = cells.valid
         if not valid.any() or len(cells.band_sample) == 0 or len(cells.sample_features) == 0:
             raise ValueError("no valid cells")
+        base = self._baseline(cells.domain)
         pixels = cells.band_sample.astype(np.float64)
-        band_psi = [psi(edges, pixels[:, i]) for i, edges in enumerate(self._edges)]
+        band_psi = [psi(edges, pixels[:, i]) for i, edges in enumerate(base.edges)]
         feats = cells.sample_features.reshape(-1, cells.sample_features.shape[-1])
         if len(feats) > _MMD_ROWS:
             rows = np.random.default_rng(0).choice(len(feats), _MMD_ROWS, replace=False)
             feats = feats[rows]
-        projected = (feats.astype(np.float64) - self._pca_mean) @ self._pca.T
+        projected = (feats.astype(np.float64) - base.pca_mean) @ base.pca.T
         probs = cells.probs[valid]
         return {
+            "reference": cells.domain if cells.domain in self._experts else None,
             "psi_bands": [round(v, 5) for v in band_psi],
             "psi": max(band_psi),
-            "mmd": mmd2(projected, self._ref_sample, self._bandwidth),
+            "mmd": mmd2(projected, base.sample, base.bandwidth),
             "mean_max_prob": float(probs.max(axis=1).mean()),
             "mean_entropy": float(entropy(probs).mean()),
             "cells": int(valid.sum()),
@@ -205,8 +237,9 @@ class DriftMonitor:
         self._history.append({"scene_id": cells.scene_id, "psi": scene["psi"],
                               "mmd": scene["mmd"]})
         self._history = self._history[-self.cfg.window:]
-        self._ph_prob.update(self._ref_max_prob - scene["mean_max_prob"])
-        self._ph_entropy.update(scene["mean_entropy"] - self._ref_entropy)
+        base = self._baseline(scene["reference"])
+        self._ph_prob.update(base.max_prob - scene["mean_max_prob"])
+        self._ph_entropy.update(scene["mean_entropy"] - base.entropy)
         self._save()
         return self._judge(cells.scene_id, scene)
 

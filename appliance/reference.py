@@ -12,6 +12,7 @@ from appliance.bundle import BandStats, ConfidenceStats, FeatureStats, Reference
 
 PCA_DIMS = 16
 SAMPLE_ROWS = 512
+REFERENCE_PIXELS = 200_000  # pixels sampled for a reference's band statistics
 
 
 def entropy(probs: np.ndarray) -> np.ndarray:

@@ -227,6 +227,7 @@ def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
             if job.model_changed:  # what Daemon._switch_model does
                 if not runtime.adopt(store.active()):
                     runtime = ModelRuntime(store.active(), plan)
+                monitor.set_experts(store.active().domain_references())
                 monitor.reset_confidence()
     active = store.active()
     target_after, target_routed = classify(runtime, settings, test_scenes, root / "eval")

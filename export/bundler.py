@@ -47,7 +47,7 @@ from appliance.bundle import (
 )
 from appliance.durable import atomic_write_text
 from appliance.image_files import is_image
-from appliance.reference import build_reference, class_centroids
+from appliance.reference import REFERENCE_PIXELS, build_reference, class_centroids
 from appliance.renorm import measure
 from appliance.routing import sharpness
 from appliance.runtime import ProviderPlan, activate, open_session
@@ -63,7 +63,6 @@ OPSET = 18
 CPU = ProviderPlan(providers=("cpu",))
 BANK_PER_CLASS = 48
 PARITY_CHIPS = 16
-PIXEL_SAMPLE = 200_000
 
 # Distinct, colour-blind-friendly-ish colours for up to 30 classes (then cycled, darkened).
 PALETTE = [
@@ -278,7 +277,7 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     centroids = class_centroids(features, labels, n_classes)
     SourceBank(features, labels, centroids, _holdout(labels)).save(out / SOURCE_BANK)
     pixels = chips.transpose(0, 2, 3, 1).reshape(-1, chips.shape[1])
-    pick = np.random.default_rng(0).choice(len(pixels), min(PIXEL_SAMPLE, len(pixels)), False)
+    pick = np.random.default_rng(0).choice(len(pixels), min(REFERENCE_PIXELS, len(pixels)), False)
     reference = build_reference(spec.bands, pixels[pick], features, probs, centroids,
                                 sharp=sharpness(chips))
     atomic_write_text(out / REFERENCE, reference.model_dump_json(by_alias=True))

@@ -105,6 +105,11 @@ def test_input_step_adds_a_routed_expert_then_owes_a_head_step(
     assert gate["renorm"]["layers"] == 1 and gate["renorm"]["tiles"] == 36
     assert adapted.backbone(DOMAIN).read_bytes() != source.file(BACKBONE).read_bytes()
     assert adapted.backbone(None) == adapted.file(BACKBONE)
+    # Its drift reference is the new domain as the expert sees it.
+    experts = adapted.domain_references()
+    assert list(experts) == [DOMAIN]
+    source_ref = source.reference
+    assert experts[DOMAIN].bands[2].mean > source_ref.bands[2].mean + 50  # the blue cast
     check = gate["check"]  # the label-free check on the held-out quarter
     assert check["tiles"] == 12
     assert check["expert"]["confirmed"] >= check["source_model"]["confirmed"]

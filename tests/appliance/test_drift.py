@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from appliance.adaptation import DOMAIN, Adapter
 from appliance.bundle import load_bundle
-from appliance.config import DriftConfig
+from appliance.config import AdaptConfig, DriftConfig
 from appliance.drift import DriftMonitor, PageHinkley, mmd2, psi
+from appliance.models import ModelStore
 from appliance.runtime import ModelRuntime, ProviderPlan
 from tests.appliance.colour_scenes import BLUE_CAST, colour_scene
 
@@ -103,3 +105,31 @@ def test_statistics() -> None:
     assert not ph.fired  # 3 × 0.15 = 0.45 ≤ 0.5
     ph.update(0.2)
     assert ph.fired and ph.statistic == pytest.approx(0.6)
+
+
+def test_scenes_routed_to_an_expert_are_judged_against_its_domain(
+        runtime: ModelRuntime, colour_bundle: Path, tmp_path: Path) -> None:
+    """After adaptation the cast stream is what the expert expects: scored against the
+    expert's reference, not the source's."""
+    store = ModelStore(tmp_path / "state" / "models")
+    store.install(colour_bundle)
+    adapter = Adapter(store, AdaptConfig(min_samples=20, input_blend=1.0), tmp_path / "state")
+    for seed in range(6):
+        adapter.collect(colour_scene(runtime, 300 + seed, BLUE_CAST)[0])
+    assert adapter.run("drift").step == "input"
+    adapted = store.active()
+    expert = ModelRuntime(adapted, ProviderPlan(providers=("cpu",)))
+    aware = DriftMonitor(adapted.reference, CFG, tmp_path / "aware",
+                         adapted.domain_references())
+    blind = DriftMonitor(adapted.reference, CFG, tmp_path / "blind")
+    for seed in range(10):
+        cells = colour_scene(expert, 500 + seed, BLUE_CAST)[0]
+        assert cells.domain == DOMAIN
+        judged, unaware = aware.observe(cells), blind.observe(cells)
+    assert judged.scene["reference"] == DOMAIN and unaware.scene["reference"] is None
+    # The cast is the expert's normal: its radiometry is scored far closer to home. (The
+    # colour world's clipped, few-colour bands keep PSI itself high on both sides.)
+    assert judged.window["psi"] < 0.6 * unaware.window["psi"], (judged.window, unaware.window)
+    # Clean scenes still go to the source model and its reference.
+    clean = aware.observe(colour_scene(expert, 600)[0])
+    assert clean.scene["reference"] is None
