@@ -57,7 +57,7 @@ from appliance.payloads import (
 )
 from appliance.pipeline import SceneError, SceneOutcome, process_scene
 from appliance.retrieval import RetrievalService
-from appliance.runtime import ModelRuntime, ProviderPlan
+from appliance.runtime import Experts, ModelRuntime, ProviderPlan
 from appliance.systemd import Notifier
 
 log = logging.getLogger(__name__)
@@ -206,15 +206,21 @@ class Daemon:
 
         def job() -> None:
             report = adapter.run(reason)
-            self.submit(lambda: self._adapted(report))
+            experts = None
+            if report.model_changed:  # sessions (and TensorRT engines) built here, not on
+                bundle = self.store.active()  # the loop that ingests scenes
+                experts = self.runtime.open_experts(
+                    bundle, self.settings.tiling.batch_size if self.settings.model.warmup else 0)
+            self.submit(lambda: self._adapted(report, experts))
 
         threading.Thread(target=job, name="adaptation", daemon=True).start()
 
-    def _adapted(self, report: AdaptationReport) -> None:
-        """A job finished: swap in a promoted (or reset) head; publish what happened."""
+    def _adapted(self, report: AdaptationReport, experts: Experts | None = None) -> None:
+        """A job finished: swap in a promoted (or reset) version with the sessions the job
+        thread opened for it; publish what happened."""
         if report.model_changed:
             self._switch_model(self.store.active(), "adapted" if report.promoted else "reset",
-                               report.as_dict())
+                               report.as_dict(), experts)
         elif report.action == "rejected" and self.comms is not None:
             event = ModelEvent(node_id=self.settings.node_id, action="rejected",
                                model=ModelRef(name=self.bundle.manifest.name,
@@ -231,10 +237,11 @@ class Daemon:
             return
         self._switch_model(bundle, "rollback", {})
 
-    def _switch_model(self, bundle: Bundle, action: str, detail: dict[str, Any]) -> None:
-        """Run ``bundle``: only heads are swapped when backbone and embedder are the same."""
+    def _switch_model(self, bundle: Bundle, action: str, detail: dict[str, Any],
+                      experts: Experts | None = None) -> None:
+        """Run ``bundle``: only experts are swapped when backbone and embedder are the same."""
         previous = self.bundle
-        if not self.runtime.adopt(bundle):
+        if not self.runtime.adopt(bundle, experts):
             self.runtime = open_runtime(bundle, self.settings)
         self.bundle = bundle
         if self.drift is not None:

@@ -169,19 +169,36 @@ class ModelRuntime:
     def manifest(self) -> Manifest:
         return self.bundle.manifest
 
-    def _open_experts(self, bundle: Bundle, have: dict[str | None, _Expert]
-                      ) -> dict[str | None, _Expert]:
+    def open_experts(self, bundle: Bundle, warmup_batch: int = 0) -> Experts:
+        """Sessions for every expert of ``bundle``, to ``adopt`` it with later.
+
+        Opening (and, with ``warmup_batch``, running once: TensorRT builds its engines on
+        the first run) may take minutes on a Jetson, so the daemon calls this on the
+        adaptation thread and only swaps the result in on its main loop."""
+        experts = self._open_experts(bundle, self._experts)
+        if warmup_batch:
+            spec = bundle.manifest.input
+            lo, hi = spec.value_range
+            tiles = np.full((warmup_batch, len(spec.bands), spec.size, spec.size),
+                            (lo + hi) / 2, np.float32)
+            for name, expert in experts.items():
+                x = bundle.manifest.input_for(name).normalise(tiles)
+                feats = expert.backbone.run([FEATURES], {IMAGE_INPUT: x})[0]
+                expert.classifier.run([LOGITS], {FEATURES: np.asarray(feats, np.float32)})
+        return experts
+
+    def _open_experts(self, bundle: Bundle, have: Experts) -> Experts:
         """Sessions per expert; a backbone already open under the same sha256 is reused
         (a head step must not rebuild an expert's TensorRT engine)."""
         by_sha = {e.backbone_sha: e.backbone for e in have.values()}
         by_sha[self.manifest.files.get(BACKBONE, "")] = self._backbone
-        out: dict[str | None, _Expert] = {}
+        out: Experts = {}
         for name in [None, *(d.name for d in bundle.manifest.domains)]:
             path = bundle.backbone(name)
             sha = bundle.manifest.files.get(path.name, "")
             backbone = by_sha.get(sha) or open_session(path, self.plan)
             by_sha[sha] = backbone
-            out[name] = _Expert(backbone, sha, open_session(bundle.classifier(name), self.plan))
+            out[name] = Expert(backbone, sha, open_session(bundle.classifier(name), self.plan))
         return out
 
     @property
@@ -224,14 +241,16 @@ class ModelRuntime:
         feats = self.features(tiles, domain)
         return Inference(feats, self.probs(feats, domain), self.embed(feats))
 
-    def adopt(self, bundle: Bundle) -> bool:
+    def adopt(self, bundle: Bundle, experts: Experts | None = None) -> bool:
         """Run ``bundle`` with the sessions in hand when only experts (heads, input specs,
-        re-normalised backbones) changed (adaptation, rollback); False when the bundle's own
-        backbone or embedder differs, and a new runtime is needed."""
+        re-normalised backbones) changed (adaptation, rollback), with ``experts`` from
+        ``open_experts`` if given; False when the bundle's own backbone or embedder
+        differs, and a new runtime is needed."""
         files = (BACKBONE, EMBEDDER)
         if any(bundle.manifest.files.get(f) != self.manifest.files.get(f) for f in files):
             return False
-        experts = self._open_experts(bundle, self._experts)
+        if experts is None or set(experts) != {None, *(d.name for d in bundle.manifest.domains)}:
+            experts = self._open_experts(bundle, self._experts)
         with self._lock:
             self._experts = experts
             self.bundle = bundle
@@ -239,12 +258,16 @@ class ModelRuntime:
 
 
 @dataclass(frozen=True)
-class _Expert:
+class Expert:
     """The sessions of one expert: its backbone (shared when unchanged) and its head."""
 
     backbone: ort.InferenceSession
     backbone_sha: str
     classifier: ort.InferenceSession
+
+
+Experts = dict[str | None, Expert]
+"""Sessions per expert of a bundle (None: the source model)."""
 
 
 def activate(logits: np.ndarray, multi_label: bool) -> np.ndarray:

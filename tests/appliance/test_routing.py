@@ -171,3 +171,19 @@ def test_sharpness_routes_a_blurred_sensor_that_band_moments_cannot_tell_apart(
     for name, path, expert in (("clean", clean, None), ("soft", soft, "soft")):
         outcome = process_scene(path, name * 32, tmp_path / f"r-{name}", routed, SETTINGS)
         assert outcome.cells.domain == expert, name
+
+
+def test_experts_opened_ahead_are_the_ones_adopted(colour_bundle: Path, dark_bundle: Path
+                                                   ) -> None:
+    """The daemon opens (and warms) a new version's sessions on the adaptation thread; the
+    main loop's swap then uses exactly those, opening nothing."""
+    runtime = ModelRuntime(load_bundle(colour_bundle), ProviderPlan(providers=("cpu",)))
+    dark = load_bundle(dark_bundle)
+    ahead = runtime.open_experts(dark, warmup_batch=2)
+    assert set(ahead) == {None, "dark"}
+    assert runtime.adopt(dark, ahead)
+    assert runtime._experts is ahead
+    # Sessions prepared for another bundle are not trusted: the runtime opens its own.
+    plain = load_bundle(colour_bundle)
+    assert runtime.adopt(plain, ahead)
+    assert set(runtime._experts) == {None}
