@@ -654,12 +654,7 @@ class Adapter:
 
     def lineage(self, bundle: Bundle) -> list[int]:
         """Versions from ``bundle`` back to its source (a version without parent)."""
-        chain = [bundle.version]
-        current = bundle
-        while current.manifest.parent is not None and len(chain) < 10_000:
-            current = load_bundle(self.models.dir_for(current.manifest.parent))
-            chain.append(current.version)
-        return chain
+        return self.models.lineage(bundle.version)
 
     # -- steps -------------------------------------------------------------------------
 
@@ -1055,6 +1050,9 @@ class Adapter:
                 installed = self.models.install(build, activate=True)
                 report.version_after = installed.version
                 report.bundle_path = str(installed.path)
+                pruned = self.models.prune(self.cfg.keep_versions)
+                if pruned:
+                    log.info("pruned model versions %s", pruned)
             else:
                 self.rejected_dir.mkdir(parents=True, exist_ok=True)
                 stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%f")

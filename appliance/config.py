@@ -289,6 +289,8 @@ class AdaptConfig(Section):
         default=256, ge=8, description="Most recent target tiles the re-normalisation measures.")
     store_max_tiles: int = Field(
         default=512, ge=8, description="Model-input tiles kept on disk for re-normalisation.")
+    keep_versions: int = Field(
+        default=20, ge=1, description="Installed versions kept besides the active one's lineage.")
     keep_rejected: int = Field(
         default=5, ge=1, description="Refused candidate bundles kept under state/adapt/rejected.")
     domain_min_fraction: float = Field(

@@ -133,6 +133,33 @@ class ModelStore:
             target = max(older)
         return self.activate(target)
 
+    def lineage(self, version: int) -> list[int]:
+        """``version`` and its ancestors back to a source (a version without parent)."""
+        chain = [version]
+        while len(chain) < 10_000:
+            parent = load_bundle(self.dir_for(chain[-1])).manifest.parent
+            if parent is None or not self.dir_for(parent).is_dir():
+                break
+            chain.append(parent)
+        return chain
+
+    def prune(self, keep: int) -> list[int]:
+        """Delete old versions: the active one and its lineage (rollback and the reset
+        policy need them) stay, and so do the ``keep`` newest others. Returns what went.
+
+        Self-adaptation installs a version per promotion, each a full bundle (tens of MB
+        with an expert's backbone): an edge box's disk must not fill up over months.
+        """
+        active = self.active_version()
+        protected = set(self.lineage(active)) if active is not None else set()
+        others = [v.version for v in self.versions() if v.version not in protected]
+        doomed = others[: max(len(others) - keep, 0)]
+        for version in doomed:
+            shutil.rmtree(self.dir_for(version), ignore_errors=True)
+        if doomed:
+            fsync_dir(self.root)
+        return doomed
+
     def cleanup(self) -> None:
         """Remove half-copied ``.tmp-*`` directories left by a crash."""
         for tmp in self.root.glob(".tmp-*"):

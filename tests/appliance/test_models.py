@@ -58,3 +58,20 @@ def test_conflicting_reinstall_and_tampered_version_are_refused(
         store.activate(2)
     assert store.active_version() == 1
 
+
+
+def test_prune_keeps_the_active_lineage_and_the_newest_others(colour_bundle: Path,
+                                                              tmp_path: Path) -> None:
+    """v1 source; v2..v4 a first adapted lineage (reset away from); v5..v7 the active one."""
+    store = ModelStore(tmp_path / "models")
+    store.install(colour_bundle)
+    parents = {2: 1, 3: 2, 4: 3, 5: 1, 6: 5, 7: 6}
+    for version, parent in parents.items():
+        store.install(_version(colour_bundle, tmp_path / f"b{version}", version, parent))
+    assert store.lineage(7) == [7, 6, 5, 1]
+    assert store.prune(keep=1) == [2, 3]  # v4 is the newest other; 7, 6, 5, 1 are needed
+    assert [v.version for v in store.versions()] == [1, 4, 5, 6, 7]
+    assert store.rollback().version == 6 and store.active().version == 6
+    assert store.prune(keep=1) == [4]  # v7, rolled back from, is now the newest other
+    assert store.prune(keep=0) == [7]
+    assert [v.version for v in store.versions()] == [1, 5, 6]
