@@ -23,7 +23,7 @@ models_app = typer.Typer(no_args_is_help=True, help="Installed model versions.")
 @models_app.command("list")
 def list_versions(config: Path = CONFIG_OPTION,
                   as_json: bool = typer.Option(False, "--json", help="JSON array.")) -> None:
-    """Every installed version with its path, parent and whether it is active."""
+    """Every installed version with its path, parent, experts and whether it is active."""
     versions = ModelStore.for_settings(settings_or_exit(config)).versions()
     if as_json:
         typer.echo(json.dumps([v.as_dict() for v in versions], indent=2))
@@ -33,7 +33,8 @@ def list_versions(config: Path = CONFIG_OPTION,
     for v in versions:
         mark = "*" if v.active else " "
         parent = f"parent v{v.parent}" if v.parent is not None else "source"
-        typer.echo(f"{mark} v{v.version:<4} {v.name:<24} {parent:<12} {v.path}")
+        experts = f"experts: {', '.join(v.domains)}  " if v.domains else ""
+        typer.echo(f"{mark} v{v.version:<4} {v.name:<24} {parent:<12} {experts}{v.path}")
 
 
 def _switch(config: Path, version: int | None) -> None:

@@ -32,10 +32,11 @@ class ModelVersion:
     parent: int | None
     active: bool
     name: str
+    domains: list[str]  # adapted experts beside the source model
 
     def as_dict(self) -> dict[str, object]:
         return {"version": self.version, "path": str(self.path), "active": self.active,
-                "parent": self.parent, "name": self.name}
+                "parent": self.parent, "name": self.name, "domains": self.domains}
 
 
 class ModelStore:
@@ -64,7 +65,8 @@ class ModelStore:
             except BundleError:
                 continue
             out.append(ModelVersion(manifest.version, path, manifest.parent,
-                                    manifest.version == active, manifest.name))
+                                    manifest.version == active, manifest.name,
+                                    [d.name for d in manifest.domains]))
         return out
 
     def active_version(self) -> int | None:

@@ -60,6 +60,7 @@ def test_adapt_list_rollback_activate(colour_bundle: Path, tmp_path: Path) -> No
     assert [(r["version"], r["parent"], r["active"]) for r in rows] == [(1, None, False),
                                                                         (2, 1, True)]
     assert Path(rows[1]["path"]) == store.dir_for(2)
+    assert [r["domains"] for r in rows] == [[], ["adapted"]]  # the input step's expert
 
     rolled = runner.invoke(app, ["models", "rollback", "--config", str(config)])
     assert rolled.exit_code == 0, rolled.output
@@ -71,6 +72,7 @@ def test_adapt_list_rollback_activate(colour_bundle: Path, tmp_path: Path) -> No
     assert again.exit_code == 0 and store.active_version() == 2
     text = runner.invoke(app, ["models", "list", "--config", str(config)])
     assert "* v2" in text.output and "parent v1" in text.output
+    assert "experts: adapted" in text.output
 
 
 def test_errors_are_clear(colour_bundle: Path, tmp_path: Path) -> None:
