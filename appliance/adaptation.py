@@ -129,22 +129,23 @@ class Candidates:
     def __len__(self) -> int:
         return len(self.features)
 
-    def signature(self, scenes: np.ndarray | None = None) -> Signature:
+    def signature(self, scenes: np.ndarray | None = None, sharp: bool = True) -> Signature:
         """Pooled signature of the stored scenes (or of ``scenes``, a boolean mask over
-        them): per-band mean and std of their pixels, mean sharpness if all have one."""
+        them): per-band mean and std of their pixels, and their mean sharpness if asked
+        for and all have one."""
         keep = np.ones(len(self.bands), bool) if scenes is None else scenes
         bands = self.bands[keep]
         mean = bands[:, 0].mean(axis=0)
         var = bands[:, 1].mean(axis=0) - mean**2
-        sharp = self.sharp[keep]
+        values = self.sharp[keep]
         return (mean, np.sqrt(np.maximum(var, 1e-12)),
-                None if np.isnan(sharp).any() else sharp.mean(axis=0))
+                values.mean(axis=0) if sharp and not np.isnan(values).any() else None)
 
-    def scene_signatures(self) -> list[Signature]:
-        """Per stored scene: its signature."""
+    def scene_signatures(self, sharp: bool = True) -> list[Signature]:
+        """Per stored scene: its signature (sharpness only if asked for and measured)."""
         mean = self.bands[:, 0]
         std = np.sqrt(np.maximum(self.bands[:, 1] - mean**2, 1e-12))
-        return [(m, s, None if np.isnan(h).any() else h)
+        return [(m, s, h if sharp and not np.isnan(h).any() else None)
                 for m, s, h in zip(mean, std, self.sharp, strict=True)]
 
 
@@ -467,11 +468,12 @@ def _domain_scenes(stored: Candidates, ref: list[BandStats], rounds: int = 5) ->
     re-pooled from its members, a few times over: recent source-like scenes in the store
     then neither dilute the new domain's signature nor count as its members.
     """
-    scenes = stored.scene_signatures()
     source = source_signature(ref)
+    sharp = source[2] is not None  # compare like with like: a bundle without it, without
+    scenes = stored.scene_signatures(sharp)
     members = np.ones(len(scenes), bool)
     for _ in range(rounds):
-        signature = stored.signature(members)
+        signature = stored.signature(members, sharp)
         joined = np.array([nearest({None: radiometric_distance(scene, source),
                                     DOMAIN: radiometric_distance(scene, signature)})
                            == DOMAIN for scene in scenes])
@@ -868,7 +870,7 @@ class Adapter:
         members = _domain_scenes(stored, ref)
         if not members.any():
             return None
-        mean_t, std_t, sharp_t = stored.signature(members)
+        mean_t, std_t, sharp_t = stored.signature(members, source_signature(ref)[2] is not None)
         before = radiometric_distance((mean_t, std_t, sharp_t), source_signature(ref))
         if before <= cfg.input_tolerance:
             return None  # radiometry unchanged (blur, season of the same sensor): head steps

@@ -76,9 +76,14 @@ def domain_signature(domain: Domain) -> Signature:
 
 
 def distances(bundle: Bundle, scene: Signature) -> dict[str | None, float]:
-    """Radiometric distance of a scene's signature to every expert of ``bundle``."""
-    out: dict[str | None, float] = {
-        None: radiometric_distance(scene, source_signature(bundle.reference.bands))}
+    """Radiometric distance of a scene's signature to every expert of ``bundle``.
+
+    Sharpness counts only when the source's reference has it too (bundles exported before
+    it existed do not): every expert is then compared on the same terms."""
+    source = source_signature(bundle.reference.bands)
+    if source[2] is None:
+        scene = (scene[0], scene[1], None)
+    out: dict[str | None, float] = {None: radiometric_distance(scene, source)}
     for d in bundle.manifest.domains:
         out[d.name] = radiometric_distance(scene, domain_signature(d))
     return out
