@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -83,16 +84,24 @@ class _Reservoir:
         self.items: list[np.ndarray] = []
         self.seen = 0
 
-    def offer(self, key: int, item: np.ndarray) -> None:
+    def offer(self, key: int, item: np.ndarray, keep: Callable[[np.ndarray], np.ndarray]
+              = np.asarray) -> None:
+        """Consider one item; ``keep`` (a copy, a cast) is applied only to items taken."""
         self.seen += 1
         if len(self.keys) < self.cap:
             self.keys.append(key)
-            self.items.append(item)
+            self.items.append(keep(item))
             return
         j = int(self.rng.integers(self.seen))
         if j < self.cap:
             self.keys[j] = key
-            self.items[j] = item
+            self.items[j] = keep(item)
+
+
+def _as_float16(tiles: np.ndarray) -> np.ndarray:
+    """A float16 copy: kept tiles must not pin their whole batch in memory (nor kept
+    features theirs: those are copied too)."""
+    return tiles.astype(np.float16)
 
 
 @dataclass
@@ -107,8 +116,8 @@ class _Accumulator:
     def add_samples(self, cells: np.ndarray, features: np.ndarray, tiles: np.ndarray) -> None:
         """Offer cells' per-scale features [b,S,D] and model-input tiles [b,S,C,H,W]."""
         for cell, feats, cell_tiles in zip(cells, features, tiles, strict=True):
-            self.features.offer(int(cell), feats)
-            self.tiles.offer(int(cell), cell_tiles.astype(np.float16))
+            self.features.offer(int(cell), feats, np.copy)
+            self.tiles.offer(int(cell), cell_tiles, _as_float16)
 
 
 def _probe_tiles(scene: Scene, grid: CellGrid, valid: np.ndarray, size: int) -> np.ndarray:
