@@ -455,6 +455,21 @@ def _features(spec: InputSpec, backbone: Path, tiles: np.ndarray) -> np.ndarray:
         for i in range(0, len(tiles), 32)])
 
 
+def cloud_like(band_means: np.ndarray, value_range: tuple[float, float], brightness: float,
+               spread: float) -> np.ndarray:
+    """Cells [n] whose every band is at least ``brightness`` of the value range and whose
+    bands differ by at most ``spread`` of it: thick cloud, haze banks, saturated snow.
+
+    A radiometric screen for pseudo-labels, not a cloud mask: without SWIR or thermal
+    bands a white roof passes too, and thin cirrus does not. A cell it drops is only
+    never learnt from; it is still classified.
+    """
+    lo, hi = value_range
+    x = (np.asarray(band_means, np.float64) - lo) / max(hi - lo, 1e-9)
+    return np.asarray((x.min(axis=1) >= brightness)
+                      & (x.max(axis=1) - x.min(axis=1) <= spread))
+
+
 def adapted_domain(bundle: Bundle) -> str | None:
     """The expert adaptation refines: the bundle's adapted domain, else its source head."""
     return bundle.manifest.domains[-1].name if bundle.manifest.domains else None
@@ -586,16 +601,19 @@ class Adapter:
     # -- collection and scheduling -----------------------------------------------------
 
     def collect(self, cells: SceneCells) -> int:
-        """Keep a scene's sampled valid cells as candidates (never nodata); returns the count.
+        """Keep a scene's sampled valid cells as candidates, never nodata nor cloud-like
+        ones (``cloud_like``); returns the count.
 
         They are stored under the input key of the expert the scene was routed to, so a job
         adapting one expert learns only from features computed the way it computes them.
-        Cloud-like cells are not filtered here: ``SceneCells`` carries no per-cell
-        radiometry; retrieval confirmation rejects most of them (clouds have no source match).
         """
         if len(cells.sample_index) == 0 or len(cells.band_sample) == 0:
             return 0
         valid = cells.valid[cells.sample_index]
+        if cells.band_means is not None:
+            spec = self.models.active().manifest.input
+            valid &= ~cloud_like(cells.band_means[cells.sample_index], spec.value_range,
+                                 self.cfg.cloud_brightness, self.cfg.cloud_spread)
         feats = cells.sample_features[valid]
         probs = cells.probs[cells.sample_index][valid]
         return self.store.add(cells.scene_id, feats, probs, cells.band_sample,

@@ -34,6 +34,8 @@ class SceneCells:
         sample_tiles: [t,S,C,H,W] float16 model-input tiles (value range, every scale) of a
             few random valid cells, for layer re-normalisation; None when not sampled.
         sharpness: [C] the scene's sharpness (``routing.sharpness``) as routing measured it.
+        band_means: [n,C] float32 mean of each cell's own window per band, rescaled (model
+            value range; zeros where invalid): what the cloud screen reads.
     """
 
     scene_id: str
@@ -50,6 +52,7 @@ class SceneCells:
     domain: str | None = None
     sample_tiles: np.ndarray | None = None
     sharpness: np.ndarray | None = None
+    band_means: np.ndarray | None = None
 
     @property
     def labels(self) -> np.ndarray:

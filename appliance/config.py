@@ -289,6 +289,14 @@ class AdaptConfig(Section):
         default=256, ge=8, description="Most recent target tiles the re-normalisation measures.")
     store_max_tiles: int = Field(
         default=512, ge=8, description="Model-input tiles kept on disk for re-normalisation.")
+    cloud_brightness: float = Field(
+        default=0.8, ge=0, le=1,
+        description="Cloud screen: a cell whose every band mean is at least this share of the "
+        "value range (and whose bands are alike) is never a pseudo-label candidate.")
+    cloud_spread: float = Field(
+        default=0.08, ge=0, le=1,
+        description="Cloud screen: largest band-mean difference (share of the range) of a "
+        "cloud-like cell.")
     keep_versions: int = Field(
         default=20, ge=1, description="Installed versions kept besides the active one's lineage.")
     keep_rejected: int = Field(

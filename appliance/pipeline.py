@@ -110,6 +110,7 @@ class _Accumulator:
 
     probs: np.ndarray
     embeddings: np.ndarray
+    band_means: np.ndarray
     features: _Reservoir
     tiles: _Reservoir
 
@@ -183,7 +184,9 @@ def _process(
     rng = np.random.default_rng(_seed(scene_id))
     acc = _Accumulator(np.zeros((n, k), np.float32),
                        np.zeros((n, manifest.embedding_dim), np.float32),
+                       np.zeros((n, len(manifest.input.bands)), np.float32),
                        _Reservoir(FEATURE_SAMPLE, rng), _Reservoir(TILE_SAMPLE, rng))
+    own_scale = int(np.argmin(grid.scales))  # the window that is the cell itself
     r_index = _retrieval_scale_index(settings)
     multi_label = manifest.task == "multi-label"
     todo = np.flatnonzero(valid)
@@ -202,8 +205,9 @@ def _process(
             probs = out.probs.reshape(b, n_scales, -1)
             acc.probs[batch.cells] = fuse(probs, tiling.fusion, tiling.weights, multi_label)
             acc.embeddings[batch.cells] = out.embedding.reshape(b, n_scales, -1)[:, r_index]
-            acc.add_samples(batch.cells, out.features.reshape(b, n_scales, -1),
-                            batch.tiles.reshape(b, n_scales, *batch.tiles.shape[1:]))
+            cell_tiles = batch.tiles.reshape(b, n_scales, *batch.tiles.shape[1:])
+            acc.band_means[batch.cells] = cell_tiles[:, own_scale].mean(axis=(2, 3))
+            acc.add_samples(batch.cells, out.features.reshape(b, n_scales, -1), cell_tiles)
 
     t_write0 = time.perf_counter()
     outcome = _write_outputs(scene, path, scene_id, out_dir, runtime, settings, grid, valid, acc,
@@ -238,6 +242,7 @@ def _write_outputs(
                          else np.zeros((0, len(grid.scales), manifest.feature_dim), np.float32)),
         band_sample=band_sample, domain=domain, sharpness=sharp,
         sample_tiles=np.stack(acc.tiles.items) if acc.tiles.items else None,
+        band_means=acc.band_means,
     )
     labels = cells.labels
     confidence = cells.confidence

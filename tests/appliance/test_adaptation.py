@@ -16,12 +16,19 @@ import numpy as np
 import pytest
 import rasterio
 
-from appliance.adaptation import DOMAIN, Adapter, CandidateStore, select_pseudo_labels
+from appliance.adaptation import (
+    DOMAIN,
+    Adapter,
+    CandidateStore,
+    cloud_like,
+    select_pseudo_labels,
+)
 from appliance.bundle import BACKBONE, CLASSIFIER, load_bundle
 from appliance.cells import SceneCells
-from appliance.config import AdaptConfig
+from appliance.config import AdaptConfig, Settings
 from appliance.head import read_head
 from appliance.models import ModelStore
+from appliance.pipeline import process_scene
 from appliance.runtime import ModelRuntime, ProviderPlan
 from tests.appliance.colour_scenes import BLUE_CAST, colour_scene
 from tests.appliance.test_daemon import DaemonProc, P
@@ -403,3 +410,38 @@ def test_mqtt_adapt_and_rollback_commands(colour_bundle: Path, runtime: ModelRun
         listener.close()
         if daemon.proc is not None:
             daemon.kill()
+
+
+def test_cloud_screen_flags_bright_alike_bands_only() -> None:
+    means = np.array([[250.0, 248.0, 245.0],   # thick cloud
+                      [225.0, 205.0, 160.0],   # bright sand: bands differ
+                      [120.0, 118.0, 121.0],   # grey asphalt: not bright
+                      [255.0, 255.0, 255.0]])  # saturated
+    assert cloud_like(means, (0.0, 255.0), 0.8, 0.08).tolist() == [True, False, False, True]
+
+
+def test_cloud_like_cells_are_never_candidates(store: ModelStore, runtime: ModelRuntime,
+                                               tmp_path: Path) -> None:
+    """A real GeoTIFF, half red ground, half white cloud, through the pipeline: only the
+    ground cells are stored for pseudo-labelling."""
+    path = tmp_path / "cloudy.tif"
+    data = np.zeros((3, 128, 128), np.uint8)
+    data[0, :, :64] = 200  # red ground on the left
+    data[:, :, 64:] = 250  # cloud on the right
+    with rasterio.open(path, "w", driver="GTiff", width=128, height=128, count=3,
+                       dtype="uint8", crs="EPSG:32633",
+                       transform=rasterio.transform.from_origin(500000, 5000000, 10, 10)
+                       ) as dst:
+        dst.write(data)
+    settings = Settings.model_validate({"model": {"providers": ["cpu"]},
+                                        "tiling": {"scales": [16, 32], "batch_size": 16}})
+    cells = process_scene(path, "cd" * 32, tmp_path / "out", runtime, settings).cells
+    assert cells.band_means is not None
+    left = cells.windows[:, 0] + cells.windows[:, 2] <= 64
+    right = cells.windows[:, 0] >= 64
+    np.testing.assert_allclose(cells.band_means[right], 250.0, atol=3)  # edges resample
+    adapter = Adapter(store, CFG, tmp_path / "state")
+    stored = adapter.collect(cells)
+    sampled = cells.sample_index
+    assert stored == int(left[sampled].sum()) + int((~left & ~right)[sampled].sum())
+    assert 0 < stored < len(sampled)
