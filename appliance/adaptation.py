@@ -86,6 +86,7 @@ from appliance.models import ModelStore
 from appliance.reference import REFERENCE_PIXELS, build_reference
 from appliance.renorm import LayerStats, renormalise
 from appliance.routing import (
+    Signature,
     nearest,
     radiometric_distance,
     sharpness,
@@ -284,21 +285,36 @@ def cloud_like(band_means: np.ndarray, value_range: tuple[float, float], brightn
                       & (x.max(axis=1) - x.min(axis=1) <= spread))
 
 
+def _expert_reference(source: Bundle, spec: InputSpec, tiles: np.ndarray,
+                      feats: np.ndarray) -> Reference:
+    """``reference.json`` of a new domain as its expert sees it: the stored tiles' pixels,
+    the expert's features ``feats`` of them and the source head's probabilities. Drift on
+    scenes routed to the expert is judged against this (``DriftMonitor``)."""
+    probs = activate(read_head(source.file(CLASSIFIER)).logits(feats), multi_label=False)
+    pixels = tiles.transpose(0, 2, 3, 1).reshape(-1, tiles.shape[1])
+    pick = np.random.default_rng(0).choice(len(pixels), min(REFERENCE_PIXELS, len(pixels)),
+                                           replace=False)
+    return build_reference(spec.bands, pixels[pick], feats, probs,
+                           source.source_bank.centroids, sharp=sharpness(tiles))
+
+
 def adapted_domain(bundle: Bundle) -> str | None:
     """The expert adaptation refines: the bundle's adapted domain, else its source head."""
     return bundle.manifest.domains[-1].name if bundle.manifest.domains else None
 
 
-def _domain_scenes(stored: Candidates, ref: list[BandStats], rounds: int = 5) -> np.ndarray:
-    """Which stored scenes form the new domain ([m] bool): two-signature k-means.
+def _domain_scenes(stored: Candidates, source: Signature, rounds: int = 5
+                   ) -> tuple[np.ndarray, Signature]:
+    """Which stored scenes form the new domain ([m] bool) and their pooled signature:
+    two-signature k-means against the ``source`` signature.
 
     Starting from the pooled signature of all stored scenes, each scene joins the new
     signature when it is nearer to it than to the source reference, and the signature is
     re-pooled from its members, a few times over: recent source-like scenes in the store
-    then neither dilute the new domain's signature nor count as its members.
+    then neither dilute the new domain's signature nor count as its members. Sharpness
+    counts only if the source has it too (like with like, as in routing).
     """
-    source = source_signature(ref)
-    sharp = source[2] is not None  # compare like with like: a bundle without it, without
+    sharp = source[2] is not None
     scenes = stored.scene_signatures(sharp)
     members = np.ones(len(scenes), bool)
     for _ in range(rounds):
@@ -307,9 +323,9 @@ def _domain_scenes(stored: Candidates, ref: list[BandStats], rounds: int = 5) ->
                                     DOMAIN: radiometric_distance(scene, signature)})
                            == DOMAIN for scene in scenes])
         if not joined.any() or (joined == members).all():
-            return joined
+            return joined, signature
         members = joined
-    return members
+    return members, stored.signature(members, sharp)
 
 
 # -- the job -----------------------------------------------------------------------------
@@ -393,6 +409,16 @@ class AdaptationReport:
         }
 
 
+@dataclass(frozen=True)
+class _ActiveExperts:
+    """The active bundle as the per-scene collection needs it."""
+
+    version: int | None
+    keys: dict[str | None, str]  # input key per expert (None: the source model)
+    adapted: str | None  # the expert a job adapts (``adapted_domain``)
+    value_range: tuple[float, float]
+
+
 class Adapter:
     """Collects target cells and runs gated adaptation jobs against a ``ModelStore``."""
 
@@ -407,7 +433,7 @@ class Adapter:
         self.rejected_dir = self.root / "rejected"
         self._job_lock = threading.Lock()
         self._marker = self.root / "last_job.json"
-        self._experts_of: tuple[int | None, dict[str | None, str], str | None] = (None, {}, None)
+        self._active: _ActiveExperts | None = None
 
     def _fused(self, head: LinearHead, features: np.ndarray) -> np.ndarray:
         return fused_probs(head, features, self.tiling)
@@ -425,34 +451,35 @@ class Adapter:
             return 0
         valid = cells.valid[cells.sample_index]
         if cells.band_means is not None:
-            spec = self.models.active().manifest.input
-            valid &= ~cloud_like(cells.band_means[cells.sample_index], spec.value_range,
-                                 self.cfg.cloud_brightness, self.cfg.cloud_spread)
+            valid &= ~cloud_like(cells.band_means[cells.sample_index],
+                                 self._experts().value_range, self.cfg.cloud_brightness,
+                                 self.cfg.cloud_spread)
         feats = cells.sample_features[valid]
         probs = cells.probs[cells.sample_index][valid]
         return self.store.add(cells.scene_id, feats, probs, cells.band_sample,
                               self.active_key(cells.domain), cells.sample_tiles,
                               cells.sharpness)
 
-    def _experts(self) -> tuple[dict[str | None, str], str | None]:
-        """Input key per expert of the active bundle and the expert adaptation works on
-        (``adapted_domain``); re-read only when the active version changed."""
+    def _experts(self) -> _ActiveExperts:
+        """What ``collect`` and ``due`` need of the active bundle, per scene: loaded (and
+        its files hashed) only when the active version changed."""
         version = self.models.active_version()
-        if self._experts_of[0] != version or version is None:
+        if self._active is None or self._active.version != version or version is None:
             bundle = self.models.active()
             keys = {name: expert_key(bundle, name)
                     for name in [None, *(d.name for d in bundle.manifest.domains)]}
-            self._experts_of = (version, keys, adapted_domain(bundle))
-        return self._experts_of[1], self._experts_of[2]
+            self._active = _ActiveExperts(version, keys, adapted_domain(bundle),
+                                          bundle.manifest.input.value_range)
+        return self._active
 
     def active_key(self, domain: str | None = None) -> str:
         """Input key of an expert of the active bundle (None: the source model's)."""
-        return self._experts()[0].get(domain, "")
+        return self._experts().keys.get(domain, "")
 
     def adapted_key(self) -> str:
         """Input key of the expert the next job adapts."""
-        keys, domain = self._experts()
-        return keys[domain]
+        active = self._experts()
+        return active.keys[active.adapted]
 
     @property
     def running(self) -> bool:
@@ -699,10 +726,9 @@ class Adapter:
             return None
         source_bundle = load_bundle(self.models.dir_for(chain[-1]))
         ref = source_bundle.reference.bands
-        members = _domain_scenes(stored, ref)
+        members, (mean_t, std_t, sharp_t) = _domain_scenes(stored, source_signature(ref))
         if not members.any():
             return None
-        mean_t, std_t, sharp_t = stored.signature(members, source_signature(ref)[2] is not None)
         before = radiometric_distance((mean_t, std_t, sharp_t), source_signature(ref))
         if before <= cfg.input_tolerance:
             return None  # radiometry unchanged (blur, season of the same sensor): head steps
@@ -723,12 +749,13 @@ class Adapter:
         with tempfile.TemporaryDirectory(dir=self.root) as tmp:
             backbone = self._expert_backbone(source_bundle, spec, tiles, Path(tmp), gate,
                                              deadline)
-            failures += self._expert_check(source_bundle, spec, backbone, tiles, gate)
             reference = None
-            if tiles is not None:  # the drift baseline of the new domain, under the expert
-                reference = Path(tmp) / f"reference.{DOMAIN}.json"
-                atomic_write_text(reference, self._expert_reference(
-                    source_bundle, spec, backbone, tiles).model_dump_json(by_alias=True))
+            if tiles is not None:  # the expert's features on its tiles, computed once
+                feats = _features(spec, backbone or source_bundle.file(BACKBONE), tiles)
+                failures += self._expert_check(source_bundle, tiles, feats, gate)
+                reference = Path(tmp) / f"reference.{DOMAIN}.json"  # its drift baseline
+                atomic_write_text(reference, _expert_reference(
+                    source_bundle, spec, tiles, feats).model_dump_json(by_alias=True))
             domain = Domain(name=DOMAIN, mean=[float(v) for v in mean_t],
                             std=[float(v) for v in std_t],
                             sharpness=None if sharp_t is None else [float(v) for v in sharp_t],
@@ -773,19 +800,34 @@ class Adapter:
         onnx.save(renorm.model, str(path))
         return path
 
-    def _expert_check(self, source: Bundle, spec: InputSpec, backbone: Path | None,
-                      tiles: np.ndarray | None, gate: dict[str, Any]) -> list[str]:
-        """Label-free check of a new expert on held-out target tiles, against the source
+    def _expert_check(self, source: Bundle, tiles: np.ndarray, expert_feats: np.ndarray,
+                      gate: dict[str, Any]) -> list[str]:
+        """Label-free check of a new expert on held-out target tiles (every
+        ``adapt.holdout_every``-th, never used by the re-normalisation), against the source
         model on the same tiles: the share of tiles whose ``adapt.k`` nearest source-bank
         features confirm the predicted class (``adapt.agreement``) must not fall, and the
         predicted classes must not collapse (``adapt.min_entropy``). A broken
-        re-normalisation or calibration fails both."""
-        if tiles is None:
-            return []
-        held = tiles[np.arange(len(tiles)) % self.cfg.holdout_every == 0]
-        before = self._judge(source, source.manifest.input, source.file(BACKBONE), held)
-        after = self._judge(source, spec, backbone or source.file(BACKBONE), held)
-        gate["check"] = {"tiles": len(held), "source_model": before, "expert": after}
+        re-normalisation or calibration fails both. ``expert_feats`` are the expert's
+        features of all ``tiles``."""
+        held = np.arange(len(tiles)) % self.cfg.holdout_every == 0
+        head = read_head(source.file(CLASSIFIER))
+        bank = source.source_bank
+        train = ~bank.holdout
+        index = faiss.IndexFlatL2(bank.features.shape[1])
+        index.add(np.ascontiguousarray(bank.features[train]))
+        bank_labels = bank.labels[train].astype(np.int64)
+
+        def judge(feats: np.ndarray) -> dict[str, float]:
+            probs = activate(head.logits(feats), multi_label=False)
+            labels = probs.argmax(axis=1)
+            agree = retrieval_agreement(index, bank_labels, feats, labels, self.cfg.k)
+            return {"confirmed": float((agree >= self.cfg.agreement).mean()),
+                    "entropy": class_entropy(labels, head.n_classes),
+                    "confidence": float(probs.max(axis=1).mean())}
+
+        before = judge(_features(source.manifest.input, source.file(BACKBONE), tiles[held]))
+        after = judge(expert_feats[held])
+        gate["check"] = {"tiles": int(held.sum()), "source_model": before, "expert": after}
         failures = []
         if after["confirmed"] < before["confirmed"] - 1e-9:
             failures.append(f"retrieval-confirmed share of held-out target tiles fell "
@@ -794,37 +836,6 @@ class Adapter:
             failures.append(f"class collapse on held-out target tiles: entropy "
                             f"{after['entropy']:.3f} < {self.cfg.min_entropy}")
         return failures
-
-    def _expert_reference(self, source: Bundle, spec: InputSpec, backbone: Path | None,
-                          tiles: np.ndarray) -> Reference:
-        """``reference.json`` of the new domain as the expert sees it: its stored tiles'
-        pixels, the expert's features and the source head's probabilities on them. Drift
-        on scenes routed to the expert is judged against this (``DriftMonitor``)."""
-        feats = _features(spec, backbone or source.file(BACKBONE), tiles)
-        probs = activate(read_head(source.file(CLASSIFIER)).logits(feats), multi_label=False)
-        pixels = tiles.transpose(0, 2, 3, 1).reshape(-1, tiles.shape[1])
-        pick = np.random.default_rng(0).choice(len(pixels), min(REFERENCE_PIXELS, len(pixels)),
-                                               replace=False)
-        return build_reference(spec.bands, pixels[pick], feats, probs,
-                               source.source_bank.centroids, sharp=sharpness(tiles))
-
-    def _judge(self, source: Bundle, spec: InputSpec, backbone: Path, tiles: np.ndarray
-               ) -> dict[str, float]:
-        """Source head on ``backbone`` features of ``tiles``: retrieval-confirmed share,
-        predicted-class entropy, mean confidence."""
-        feats = _features(spec, backbone, tiles)
-        head = read_head(source.file(CLASSIFIER))
-        probs = activate(head.logits(feats), multi_label=False)
-        labels = probs.argmax(axis=1)
-        bank = source.source_bank
-        train = ~bank.holdout
-        index = faiss.IndexFlatL2(bank.features.shape[1])
-        index.add(np.ascontiguousarray(bank.features[train]))
-        agree = retrieval_agreement(index, bank.labels[train].astype(np.int64), feats, labels,
-                                    self.cfg.k)
-        return {"confirmed": float((agree >= self.cfg.agreement).mean()),
-                "entropy": class_entropy(labels, head.n_classes),
-                "confidence": float(probs.max(axis=1).mean())}
 
     def _rounds(self, data: AdaptationData, deadline: float
                 ) -> tuple[LinearHead, list[dict[str, Any]]]:

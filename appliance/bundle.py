@@ -280,10 +280,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_bundle(path: Path) -> Bundle:
-    """Read and verify a bundle; raise ``BundleError`` saying exactly what is wrong."""
-    path = Path(path)
-    manifest_path = path / MANIFEST
+def read_manifest(path: Path) -> Manifest:
+    """A bundle's parsed manifest, its files not hashed: for walking version lineages,
+    where ``load_bundle``'s sha256 of every file (tens of MB) would be wasted."""
+    manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
         raise BundleError(f"{path}: no {MANIFEST} (not a bundle directory)")
     try:
@@ -294,9 +294,16 @@ def load_bundle(path: Path) -> Bundle:
         got = raw.get("schema") if isinstance(raw, dict) else None
         raise BundleError(f"{manifest_path}: schema {got!r}, expected {SCHEMA!r}")
     try:
-        manifest = Manifest.model_validate(raw)
+        return Manifest.model_validate(raw)
     except ValidationError as exc:
         raise BundleError(f"{manifest_path}: invalid manifest: {exc}") from exc
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Read and verify a bundle; raise ``BundleError`` saying exactly what is wrong."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    manifest = read_manifest(path)
     for name in REQUIRED_FILES:
         if name not in manifest.files:
             raise BundleError(f"{path}: manifest lists no sha256 for required file {name}")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -69,13 +71,21 @@ def expert_key(bundle: Bundle, domain: str | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _write_atomically(final: Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write`` into a temporary file beside ``final``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=final.suffix, dir=final.parent)
+    with os.fdopen(fd, "wb") as fh:
+        write(fh)
+    os.replace(tmp, final)
+
+
 class CandidateStore:
     """A bounded ring of per-scene ``.npz`` files (features stored as float16).
 
     Files are named ``<seq>-<cells>-<input key>.npz`` and written under a temporary name
     then renamed, so a reader (the adaptation thread) never sees half a file. Features are
     only comparable under the expert they were computed with, hence the key. A scene's
-    few sampled model-input tiles go to a second, smaller ring (``tiles/<seq>.npy``,
+    few sampled model-input tiles go to a second, smaller ring (``tiles/<seq>-<n>.npy``,
     ``max_tiles`` tiles in all): at 128 px and three scales a tile costs 100 kB.
     """
 
@@ -115,14 +125,10 @@ class CandidateStore:
             return 0
         px = pixels.astype(np.float64)
         seq = self.last_seq + 1
-        final = self.root / f"{seq:08d}-{n}-{key}.npz"
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.root)
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, features=features.astype(np.float16), probs=probs.astype(np.float32),
-                     scene=np.asarray(scene_id),
-                     bands=np.stack([px.mean(axis=0), (px**2).mean(axis=0)]),
-                     sharp=np.full(px.shape[1], np.nan) if sharp is None else sharp)
-        os.replace(tmp, final)
+        _write_atomically(self.root / f"{seq:08d}-{n}-{key}.npz", lambda fh: np.savez(
+            fh, features=features.astype(np.float16), probs=probs.astype(np.float32),
+            scene=np.asarray(scene_id), bands=np.stack([px.mean(axis=0), (px**2).mean(axis=0)]),
+            sharp=np.full(px.shape[1], np.nan) if sharp is None else sharp))
         if tiles is not None and len(tiles):
             self._add_tiles(seq, tiles)
         files = self._files()
@@ -146,10 +152,8 @@ class CandidateStore:
     def _add_tiles(self, seq: int, tiles: np.ndarray) -> None:
         """Keep a scene's tiles [t,S,C,H,W]; drop the oldest scenes' beyond ``max_tiles``."""
         count = tiles.shape[0] * tiles.shape[1]
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=self.tiles_dir)
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, tiles.astype(np.float16))
-        os.replace(tmp, self.tiles_dir / f"{seq:08d}-{count}.npy")
+        _write_atomically(self.tiles_dir / f"{seq:08d}-{count}.npy",
+                          lambda fh: np.save(fh, tiles.astype(np.float16)))
         total = 0
         for _, (n, path) in sorted(self._tile_files().items(), reverse=True):
             total += n

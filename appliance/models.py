@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.bundle import Bundle, BundleError, load_bundle
+from appliance.bundle import Bundle, BundleError, load_bundle, read_manifest
 from appliance.durable import fsync_dir
 
 if TYPE_CHECKING:
@@ -82,9 +82,12 @@ class ModelStore:
             raise BundleError(f"{self.root}: no active model (install a bundle first)")
         return load_bundle(self.dir_for(version))
 
+    def _installed(self) -> list[int]:
+        """Version numbers of the version directories, oldest first (not verified)."""
+        return sorted(int(p.name[1:]) for p in self.root.glob("v[0-9][0-9][0-9][0-9]"))
+
     def next_version(self) -> int:
-        existing = [int(p.name[1:]) for p in self.root.glob("v[0-9][0-9][0-9][0-9]")]
-        return max(existing, default=0) + 1
+        return max(self._installed(), default=0) + 1
 
     def install(self, source: Path, activate: bool = True) -> Bundle:
         """Copy a verified bundle in under its manifest version; activate it if asked.
@@ -139,7 +142,7 @@ class ModelStore:
         """``version`` and its ancestors back to a source (a version without parent)."""
         chain = [version]
         while len(chain) < 10_000:
-            parent = load_bundle(self.dir_for(chain[-1])).manifest.parent
+            parent = read_manifest(self.dir_for(chain[-1])).parent
             if parent is None or not self.dir_for(parent).is_dir():
                 break
             chain.append(parent)
@@ -154,7 +157,7 @@ class ModelStore:
         """
         active = self.active_version()
         protected = set(self.lineage(active)) if active is not None else set()
-        others = [v.version for v in self.versions() if v.version not in protected]
+        others = [v for v in self._installed() if v not in protected]
         doomed = others[: max(len(others) - keep, 0)]
         for version in doomed:
             shutil.rmtree(self.dir_for(version), ignore_errors=True)

@@ -176,7 +176,10 @@ def _process(
                          f"{tiling.nodata_fraction:.0%} nodata")
 
     band_sample = scene.band_sample()
-    signature = scene_signature(band_sample, _probe_tiles(scene, grid, valid, runtime.input_size))
+    # Sharpness is read ahead only for those who use it: routing and adaptation.
+    probe = (_probe_tiles(scene, grid, valid, runtime.input_size)
+             if manifest.domains or settings.adapt.enabled else None)
+    signature = scene_signature(band_sample, probe)
     domain = route(runtime.bundle, signature)
     scene.use_spec(manifest.input_for(domain))
     n, k = len(grid), len(manifest.classes)

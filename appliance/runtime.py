@@ -177,14 +177,7 @@ class ModelRuntime:
         adaptation thread and only swaps the result in on its main loop."""
         experts = self._open_experts(bundle, self._experts)
         if warmup_batch:
-            spec = bundle.manifest.input
-            lo, hi = spec.value_range
-            tiles = np.full((warmup_batch, len(spec.bands), spec.size, spec.size),
-                            (lo + hi) / 2, np.float32)
-            for name, expert in experts.items():
-                x = bundle.manifest.input_for(name).normalise(tiles)
-                feats = expert.backbone.run([FEATURES], {IMAGE_INPUT: x})[0]
-                expert.classifier.run([LOGITS], {FEATURES: np.asarray(feats, np.float32)})
+            _warm(bundle.manifest, experts, warmup_batch)
         return experts
 
     def _open_experts(self, bundle: Bundle, have: Experts) -> Experts:
@@ -211,12 +204,10 @@ class ModelRuntime:
         return self.manifest.input.size
 
     def warmup(self, batch: int = 1) -> None:
-        """One inference so that lazy provider set-up (TensorRT build) happens at start."""
-        spec = self.manifest.input
-        lo, hi = spec.value_range
-        tiles = np.full((batch, len(spec.bands), spec.size, spec.size), (lo + hi) / 2, np.float32)
-        for name in self._experts:
-            self.infer(tiles, name)
+        """One inference per expert so that lazy provider set-up (TensorRT build) happens
+        at start."""
+        _warm(self.manifest, self._experts, batch)
+        self.embed(np.zeros((batch, self.manifest.feature_dim), np.float32))
 
     def features(self, tiles: np.ndarray, domain: str | None = None) -> np.ndarray:
         """[N,C,S,S] tiles in the model's value range → [N,D] pooled features."""
@@ -268,6 +259,18 @@ class Expert:
 
 Experts = dict[str | None, Expert]
 """Sessions per expert of a bundle (None: the source model)."""
+
+
+def _warm(manifest: Manifest, experts: Experts, batch: int) -> None:
+    """Run every expert's backbone and head once on mid-range tiles: TensorRT builds its
+    engines on the first run, and that must not happen on a scene."""
+    spec = manifest.input
+    lo, hi = spec.value_range
+    tiles = np.full((batch, len(spec.bands), spec.size, spec.size), (lo + hi) / 2, np.float32)
+    for name, expert in experts.items():
+        x = manifest.input_for(name).normalise(tiles)
+        feats = expert.backbone.run([FEATURES], {IMAGE_INPUT: x})[0]
+        expert.classifier.run([LOGITS], {FEATURES: np.asarray(feats, np.float32)})
 
 
 def activate(logits: np.ndarray, multi_label: bool) -> np.ndarray:

@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 import rasterio
 
-from appliance.adaptation import DOMAIN, Adapter, cloud_like, select_pseudo_labels
+from appliance.adaptation import (
+    DOMAIN,
+    Adapter,
+    _features,
+    cloud_like,
+    select_pseudo_labels,
+)
 from appliance.bundle import BACKBONE, CLASSIFIER, load_bundle
 from appliance.cells import SceneCells
 from appliance.config import AdaptConfig, Settings
@@ -159,13 +165,15 @@ def test_expert_check_refuses_an_expert_that_breaks_the_features(
     assert tiles is not None and len(tiles) == 48
     squashed = source.manifest.input.model_copy(update={"std": [1e4] * 3})
     gate: dict[str, Any] = {}
-    failures = adapter._expert_check(source, squashed, None, tiles, gate)
+    backbone = source.file(BACKBONE)
+    failures = adapter._expert_check(source, tiles, _features(squashed, backbone, tiles), gate)
     assert any("retrieval-confirmed share" in f for f in failures), gate
     assert gate["check"]["expert"]["confirmed"] < gate["check"]["source_model"]["confirmed"]
     reddened = source.manifest.input.model_copy(update={"mean": [-2000.0, 127.5, 127.5]})
-    failures = adapter._expert_check(source, reddened, None, tiles, gate)
+    failures = adapter._expert_check(source, tiles, _features(reddened, backbone, tiles), gate)
     assert any("class collapse" in f for f in failures), gate
-    assert adapter._expert_check(source, source.manifest.input, None, tiles, {}) == []
+    same = _features(source.manifest.input, backbone, tiles)
+    assert adapter._expert_check(source, tiles, same, {}) == []
 
 
 def test_input_step_refuses_a_domain_most_stored_scenes_do_not_belong_to(
