@@ -29,6 +29,7 @@ system-deps:
 lint: venv
 	$(BIN)/ruff check appliance export tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: system-deps venv lint
 	PATH="/usr/sbin:$$PATH" $(BIN)/pytest -q -ra

@@ -42,14 +42,14 @@ import rasterio
 from PIL import Image, ImageFilter
 from rasterio.transform import from_origin
 
-from appliance.adaptation import Adapter, accuracy, adapted_domain
-from appliance.bundle import CLASSIFIER, load_bundle
+from appliance.adapt.adapter import Adapter, accuracy, adapted_domain
+from appliance.adapt.drift import DriftMonitor
 from appliance.config import Settings, load_settings
-from appliance.drift import DriftMonitor
-from appliance.head import read_head
-from appliance.models import ModelStore
-from appliance.pipeline import process_scene
-from appliance.runtime import ModelRuntime, ProviderPlan
+from appliance.contract.bundle import CLASSIFIER, load_bundle
+from appliance.model.head import read_head
+from appliance.model.runtime import ModelRuntime, ProviderPlan
+from appliance.model.store import ModelStore
+from appliance.scene.pipeline import process_scene
 
 CELL = 150
 ROWS, COLS = 3, 4
@@ -169,7 +169,8 @@ def classify(runtime: ModelRuntime, settings: Settings, scenes: list[tuple[Path,
     fraction of the scenes routed to an adapted expert."""
     hits = total = routed = 0
     for i, (path, truth) in enumerate(scenes):
-        outcome = process_scene(path, f"eval-{i}", out / f"eval-{i}", runtime, settings)
+        outcome = process_scene(path, f"eval-{i}", out / f"eval-{i}", runtime, settings,
+                                probe_sharpness=True)
         cells = outcome.cells
         rows = cells.windows[:, 1] // CELL
         cols = cells.windows[:, 0] // CELL
@@ -211,7 +212,8 @@ def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
     stream_seconds = 0.0
     for i, (path, _) in enumerate(adapt_scenes):
         t = time.perf_counter()
-        outcome = process_scene(path, f"{name}-{i}", root / "outbox" / str(i), runtime, settings)
+        outcome = process_scene(path, f"{name}-{i}", root / "outbox" / str(i), runtime, settings,
+                                probe_sharpness=True)
         report = monitor.observe(outcome.cells)
         adapter.collect(outcome.cells)
         stream_seconds += time.perf_counter() - t

@@ -33,8 +33,8 @@ import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from appliance.bundle import BACKBONE, CLASSIFIER, load_bundle
-from appliance.runtime import ProviderPlan, open_session
+from appliance.contract.bundle import BACKBONE, CLASSIFIER, load_bundle
+from appliance.model.runtime import ProviderPlan, open_session
 from export.bundler import quantise_int8
 from export.data import load_chips, load_split
 

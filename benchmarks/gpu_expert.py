@@ -3,7 +3,7 @@
 Builds, from a real bundle with ``layer_stats.npz`` (default: the AID EfficientNet-Lite0
 bundle carried in ``.gpu/bundle``), the version an input step would make for a hazy,
 low-contrast sensor (``x ↦ 0.7·x + 60``): an expert whose input spec undoes the map and
-whose backbone is re-normalised (``appliance.renorm``, blend 0.5) on the shifted tiles.
+whose backbone is re-normalised (``appliance.adapt.renorm``, blend 0.5) on the shifted tiles.
 Then, for the CPU and the CUDA plan, it does what the daemon does after a promotion:
 ``ModelRuntime.open_experts`` with a warm-up (on the adaptation thread), ``adopt`` (on the
 main loop), and ``infer`` for both experts. Recorded: the providers each expert's backbone
@@ -34,7 +34,8 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from appliance.bundle import (  # noqa: E402
+from appliance.adapt.renorm import renormalise
+from appliance.contract.bundle import (
     BACKBONE,
     CLASSIFIER,
     LAYER_STATS,
@@ -43,9 +44,9 @@ from appliance.bundle import (  # noqa: E402
     load_bundle,
     seal_bundle,
 )
-from appliance.renorm import LayerStats, renormalise  # noqa: E402
-from appliance.runtime import ModelRuntime, ProviderPlan  # noqa: E402
-from benchmarks.gpu_runtime import (  # noqa: E402
+from appliance.contract.layer_stats import LayerStats
+from appliance.model.runtime import ModelRuntime, ProviderPlan
+from benchmarks.gpu_runtime import (
     AID,
     TILE_CACHE,
     gpu_name,

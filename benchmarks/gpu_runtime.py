@@ -1,4 +1,4 @@
-"""GPU provider path of ``appliance.runtime``: which providers really run, parity, img/s.
+"""GPU provider path of ``appliance.model.runtime``: which providers really run, parity, img/s.
 
 One real bundle (default: the fine-tuned EfficientNet-Lite0 AID bundle) is opened with
 three provider plans, CPU first as the reference:
@@ -53,8 +53,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from appliance.bundle import BACKBONE, FEATURES, IMAGE_INPUT, Bundle, load_bundle  # noqa: E402
-from appliance.runtime import Inference, ModelRuntime, ProviderPlan, open_session  # noqa: E402
+from appliance.contract.bundle import BACKBONE, FEATURES, IMAGE_INPUT, Bundle, load_bundle
+from appliance.model.runtime import Inference, ModelRuntime, ProviderPlan, open_session
 
 RESULTS = ROOT / "benchmarks" / "results" / "gpu_runtime.json"
 CARRIED_BUNDLE = ROOT / ".gpu" / "bundle"
@@ -139,7 +139,7 @@ def load_tiles(bundle: Bundle, cache: Path, aid: Path, count: int) -> tuple[np.n
         return tiles, f"AID cache {cache.name}"
     if aid.is_dir():
         # Only here (the workstation): the appliance's own image reader needs rasterio.
-        from appliance.retrieval import load_image
+        from appliance.retrieval.service import load_image
 
         classes = sorted(p for p in aid.iterdir() if p.is_dir())
         per_class = -(-count // len(classes))
@@ -210,7 +210,7 @@ def run_plan(name: str, bundle: Bundle, tiles: np.ndarray, ref: Inference | None
     """Open, warm up, check parity and time one provider plan."""
     print(f"plan {name}: {PLANS[name]}", file=sys.stderr)
     records = _Records()
-    logger = logging.getLogger("appliance.runtime")
+    logger = logging.getLogger("appliance.model.runtime")
     logger.addHandler(records)
     try:
         with captured_fds() as ort_output:

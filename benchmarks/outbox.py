@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from appliance.comms.message import Message
+from appliance.comms.mqtt import Comms
 from appliance.config import MQTTConfig
-from appliance.journal import Journal, Message
-from appliance.mqtt import Comms
+from appliance.ingest.journal import Journal
 
 PAYLOAD = json.dumps({"pad": "x" * 1500})
 

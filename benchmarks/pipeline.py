@@ -42,14 +42,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from appliance.bundle import BundleError, load_bundle  # noqa: E402
-from appliance.config import Settings  # noqa: E402
-from appliance.pipeline import process_scene  # noqa: E402
-from appliance.raster import open_scene  # noqa: E402
-from appliance.runtime import ModelRuntime, ProviderPlan  # noqa: E402
-from appliance.tiling import CellGrid, iter_batches  # noqa: E402
-from tests.colour_bundle import build_colour_bundle  # noqa: E402
-from tests.scenes import quarters, write_scene  # noqa: E402
+from appliance.config import Settings
+from appliance.contract.bundle import BundleError, load_bundle
+from appliance.model.runtime import ModelRuntime, ProviderPlan
+from appliance.scene.pipeline import process_scene
+from appliance.scene.raster import open_scene
+from appliance.scene.tiling import CellGrid, iter_batches
+from tests.helpers.colour_bundle import build_colour_bundle
+from tests.helpers.scenes import quarters, write_scene
 
 RESULTS = ROOT / "benchmarks" / "results" / "pipeline.json"
 REAL_BUNDLE = Path("/work/runs/aid_ft/bundle")

@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 
 from appliance.config import RetrievalConfig
-from appliance.index import Entry, TileIndex
+from appliance.retrieval.index import Entry, TileIndex
 
 DIM = 128
 QUERIES = 1000

@@ -5,7 +5,7 @@ training) are linked into a folder per class and indexed with the real CLI,
 ``terratile index add`` (backbone + embedder through onnxruntime, entries in the SQLite
 log and faiss). Every indexed image is then a query with k=20 against all others
 (itself excluded) through ``TileIndex.search_batch``; relevance = same class (the folder
-label). mAP@20 and P@20 come from ``appliance.retrieval_metrics``, the same definitions
+label). mAP@20 and P@20 come from ``appliance.contract.retrieval_metrics``, the same definitions
 the exporter reports. One CLI ``terratile query --image`` per class checks the shell path.
 
     .venv/bin/python benchmarks/retrieval_aid.py --bundle /work/runs/aid_ft/bundle \\
@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from appliance.bundle import load_bundle
 from appliance.config import load_settings
-from appliance.index import TileIndex
-from appliance.retrieval_metrics import map_at_k, precision_at_k
+from appliance.contract.bundle import load_bundle
+from appliance.contract.retrieval_metrics import map_at_k, precision_at_k
+from appliance.retrieval.index import TileIndex
 
 K = 20
 RESULTS = Path(__file__).parent / "results" / "retrieval_aid.json"

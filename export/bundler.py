@@ -28,7 +28,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from rich.console import Console
 from torch import nn
 
-from appliance.bundle import (
+from appliance.contract.bundle import (
     BACKBONE,
     CLASSIFIER,
     EMBEDDER,
@@ -45,12 +45,12 @@ from appliance.bundle import (
     SourceBank,
     seal_bundle,
 )
-from appliance.durable import atomic_write_text
-from appliance.image_files import is_image
-from appliance.reference import REFERENCE_PIXELS, build_reference, class_centroids
-from appliance.renorm import measure
-from appliance.routing import sharpness
-from appliance.runtime import ProviderPlan, activate, open_session
+from appliance.contract.durable import atomic_write_text
+from appliance.contract.image_files import is_image
+from appliance.contract.layer_stats import measure
+from appliance.contract.reference_stats import REFERENCE_PIXELS, build_reference, class_centroids
+from appliance.contract.signature import sharpness
+from appliance.model.runtime import ProviderPlan, open_session, probabilities
 from export.data import SPLIT_FILE, DataSet, Sample, load_chips, load_split, scan
 from export.model import Descriptor
 from export.train import METRICS, RunInfo, load_trained
@@ -271,7 +271,7 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     features = np.concatenate([
         _run(backbone, IMAGE_INPUT, FEATURES, spec.normalise(chips[i : i + 64]))
         for i in range(0, len(chips), 64)])
-    probs = activate(_run(out / CLASSIFIER, FEATURES, LOGITS, features),
+    probs = probabilities(_run(out / CLASSIFIER, FEATURES, LOGITS, features),
                      info.task == "multi-label")
     n_classes = len(info.classes)
     centroids = class_centroids(features, labels, n_classes)

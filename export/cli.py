@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import typer
 from rich.console import Console
 
-from appliance.bundle import BundleError
+from appliance.contract.bundle import BundleError
 from export.backbones import BACKBONES, BackboneError
 from export.data import DataError
 

@@ -19,9 +19,9 @@ import rasterio
 from PIL import Image, UnidentifiedImageError
 from rasterio.errors import RasterioIOError
 
-from appliance.bundle import Task
-from appliance.durable import atomic_write_text
-from appliance.image_files import IMAGE_SUFFIXES, is_image, is_raster
+from appliance.contract.bundle import Task
+from appliance.contract.durable import atomic_write_text
+from appliance.contract.image_files import IMAGE_SUFFIXES, is_image, is_raster
 
 RGB_BANDS = ["red", "green", "blue"]
 SPLIT_FILE = "split.json"

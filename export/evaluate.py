@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from appliance.bundle import load_bundle
-from appliance.retrieval_metrics import retrieval_report
-from appliance.runtime import ModelRuntime, ProviderPlan
+from appliance.contract.bundle import load_bundle
+from appliance.contract.retrieval_metrics import retrieval_report
+from appliance.model.runtime import ModelRuntime, ProviderPlan
 from export.data import DataError, DataSet, load_chips, load_split, scan
 from export.metrics import multi_label_report, single_label_report
 

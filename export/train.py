@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from appliance.bundle import InputSpec, Task
-from appliance.durable import atomic_write_text
+from appliance.contract.bundle import InputSpec, Task
+from appliance.contract.durable import atomic_write_text
 from export.augment import augment
 from export.backbones import build_backbone
 from export.data import (

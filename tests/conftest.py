@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.colour_bundle import build_colour_bundle
+from tests.helpers.colour_bundle import build_colour_bundle
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared beside the checkout
 

@@ -8,10 +8,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from appliance.cli import app
+from appliance.cli.main import app
 from appliance.config import ConfigError, load_settings
+from tests.helpers.paths import REPO
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "appliance.example.yaml"
+EXAMPLE = REPO / "configs" / "appliance.example.yaml"
 
 
 def write(tmp_path: Path, data: dict) -> Path:

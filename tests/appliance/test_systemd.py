@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from appliance.systemd import Notifier
+from tests.helpers.paths import REPO
 
-UNIT = Path(__file__).resolve().parents[2] / "systemd" / "terratile.service"
+UNIT = REPO / "systemd" / "terratile.service"
 
 
 def test_outside_systemd_everything_is_a_noop() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.torch_bundle import build_tiny_bundle
+from tests.helpers.torch_bundle import build_tiny_bundle
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from appliance.bundle import (
+from appliance.contract.bundle import (
     BACKBONE,
     CLASSIFIER,
     EMBEDDER,
@@ -23,7 +23,7 @@ from appliance.bundle import (
     BundleError,
     load_bundle,
 )
-from appliance.runtime import ModelRuntime, ProviderPlan
+from appliance.model.runtime import ModelRuntime, ProviderPlan
 from export.bundler import BundleOptions, bundle, class_colours
 from export.data import SPLIT_FILE, load_chips, load_split
 from export.model import Descriptor

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from appliance.bundle import load_bundle
+from appliance.contract.bundle import load_bundle
 from export.cli import app
 from tests.export.test_data import write_geotiff_chips
-from tests.torch_bundle import write_colour_chips
+from tests.helpers.torch_bundle import write_colour_chips
 
 runner = CliRunner()
 TINY = ["--backbone", "resnet18", "--epochs", "1", "--image-size", "32", "--no-pretrained",

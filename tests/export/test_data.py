@@ -18,8 +18,8 @@ from export.data import (
     scan,
     stratified_split,
 )
-from tests.appliance.test_image_files import ALL_SUFFIXES, write_chip
-from tests.torch_bundle import write_colour_chips
+from tests.appliance.contract.test_image_files import ALL_SUFFIXES, write_chip
+from tests.helpers.torch_bundle import write_colour_chips
 
 
 def write_geotiff_chips(root: Path, per_class: int = 6, bands: int = 4, size: int = 24) -> Path:
@@ -109,7 +109,7 @@ def test_bad_csv_row(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("suffix", ALL_SUFFIXES)
 def test_every_chip_suffix_is_read(suffix: str, tmp_path: Path) -> None:
-    """The appliance's one suffix list (appliance.image_files) is what the exporter reads."""
+    """The appliance's one suffix list (contract.image_files) is what the exporter reads."""
     path = write_chip(tmp_path / "blue" / f"chip{suffix}", (30, 30, 200))
     write_chip(tmp_path / "red" / f"chip{suffix}", (200, 30, 30))
     assert [s.path for s in scan(tmp_path).samples if s.labels == (0,)] == [path]

@@ -1,0 +1,92 @@
+"""Crash-safe storage steps shared by every part that keeps state on disk.
+
+One atomic write (``atomic_path``): write beside the target under a temporary name that
+keeps the suffix (GDAL and PIL choose their format by it), flush it to disk, rename it into
+place and flush the directory, so after a power cut a reader finds the old file or the
+new one, whole, never a torn one. One SQLite connection (``open_sqlite``): WAL, full
+synchronous commits and a busy timeout, so the daemon's writes survive power loss and a
+CLI reading concurrently waits instead of failing; ``transaction`` is its one
+``BEGIN IMMEDIATE`` … ``COMMIT``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BUSY_TIMEOUT_MS = 5000
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry, so a rename into it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to disk (whoever wrote it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed into place on success.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def open_sqlite(path: Path) -> sqlite3.Connection:
+    """A connection for one owner object to share between its threads (under its own lock):
+    autocommit mode (transactions are explicit), WAL, full synchronous commits, busy timeout."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
+    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # a concurrent reader waits
+    return db
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception; the caller holds its lock."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

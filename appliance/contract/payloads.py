@@ -1,0 +1,196 @@
+"""The JSON payloads the appliance publishes on MQTT, as pydantic models: the contract
+between the box and whoever subscribes to it.
+
+Every payload carries ``schema`` (name and major version, e.g. ``terratile.scene-result/1``),
+``msg_id``, ``node_id`` and ``ts`` so a consumer can route, de-duplicate and order them.
+Payloads are references to files, never rasters. The JSON Schemas in ``docs/schemas/`` are
+generated from these models (``python -m appliance.contract.payloads docs/schemas``) and a test
+keeps them in step.
+
+A scene result's ``msg_id`` is derived from the scene id (``uuid5``), so a result that is
+re-published after a crash or re-announced for a re-dropped file carries the same id and a
+consumer can drop the copy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from appliance.contract.bundle import Manifest
+
+# A fixed namespace so msg_ids derived from scene ids are stable across boxes and versions.
+MSG_NAMESPACE = uuid.UUID("5b0c3f0e-7a49-4c55-9d0f-2f6c1a7e9b11")
+
+
+def now_iso() -> str:
+    """UTC timestamp in ISO 8601 with a ``Z`` suffix."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def result_msg_id(scene_id: str) -> str:
+    """The deterministic msg_id of a scene's result."""
+    return str(uuid.uuid5(MSG_NAMESPACE, f"{scene_id}/result"))
+
+
+def new_msg_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Payload(BaseModel):
+    """Fields every payload carries; subclasses set ``SCHEMA``."""
+
+    model_config = ConfigDict(extra="forbid")
+    SCHEMA: ClassVar[str] = ""
+
+    schema_: str = Field(default="", alias="schema", description="Payload type and version.")
+    msg_id: str = Field(default_factory=new_msg_id, description="Unique id; stable on re-send.")
+    node_id: str
+    ts: str = Field(default_factory=now_iso, description="UTC time the payload was built.")
+
+    def model_post_init(self, __context: Any) -> None:
+        self.schema_ = self.SCHEMA
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+
+class ModelRef(BaseModel):
+    """The bundle that produced a result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: int
+    domain: str | None = Field(
+        default=None, description="The adapted expert a scene was routed to (null: source).")
+
+    @classmethod
+    def of(cls, manifest: Manifest, domain: str | None = None) -> ModelRef:
+        """The reference to a bundle (and the expert that ran, if any)."""
+        return cls(name=manifest.name, version=manifest.version, domain=domain)
+
+
+class ClassShare(BaseModel):
+    """One class's share of a scene's valid area."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(ge=0, le=1)
+    area_ha: float = Field(ge=0)
+
+
+class SceneResult(Payload):
+    """``<p>/scene/<scene_id>/result``: a scene was classified; where its outputs are."""
+
+    SCHEMA: ClassVar[str] = "terratile.scene-result/1"
+
+    scene_id: str
+    source: str = Field(description="File name as dropped into the inbox.")
+    model: ModelRef
+    crs: str
+    bounds: tuple[float, float, float, float] = Field(description="minx, miny, maxx, maxy (CRS).")
+    bounds_wgs84: tuple[float, float, float, float] = Field(description="lon/lat, EPSG:4326.")
+    width: int
+    height: int
+    classes: dict[str, ClassShare] = Field(description="Per class: fraction and area_ha.")
+    mean_confidence: float
+    outputs: dict[str, str] = Field(description="landuse, confidence, summary, ... → paths.")
+    timings: dict[str, float] = Field(description="Seconds per stage.")
+    tiles: int = Field(description="Model inputs run (cells × scales).")
+    drift: dict[str, Any] = Field(default_factory=dict, description="Drift scores and signals.")
+
+
+class SceneFailed(Payload):
+    """``<p>/scene/<scene_id>/failed``: a scene was rejected; why and where the file went."""
+
+    SCHEMA: ClassVar[str] = "terratile.scene-failed/1"
+
+    scene_id: str
+    source: str
+    reason: str = Field(description="Slug, also the failed/<reason>/ folder name.")
+    message: str
+    moved_to: str | None = Field(description="Path of the file under failed/, if kept.")
+    attempts: int
+
+
+class StatusPayload(Payload):
+    """``<p>/status`` (retained): what the node is doing now."""
+
+    SCHEMA: ClassVar[str] = "terratile.status/1"
+
+    state: str = Field(description="starting | ready | processing | stopping")
+    model: ModelRef | None
+    providers: list[str] = Field(default_factory=list)
+    queue_depth: int
+    counts: dict[str, int] = Field(default_factory=dict, description="Journal scenes per state.")
+    version: str = Field(description="terratile software version.")
+    drift: dict[str, Any] = Field(default_factory=dict, description="Drift state, adapting.")
+
+
+class StatsPayload(Payload):
+    """``<p>/stats`` (QoS 0, message expiry): counters and timings since start."""
+
+    SCHEMA: ClassVar[str] = "terratile.stats/1"
+
+    uptime_s: float
+    counters: dict[str, int]
+    timings: dict[str, float] = Field(description="Mean seconds per stage, recent scenes.")
+    outbox_depth: int
+    queue_depth: int
+
+
+class DriftEvent(Payload):
+    """``<p>/events/drift``: the drift monitor fired."""
+
+    SCHEMA: ClassVar[str] = "terratile.event-drift/1"
+
+    scene_id: str
+    report: dict[str, Any]
+
+
+class ModelEvent(Payload):
+    """``<p>/events/model``: the active model changed (adapted, rolled back, reloaded)."""
+
+    SCHEMA: ClassVar[str] = "terratile.event-model/1"
+
+    action: str = Field(description="adapted | rejected | rollback | activate | reload")
+    model: ModelRef | None
+    previous: ModelRef | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+PAYLOADS: dict[str, type[Payload]] = {
+    cls.SCHEMA: cls
+    for cls in (SceneResult, SceneFailed, StatusPayload, StatsPayload, DriftEvent, ModelEvent)
+}
+
+
+def json_schema(cls: type[Payload]) -> dict[str, Any]:
+    """The JSON Schema of a payload, with ``schema`` pinned to its constant."""
+    schema = cls.model_json_schema(by_alias=True, mode="serialization")
+    schema["properties"]["schema"] = {"const": cls.SCHEMA, "title": "Schema", "type": "string"}
+    schema["$id"] = cls.SCHEMA
+    return schema
+
+
+def dump_schemas(out_dir: Path) -> list[Path]:
+    """Write one ``<name>.json`` per payload into ``out_dir``; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, cls in PAYLOADS.items():
+        path = out_dir / (name.removeprefix("terratile.").replace("/", ".v") + ".json")
+        path.write_text(json.dumps(json_schema(cls), indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":  # python -m appliance.contract.payloads docs/schemas
+    for p in dump_schemas(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/schemas")):
+        print(p)

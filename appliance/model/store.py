@@ -1,0 +1,179 @@
+"""The model store: bundle versions side by side and one atomically switched active pointer.
+
+Layout under ``state/models/``: one verified bundle directory per version (``v0001/``…)
+and ``ACTIVE``, a small file holding the active version, replaced with ``os.replace`` so a
+crash at any moment leaves either the old or the new pointer, never a broken one. New
+versions are copied into ``.tmp-*`` and renamed into place only after they verify.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from appliance.contract.bundle import Bundle, BundleError, load_bundle, read_manifest
+from appliance.contract.durable import atomic_write_text, fsync_dir
+
+if TYPE_CHECKING:
+    from appliance.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One installed bundle version as listed by ``terratile models list``."""
+
+    version: int
+    path: Path
+    parent: int | None
+    active: bool
+    name: str
+    domains: list[str]  # adapted experts beside the source model
+
+    def as_dict(self) -> dict[str, object]:
+        return {"version": self.version, "path": str(self.path), "active": self.active,
+                "parent": self.parent, "name": self.name, "domains": self.domains}
+
+
+class ModelStore:
+    """Versioned bundles plus the active pointer."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._pointer = self.root / "ACTIVE"
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ModelStore:
+        """The node's model store, ``<paths.state>/models``."""
+        return cls(settings.paths.state / "models")
+
+    def dir_for(self, version: int) -> Path:
+        return self.root / f"v{version:04d}"
+
+    def versions(self) -> list[ModelVersion]:
+        """Installed versions, oldest first (directories that fail to verify are skipped)."""
+        active = self.active_version()
+        out = []
+        for path in sorted(self.root.glob("v[0-9][0-9][0-9][0-9]")):
+            try:
+                manifest = load_bundle(path).manifest
+            except BundleError:
+                continue
+            out.append(ModelVersion(manifest.version, path, manifest.parent,
+                                    manifest.version == active, manifest.name,
+                                    [d.name for d in manifest.domains]))
+        return out
+
+    def active_version(self) -> int | None:
+        try:
+            return int(json.loads(self._pointer.read_text())["version"])
+        except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError):
+            return None
+
+    def active(self) -> Bundle:
+        """The active bundle, verified; ``BundleError`` if there is none."""
+        version = self.active_version()
+        if version is None:
+            raise BundleError(f"{self.root}: no active model (install a bundle first)")
+        return load_bundle(self.dir_for(version))
+
+    def _installed(self) -> list[int]:
+        """Version numbers of the version directories, oldest first (not verified)."""
+        return sorted(int(p.name[1:]) for p in self.root.glob("v[0-9][0-9][0-9][0-9]"))
+
+    def next_version(self) -> int:
+        return max(self._installed(), default=0) + 1
+
+    def install(self, source: Path, activate: bool = True) -> Bundle:
+        """Copy a verified bundle in under its manifest version; activate it if asked.
+
+        A bundle whose version is already installed with identical files is reused, so a
+        daemon restarted with the same seed bundle does not pile up copies.
+        """
+        bundle = load_bundle(source)
+        target = self.dir_for(bundle.version)
+        if target.exists():
+            existing = load_bundle(target)
+            if existing.manifest.files != bundle.manifest.files:
+                raise BundleError(
+                    f"version {bundle.version} is already installed with different files; "
+                    "give the new bundle a new version"
+                )
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            load_bundle(tmp)
+            fsync_dir(tmp)
+            tmp.replace(target)
+            fsync_dir(self.root)
+        if activate:
+            self.activate(bundle.version)
+        return load_bundle(target)
+
+    def activate(self, version: int) -> Bundle:
+        """Point ACTIVE at ``version`` after verifying it; atomic."""
+        bundle = load_bundle(self.dir_for(version))
+        atomic_write_text(self._pointer, json.dumps({"version": version}))
+        return bundle
+
+    def rollback(self) -> Bundle:
+        """Activate the parent of the active version (or the newest older one)."""
+        active = self.active()
+        target = active.manifest.parent
+        if target is None:
+            older = [v.version for v in self.versions() if v.version < active.version]
+            if not older:
+                raise BundleError(f"version {active.version} has no earlier version")
+            target = max(older)
+        return self.activate(target)
+
+    def lineage(self, version: int) -> list[int]:
+        """``version`` and its ancestors back to a source (a version without parent)."""
+        chain = [version]
+        while len(chain) < 10_000:
+            parent = read_manifest(self.dir_for(chain[-1])).parent
+            if parent is None or not self.dir_for(parent).is_dir():
+                break
+            chain.append(parent)
+        return chain
+
+    def prune(self, keep: int) -> list[int]:
+        """Delete old versions: the active one and its lineage (rollback and the reset
+        policy need them) stay, and so do the ``keep`` newest others. Returns what went.
+
+        Self-adaptation installs a version per promotion, each a full bundle (tens of MB
+        with an expert's backbone): an edge box's disk must not fill up over months.
+        """
+        active = self.active_version()
+        protected = set(self.lineage(active)) if active is not None else set()
+        others = [v for v in self._installed() if v not in protected]
+        doomed = others[: max(len(others) - keep, 0)]
+        for version in doomed:
+            shutil.rmtree(self.dir_for(version), ignore_errors=True)
+        if doomed:
+            fsync_dir(self.root)
+        return doomed
+
+    def cleanup(self) -> None:
+        """Remove half-copied ``.tmp-*`` directories left by a crash."""
+        for tmp in self.root.glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def open_store(settings: Settings) -> ModelStore:
+    """The model store; the seed bundle is installed when nothing is active yet."""
+    store = ModelStore.for_settings(settings)
+    store.cleanup()
+    if store.active_version() is None:
+        if settings.model.bundle is None:
+            raise FileNotFoundError("no active model in the store and model.bundle is not set")
+        log.info("installing seed bundle %s", settings.model.bundle)
+        store.install(settings.model.bundle)
+    return store

@@ -1,0 +1,314 @@
+"""Scene outputs, all in the scene's CRS: maps (COG), summary, GeoJSON, STAC Item, quicklook.
+
+The maps are written at cell resolution on a grid whose geotransform is the scene's
+scaled by the cell size, so CRS and origin match the input exactly and the far edges
+match within one cell (the last partial row/column of cells is a whole map pixel).
+
+- ``landuse.tif``: COG (GDAL's COG driver, or a tiled GTiff with internal overviews on
+  a GDAL without it), uint8 class index, nodata 255, a colour table from the bundle's
+  classes, class names as tags ``CLASS_<i>=name`` (plus ``CLASSES`` as JSON) and as the
+  band description.
+- ``confidence.tif``: COG, uint8 fused max probability in percent (0..100), nodata 255;
+  uint8 keeps it small and is precise enough for a confidence map.
+- Areas are ellipsoidal: each cell's corners are transformed to WGS84 and the cell's area
+  is computed on the WGS84 ellipsoid through authalic latitudes, so EPSG:4326 and
+  non-equal-area projections (Web Mercator) give true hectares.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.features
+import rasterio.warp
+from PIL import Image, ImageDraw, ImageFont
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.io import MemoryFile
+from rasterio.shutil import copy as raster_copy
+from rasterio.transform import Affine
+
+from appliance.contract.bundle import ClassSpec
+from appliance.contract.durable import atomic_path, atomic_write_text
+
+NODATA = 255
+WGS84 = CRS.from_epsg(4326)
+STAC_VERSION = "1.0.0"
+STAC_EXTENSIONS = [
+    "https://stac-extensions.github.io/projection/v1.1.0/schema.json",
+    "https://stac-extensions.github.io/classification/v1.1.0/schema.json",
+]
+COG_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
+QUICKLOOK_SIZE = 512
+NODATA_RGB = (220, 220, 220)
+
+# WGS84 ellipsoid, for authalic-latitude (equal-area) cell areas.
+_A = 6378137.0
+_F = 1 / 298.257223563
+_E2 = _F * (2 - _F)
+_E = math.sqrt(_E2)
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """A scene's cell map: labels and confidence on the cell grid, placed in the scene CRS."""
+
+    labels: np.ndarray
+    confidence: np.ndarray
+    transform: Affine
+    crs: CRS
+    classes: list[ClassSpec]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.labels.shape[0]), int(self.labels.shape[1])
+
+
+# -- geometry ---------------------------------------------------------------------------
+
+
+def _authalic_q(lat_rad: np.ndarray) -> np.ndarray:
+    s = np.sin(lat_rad)
+    return (1 - _E2) * (s / (1 - _E2 * s * s) - np.log((1 - _E * s) / (1 + _E * s)) / (2 * _E))
+
+
+def ellipsoidal_areas(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """Areas (m²) of polygons [n,V] of lon/lat degrees on the WGS84 ellipsoid.
+
+    Chamberlain–Duquette on the authalic sphere (exact for graticule-aligned cells,
+    accurate to far below a percent for small cells of any projection).
+    """
+    q = _authalic_q(np.radians(lat))
+    qp = _authalic_q(np.asarray(np.pi / 2))
+    sin_beta = q / qp
+    radius2 = _A * _A * qp / 2
+    lam = np.radians(lon)
+    dlam = np.roll(lam, -1, axis=1) - np.roll(lam, 1, axis=1)
+    dlam = (dlam + np.pi) % (2 * np.pi) - np.pi  # cells crossing the antimeridian
+    area = np.abs(radius2 / 2 * (dlam * sin_beta).sum(axis=1))
+    return np.nan_to_num(area, nan=0.0, posinf=0.0)
+
+
+def cell_areas_m2(windows: np.ndarray, transform: Affine, crs: CRS) -> np.ndarray:
+    """True ground area (m²) of each [col,row,w,h] window of a scene in ``crs``."""
+    col, row, w, h = (windows[:, i].astype(np.float64) for i in range(4))
+    cols = np.stack([col, col + w, col + w, col], axis=1)
+    rows = np.stack([row, row, row + h, row + h], axis=1)
+    xs, ys = transform @ (cols, rows)
+    lon, lat = rasterio.warp.transform(crs, WGS84, np.ravel(xs), np.ravel(ys))
+    return ellipsoidal_areas(np.reshape(lon, cols.shape), np.reshape(lat, cols.shape))
+
+
+def windows_bounds(windows: np.ndarray, transform: Affine) -> np.ndarray:
+    """[n,4] ``minx, miny, maxx, maxy`` of each window in the scene CRS."""
+    col, row, w, h = (windows[:, i].astype(np.float64) for i in range(4))
+    xs, ys = transform @ (np.stack([col, col + w]), np.stack([row, row + h]))
+    xs, ys = np.asarray(xs), np.asarray(ys)
+    return np.stack([xs.min(0), ys.min(0), xs.max(0), ys.max(0)], axis=1)
+
+
+def bounds_to_wgs84(bounds: np.ndarray, crs: CRS) -> np.ndarray:
+    """[n,4] bounds in ``crs`` → [n,4] lon/lat bounds of their four corners."""
+    if len(bounds) == 0:
+        return np.zeros((0, 4))
+    xs = bounds[:, [0, 2, 2, 0]]
+    ys = bounds[:, [1, 1, 3, 3]]
+    lon, lat = rasterio.warp.transform(crs, WGS84, np.ravel(xs), np.ravel(ys))
+    lon, lat = np.reshape(lon, xs.shape), np.reshape(lat, ys.shape)
+    return np.stack([lon.min(1), lat.min(1), lon.max(1), lat.max(1)], axis=1)
+
+
+def footprint_wgs84(bounds: Sequence[float], crs: CRS, points: int = 21) -> dict[str, Any]:
+    """The scene's bounds as a densified GeoJSON polygon in EPSG:4326."""
+    minx, miny, maxx, maxy = bounds
+    t = np.linspace(0, 1, points)[:-1]
+    xs = np.concatenate([minx + (maxx - minx) * t, np.full_like(t, maxx),
+                         maxx - (maxx - minx) * t, np.full_like(t, minx)])
+    ys = np.concatenate([np.full_like(t, miny), miny + (maxy - miny) * t,
+                         np.full_like(t, maxy), maxy - (maxy - miny) * t])
+    lon, lat = rasterio.warp.transform(crs, WGS84, xs.tolist(), ys.tolist())
+    ring = [[round(x, 7), round(y, 7)] for x, y in zip(lon, lat, strict=True)]
+    return {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}
+
+
+def bbox_wgs84(bounds: Sequence[float], crs: CRS) -> tuple[float, float, float, float]:
+    """Lon/lat bounding box of the scene's densified footprint (what the STAC bbox says)."""
+    ring = np.asarray(footprint_wgs84(bounds, crs)["coordinates"][0])
+    return (float(ring[:, 0].min()), float(ring[:, 1].min()),
+            float(ring[:, 0].max()), float(ring[:, 1].max()))
+
+
+# -- files ------------------------------------------------------------------------------
+
+
+def _overview_count(shape: tuple[int, int]) -> int:
+    return max(1, min(6, int(math.log2(max(max(shape), 2))) - 2))
+
+
+@lru_cache(maxsize=1)
+def has_cog_driver() -> bool:
+    """True when this GDAL has the COG driver (GDAL ≥ 3.1)."""
+    with rasterio.Env() as env:
+        return "COG" in env.drivers()
+
+
+def _write_cog(path: Path, data: np.ndarray, transform: Affine, crs: CRS, tags: dict[str, str],
+               description: str, colours: dict[int, tuple[int, int, int, int]] | None) -> None:
+    """Write a one-band uint8 COG (nodata 255) through an in-memory GTiff.
+
+    GDAL's COG driver where available; otherwise a tiled GTiff with internal overviews
+    copied ahead of the pixels (``COPY_SRC_OVERVIEWS``), the layout a COG has.
+    """
+    h, w = data.shape
+    profile = {"driver": "GTiff", "width": w, "height": h, "count": 1, "dtype": "uint8",
+               "crs": crs, "transform": transform, "nodata": NODATA}
+    levels = [2**i for i in range(1, _overview_count((h, w)) + 1)]
+    with MemoryFile() as mem, atomic_path(path) as tmp:
+        with mem.open(**profile) as dst:
+            if colours is not None:  # before the pixels: GTiff fixes photometric on write
+                dst.write_colormap(1, colours)
+            dst.set_band_description(1, description)
+            dst.update_tags(1, **tags)
+            dst.write(data.astype(np.uint8), 1)
+            if not has_cog_driver():
+                dst.build_overviews(levels, Resampling.nearest)
+        with mem.open() as src:
+            if has_cog_driver():
+                raster_copy(src, str(tmp), driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=256,
+                            OVERVIEW_RESAMPLING="NEAREST", OVERVIEW_COUNT=len(levels))
+            else:
+                raster_copy(src, str(tmp), driver="GTiff", TILED="YES", BLOCKXSIZE=256,
+                            BLOCKYSIZE=256, COMPRESS="DEFLATE", COPY_SRC_OVERVIEWS="YES")
+
+
+def write_landuse(
+    path: Path, labels: np.ndarray, transform: Affine, crs: CRS, classes: list[ClassSpec]
+) -> None:
+    """A class map (``landuse.tif``, ``hybrid.tif``) with colour table and class names."""
+    colours = {i: (*c.colour, 255) for i, c in enumerate(classes)}
+    colours[NODATA] = (0, 0, 0, 0)
+    tags = {f"CLASS_{i}": c.name for i, c in enumerate(classes)}
+    tags["CLASSES"] = json.dumps([c.name for c in classes])
+    _write_cog(path, labels, transform, crs, tags, "landuse", colours)
+
+
+def write_confidence(path: Path, cmap: ClassMap) -> None:
+    """``confidence.tif``: fused max probability in percent, uint8 0..100, nodata 255."""
+    _write_cog(path, cmap.confidence, cmap.transform, cmap.crs, {"UNITS": "percent"},
+               "confidence", None)
+
+
+def write_geojson(path: Path, cmap: ClassMap) -> int:
+    """``landuse.geojson``: one polygon per connected region of a class, EPSG:4326.
+
+    Returns the number of features written.
+    """
+    features = []
+    shapes = rasterio.features.shapes(cmap.labels, mask=cmap.labels != NODATA,
+                                      transform=cmap.transform, connectivity=4)
+    for geom, value in shapes:
+        k = int(value)
+        spec = cmap.classes[k]
+        features.append({
+            "type": "Feature",
+            "geometry": rasterio.warp.transform_geom(cmap.crs, WGS84, geom, precision=7),
+            "properties": {"class_id": k, "class": spec.name,
+                           "colour": "#{:02x}{:02x}{:02x}".format(*spec.colour)},
+        })
+    atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": features}))
+    return len(features)
+
+
+def write_quicklook(path: Path, cmap: ClassMap, fractions: dict[str, float]) -> None:
+    """``quicklook.png``: the colourised map (nodata light grey) with a legend beside it."""
+    palette = np.full((256, 3), NODATA_RGB, np.uint8)
+    for i, c in enumerate(cmap.classes):
+        palette[i] = c.colour
+    rgb = palette[cmap.labels]
+    h, w = cmap.shape
+    k = QUICKLOOK_SIZE / max(h, w)
+    size = (max(1, round(w * k)), max(1, round(h * k)))
+    image = Image.fromarray(rgb, "RGB").resize(size, Image.Resampling.NEAREST)
+    font = ImageFont.load_default()
+    row = 20
+    legend_w = 220
+    canvas = Image.new("RGB", (size[0] + legend_w, max(size[1], row * (len(cmap.classes) + 2))),
+                       (255, 255, 255))
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x = size[0] + 10
+    entries = [(c.colour, f"{c.name}  {100 * fractions.get(c.name, 0.0):.1f}%")
+               for c in cmap.classes]
+    entries.append((NODATA_RGB, "nodata"))
+    for i, (colour, text) in enumerate(entries):
+        y = 10 + i * row
+        draw.rectangle([x, y, x + 14, y + 14], fill=tuple(colour), outline=(0, 0, 0))
+        draw.text((x + 22, y + 1), text, fill=(0, 0, 0), font=font)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Any JSON document, written atomically."""
+    atomic_write_text(path, json.dumps(payload, indent=2))
+
+
+def stac_item(
+    *,
+    scene_id: str,
+    source: str,
+    crs: CRS,
+    bounds: Sequence[float],
+    scene_shape: tuple[int, int],
+    cmap: ClassMap,
+    outputs: dict[str, Path],
+    properties: dict[str, Any],
+) -> dict[str, Any]:
+    """A STAC 1.0.0 Item for one processed scene, with the projection extension.
+
+    Asset hrefs are relative to the item (all outputs sit in one folder).
+    """
+    geometry = footprint_wgs84(bounds, crs)
+    epsg = crs.to_epsg()
+    now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    proj: dict[str, Any] = {"proj:epsg": epsg, "proj:bbox": list(bounds),
+                            "proj:shape": list(scene_shape)}
+    if epsg is None:
+        proj["proj:wkt2"] = crs.to_wkt()
+    map_proj = {"proj:shape": list(cmap.shape), "proj:transform": list(cmap.transform)[:6]}
+    classes = [{"value": i, "name": c.name, "color_hint": "{:02X}{:02X}{:02X}".format(*c.colour)}
+               for i, c in enumerate(cmap.classes)]
+    kinds = {
+        "landuse": (COG_TYPE, ["data"], {**map_proj, "classification:classes": classes,
+                                         "nodata": NODATA}),
+        "confidence": (COG_TYPE, ["data"], {**map_proj, "nodata": NODATA}),
+        "summary": ("application/json", ["metadata"], {}),
+        "geojson": ("application/geo+json", ["data"], {}),
+        "quicklook": ("image/png", ["overview"], {}),
+        "hybrid": (COG_TYPE, ["data"], {"classification:classes": classes, "nodata": NODATA}),
+    }
+    assets = {}
+    for key, file in outputs.items():
+        media, roles, extra = kinds[key]
+        assets[key] = {"href": file.name, "type": media, "roles": roles, **extra}
+    return {
+        "type": "Feature",
+        "stac_version": STAC_VERSION,
+        "stac_extensions": STAC_EXTENSIONS,
+        "id": scene_id,
+        "geometry": geometry,
+        "bbox": list(bbox_wgs84(bounds, crs)),
+        "properties": {"datetime": now, "created": now, "title": source, **proj, **properties},
+        "links": [],
+        "assets": assets,
+    }
+

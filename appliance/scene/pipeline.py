@@ -1,0 +1,366 @@
+"""One scene, end to end: read in windows → multi-scale tiles → model → fuse → outputs.
+
+``process_scene`` is the only entry point. It never moves or modifies the input, writes
+every output into ``out_dir`` and raises ``SceneError`` (with a ``reason`` slug) for input
+that cannot be processed. Memory is bounded whatever the scene size: tiles stream through
+a reader thread a few batches ahead of inference, and only per-cell results (fused
+probabilities, one embedding) plus capped samples are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import rasterio
+
+from appliance.config import Settings
+from appliance.contract.bundle import Bundle, Manifest
+from appliance.contract.signature import Signature, scene_signature
+from appliance.scene.cells import SceneCells
+from appliance.scene.fusion import fuse
+from appliance.scene.outputs import (
+    NODATA,
+    ClassMap,
+    bbox_wgs84,
+    bounds_to_wgs84,
+    cell_areas_m2,
+    stac_item,
+    windows_bounds,
+    write_confidence,
+    write_geojson,
+    write_json,
+    write_landuse,
+    write_quicklook,
+)
+from appliance.scene.raster import Scene, SceneError, open_scene
+from appliance.scene.segments import cell_labels_on, hybrid_map, segment
+from appliance.scene.tiling import CellGrid, iter_batches, read_ahead
+
+__all__ = ["SceneError", "SceneModel", "SceneOutcome", "process_scene"]
+
+log = logging.getLogger(__name__)
+
+SUMMARY_SCHEMA = "terratile.scene-summary/1"
+FEATURE_SAMPLE = 512  # cells whose per-scale features are kept for adaptation/drift
+TILE_SAMPLE = 8  # cells whose model-input tiles are kept for layer re-normalisation
+PROBE_CELLS = 16  # cells read ahead of inference to measure a scene's sharpness for routing
+
+
+class Inferred(Protocol):
+    """One batch through the model: pooled features, probabilities, embeddings."""
+
+    @property
+    def features(self) -> np.ndarray: ...
+    @property
+    def probs(self) -> np.ndarray: ...
+    @property
+    def embedding(self) -> np.ndarray: ...
+
+
+class SceneModel(Protocol):
+    """What a scene needs of the model that classifies it (the box's ``ModelRuntime``):
+    the bundle it runs, which expert a scene's signature routes to, and inference."""
+
+    @property
+    def bundle(self) -> Bundle: ...
+    @property
+    def manifest(self) -> Manifest: ...
+    @property
+    def input_size(self) -> int: ...
+    def route(self, signature: Signature) -> str | None: ...
+    def infer(self, tiles: np.ndarray, domain: str | None = None) -> Inferred: ...
+
+
+@dataclass(frozen=True)
+class SceneOutcome:
+    """What a processed scene produced; the daemon builds its result payload from this."""
+
+    scene_id: str
+    source: str
+    crs: str
+    bounds: tuple[float, float, float, float]
+    bounds_wgs84: tuple[float, float, float, float]
+    width: int
+    height: int
+    fractions: dict[str, float]
+    areas_ha: dict[str, float]
+    mean_confidence: float
+    outputs: dict[str, str]
+    timings: dict[str, float]  # "read" runs in a thread beside "infer": they overlap
+    tiles: int
+    cells: SceneCells
+
+
+class _Reservoir:
+    """A uniform random sample of at most ``cap`` items from a stream (algorithm R)."""
+
+    def __init__(self, cap: int, rng: np.random.Generator) -> None:
+        self.cap = cap
+        self.rng = rng
+        self.keys: list[int] = []
+        self.items: list[np.ndarray] = []
+        self.seen = 0
+
+    def offer(self, key: int, item: np.ndarray, keep: Callable[[np.ndarray], np.ndarray]
+              = np.asarray) -> None:
+        """Consider one item; ``keep`` (a copy, a cast) is applied only to items taken."""
+        self.seen += 1
+        if len(self.keys) < self.cap:
+            self.keys.append(key)
+            self.items.append(keep(item))
+            return
+        j = int(self.rng.integers(self.seen))
+        if j < self.cap:
+            self.keys[j] = key
+            self.items[j] = keep(item)
+
+
+def _as_float16(tiles: np.ndarray) -> np.ndarray:
+    """A float16 copy: kept tiles must not pin their whole batch in memory (nor kept
+    features theirs: those are copied too)."""
+    return tiles.astype(np.float16)
+
+
+@dataclass
+class _Accumulator:
+    """Per-cell results filled batch by batch, plus reservoir samples of features and tiles."""
+
+    probs: np.ndarray
+    embeddings: np.ndarray
+    band_means: np.ndarray
+    features: _Reservoir
+    tiles: _Reservoir
+
+    def add_samples(self, cells: np.ndarray, features: np.ndarray, tiles: np.ndarray) -> None:
+        """Offer cells' per-scale features [b,S,D] and model-input tiles [b,S,C,H,W]."""
+        for cell, feats, cell_tiles in zip(cells, features, tiles, strict=True):
+            self.features.offer(int(cell), feats, np.copy)
+            self.tiles.offer(int(cell), cell_tiles, _as_float16)
+
+
+def _probe_tiles(scene: Scene, grid: CellGrid, valid: np.ndarray, size: int) -> np.ndarray:
+    """Model-input tiles [n,C,S,S] of up to ``PROBE_CELLS`` valid cells spread over the
+    scene, at the middle scale: what routing measures sharpness on before any inference."""
+    cells = np.flatnonzero(valid)
+    pick = cells[np.linspace(0, len(cells) - 1, min(PROBE_CELLS, len(cells))).astype(np.int64)]
+    scale = sorted(grid.scales)[len(grid.scales) // 2]
+    return np.stack([scene.read_window(*grid.origin(int(c), scale), scale, scale, size, size)
+                     for c in pick])
+
+
+def _embedding_scale_index(scales: list[int], wanted: int | None) -> int:
+    """Index (in ``scales``) of the scale whose embedding is kept per cell.
+
+    The configured scale nearest to ``wanted`` if set, else the middle scale.
+    """
+    if wanted is None:
+        wanted = sorted(scales)[len(scales) // 2]
+    return int(np.argmin([abs(s - wanted) for s in scales]))
+
+
+def _seed(scene_id: str) -> int:
+    """A deterministic per-scene seed for the samples (re-runs sample the same cells)."""
+    return int(hashlib.sha256(scene_id.encode()).hexdigest()[:8], 16)
+
+
+def process_scene(
+    path: Path, scene_id: str, out_dir: Path, runtime: SceneModel, settings: Settings, *,
+    probe_sharpness: bool = False, embedding_scale: int | None = None,
+) -> SceneOutcome:
+    """Classify one scene and write its outputs into ``out_dir``; raise ``SceneError``.
+
+    ``probe_sharpness`` measures the scene's sharpness even when the bundle has no expert
+    to route to (adaptation stores it); ``embedding_scale`` is the window size whose
+    embedding each cell keeps (None: the middle scale).
+    """
+    path = Path(path)
+    t_start = time.perf_counter()
+    # rasterio hands GDAL_CACHEMAX to GDALSetCacheMax64: bytes, not MB.
+    with rasterio.Env(GDAL_CACHEMAX=settings.tiling.gdal_cachemax_mb << 20), \
+            open_scene(path, settings.input, runtime.manifest.input) as scene:
+        return _process(scene, path, scene_id, Path(out_dir), runtime, settings, t_start,
+                        probe_sharpness, embedding_scale)
+
+
+def _process(
+    scene: Scene, path: Path, scene_id: str, out_dir: Path, runtime: SceneModel,
+    settings: Settings, t_start: float, probe_sharpness: bool, embedding_scale: int | None,
+) -> SceneOutcome:
+    tiling = settings.tiling
+    manifest = runtime.manifest
+    grid = CellGrid(scene.width, scene.height, tiling.cell_size, tuple(tiling.scales))
+    valid = grid.valid(scene, tiling.nodata_fraction)
+    if not valid.any():
+        if max(scene.width, scene.height) < min(tiling.scales):
+            raise SceneError("too-small", f"{path.name}: {scene.width}x{scene.height} px is "
+                             f"smaller than the smallest window ({min(tiling.scales)} px)")
+        raise SceneError("nodata", f"{path.name}: every cell is more than "
+                         f"{tiling.nodata_fraction:.0%} nodata")
+
+    band_sample = scene.band_sample()
+    # Sharpness is read ahead only for those who use it: routing and adaptation.
+    probe = (_probe_tiles(scene, grid, valid, runtime.input_size)
+             if manifest.domains or probe_sharpness else None)
+    signature = scene_signature(band_sample, probe)
+    domain = runtime.route(signature)
+    scene.use_spec(manifest.input_for(domain))
+    n, k = len(grid), len(manifest.classes)
+    n_scales = len(grid.scales)
+    rng = np.random.default_rng(_seed(scene_id))
+    acc = _Accumulator(np.zeros((n, k), np.float32),
+                       np.zeros((n, manifest.embedding_dim), np.float32),
+                       np.zeros((n, len(manifest.input.bands)), np.float32),
+                       _Reservoir(FEATURE_SAMPLE, rng), _Reservoir(TILE_SAMPLE, rng))
+    own_scale = int(np.argmin(grid.scales))  # the window that is the cell itself
+    r_index = _embedding_scale_index(tiling.scales, embedding_scale)
+    multi_label = manifest.task == "multi-label"
+    todo = np.flatnonzero(valid)
+    t_read, t_infer = time.perf_counter() - t_start, 0.0  # opening: statistics and mask reads
+    tiles = 0
+    batches = iter_batches(scene, grid, todo, runtime.input_size, tiling.batch_size)
+    # closing(): on an error the reader thread is joined here, before the scene closes.
+    with closing(read_ahead(batches, tiling.read_ahead)) as stream:
+        for batch in stream:
+            t0 = time.perf_counter()
+            out = runtime.infer(batch.tiles, domain)
+            t_infer += time.perf_counter() - t0
+            t_read += batch.read_seconds
+            tiles += len(batch.tiles)
+            b = len(batch.cells)
+            probs = out.probs.reshape(b, n_scales, -1)
+            acc.probs[batch.cells] = fuse(probs, tiling.fusion, tiling.weights, multi_label)
+            acc.embeddings[batch.cells] = out.embedding.reshape(b, n_scales, -1)[:, r_index]
+            cell_tiles = batch.tiles.reshape(b, n_scales, *batch.tiles.shape[1:])
+            acc.band_means[batch.cells] = cell_tiles[:, own_scale].mean(axis=(2, 3))
+            acc.add_samples(batch.cells, out.features.reshape(b, n_scales, -1), cell_tiles)
+
+    t_write0 = time.perf_counter()
+    outcome = _write_outputs(scene, path, scene_id, out_dir, runtime, settings, grid, valid, acc,
+                             tiles, band_sample, domain, signature[2])
+    t_end = time.perf_counter()
+    timings = {"read": round(t_read, 4), "infer": round(t_infer, 4),
+               "write": round(t_end - t_write0, 4), "total": round(t_end - t_start, 4)}
+    write_json(Path(outcome.outputs["summary"]),
+               {**_summary(outcome, runtime, settings, grid), "rescale": scene.rescale.as_dict(),
+                "timings": timings})
+    log.info("scene %s: %d cells (%d valid), %d tiles, %.2fs", scene_id[:12], n,
+             int(valid.sum()), tiles, timings["total"])
+    return replace(outcome, timings=timings)
+
+
+def _write_outputs(
+    scene: Scene, path: Path, scene_id: str, out_dir: Path, runtime: SceneModel,
+    settings: Settings, grid: CellGrid, valid: np.ndarray, acc: _Accumulator, tiles: int,
+    band_sample: np.ndarray, domain: str | None, sharp: np.ndarray | None,
+) -> SceneOutcome:
+    manifest = runtime.manifest
+    classes = manifest.classes
+    out_dir.mkdir(parents=True, exist_ok=True)
+    windows = grid.windows()
+    bounds = windows_bounds(windows, scene.ds.transform)
+    cells = SceneCells(
+        scene_id=scene_id, crs=scene.crs_string, windows=windows, bounds=bounds,
+        bounds_wgs84=bounds_to_wgs84(bounds, scene.crs), probs=acc.probs, valid=valid,
+        embeddings=acc.embeddings,
+        sample_index=np.asarray(acc.features.keys, np.int64),
+        sample_features=(np.stack(acc.features.items).astype(np.float32) if acc.features.items
+                         else np.zeros((0, len(grid.scales), manifest.feature_dim), np.float32)),
+        band_sample=band_sample, domain=domain, sharpness=sharp,
+        sample_tiles=np.stack(acc.tiles.items) if acc.tiles.items else None,
+        band_means=acc.band_means,
+    )
+    labels = cells.labels
+    confidence = cells.confidence
+    map_labels = np.where(valid, labels, NODATA).astype(np.uint8).reshape(grid.rows, grid.cols)
+    map_conf = np.where(valid, np.round(confidence * 100), NODATA).astype(np.uint8)
+    cmap = ClassMap(map_labels, map_conf.reshape(grid.rows, grid.cols),
+                    grid.map_transform(scene.ds.transform), scene.crs, list(classes))
+
+    areas = cell_areas_m2(windows[valid], scene.ds.transform, scene.crs)
+    valid_labels = labels[valid]
+    total = float(areas.sum())
+    areas_ha = {c.name: float(areas[valid_labels == i].sum() / 1e4) for i, c in enumerate(classes)}
+    fractions = {c.name: (areas_ha[c.name] * 1e4 / total if total > 0 else 0.0) for c in classes}
+
+    files = {name: out_dir / f for name, f in (
+        ("landuse", "landuse.tif"), ("confidence", "confidence.tif"),
+        ("summary", "summary.json"), ("geojson", "landuse.geojson"),
+        ("quicklook", "quicklook.png"), ("stac", "item.json"))}
+    write_landuse(files["landuse"], cmap.labels, cmap.transform, cmap.crs, cmap.classes)
+    write_confidence(files["confidence"], cmap)
+    write_geojson(files["geojson"], cmap)
+    write_quicklook(files["quicklook"], cmap, fractions)
+    if settings.tiling.segments != "none":
+        files["hybrid"] = out_dir / "hybrid.tif"
+        _write_hybrid(files["hybrid"], scene, grid, cmap, settings)
+
+    b = scene.ds.bounds
+    scene_bounds = (float(b.left), float(b.bottom), float(b.right), float(b.top))
+    wgs = bbox_wgs84(scene_bounds, scene.crs)
+    assets = {key: f for key, f in files.items() if key != "stac"}
+    item = stac_item(
+        scene_id=scene_id, source=path.name, crs=scene.crs, bounds=scene_bounds,
+        scene_shape=(scene.height, scene.width), cmap=cmap, outputs=assets,
+        properties={"terratile:model": {"name": manifest.name, "version": manifest.version,
+                                        "domain": domain},
+                    "terratile:fractions": fractions, "terratile:areas_ha": areas_ha},
+    )
+    write_json(files["stac"], item)
+    return SceneOutcome(
+        scene_id=scene_id, source=path.name, crs=scene.crs_string, bounds=scene_bounds,
+        bounds_wgs84=wgs,
+        width=scene.width, height=scene.height, fractions=fractions, areas_ha=areas_ha,
+        mean_confidence=float(confidence[valid].mean()),
+        outputs={key: str(f.resolve()) for key, f in files.items()},
+        timings={}, tiles=tiles, cells=cells,
+    )
+
+
+def _write_hybrid(path: Path, scene: Scene, grid: CellGrid, cmap: ClassMap,
+                  settings: Settings) -> None:
+    """GID's hybrid map on the overview grid (see appliance/segments.py)."""
+    image = scene.overview_rescaled()
+    seg = segment(image, scene.overview_valid, settings.tiling.segments,
+                  settings.tiling.segment_scale)
+    under = cell_labels_on(seg.shape, (scene.height, scene.width), grid.cell, cmap.labels)
+    hybrid = hybrid_map(seg, under, len(cmap.classes))
+    h, w = seg.shape
+    transform = scene.ds.transform @ rasterio.Affine.scale(scene.width / w, scene.height / h)
+    write_landuse(path, hybrid, transform, cmap.crs, cmap.classes)
+
+
+def _summary(outcome: SceneOutcome, runtime: SceneModel, settings: Settings,
+             grid: CellGrid) -> dict[str, Any]:
+    """``summary.json``: what the scene contains, per class, and how it was computed."""
+    manifest = runtime.manifest
+    valid = outcome.cells.valid
+    return {
+        "schema": SUMMARY_SCHEMA,
+        "scene_id": outcome.scene_id,
+        "source": outcome.source,
+        "model": {"name": manifest.name, "version": manifest.version,
+                  "domain": outcome.cells.domain},
+        "crs": outcome.crs,
+        "bounds": list(outcome.bounds),
+        "bounds_wgs84": list(outcome.bounds_wgs84),
+        "width": outcome.width,
+        "height": outcome.height,
+        "grid": {"cell": grid.cell, "rows": grid.rows, "cols": grid.cols,
+                 "scales": list(grid.scales), "fusion": settings.tiling.fusion},
+        "cells": {"total": len(valid), "valid": int(valid.sum()),
+                  "nodata": int((~valid).sum())},
+        "classes": {name: {"fraction": outcome.fractions[name], "area_ha": outcome.areas_ha[name]}
+                    for name in manifest.class_names},
+        "area_ha_total": sum(outcome.areas_ha.values()),
+        "mean_confidence": outcome.mean_confidence,
+        "tiles": outcome.tiles,
+        "outputs": {k: Path(v).name for k, v in outcome.outputs.items()},
+    }

@@ -1,0 +1,135 @@
+"""Label-free drift detection on colour-bundle streams: clean, shifted, one odd scene."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.adapt.adapter import DOMAIN, Adapter
+from appliance.adapt.drift import DriftMonitor, PageHinkley, mmd2, psi
+from appliance.config import AdaptConfig, DriftConfig
+from appliance.contract.bundle import load_bundle
+from appliance.model.runtime import ModelRuntime, ProviderPlan
+from appliance.model.store import ModelStore
+from tests.helpers.colour_scenes import BLUE_CAST, colour_scene
+
+# The colour bundle's reference holds one pixel per source colour, so clean synthetic
+# scenes (with pixel noise) already sit near PSI 0.2; thresholds are set for this world.
+CFG = DriftConfig(psi_threshold=1.0, feature_threshold=0.05, window=5, min_scenes=3)
+
+
+@pytest.fixture(scope="module")
+def runtime(colour_bundle: Path) -> ModelRuntime:
+    return ModelRuntime(load_bundle(colour_bundle), ProviderPlan(providers=("cpu",)))
+
+
+def _monitor(colour_bundle: Path, state: Path, cfg: DriftConfig = CFG) -> DriftMonitor:
+    return DriftMonitor(load_bundle(colour_bundle).reference, cfg, state)
+
+
+def test_clean_stream_never_drifts(runtime: ModelRuntime, colour_bundle: Path,
+                                   tmp_path: Path) -> None:
+    monitor = _monitor(colour_bundle, tmp_path)
+    reports = [monitor.observe(colour_scene(runtime, seed)[0]) for seed in range(12)]
+    assert not any(r.drifting for r in reports)
+    assert all(r.fired == [] for r in reports)
+    assert reports[-1].window["scenes"] == CFG.window
+
+
+def test_shifted_stream_drifts_on_every_signal(runtime: ModelRuntime, colour_bundle: Path,
+                                               tmp_path: Path) -> None:
+    monitor = _monitor(colour_bundle, tmp_path)
+    for seed in range(5):
+        assert not monitor.observe(colour_scene(runtime, seed)[0]).drifting
+    reports = [monitor.observe(colour_scene(runtime, 100 + s, BLUE_CAST)[0]) for s in range(10)]
+    assert not reports[0].drifting, "one shifted scene must not fire"
+    assert reports[-1].drifting
+    assert set(reports[-1].fired) == {"radiometry", "features", "confidence"}
+    scene = reports[-1].as_dict()["scene"]
+    assert scene["psi"] > CFG.psi_threshold and scene["psi_bands"][2] == max(scene["psi_bands"])
+    assert scene["mmd"] > CFG.feature_threshold
+
+
+def test_one_odd_scene_does_not_fire(runtime: ModelRuntime, colour_bundle: Path,
+                                     tmp_path: Path) -> None:
+    monitor = _monitor(colour_bundle, tmp_path)
+    seeds = [0, 1, 2, 3, 200, 4, 5, 6]
+    reports = [monitor.observe(colour_scene(runtime, s, BLUE_CAST if s == 200 else (0, 0, 0))[0])
+               for s in seeds]
+    assert reports[4].scene["psi"] > CFG.psi_threshold  # the odd scene itself scores high
+    assert not any(r.drifting for r in reports)
+    assert all("radiometry" not in r.fired for r in reports)
+
+
+def test_state_survives_a_restart(runtime: ModelRuntime, colour_bundle: Path,
+                                  tmp_path: Path) -> None:
+    first = _monitor(colour_bundle, tmp_path)
+    for s in range(4):
+        first.observe(colour_scene(runtime, 100 + s, BLUE_CAST)[0])
+    before = first.status()
+    second = _monitor(colour_bundle, tmp_path)
+    assert second.status() == before
+    report = second.observe(colour_scene(runtime, 104, BLUE_CAST)[0])
+    assert report.window["scenes"] == 5 and report.scenes_seen == 5
+    assert report.drifting
+    second.reset()
+    assert _monitor(colour_bundle, tmp_path).status()["window"]["scenes"] == 0
+
+
+def test_scene_without_valid_cells_is_skipped(runtime: ModelRuntime, colour_bundle: Path,
+                                              tmp_path: Path) -> None:
+    cells, _ = colour_scene(runtime, 0)
+    empty = type(cells)(**{**cells.__dict__, "valid": np.zeros(len(cells), bool)})
+    report = _monitor(colour_bundle, tmp_path).observe(empty)
+    assert report.skipped == "no valid cells" and not report.drifting
+    assert report.window["scenes"] == 0
+
+
+def test_statistics() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=20_000)
+    edges = np.percentile(ref, np.arange(10, 100, 10))
+    assert psi(edges, rng.normal(size=5000)) < 0.02
+    assert psi(edges, rng.normal(1.0, 1.0, size=5000)) > 0.25
+    x = rng.normal(size=(200, 4))
+    assert abs(mmd2(x, rng.normal(size=(300, 4)), 2.0)) < 0.02
+    assert mmd2(x, rng.normal(2.0, 1.0, size=(300, 4)), 2.0) > 0.3
+    ph = PageHinkley(delta=0.05, threshold=0.5)
+    for _ in range(20):
+        ph.update(0.04)
+    assert not ph.fired
+    for _ in range(3):
+        ph.update(0.2)
+    assert not ph.fired  # 3 × 0.15 = 0.45 ≤ 0.5
+    ph.update(0.2)
+    assert ph.fired and ph.statistic == pytest.approx(0.6)
+
+
+def test_scenes_routed_to_an_expert_are_judged_against_its_domain(
+        runtime: ModelRuntime, colour_bundle: Path, tmp_path: Path) -> None:
+    """After adaptation the cast stream is what the expert expects: scored against the
+    expert's reference, not the source's."""
+    store = ModelStore(tmp_path / "state" / "models")
+    store.install(colour_bundle)
+    adapter = Adapter(store, AdaptConfig(min_samples=20, input_blend=1.0), tmp_path / "state")
+    for seed in range(6):
+        adapter.collect(colour_scene(runtime, 300 + seed, BLUE_CAST)[0])
+    assert adapter.run("drift").step == "input"
+    adapted = store.active()
+    expert = ModelRuntime(adapted, ProviderPlan(providers=("cpu",)))
+    aware = DriftMonitor(adapted.reference, CFG, tmp_path / "aware",
+                         adapted.domain_references())
+    blind = DriftMonitor(adapted.reference, CFG, tmp_path / "blind")
+    for seed in range(10):
+        cells = colour_scene(expert, 500 + seed, BLUE_CAST)[0]
+        assert cells.domain == DOMAIN
+        judged, unaware = aware.observe(cells), blind.observe(cells)
+    assert judged.scene["reference"] == DOMAIN and unaware.scene["reference"] is None
+    # The cast is the expert's normal: its radiometry is scored far closer to home. (The
+    # colour world's clipped, few-colour bands keep PSI itself high on both sides.)
+    assert judged.window["psi"] < 0.6 * unaware.window["psi"], (judged.window, unaware.window)
+    # Clean scenes still go to the source model and its reference.
+    clean = aware.observe(colour_scene(expert, 600)[0])
+    assert clean.scene["reference"] is None

@@ -1,0 +1,80 @@
+"""The bundle contract: a sealed bundle loads; any change to it is refused with a clear error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.contract.bundle import (
+    CLASSIFIER,
+    MANIFEST,
+    SOURCE_BANK,
+    BundleError,
+    load_bundle,
+    seal_bundle,
+    sha256_file,
+)
+
+
+@pytest.fixture()
+def bundle_copy(colour_bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(colour_bundle, tmp_path / "b"))
+
+
+def test_sealed_bundle_loads_with_its_parts(bundle_copy: Path) -> None:
+    bundle = load_bundle(bundle_copy)
+    assert bundle.manifest.class_names == ["urban", "vegetation", "water"]
+    assert bundle.source_bank.features.shape[1] == bundle.manifest.feature_dim
+    assert bundle.source_bank.holdout.any()
+    assert len(bundle.reference.bands) == 3
+    assert len(bundle.reference.bands[0].quantiles) == 101
+
+
+def test_tampered_file_is_refused(bundle_copy: Path) -> None:
+    with (bundle_copy / CLASSIFIER).open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(BundleError, match=r"sha256 mismatch for classifier.onnx"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_file_is_refused(bundle_copy: Path) -> None:
+    (bundle_copy / SOURCE_BANK).unlink()
+    with pytest.raises(BundleError, match=r"missing file source_bank.npz"):
+        load_bundle(bundle_copy)
+
+
+def test_wrong_schema_and_garbage_manifest_are_refused(bundle_copy: Path) -> None:
+    raw = json.loads((bundle_copy / MANIFEST).read_text())
+    raw["schema"] = "terratile.bundle/0"
+    (bundle_copy / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"expected 'terratile.bundle/1'"):
+        load_bundle(bundle_copy)
+    (bundle_copy / MANIFEST).write_text("{not json")
+    with pytest.raises(BundleError, match=r"unreadable"):
+        load_bundle(bundle_copy)
+    with pytest.raises(BundleError, match=r"no manifest.json"):
+        load_bundle(bundle_copy / "nowhere")
+
+
+def test_reseal_after_a_legitimate_change(bundle_copy: Path) -> None:
+    bundle = load_bundle(bundle_copy)
+    bank = bundle.source_bank
+    np.savez_compressed(bundle_copy / SOURCE_BANK, features=bank.features[:10],
+                        labels=bank.labels[:10], centroids=bank.centroids)
+    sealed = seal_bundle(bundle_copy, bundle.manifest.model_copy(update={"version": 2}))
+    again = load_bundle(bundle_copy)
+    assert again.version == 2 and again.manifest.files == sealed.files
+    # A bank written without a holdout mask gets a deterministic one.
+    assert again.source_bank.holdout.sum() == 2
+
+
+def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
+    f = tmp_path / "big.bin"
+    data = bytes(range(256)) * 9000  # > one 1 MiB block
+    f.write_bytes(data)
+    assert sha256_file(f) == hashlib.sha256(data).hexdigest()

@@ -1,0 +1,92 @@
+"""The inbox: ignores .part and dotfiles, waits for the size to settle, claims atomically."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.ingest.inbox import Inbox, ignored
+
+
+@pytest.fixture()
+def inbox(tmp_path: Path) -> Iterator[Inbox]:
+    box = Inbox(tmp_path / "inbox", tmp_path / "work", settle_seconds=0.2, rescan_seconds=0.3)
+    box.start()
+    yield box
+    box.stop()
+
+
+def ready_within(box: Inbox, timeout: float = 5.0) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = box.ready()
+        if found:
+            return found
+        box.wait(0.05)
+    return []
+
+
+def test_ignored_names() -> None:
+    assert ignored("scene.tif.part") and ignored(".hidden.tif")
+    assert not ignored("scene.tif") and not ignored("a.partial.tif")
+
+
+def test_settled_file_is_ready_and_claimed_atomically(inbox: Inbox) -> None:
+    f = inbox.dir / "a.tif"
+    f.write_bytes(b"x" * 100)
+    assert inbox.ready() == []  # just seen: not settled yet
+    assert ready_within(inbox) == [f]
+    work = inbox.claim(f)
+    assert work is not None and work.parent.parent == inbox.work
+    assert work.read_bytes() == b"x" * 100
+    assert not f.exists() and work.name == "a.tif"
+    assert inbox.claimed() == [work]
+    work.unlink()
+    inbox.release(work)
+    assert list(inbox.work.iterdir()) == []
+
+
+def test_part_and_dotfiles_are_never_ready(inbox: Inbox) -> None:
+    (inbox.dir / "b.tif.part").write_bytes(b"half")
+    (inbox.dir / ".c.tif").write_bytes(b"hidden")
+    time.sleep(0.6)
+    assert inbox.ready() == [] and inbox.depth() == 0
+    (inbox.dir / "b.tif.part").rename(inbox.dir / "b.tif")
+    assert ready_within(inbox) == [inbox.dir / "b.tif"]
+
+
+def test_growing_file_waits_until_it_stops_changing(inbox: Inbox) -> None:
+    f = inbox.dir / "growing.tif"
+    with f.open("wb") as fh:
+        for _ in range(8):
+            fh.write(b"y" * 10)
+            fh.flush()
+            time.sleep(0.08)
+            assert inbox.ready() == []  # the size keeps changing: never ready
+    assert ready_within(inbox) == [f]
+
+
+def test_rescan_finds_files_without_events(tmp_path: Path) -> None:
+    box = Inbox(tmp_path / "in", tmp_path / "work", settle_seconds=0.0, rescan_seconds=0.1,
+                watch=False)
+    box.start()
+    (box.dir / "late.tif").write_bytes(b"z")
+    assert ready_within(box) == [box.dir / "late.tif"]
+
+
+def test_same_name_claims_do_not_collide(inbox: Inbox) -> None:
+    claimed = []
+    for payload in (b"one", b"two"):
+        f = inbox.dir / "same.tif"
+        f.write_bytes(payload)
+        assert ready_within(inbox) == [f]
+        claimed.append(inbox.claim(f))
+    assert len({p for p in claimed if p}) == 2
+    assert {p.read_bytes() for p in claimed if p} == {b"one", b"two"}
+
+
+def test_claim_of_vanished_file_returns_none(inbox: Inbox) -> None:
+    assert inbox.claim(inbox.dir / "gone.tif") is None

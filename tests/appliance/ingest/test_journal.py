@@ -1,0 +1,94 @@
+"""The SQLite journal: state machine, attempts, the outbox written with the final state."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from appliance.comms.message import Message
+from appliance.ingest.journal import Journal
+
+
+@pytest.fixture()
+def journal(tmp_path: Path) -> Journal:
+    return Journal(tmp_path / "journal.sqlite")
+
+
+def test_wal_mode(journal: Journal) -> None:
+    with sqlite3.connect(journal.path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_claim_start_finish_writes_result_and_message_together(journal: Journal) -> None:
+    scene = journal.claim("abc", "a.tif", Path("/w/x__a.tif"))
+    assert (scene.state, scene.attempts) == ("claimed", 0)
+    assert journal.start("abc") == 1
+    assert journal.get("abc").state == "processing"  # type: ignore[union-attr]
+    journal.finish("abc", Message("m1", "t/result", '{"r": 1}'))
+    done = journal.get("abc")
+    assert done is not None and done.state == "done" and done.result == '{"r": 1}'
+    assert [m.msg_id for m in journal.pending()] == ["m1"]
+    assert journal.counts() == {"claimed": 0, "processing": 0, "done": 1, "failed": 0}
+
+
+def test_finish_is_atomic(journal: Journal) -> None:
+    """If the outbox insert fails, the scene is not marked done either."""
+    journal.claim("abc", "a.tif", Path("/w/a"))
+    journal.start("abc")
+    with sqlite3.connect(journal.path) as db:  # make the outbox insert (2nd statement) fail
+        db.execute("CREATE TRIGGER boom BEFORE INSERT ON outbox "
+                   "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    with pytest.raises(sqlite3.IntegrityError, match="disk full"):
+        journal.finish("abc", Message("m1", "t", "{}"))
+    assert journal.get("abc").state == "processing"  # type: ignore[union-attr]
+    assert journal.outbox_depth() == 0
+
+
+def test_done_scene_stays_done_on_reclaim(journal: Journal) -> None:
+    journal.claim("abc", "a.tif", Path("/w/a"))
+    journal.start("abc")
+    journal.finish("abc", Message("m1", "t", "{}"))
+    again = journal.claim("abc", "copy.tif", Path("/w/b"))
+    assert again.state == "done" and again.attempts == 1 and again.source == "a.tif"
+
+
+def test_failed_scene_is_claimed_afresh(journal: Journal) -> None:
+    journal.claim("abc", "a.tif", Path("/w/a"))
+    journal.start("abc")
+    journal.fail("abc", "unreadable", "bad header", Message("f1", "t/failed", "{}"))
+    assert journal.get("abc").reason == "unreadable"  # type: ignore[union-attr]
+    again = journal.claim("abc", "a.tif", Path("/w/b"))
+    assert (again.state, again.attempts, again.reason) == ("claimed", 0, None)
+
+
+def test_attempts_survive_reopen(tmp_path: Path) -> None:
+    """A crash between start() and finish() leaves 'processing' with the attempt counted."""
+    j = Journal(tmp_path / "j.sqlite")
+    j.claim("abc", "a.tif", Path("/w/a"))
+    j.start("abc")
+    j.start("abc")
+    j.close()
+    reopened = Journal(tmp_path / "j.sqlite")
+    scene = reopened.get("abc")
+    assert scene is not None and (scene.state, scene.attempts) == ("processing", 2)
+    assert [s.scene_id for s in reopened.scenes("processing")] == ["abc"]
+
+
+def test_outbox_order_exclude_and_acknowledge(journal: Journal) -> None:
+    for i in range(4):
+        journal.enqueue(Message(f"m{i}", "t", str(i)))
+    assert [m.msg_id for m in journal.pending(limit=2)] == ["m0", "m1"]
+    assert [m.msg_id for m in journal.pending(exclude={"m0", "m2"})] == ["m1", "m3"]
+    journal.acknowledge("m1")
+    assert journal.outbox_depth() == 3
+    assert [m.msg_id for m in journal.pending()] == ["m0", "m2", "m3"]
+    journal.acknowledge("m0", "m3", "unknown")
+    journal.acknowledge()
+    assert [m.msg_id for m in journal.pending()] == ["m2"]
+
+
+def test_start_unknown_scene_raises(journal: Journal) -> None:
+    with pytest.raises(KeyError):
+        journal.start("nope")
