@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from appliance.contract.bundle import load_bundle
 from export.cli import app
-from tests.export.test_data import write_geotiff_chips
+from tests.helpers.chips import write_geotiff_chips
 from tests.helpers.torch_bundle import write_colour_chips
 
 runner = CliRunner()

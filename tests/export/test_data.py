@@ -6,8 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
-from rasterio.transform import from_origin
 
 from export.data import (
     DataError,
@@ -18,24 +16,8 @@ from export.data import (
     scan,
     stratified_split,
 )
-from tests.appliance.contract.test_image_files import ALL_SUFFIXES, write_chip
+from tests.helpers.chips import ALL_SUFFIXES, write_chip, write_geotiff_chips
 from tests.helpers.torch_bundle import write_colour_chips
-
-
-def write_geotiff_chips(root: Path, per_class: int = 6, bands: int = 4, size: int = 24) -> Path:
-    """An ImageFolder of uint8 GeoTIFF chips with ``bands`` bands, class = brightest band."""
-    rng = np.random.default_rng(1)
-    for k, name in enumerate(["bright", "dark", "mid"]):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            chip = rng.integers(0, 60, size=(bands, size, size)) + 60 * k
-            with rasterio.open(folder / f"{i}.tif", "w", driver="GTiff", width=size,
-                               height=size, count=bands, dtype="uint8", crs="EPSG:32633",
-                               transform=from_origin(500000, 4000000, 1, 1)) as dst:
-                dst.write(chip.astype(np.uint8))
-                dst.descriptions = tuple(f"band{j}" for j in range(bands))
-    return root
 
 
 def test_imagefolder_scan_and_split(tmp_path: Path) -> None:

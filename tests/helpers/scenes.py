@@ -2,7 +2,7 @@
 
 Scenes are written in row strips (windowed writes), so even a large test scene never
 exists whole in memory. Class colours are the colour bundle's pure colours
-(tests/colour_bundle.py), so the colour classifier's predictions are known.
+(tests/helpers/colour_bundle.py), so the colour classifier's predictions are known.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import rasterio
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from appliance.contract.bundle import InputSpec
 from tests.helpers.colour_bundle import PURE
 
 Layout = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -106,3 +107,7 @@ def write_scene(
                 data[:, np.broadcast_to(edge, (h, width))] = nodata
             dst.write(data.astype(dtype), window=Window(0, row0, width, h))
     return path
+
+
+SPEC = InputSpec(bands=["red", "green", "blue"], value_range=(0, 255), mean=[127.5] * 3,
+                 std=[127.5] * 3, size=32)

@@ -30,9 +30,9 @@ from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.model.store import ModelStore
 from appliance.scene.cells import SceneCells
 from appliance.scene.pipeline import process_scene
-from tests.appliance.test_app import DaemonProc, P
 from tests.conftest import Broker
 from tests.helpers.colour_scenes import BLUE_CAST, colour_scene
+from tests.helpers.daemon import DaemonProc, P
 from tests.helpers.mqtt_listener import Listener, topic_endswith, topic_is
 from tests.helpers.paths import REPO
 from tests.helpers.scenes import quarters, write_scene

@@ -7,31 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
-from PIL import Image
-from rasterio.transform import from_origin
 
 from appliance.contract.bundle import load_bundle
 from appliance.contract.image_files import IMAGE_SUFFIXES, RASTER_SUFFIXES, is_image, is_raster
 from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.retrieval.service import load_image
+from tests.helpers.chips import ALL_SUFFIXES, write_chip
 from tests.helpers.colour_bundle import INPUT_SIZE, PURE
-
-ALL_SUFFIXES = sorted(IMAGE_SUFFIXES | {s.upper() for s in IMAGE_SUFFIXES})
-
-
-def write_chip(path: Path, colour: tuple[int, int, int], size: int = 40) -> Path:
-    """A flat-coloured 3-band uint8 chip: GeoTIFF via rasterio, otherwise Pillow."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if is_raster(path):
-        data = np.broadcast_to(np.asarray(colour, np.uint8)[:, None, None], (3, size, size))
-        with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3,
-                           dtype="uint8", crs="EPSG:32633",
-                           transform=from_origin(500000, 4000000, 1, 1)) as dst:
-            dst.write(data)
-    else:
-        Image.new("RGB", (size, size), colour).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,10 @@ from appliance.ingest.journal import Journal
 from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.retrieval.index import TileIndex
 from appliance.retrieval.service import RESPONSE_SCHEMA, RetrievalService
-from tests.appliance.retrieval.test_index import CLASSES, outcome
 from tests.conftest import Broker
 from tests.helpers.colour_bundle import EMBED_DIM, PURE
 from tests.helpers.mqtt_listener import Listener
+from tests.helpers.outcomes import CLASSES, outcome
 from tests.helpers.scenes import quarters, write_scene
 
 

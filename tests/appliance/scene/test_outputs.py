@@ -26,20 +26,13 @@ from appliance.scene.outputs import (
     write_landuse,
     write_quicklook,
 )
+from tests.helpers.geo import local_area
 
 CLASSES = [ClassSpec(name="urban", colour=(200, 40, 40)),
            ClassSpec(name="water", colour=(40, 40, 200))]
 UTM = CRS.from_epsg(32633)
 
 
-def _local_area(lat_deg: float, dlon_deg: float, dlat_deg: float) -> float:
-    """Independent check: M * N * cos(lat) * dlat * dlon with the WGS84 radii of curvature."""
-    a, f = 6378137.0, 1 / 298.257223563
-    e2 = f * (2 - f)
-    lat = math.radians(lat_deg)
-    w = math.sqrt(1 - e2 * math.sin(lat) ** 2)
-    m, n = a * (1 - e2) / w**3, a / w
-    return m * n * math.cos(lat) * math.radians(dlat_deg) * math.radians(dlon_deg)
 
 
 def test_ellipsoidal_area_of_a_degree_cell_at_the_equator() -> None:
@@ -52,7 +45,7 @@ def test_geographic_cell_areas_match_local_radii() -> None:
     windows = np.array([[0, 0, 100, 100]])
     t = from_origin(10.0, 45.0, 1e-4, 1e-4)
     area = cell_areas_m2(windows, t, CRS.from_epsg(4326))[0]
-    assert area == pytest.approx(_local_area(44.995, 0.01, 0.01), rel=1e-4)
+    assert area == pytest.approx(local_area(44.995, 0.01, 0.01), rel=1e-4)
 
 
 def test_utm_cell_areas_are_close_to_planar() -> None:

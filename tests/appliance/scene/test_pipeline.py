@@ -18,8 +18,8 @@ from appliance.contract.bundle import load_bundle
 from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.scene.outputs import NODATA
 from appliance.scene.pipeline import SceneError, SceneOutcome, process_scene
-from tests.appliance.scene.test_outputs import _local_area
 from tests.conftest import shared_data
+from tests.helpers.geo import local_area
 from tests.helpers.scenes import halves, quarters, write_scene
 
 
@@ -113,7 +113,7 @@ def test_geographic_scene_areas(tmp_path: Path, runtime: ModelRuntime) -> None:
     scene = write_scene(tmp_path / "geo.tif", crs="EPSG:4326", size=(128, 128))
     out = run(scene, runtime, tmp_path)
     assert out.crs == "EPSG:4326"
-    expected_ha = _local_area(45.0 - 0.0064, 0.0128, 0.0128) / 1e4
+    expected_ha = local_area(45.0 - 0.0064, 0.0128, 0.0128) / 1e4
     assert sum(out.areas_ha.values()) == pytest.approx(expected_ha, rel=1e-3)
     assert out.bounds_wgs84 == pytest.approx(out.bounds)
     doc = json.loads(Path(out.outputs["geojson"]).read_text())

@@ -10,13 +10,9 @@ import pytest
 import rasterio
 
 from appliance.config import InputConfig
-from appliance.contract.bundle import InputSpec
 from appliance.scene.raster import SceneError, open_scene
 from tests.helpers.colour_bundle import PURE
-from tests.helpers.scenes import halves, write_scene
-
-SPEC = InputSpec(bands=["red", "green", "blue"], value_range=(0, 255), mean=[127.5] * 3,
-                 std=[127.5] * 3, size=32)
+from tests.helpers.scenes import SPEC, halves, write_scene
 
 
 def cfg(**kw: object) -> InputConfig:

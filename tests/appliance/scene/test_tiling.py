@@ -12,8 +12,7 @@ from rasterio.transform import from_origin
 from appliance.config import InputConfig
 from appliance.scene.raster import SceneError, open_scene
 from appliance.scene.tiling import Batch, CellGrid, iter_batches, read_ahead
-from tests.appliance.scene.test_raster import SPEC
-from tests.helpers.scenes import write_scene
+from tests.helpers.scenes import SPEC, write_scene
 
 
 def test_grid_covers_the_scene_with_partial_last_cells() -> None:
