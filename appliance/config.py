@@ -9,9 +9,10 @@ to a default. ``explain_errors`` turns a ``ValidationError`` into one line per k
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -21,6 +22,10 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+log = logging.getLogger(__name__)
+
+EX_CONFIG = 78  # sysexits.h: a configuration error; the unit file does not restart on it
+
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors."""
@@ -29,14 +34,32 @@ class Section(BaseModel):
 
 
 class PathsConfig(Section):
-    """Where the appliance keeps its state on disk (see DESIGN.md, 'Appliance state')."""
+    """Where the appliance keeps its files: the drop zone, claimed and finished inputs, one
+    folder of outputs per scene, failed inputs with why, and its state (journal, index,
+    model store)."""
 
     inbox: Path = Path("/var/lib/terratile/inbox")
     work: Path | None = None
-    outbox: Path = Path("/var/lib/terratile/outbox")
+    results: Path = Field(default=Path("/var/lib/terratile/results"),
+                          description="One folder of outputs per scene (results/<scene_id>/).")
     failed: Path = Path("/var/lib/terratile/failed")
     processed: Path | None = None
     state: Path = Path("/var/lib/terratile/state")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _outbox_is_results(cls, data: Any) -> Any:
+        """``paths.outbox`` is the old name of ``paths.results`` (the MQTT outbox is a
+        journal table, not this folder): still read, with a warning."""
+        if isinstance(data, dict) and "outbox" in data:
+            data = dict(data)
+            old = data.pop("outbox")
+            if "results" in data:
+                raise ValueError("paths.outbox is the deprecated name of paths.results: "
+                                 "give only paths.results")
+            log.warning("paths.outbox is deprecated: call it paths.results")
+            data["results"] = old
+        return data
 
     @property
     def work_dir(self) -> Path:
@@ -64,9 +87,9 @@ class ModelConfig(Section):
     trt_fp16: bool = True
     cuda_tf32: bool = Field(
         default=False,
-        description="Let the CUDA provider use TF32 matmuls/convolutions: ~8 % faster on an "
-        "H100, but features then differ from the CPU-computed drift reference and source bank "
-        "by up to 2e-2 (1e-5 without).",
+        description="Let the CUDA provider use TF32 matmuls/convolutions: a little faster, "
+        "but features then drift from the CPU-computed drift reference and source bank by "
+        "orders of magnitude more than in fp32 (benchmarks/gpu_runtime.py).",
     )
     trt_engine_cache: Path | None = Field(
         default=None, description="TensorRT engine cache; defaults to state/trt-cache."
@@ -117,7 +140,10 @@ class InputConfig(Section):
 class TilingConfig(Section):
     """The GID multi-scale grid: co-centred windows at every scale around each cell centre."""
 
-    scales: list[int] = Field(default_factory=lambda: [56, 112, 224])
+    scales: list[int] | None = Field(
+        default=None,
+        description="Window sizes, px; default: the bundle's (set at export with "
+        "`terratile-export bundle --scales`).")
     cell: int | None = Field(default=None, gt=0, description="Grid step, px; default min(scales).")
     batch_size: int = Field(default=32, ge=1)
     fusion: Literal["mean", "max", "weighted"] = "mean"
@@ -132,12 +158,28 @@ class TilingConfig(Section):
 
     @model_validator(mode="after")
     def _weights_match(self) -> TilingConfig:
-        if not self.scales or any(s <= 0 for s in self.scales):
+        if self.scales is not None and (not self.scales or any(s <= 0 for s in self.scales)):
             raise ValueError("scales must be a non-empty list of positive pixel sizes")
-        weights_ok = self.weights is not None and len(self.weights) == len(self.scales)
-        if self.fusion == "weighted" and not weights_ok:
+        if self.fusion == "weighted" and self.weights is None:
             raise ValueError("fusion 'weighted' needs one weight per scale")
+        if self.scales is not None and self.weights is not None and (
+                len(self.weights) != len(self.scales)):
+            raise ValueError("weights need one weight per scale")
         return self
+
+    def for_bundle(self, bundle_scales: list[int]) -> ResolvedTiling:
+        """This tiling with the bundle's scales where none are configured."""
+        scales = list(self.scales or bundle_scales)
+        if self.weights is not None and len(self.weights) != len(scales):
+            raise ValueError(f"tiling.weights has {len(self.weights)} weights for the "
+                             f"{len(scales)} scales {scales} (the bundle's)")
+        return ResolvedTiling(**{**self.model_dump(), "scales": scales})
+
+
+class ResolvedTiling(TilingConfig):
+    """A tiling whose scales are known (configured, or the bundle's)."""
+
+    scales: list[int]
 
     @property
     def cell_size(self) -> int:
@@ -401,12 +443,22 @@ class _EnvOnly(Settings):
         return (env_settings,)
 
 
-_PATH_KEYS = {
-    ("paths", "inbox"), ("paths", "work"), ("paths", "outbox"), ("paths", "failed"),
-    ("paths", "processed"), ("paths", "state"), ("model", "bundle"),
-    ("model", "trt_engine_cache"), ("mqtt", "password_file"), ("mqtt", "tls", "ca_certs"),
-    ("mqtt", "tls", "certfile"), ("mqtt", "tls", "keyfile"),
-}
+def _path_keys(model: type[BaseModel], lists: bool, prefix: tuple[str, ...] = ()
+               ) -> set[tuple[str, ...]]:
+    """Keys whose values are paths (``lists``: lists of paths), read from the field types
+    of ``model`` and its nested sections."""
+    keys: set[tuple[str, ...]] = set()
+    for name, info in model.model_fields.items():
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            keys |= _path_keys(kind, lists, (*prefix, name))
+        elif (get_origin(kind) is list) == lists and (kind is Path or Path in get_args(kind)):
+            keys.add((*prefix, name))
+    return keys
+
+
+_PATH_KEYS = {*_path_keys(Settings, lists=False), ("paths", "outbox")}  # + deprecated alias
+_PATH_LIST_KEYS = _path_keys(Settings, lists=True)
 
 
 def _resolve_relative(data: dict[str, Any], base: Path, prefix: tuple[str, ...] = ()) -> dict:
@@ -417,7 +469,7 @@ def _resolve_relative(data: dict[str, Any], base: Path, prefix: tuple[str, ...] 
             out[key] = _resolve_relative(value, base, here)
         elif here in _PATH_KEYS and isinstance(value, str) and not Path(value).is_absolute():
             out[key] = str(base / value)
-        elif here == ("retrieval", "allowed_dirs") and isinstance(value, list):
+        elif here in _PATH_LIST_KEYS and isinstance(value, list):
             out[key] = [str(base / v) if isinstance(v, str) else v for v in value]
         else:
             out[key] = value

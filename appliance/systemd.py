@@ -31,10 +31,6 @@ class Notifier:
         self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and own else None
         self._last_ping = float("-inf")
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def notify(self, *fields: str) -> bool:
         """Send ``KEY=value`` lines; False when not under systemd or the send failed."""
         if self.address is None:

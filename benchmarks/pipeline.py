@@ -105,7 +105,8 @@ def overhead(bundle: Path, tmp: Path, side: int, batch: int, repeats: int) -> di
     settings = make_settings(scales, min(scales), batch)
     scene_path = make_scene(tmp / "overhead.tif", side)
     with open_scene(scene_path, settings.input, runtime.manifest.input) as scene:
-        grid = CellGrid(scene.width, scene.height, settings.tiling.cell_size, tuple(scales))
+        cell = settings.tiling.for_bundle(scales).cell_size
+        grid = CellGrid(scene.width, scene.height, cell, tuple(scales))
         cells = np.flatnonzero(grid.valid(scene, settings.tiling.nodata_fraction))
         batches = [b.tiles for b in iter_batches(scene, grid, cells, runtime.input_size, batch)]
     scene_times, raw_times, outcome = [], [], None

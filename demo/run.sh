@@ -110,9 +110,9 @@ done
 rm -rf "$BOX" && mkdir -p "$BOX"
 cat > "$DEMO/appliance.yaml" <<EOF
 node_id: $NODE
-paths: {inbox: box/inbox, outbox: box/outbox, failed: box/failed, state: box/state}
+paths: {inbox: box/inbox, results: box/results, failed: box/failed, state: box/state}
 model: {bundle: $BUNDLE, providers: [${DEMO_PROVIDERS:-cpu}]}
-tiling: {scales: [32, 64], batch_size: 64}
+tiling: {batch_size: 64}  # scales: the bundle's (--scales at export)
 input: {settle_seconds: 0.5, rescan_seconds: 2}
 mqtt: {port: $PORT, stats_interval: 30}
 EOF
@@ -149,4 +149,4 @@ echo "$GOT_JSON" | "$PY" -m json.tool
 say "terratile status"
 "$BIN/terratile" status --config "$DEMO/appliance.yaml"
 [[ "$GOT_TOPIC" == */result ]] || die "the scene failed (see the payload above)"
-say "demo finished: outputs in $BOX/outbox/"
+say "demo finished: outputs in $BOX/results/"

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import typer
 
+from appliance.cli import scene
+from appliance.cli.index import index_app, query_command
+from appliance.cli.models import models_app
+from appliance.cli.options import show_config_error
 from appliance.config import ConfigError, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -19,21 +23,12 @@ def validate(file: Path) -> None:
     try:
         load_settings(file)
     except ConfigError as exc:
-        typer.echo(f"{file}: invalid configuration", err=True)
-        for line in str(exc).splitlines():
-            typer.echo(f"  {line}", err=True)
+        show_config_error(file, exc)
         raise typer.Exit(1) from exc
     typer.echo(f"{file}: OK")
 
-from appliance.cli import scene as cli_scene  # noqa: E402  (run, process, status)
 
-cli_scene.register(app)
-
-from appliance.cli.models import models_app  # noqa: E402  (models list|rollback|activate|adapt)
-
-app.add_typer(models_app, name="models")
-
-from appliance.cli.index import index_app, query_command  # noqa: E402  (index add|stats, query)
-
-app.add_typer(index_app, name="index")
+scene.register(app)  # run, process, status
+app.add_typer(models_app, name="models")  # list, rollback, activate, adapt
+app.add_typer(index_app, name="index")  # add, stats
 app.command("query")(query_command)

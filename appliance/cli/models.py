@@ -1,8 +1,9 @@
 """``terratile models``: list, roll back, activate and adapt the installed bundle versions.
 
-The store is ``<paths.state>/models`` (see ``appliance.model.store``). Switching versions here
-changes the active pointer on disk; a running daemon picks it up on ``cmd/reload`` (or use
-``cmd/rollback`` over MQTT, which also swaps the head in the running process).
+These go through the same model host and adaptation job as the daemon (same fusion, same
+gate, same switch), on this process. While a daemon runs on the same state folder they
+refuse, naming the MQTT command that asks the daemon to do it: the daemon alone changes
+what it serves.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pathlib import Path
 import typer
 
 from appliance.adapt.adapter import Adapter
-from appliance.cli.options import CONFIG_OPTION, settings_or_exit
+from appliance.adapt.job import AdaptationJobs
+from appliance.cli.options import CONFIG_OPTION, refuse_while_daemon_runs, settings_or_exit
+from appliance.config import Settings
 from appliance.contract.bundle import BundleError
+from appliance.model.host import ModelHost
 from appliance.model.store import ModelStore
 
 models_app = typer.Typer(no_args_is_help=True, help="Installed model versions.")
@@ -37,15 +41,27 @@ def list_versions(config: Path = CONFIG_OPTION,
         typer.echo(f"{mark} v{v.version:<4} {v.name:<24} {parent:<12} {experts}{v.path}")
 
 
-def _switch(config: Path, version: int | None) -> None:
-    store = ModelStore.for_settings(settings_or_exit(config))
-    before = store.active_version()
+def _host(settings: Settings, verb: str, payload: str = "{}") -> ModelHost:
+    """The node's model host without sessions, once no daemon holds the state."""
+    refuse_while_daemon_runs(settings, verb, payload)
     try:
-        bundle = store.rollback() if version is None else store.activate(version)
+        return ModelHost.open(settings, serve=False)
+    except (BundleError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def _switch(config: Path, version: int | None) -> None:
+    settings = settings_or_exit(config)
+    host = (_host(settings, "rollback") if version is None
+            else _host(settings, "activate", json.dumps({"version": version})))
+    before = host.bundle.version
+    try:
+        change = host.rollback() if version is None else host.activate(version)
     except BundleError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    typer.echo(f"active model: v{before} → v{bundle.version} ({bundle.path})")
+    typer.echo(f"active model: v{before} → v{change.bundle.version} ({change.bundle.path})")
 
 
 @models_app.command("rollback")
@@ -65,10 +81,8 @@ def activate(version: int = typer.Argument(..., help="Installed version number."
 def adapt(config: Path = CONFIG_OPTION) -> None:
     """Run one gated adaptation job on the stored target cells now; print its report."""
     settings = settings_or_exit(config)
-    adapter = Adapter(ModelStore.for_settings(settings), settings.adapt, settings.paths.state)
-    try:
-        report = adapter.run("cli")
-    except BundleError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    typer.echo(json.dumps(report.as_dict(), indent=2))
+    host = _host(settings, "adapt")
+    adapter = Adapter(host.store, settings.adapt, settings.paths.state, settings.tiling)
+    jobs = AdaptationJobs(adapter, host, settings.adapt.keep_versions, lambda _report: None)
+    report = jobs.run_here("cli")
+    typer.echo(report.model_dump_json(indent=2))

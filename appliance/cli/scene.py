@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from appliance.cli.options import CONFIG_OPTION, settings_or_exit
-from appliance.config import Settings
+from appliance.config import EX_CONFIG, Settings
 from appliance.contract.bundle import BundleError
 
 
@@ -30,10 +30,8 @@ def run(config: Path = CONFIG_OPTION) -> None:
 
 def process(scene: Path, config: Path = CONFIG_OPTION) -> None:
     """Process one SCENE (no inbox, no journal, no MQTT) and print the result JSON."""
-    from appliance.app import build_result
     from appliance.contract.bundle import sha256_file
-    from appliance.model.runtime import open_runtime
-    from appliance.model.store import open_store
+    from appliance.model.host import ModelHost
     from appliance.scene.pipeline import SceneError, process_scene
 
     settings = settings_or_exit(config)
@@ -42,26 +40,24 @@ def process(scene: Path, config: Path = CONFIG_OPTION) -> None:
         typer.echo(f"{scene}: no such file", err=True)
         raise typer.Exit(2)
     try:
-        bundle = open_store(settings).active()
-        runtime = open_runtime(bundle, settings)
+        host = ModelHost.open(settings)
     except (BundleError, FileNotFoundError) as exc:
         typer.echo(f"cannot load the model: {exc}", err=True)
-        raise typer.Exit(78) from exc
+        raise typer.Exit(EX_CONFIG) from exc
     scene_id = sha256_file(scene)
     try:
-        outcome = process_scene(scene, scene_id, settings.paths.outbox / scene_id, runtime,
-                                settings, probe_sharpness=settings.adapt.enabled,
+        outcome = process_scene(scene, scene_id, settings.paths.results / scene_id,
+                                host.runtime, settings, probe_sharpness=settings.adapt.enabled,
                                 embedding_scale=settings.retrieval.scale)
     except SceneError as exc:
         typer.echo(f"{scene}: {exc.reason}: {exc}", err=True)
         raise typer.Exit(1) from exc
-    typer.echo(build_result(outcome, bundle, settings.node_id, {}).model_dump_json(
-        by_alias=True, indent=2))
+    typer.echo(outcome.result(settings.node_id, None).model_dump_json(by_alias=True, indent=2))
 
 
 def status(config: Path = CONFIG_OPTION) -> None:
     """Print the journal's view as JSON: queue depth, active model, scene counts, outbox."""
-    from appliance.ingest.inbox import ignored
+    from appliance.ingest.inbox import Inbox
     from appliance.ingest.journal import Journal
     from appliance.model.store import ModelStore
 
@@ -76,11 +72,11 @@ def status(config: Path = CONFIG_OPTION) -> None:
         store = ModelStore.for_settings(settings)
         active = store.active_version()
         model = next((v.as_dict() for v in store.versions() if v.version == active), None)
-        queued = [p for p in paths.inbox.iterdir() if p.is_file() and not ignored(p.name)] \
-            if paths.inbox.is_dir() else []
-        work = list(paths.work_dir.iterdir()) if paths.work_dir.is_dir() else []
-        out = {"node_id": settings.node_id, "queue_depth": len(queued) + len(work),
-               "inbox": len(queued), "work": len(work), "model": model,
+        inbox = Inbox(paths.inbox, paths.work_dir, settings.input.settle_seconds,
+                      settings.input.rescan_seconds)
+        inbox.rescan()
+        out = {"node_id": settings.node_id, "queue_depth": inbox.depth(),
+               "inbox": inbox.waiting(), "work": inbox.in_work(), "model": model,
                "scenes": journal.counts(), "outbox_depth": journal.outbox_depth()}
     finally:
         journal.close()

@@ -1,6 +1,6 @@
 """MQTT comms: one object owns the paho-mqtt (v2 API, MQTT 5) client.
 
-What it guarantees (DESIGN.md, 'MQTT'):
+What it guarantees:
 
 * ``<p>/available`` is retained ``online`` while connected; the broker publishes the LWT
   ``offline`` if the box vanishes, and ``stop`` publishes it on a clean shutdown.
@@ -43,6 +43,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance.comms.message import Message, Outbox
+from appliance.comms.topics import AVAILABLE, STATS, STATUS, Topics
 from appliance.config import MQTTConfig
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class Comms:
                  status: Callable[[], str]) -> None:
         self.cfg = cfg
         self.node_id = node_id
-        self.prefix = f"{cfg.topic_prefix}/{node_id}"
+        self.topics = Topics(cfg.topic_prefix, node_id)
         self.outbox = outbox
         self._status = status
         self.connected = threading.Event()
@@ -76,9 +77,6 @@ class Comms:
 
     # -- topics and registration --------------------------------------------------------
 
-    def topic(self, suffix: str) -> str:
-        return f"{self.prefix}/{suffix}"
-
     def on_command(self, verb: str, handler: CommandHandler) -> None:
         """Run ``handler(payload)`` for each non-retained message on ``<p>/cmd/<verb>``."""
         self._commands[verb] = handler
@@ -92,7 +90,7 @@ class Comms:
         """
         self._requests[topic_suffix] = handler
         if self.connected.is_set():
-            self.client.subscribe(self.topic(topic_suffix), qos=1)
+            self.client.subscribe(self.topics.node(topic_suffix), qos=1)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -100,7 +98,7 @@ class Comms:
         cfg = self.cfg
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=mqtt.MQTTv5)
-        client.will_set(self.topic("available"), "offline", qos=1, retain=True)
+        client.will_set(self.topics.node(AVAILABLE), "offline", qos=1, retain=True)
         if cfg.username:
             secret = cfg.password()
             client.username_pw_set(cfg.username,
@@ -136,7 +134,7 @@ class Comms:
         if self._publisher is not None:
             self._publisher.join(timeout=5)
         if self.connected.is_set():
-            info = self.client.publish(self.topic("available"), "offline", qos=1, retain=True)
+            info = self.client.publish(self.topics.node(AVAILABLE), "offline", qos=1, retain=True)
             info.wait_for_publish(timeout=2)
         self.client.disconnect()
         self.client.loop_stop()
@@ -160,13 +158,13 @@ class Comms:
 
     def send(self, suffix: str, payload: str, msg_id: str) -> None:
         """Reliable (QoS 1, via the outbox) message on ``<p>/<suffix>``."""
-        self.outbox.enqueue(Message(msg_id, self.topic(suffix), payload))
+        self.outbox.enqueue(Message(msg_id, self.topics.node(suffix), payload))
         self.kick()
 
     def publish_status(self) -> None:
         """Republish the retained status now (no-op while disconnected; on_connect does it)."""
         if self.connected.is_set():
-            self.client.publish(self.topic("status"), self._status(), qos=1, retain=True)
+            self.client.publish(self.topics.node(STATUS), self._status(), qos=1, retain=True)
 
     def publish_stats(self, payload: str) -> None:
         """QoS 0 with message expiry: stale stats are worthless, never queue them."""
@@ -174,7 +172,7 @@ class Comms:
             return
         props = Properties(PacketTypes.PUBLISH)
         props.MessageExpiryInterval = self.cfg.stats_expiry
-        self.client.publish(self.topic("stats"), payload, qos=0, properties=props)
+        self.client.publish(self.topics.node(STATS), payload, qos=0, properties=props)
 
     def _drain(self) -> None:
         """Publisher thread: outbox rows → paho; PUBACKs → row deletes."""
@@ -221,11 +219,11 @@ class Comms:
             return
         log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
         self.connected.set()
-        client.publish(self.topic("available"), "online", qos=1, retain=True)
-        client.publish(self.topic("status"), self._status(), qos=1, retain=True)
-        client.subscribe(self.topic("cmd/+"), qos=1)
+        client.publish(self.topics.node(AVAILABLE), "online", qos=1, retain=True)
+        client.publish(self.topics.node(STATUS), self._status(), qos=1, retain=True)
+        client.subscribe(self.topics.commands, qos=1)
         for suffix in self._requests:
-            client.subscribe(self.topic(suffix), qos=1)
+            client.subscribe(self.topics.node(suffix), qos=1)
         self._wake.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
@@ -240,9 +238,8 @@ class Comms:
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        cmd_prefix = self.topic("cmd/")
-        if msg.topic.startswith(cmd_prefix):
-            verb = msg.topic[len(cmd_prefix):]
+        verb = self.topics.verb(msg.topic)
+        if verb is not None:
             if msg.retain:
                 log.warning("MQTT: ignoring retained command %s", msg.topic)
                 return
@@ -254,7 +251,7 @@ class Comms:
             self._workers.submit(_guarded, command, bytes(msg.payload))
             return
         for suffix, request in self._requests.items():
-            if msg.topic == self.topic(suffix):
+            if msg.topic == self.topics.node(suffix):
                 self._workers.submit(self._answer, suffix, request, msg)
                 return
 
@@ -272,11 +269,9 @@ class Comms:
         if correlation is not None:
             props.CorrelationData = correlation
         if not response_topic:
-            base = suffix.rsplit("/", 1)[0] if "/" in suffix else suffix
             request_id = reply.get("request_id")
-            response_topic = self.topic(f"{base}/response")
-            if isinstance(request_id, str) and request_id:
-                response_topic += f"/{request_id}"
+            response_topic = self.topics.response(
+                suffix, request_id if isinstance(request_id, str) else None)
         self.client.publish(response_topic, json.dumps(reply), qos=1, properties=props)
 
 

@@ -6,11 +6,13 @@ place and flush the directory, so after a power cut a reader finds the old file 
 new one, whole, never a torn one. One SQLite connection (``open_sqlite``): WAL, full
 synchronous commits and a busy timeout, so the daemon's writes survive power loss and a
 CLI reading concurrently waits instead of failing; ``transaction`` is its one
-``BEGIN IMMEDIATE`` … ``COMMIT``.
+``BEGIN IMMEDIATE`` … ``COMMIT``. One lock on the state folder (``StateLock``) for the
+process that owns it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -90,3 +92,44 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+class StateLock:
+    """The running daemon's exclusive hold on its state folder (``flock`` on
+    ``<state>/daemon.lock``), released by the kernel when the process dies.
+
+    A second daemon on the same state refuses to start, and CLI commands that change the
+    model store refuse while a daemon runs instead of changing what it serves under it.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / "daemon.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False when another process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def held_elsewhere(self) -> bool:
+        """Whether another process holds the lock now."""
+        if self._fd is not None:
+            return False
+        if not self.acquire():
+            return True
+        self.release()
+        return False

@@ -114,10 +114,22 @@ class Inbox:
         """End a ``wait`` early (new work queued, stop requested)."""
         self._wake.set()
 
-    def depth(self) -> int:
+    def waiting(self) -> int:
         """Files waiting in the inbox (settled or not)."""
         with self._lock:
             return len(self._candidates)
+
+    def in_work(self) -> int:
+        """Claimed files in ``work/``: the one being processed, or left by a crash."""
+        try:
+            folders = [f for f in self.work.iterdir() if f.is_dir()]
+        except FileNotFoundError:
+            return 0
+        return sum(1 for f in folders for p in f.iterdir() if p.is_file())
+
+    def depth(self) -> int:
+        """The queue: scenes not finished yet, waiting in the inbox or claimed in ``work/``."""
+        return self.waiting() + self.in_work()
 
     def ready(self) -> list[Path]:
         """Candidates whose size and mtime held still for ``settle_seconds``, oldest first."""

@@ -29,11 +29,11 @@ from appliance.contract.durable import open_sqlite, transaction
 
 STATES = ("claimed", "processing", "done", "failed")
 
-_SCHEMA = """
+_SCHEMA_TEMPLATE = """
 CREATE TABLE IF NOT EXISTS scenes (
     scene_id   TEXT PRIMARY KEY,
     source     TEXT NOT NULL,
-    state      TEXT NOT NULL CHECK (state IN ('claimed', 'processing', 'done', 'failed')),
+    state      TEXT NOT NULL CHECK (state IN ({states})),
     attempts   INTEGER NOT NULL DEFAULT 0,
     work_path  TEXT,
     reason     TEXT,
@@ -52,11 +52,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     created  REAL NOT NULL
 );
 """
+_SCHEMA = _SCHEMA_TEMPLATE.format(states=", ".join(f"'{s}'" for s in STATES))
 
 
 @dataclass(frozen=True)
-class Scene:
-    """One journal row."""
+class SceneRecord:
+    """A scene as the journal knows it: one row of the ``scenes`` table."""
 
     scene_id: str
     source: str
@@ -69,7 +70,7 @@ class Scene:
 
 
 class Journal:
-    """Scene states and the outbox in ``state/journal.sqlite`` (WAL mode)."""
+    """SceneRecord states and the outbox in ``state/journal.sqlite`` (WAL mode)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -89,14 +90,14 @@ class Journal:
 
     # -- scenes -----------------------------------------------------------------------
 
-    def get(self, scene_id: str) -> Scene | None:
+    def get(self, scene_id: str) -> SceneRecord | None:
         with self._lock:
             row = self._db.execute(
                 "SELECT scene_id, source, state, attempts, work_path, reason, message, result "
                 "FROM scenes WHERE scene_id = ?", (scene_id,)).fetchone()
         return _scene(row) if row else None
 
-    def scenes(self, *states: str) -> list[Scene]:
+    def scenes(self, *states: str) -> list[SceneRecord]:
         """Scenes in any of ``states`` (all when none given), oldest first."""
         query = ("SELECT scene_id, source, state, attempts, work_path, reason, message, result "
                  "FROM scenes")
@@ -108,7 +109,7 @@ class Journal:
             rows = self._db.execute(query + " ORDER BY created", args).fetchall()
         return [_scene(r) for r in rows]
 
-    def claim(self, scene_id: str, source: str, work_path: Path) -> Scene:
+    def claim(self, scene_id: str, source: str, work_path: Path) -> SceneRecord:
         """Record a claimed file; a known scene keeps its state and attempts.
 
         A scene that failed before is claimed afresh (state ``claimed``, attempts 0): the
@@ -207,7 +208,7 @@ def _insert(db: sqlite3.Connection, m: Message) -> bool:
     return cur.rowcount > 0
 
 
-def _scene(row: tuple) -> Scene:
-    return Scene(row[0], row[1], row[2], int(row[3]), Path(row[4]) if row[4] else None,
+def _scene(row: tuple) -> SceneRecord:
+    return SceneRecord(row[0], row[1], row[2], int(row[3]), Path(row[4]) if row[4] else None,
                  row[5], row[6], row[7])
 

@@ -3,12 +3,13 @@
 A bundle adapted in the field holds more than one expert (``bundle.Domain``): the source
 model and one calibrated to the sensor the box drifted to. Which one classifies a scene is
 decided before any tile is read, from the scene's per-band mean and standard deviation
-(the pipeline's rescaled overview sample): the expert whose signature is nearest in
-``radiometric_distance`` wins. The source's signature is the bundle's ``reference.json``.
+(the pipeline's rescaled overview sample) and sharpness (a few probe tiles): the expert
+whose signature (``contract.signature``) is nearest wins. The source's signature is the
+bundle's ``reference.json``.
 
 Why route rather than replace: re-standardising the input towards a new sensor is what
 recovers most of a radiometric shift, but applied to source-sensor imagery the same map is
-a shift of its own (measured on AID: −15 points on clean images when calibrated fully).
+a shift of its own (``benchmarks/adaptation.py`` measures what it costs clean scenes).
 A box that sees both sensors, or goes back to the first, needs both experts.
 """
 

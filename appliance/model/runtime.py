@@ -117,7 +117,7 @@ def open_session(model: Path | bytes, plan: ProviderPlan) -> ort.InferenceSessio
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # infer() runs backbone, classifier and embedder back to back, each with its own
     # thread pool: spinning idle threads of one pool hold the cores the next one needs
-    # (16-core box, CPU: the 3-session chain took 45 ms with spinning, 14 ms without).
+    # (the chain is several times slower with spinning: benchmarks/gpu_runtime.py).
     opts.add_session_config_entry(SPINNING, "0")
     if plan.intra_op_threads:
         opts.intra_op_num_threads = plan.intra_op_threads
@@ -238,13 +238,18 @@ class ModelRuntime:
         feats = self.features(tiles, domain)
         return Inference(feats, self.probs(feats, domain), self.embed(feats))
 
+    def serves(self, bundle: Bundle) -> bool:
+        """Whether ``bundle`` can run on these sessions: same backbone and embedder files
+        (its experts' heads, input specs and backbones are opened by ``open_experts``)."""
+        return all(bundle.manifest.files.get(f) == self.manifest.files.get(f)
+                   for f in (BACKBONE, EMBEDDER))
+
     def adopt(self, bundle: Bundle, experts: Experts | None = None) -> bool:
         """Run ``bundle`` with the sessions in hand when only experts (heads, input specs,
         re-normalised backbones) changed (adaptation, rollback), with ``experts`` from
         ``open_experts`` if given; False when the bundle's own backbone or embedder
         differs, and a new runtime is needed."""
-        files = (BACKBONE, EMBEDDER)
-        if any(bundle.manifest.files.get(f) != self.manifest.files.get(f) for f in files):
+        if not self.serves(bundle):
             return False
         if experts is None or set(experts) != {None, *(d.name for d in bundle.manifest.domains)}:
             experts = self._open_experts(bundle, self._experts)

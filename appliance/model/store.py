@@ -123,16 +123,16 @@ class ModelStore:
         atomic_write_text(self._pointer, json.dumps({"version": version}))
         return bundle
 
-    def rollback(self) -> Bundle:
-        """Activate the parent of the active version (or the newest older one)."""
-        active = self.active()
-        target = active.manifest.parent
-        if target is None:
-            older = [v.version for v in self.versions() if v.version < active.version]
-            if not older:
-                raise BundleError(f"version {active.version} has no earlier version")
-            target = max(older)
-        return self.activate(target)
+    def rollback_target(self, version: int) -> int:
+        """The version a rollback from ``version`` goes to: its parent, or the newest older
+        installed version; ``BundleError`` if there is none."""
+        parent = read_manifest(self.dir_for(version)).parent
+        if parent is not None:
+            return parent
+        older = [v.version for v in self.versions() if v.version < version]
+        if not older:
+            raise BundleError(f"version {version} has no earlier version")
+        return max(older)
 
     def lineage(self, version: int) -> list[int]:
         """``version`` and its ancestors back to a source (a version without parent)."""

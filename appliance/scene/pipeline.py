@@ -23,6 +23,7 @@ import rasterio
 
 from appliance.config import Settings
 from appliance.contract.bundle import Bundle, Manifest
+from appliance.contract.payloads import ClassShare, ModelRef, SceneResult, result_msg_id
 from appliance.contract.signature import Signature, scene_signature
 from appliance.scene.cells import SceneCells
 from appliance.scene.fusion import fuse
@@ -97,6 +98,19 @@ class SceneOutcome:
     timings: dict[str, float]  # "read" runs in a thread beside "infer": they overlap
     tiles: int
     cells: SceneCells
+    model: ModelRef  # the bundle, and the expert the scene was routed to
+
+    def result(self, node_id: str, drift: dict[str, Any]) -> SceneResult:
+        """The ``scene-result`` payload (its msg_id derived from the scene id)."""
+        return SceneResult(
+            msg_id=result_msg_id(self.scene_id), node_id=node_id, scene_id=self.scene_id,
+            source=self.source, model=self.model, crs=self.crs, bounds=self.bounds,
+            bounds_wgs84=self.bounds_wgs84, width=self.width, height=self.height,
+            classes={name: ClassShare(fraction=self.fractions[name],
+                                      area_ha=self.areas_ha.get(name, 0.0))
+                     for name in self.fractions},
+            mean_confidence=self.mean_confidence, outputs=self.outputs, timings=self.timings,
+            tiles=self.tiles, drift=drift)
 
 
 class _Reservoir:
@@ -194,8 +208,8 @@ def _process(
     scene: Scene, path: Path, scene_id: str, out_dir: Path, runtime: SceneModel,
     settings: Settings, t_start: float, probe_sharpness: bool, embedding_scale: int | None,
 ) -> SceneOutcome:
-    tiling = settings.tiling
     manifest = runtime.manifest
+    tiling = settings.tiling.for_bundle(manifest.scales)
     grid = CellGrid(scene.width, scene.height, tiling.cell_size, tuple(tiling.scales))
     valid = grid.valid(scene, tiling.nodata_fraction)
     if not valid.any():
@@ -249,7 +263,8 @@ def _process(
     timings = {"read": round(t_read, 4), "infer": round(t_infer, 4),
                "write": round(t_end - t_write0, 4), "total": round(t_end - t_start, 4)}
     write_json(Path(outcome.outputs["summary"]),
-               {**_summary(outcome, runtime, settings, grid), "rescale": scene.rescale.as_dict(),
+               {**_summary(outcome, runtime, tiling.fusion, grid),
+                "rescale": scene.rescale.as_dict(),
                 "timings": timings})
     log.info("scene %s: %d cells (%d valid), %d tiles, %.2fs", scene_id[:12], n,
              int(valid.sum()), tiles, timings["total"])
@@ -263,6 +278,7 @@ def _write_outputs(
 ) -> SceneOutcome:
     manifest = runtime.manifest
     classes = manifest.classes
+    model = ModelRef.of(manifest, domain)
     out_dir.mkdir(parents=True, exist_ok=True)
     windows = grid.windows()
     bounds = windows_bounds(windows, scene.ds.transform)
@@ -309,8 +325,7 @@ def _write_outputs(
     item = stac_item(
         scene_id=scene_id, source=path.name, crs=scene.crs, bounds=scene_bounds,
         scene_shape=(scene.height, scene.width), cmap=cmap, outputs=assets,
-        properties={"terratile:model": {"name": manifest.name, "version": manifest.version,
-                                        "domain": domain},
+        properties={"terratile:model": model.model_dump(),
                     "terratile:fractions": fractions, "terratile:areas_ha": areas_ha},
     )
     write_json(files["stac"], item)
@@ -320,7 +335,7 @@ def _write_outputs(
         width=scene.width, height=scene.height, fractions=fractions, areas_ha=areas_ha,
         mean_confidence=float(confidence[valid].mean()),
         outputs={key: str(f.resolve()) for key, f in files.items()},
-        timings={}, tiles=tiles, cells=cells,
+        timings={}, tiles=tiles, cells=cells, model=model,
     )
 
 
@@ -337,7 +352,7 @@ def _write_hybrid(path: Path, scene: Scene, grid: CellGrid, cmap: ClassMap,
     write_landuse(path, hybrid, transform, cmap.crs, cmap.classes)
 
 
-def _summary(outcome: SceneOutcome, runtime: SceneModel, settings: Settings,
+def _summary(outcome: SceneOutcome, runtime: SceneModel, fusion: str,
              grid: CellGrid) -> dict[str, Any]:
     """``summary.json``: what the scene contains, per class, and how it was computed."""
     manifest = runtime.manifest
@@ -346,15 +361,14 @@ def _summary(outcome: SceneOutcome, runtime: SceneModel, settings: Settings,
         "schema": SUMMARY_SCHEMA,
         "scene_id": outcome.scene_id,
         "source": outcome.source,
-        "model": {"name": manifest.name, "version": manifest.version,
-                  "domain": outcome.cells.domain},
+        "model": outcome.model.model_dump(),
         "crs": outcome.crs,
         "bounds": list(outcome.bounds),
         "bounds_wgs84": list(outcome.bounds_wgs84),
         "width": outcome.width,
         "height": outcome.height,
         "grid": {"cell": grid.cell, "rows": grid.rows, "cols": grid.cols,
-                 "scales": list(grid.scales), "fusion": settings.tiling.fusion},
+                 "scales": list(grid.scales), "fusion": fusion},
         "cells": {"total": len(valid), "valid": int(valid.sum()),
                   "nodata": int((~valid).sum())},
         "classes": {name: {"fraction": outcome.fractions[name], "area_ha": outcome.areas_ha[name]}

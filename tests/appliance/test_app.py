@@ -72,7 +72,11 @@ def test_dropped_scene_yields_result_with_outputs(daemon: DaemonProc, broker: Br
     assert not any(daemon.inbox.iterdir())
     status = listener.wait_for(lambda m: m.topic == f"{P}/status"
                                and json.loads(m.payload)["state"] == "ready")[-1]
-    assert status.retain or json.loads(status.payload)["model"]["version"] == 1
+    assert json.loads(status.payload)["model"]["version"] == 1
+    late = Listener(broker.port, f"{P}/status")  # joins later: gets the retained status
+    retained = late.wait_for(lambda m: m.topic == f"{P}/status")[0]
+    assert retained.retain and json.loads(retained.payload)["state"] == "ready"
+    late.close()
     assert listener.wait_for(lambda m: m.topic == f"{P}/stats")
     assert daemon.terminate() == 0
     listener.close()
@@ -142,7 +146,7 @@ def test_broker_outage_and_daemon_kill_lose_no_result(tmp_path: Path,
         d.wait(lambda: sum(st == "done" for st, _ in d.scenes().values()) == 3, "3 done")
         waiting = [t for t in d.outbox_topics() if t.endswith("/result")]
         assert len(waiting) == 3  # nothing acknowledged: the broker is down
-        outputs = {scene_id_of(s): (d.root / "outbox" / scene_id_of(s) / "landuse.tif")
+        outputs = {scene_id_of(s): (d.root / "results" / scene_id_of(s) / "landuse.tif")
                    .stat().st_mtime_ns for s in scenes}
         d.kill()  # the results exist only in the journal's outbox now
         broker.start()
@@ -153,7 +157,7 @@ def test_broker_outage_and_daemon_kill_lose_no_result(tmp_path: Path,
         d.wait(lambda: d.outbox_topics() == [], "outbox drained")
         assert all(attempts == 1 for _, attempts in d.scenes().values())  # not recomputed
         for sid, mtime in outputs.items():
-            assert (d.root / "outbox" / sid / "landuse.tif").stat().st_mtime_ns == mtime
+            assert (d.root / "results" / sid / "landuse.tif").stat().st_mtime_ns == mtime
         time.sleep(1.0)
         assert len(listener.matching(results)) == 3
     finally:
@@ -196,7 +200,7 @@ def test_sigkill_mid_scene_then_restart_publishes_once(daemon: DaemonProc, broke
                 "work/ emptied")
     # The same bytes dropped again under another name: recognised, not recomputed; the
     # stored result is re-announced under the same msg_id.
-    landuse = daemon.root / "outbox" / sid / "landuse.tif"
+    landuse = daemon.root / "results" / sid / "landuse.tif"
     mtime = landuse.stat().st_mtime_ns
     daemon.drop(scene, name="again.tif")
     again = listener.wait_for(results, count=2)

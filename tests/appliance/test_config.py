@@ -88,3 +88,27 @@ def test_validate_command_output(tmp_path: Path) -> None:
     assert "mqtt.prot: unknown key" in res.output and "tiling" in res.output
     missing = runner.invoke(app, ["config", "validate", str(tmp_path / "none.yaml")])
     assert missing.exit_code == 1 and "not found" in missing.output
+
+
+def test_paths_outbox_is_read_as_results_with_a_warning(tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    settings = load_settings(write(tmp_path, {"paths": {"outbox": "out"}}))
+    assert settings.paths.results == tmp_path / "out"  # relative to the file, like the rest
+    assert "paths.outbox is deprecated" in caplog.text
+    with pytest.raises(ConfigError, match=r"give only paths\.results"):
+        load_settings(write(tmp_path, {"paths": {"outbox": "a", "results": "b"}}))
+
+
+def test_scales_default_to_the_bundles_and_weights_must_match(tmp_path: Path) -> None:
+    tiling = load_settings(write(tmp_path, {})).tiling
+    assert tiling.scales is None
+    assert tiling.for_bundle([32, 64]).scales == [32, 64]
+    assert tiling.for_bundle([32, 64]).cell_size == 32
+    own = load_settings(write(tmp_path, {"tiling": {"scales": [16], "cell": 8}})).tiling
+    assert own.for_bundle([32, 64]).scales == [16] and own.for_bundle([32]).cell_size == 8
+    weighted = load_settings(write(tmp_path, {"tiling": {"fusion": "weighted",
+                                                         "weights": [1, 2]}})).tiling
+    with pytest.raises(ValueError, match="2 weights for the 3 scales"):
+        weighted.for_bundle([56, 112, 224])
+    with pytest.raises(ConfigError, match="one weight per scale"):
+        load_settings(write(tmp_path, {"tiling": {"fusion": "weighted"}}))

@@ -20,7 +20,7 @@ UNIT = REPO / "systemd" / "terratile.service"
 
 def test_outside_systemd_everything_is_a_noop() -> None:
     n = Notifier({})
-    assert not n.enabled and not n.ready("x") and not n.watchdog()
+    assert n.address is None and not n.ready("x") and not n.watchdog()
 
 
 def test_notify_datagrams_reach_the_socket(tmp_path: Path) -> None:

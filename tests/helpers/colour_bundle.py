@@ -10,6 +10,7 @@ tests/export and the end-to-end tests.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from appliance.contract.bundle import (
     InputSpec,
     Manifest,
     SourceBank,
+    load_bundle,
     seal_bundle,
 )
 from appliance.contract.layer_stats import measure
@@ -145,3 +147,16 @@ def build_colour_bundle(out: Path, version: int = 1, name: str = "colour-test") 
     )
     seal_bundle(out, manifest)
     return out
+
+
+def versioned_copy(src: Path, dst: Path, version: int, parent: int | None,
+                   head_bias: float = 0.0) -> Path:
+    """A copy of bundle ``src`` sealed as ``version`` with ``parent``; a non-zero
+    ``head_bias`` changes its classifier (an adapted head: same backbone, new head file)."""
+    shutil.copytree(src, dst)
+    if head_bias:
+        w, b = classifier_weights()
+        _save(classifier_graph(w, b + np.float32(head_bias)), dst / "classifier.onnx")
+    manifest = load_bundle(dst).manifest.model_copy(update={"version": version, "parent": parent})
+    seal_bundle(dst, manifest)
+    return dst

@@ -29,7 +29,7 @@ class DaemonProc:
         self.config = root / "appliance.yaml"
         cfg: dict[str, Any] = {
             "node_id": NODE,
-            "paths": {"inbox": "inbox", "outbox": "outbox", "failed": "failed",
+            "paths": {"inbox": "inbox", "results": "results", "failed": "failed",
                       "state": "state"},
             "model": {"bundle": str(bundle), "providers": ["cpu"]},
             "tiling": {"scales": [16, 32], "batch_size": 64},

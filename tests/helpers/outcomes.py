@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from appliance.contract.payloads import ModelRef
 from appliance.scene.cells import SceneCells
 from appliance.scene.pipeline import SceneOutcome
 
@@ -42,4 +43,4 @@ def outcome(scene_id: str, seed: int, n: int = 12, invalid: tuple[int, ...] = ()
     return SceneOutcome(scene_id=scene_id, source=f"{scene_id}.tif", crs="EPSG:32633",
                         bounds=(0, 0, 1, 1), bounds_wgs84=(0, 0, 1, 1), width=64, height=48,
                         fractions={}, areas_ha={}, mean_confidence=0.9, outputs={}, timings={},
-                        tiles=n, cells=cells)
+                        tiles=n, cells=cells, model=ModelRef(name="synthetic", version=1))

@@ -35,7 +35,7 @@ def setup(tmp_path: Path, colour_bundle: Path) -> tuple[Path, Path]:
     Image.new("RGB", (40, 40), PURE["urban"]).save(refs / "misc" / "unlabelled-red.png")
     config = tmp_path / "appliance.yaml"
     config.write_text(yaml.safe_dump({
-        "paths": {"inbox": "inbox", "outbox": "outbox", "failed": "failed", "state": "state"},
+        "paths": {"inbox": "inbox", "results": "results", "failed": "failed", "state": "state"},
         "model": {"bundle": str(colour_bundle), "providers": ["cpu"]},
         "retrieval": {"allowed_dirs": ["refs"]},
     }))

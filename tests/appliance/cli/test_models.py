@@ -10,9 +10,11 @@ import yaml
 from typer.testing import CliRunner
 
 from appliance.adapt.adapter import Adapter
+from appliance.app import App
 from appliance.cli.main import app
 from appliance.config import load_settings
 from appliance.contract.bundle import load_bundle
+from appliance.contract.durable import StateLock
 from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.model.store import ModelStore
 from tests.helpers.colour_scenes import BLUE_CAST, colour_scene
@@ -20,12 +22,15 @@ from tests.helpers.colour_scenes import BLUE_CAST, colour_scene
 runner = CliRunner()
 
 
-def _config(tmp_path: Path) -> Path:
+def _config(tmp_path: Path, fusion: str = "mean") -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "terratile.yaml"
     path.write_text(yaml.safe_dump({
-        "paths": {"state": "state", "inbox": "inbox", "outbox": "outbox", "failed": "failed"},
-        "model": {"providers": ["cpu"]},
+        "paths": {"state": "state", "inbox": "inbox", "results": "results", "failed": "failed"},
+        "model": {"providers": ["cpu"], "warmup": False},
+        "tiling": {"fusion": fusion},
         "adapt": {"min_samples": 20, "store_max_cells": 1000},
+        "mqtt": {"enabled": False},
     }))
     return path
 
@@ -35,14 +40,18 @@ def _tree_sha(path: Path) -> dict[str, str]:
             for p in sorted(path.iterdir()) if p.is_file()}
 
 
-def _seeded(colour_bundle: Path, tmp_path: Path) -> tuple[Path, ModelStore]:
-    config = _config(tmp_path)
-    store = ModelStore(load_settings(config).paths.state / "models")
+def _seeded(colour_bundle: Path, tmp_path: Path, fusion: str = "mean"
+            ) -> tuple[Path, ModelStore]:
+    """A box whose candidate store holds six colour-cast scenes (as the daemon collects)."""
+    config = _config(tmp_path, fusion)
+    settings = load_settings(config)
+    store = ModelStore.for_settings(settings)
     store.install(colour_bundle)
-    runtime = ModelRuntime(store.active(), ProviderPlan(providers=("cpu",)))
-    adapter = Adapter(store, load_settings(config).adapt, load_settings(config).paths.state)
+    bundle = store.active()
+    runtime = ModelRuntime(bundle, ProviderPlan(providers=("cpu",)))
+    adapter = Adapter(store, settings.adapt, settings.paths.state, settings.tiling)
     for seed in range(6):
-        adapter.collect(colour_scene(runtime, 500 + seed, BLUE_CAST)[0])
+        adapter.collect(colour_scene(runtime, 500 + seed, BLUE_CAST)[0], bundle)
     return config, store
 
 
@@ -87,3 +96,38 @@ def test_errors_are_clear(colour_bundle: Path, tmp_path: Path) -> None:
     bad.write_text("adapt: {tau: 3}\n")
     invalid = runner.invoke(app, ["models", "list", "--config", str(bad)])
     assert invalid.exit_code == 78 and "adapt.tau" in invalid.output
+
+
+def test_model_commands_refuse_while_a_daemon_holds_the_state(colour_bundle: Path,
+                                                              tmp_path: Path) -> None:
+    config, store = _seeded(colour_bundle, tmp_path)
+    daemon = StateLock(load_settings(config).paths.state)
+    assert daemon.acquire()
+    try:
+        for args, command in ((["rollback"], "cmd/rollback"), (["adapt"], "cmd/adapt"),
+                              (["activate", "1"], 'cmd/activate -m \'{"version": 1}\'')):
+            result = runner.invoke(app, ["models", *args, "--config", str(config)])
+            assert result.exit_code == 1, result.output
+            assert "daemon is running" in result.output and command in result.output
+        assert store.active_version() == 1 and [v.version for v in store.versions()] == [1]
+    finally:
+        daemon.release()
+
+
+def test_cli_and_daemon_adapt_alike(colour_bundle: Path, tmp_path: Path) -> None:
+    """The same stored candidates, adapted by the CLI and by the daemon's own job."""
+    config, _ = _seeded(colour_bundle, tmp_path / "cli", fusion="max")
+    daemon_config, _ = _seeded(colour_bundle, tmp_path / "daemon", fusion="max")
+    by_cli = runner.invoke(app, ["models", "adapt", "--config", str(config)])
+    assert by_cli.exit_code == 0, by_cli.output
+    node = App(load_settings(daemon_config))
+    node.build()
+    try:
+        by_daemon = node.jobs.run_here("cli") if node.jobs is not None else None
+    finally:
+        node.stop()
+    assert by_daemon is not None
+    cli = json.loads(by_cli.output)
+    assert cli["action"] == by_daemon.action == "promoted"
+    assert cli["gate"] == json.loads(by_daemon.gate.model_dump_json())
+    assert cli["counts"] == by_daemon.counts.model_dump()

@@ -20,7 +20,7 @@ def config(tmp_path: Path, bundle: Path, **extra: object) -> Path:
     path = tmp_path / "appliance.yaml"
     path.write_text(yaml.safe_dump({
         "node_id": "cli-t",
-        "paths": {"inbox": "inbox", "outbox": "outbox", "failed": "failed", "state": "state"},
+        "paths": {"inbox": "inbox", "results": "results", "failed": "failed", "state": "state"},
         "model": {"bundle": str(bundle), "providers": ["cpu"]},
         "tiling": {"scales": [16, 32]},
         **extra,

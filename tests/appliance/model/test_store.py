@@ -34,11 +34,12 @@ def test_install_activate_rollback(colour_bundle: Path, tmp_path: Path) -> None:
     assert listed[2].active and listed[2].parent == 1 and not listed[1].active
 
     before = {p.name: sha256_file(p) for p in store.dir_for(1).iterdir()}
-    assert store.rollback().version == 1
+    assert store.rollback_target(2) == 1
+    assert store.activate(1).version == 1
     after = {p.name: sha256_file(p) for p in store.dir_for(1).iterdir()}
     assert before == after
     with pytest.raises(BundleError, match="no earlier version"):
-        store.rollback()
+        store.rollback_target(1)
 
 
 def test_conflicting_reinstall_and_tampered_version_are_refused(
@@ -71,7 +72,8 @@ def test_prune_keeps_the_active_lineage_and_the_newest_others(colour_bundle: Pat
     assert store.lineage(7) == [7, 6, 5, 1]
     assert store.prune(keep=1) == [2, 3]  # v4 is the newest other; 7, 6, 5, 1 are needed
     assert [v.version for v in store.versions()] == [1, 4, 5, 6, 7]
-    assert store.rollback().version == 6 and store.active().version == 6
+    assert store.rollback_target(7) == 6
+    assert store.activate(6).version == 6 and store.active().version == 6
     assert store.prune(keep=1) == [4]  # v7, rolled back from, is now the newest other
     assert store.prune(keep=0) == [7]
     assert [v.version for v in store.versions()] == [1, 5, 6]

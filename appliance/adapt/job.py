@@ -1,0 +1,108 @@
+"""Adaptation jobs on a running model: the adapter proposes, the model host decides.
+
+A job runs the ``Adapter`` against the bundle that runs now. Its report proposes a change
+(a sealed candidate bundle, or a reset to the source version) and never touches the
+store's active pointer. The job then has the model host install the candidate beside the
+other versions and open (warm) its sessions, off the main loop. Only then, on the main
+loop, the host switches to it; a proposal made for a model that no longer runs (a
+rollback came in meanwhile) is refused. The daemon and ``terratile models adapt`` run the
+same steps; the CLI simply runs them on its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance.adapt.adapter import Adapter
+from appliance.contract.bundle import BundleError
+from appliance.contract.payloads import AdaptationReport
+from appliance.model.host import ModelHost, Staged
+from appliance.scene.cells import SceneCells
+
+log = logging.getLogger(__name__)
+
+Submit = Callable[[Callable[[], None]], None]
+"""Runs a callable on the daemon's main loop."""
+
+
+class AdaptationJobs:
+    """Collects candidates for, schedules and applies adaptation jobs of one model host."""
+
+    def __init__(self, adapter: Adapter, host: ModelHost, keep_versions: int,
+                 on_report: Callable[[AdaptationReport], None]) -> None:
+        self.adapter = adapter
+        self.host = host
+        self.keep_versions = keep_versions
+        self._on_report = on_report  # a job that changed nothing (rejected, skipped)
+
+    @property
+    def running(self) -> bool:
+        return self.adapter.running
+
+    def collect(self, cells: SceneCells) -> int:
+        """Keep a processed scene's cells as candidates for the running model."""
+        return self.adapter.collect(cells, self.host.bundle)
+
+    def due(self, drifting: bool) -> bool:
+        return self.adapter.due(drifting, self.host.bundle)
+
+    def start(self, reason: str, submit: Submit) -> None:
+        """Run a job on a background thread; its outcome is applied through ``submit``."""
+        if self.running:
+            log.info("adaptation (%s) not started: a job is running", reason)
+            return
+        bundle = self.host.bundle
+
+        def job() -> None:
+            report = self.adapter.run(bundle, reason)
+            staged, report = self._stage(report)
+            submit(lambda: self._apply(report, staged))
+
+        threading.Thread(target=job, name="adaptation", daemon=True).start()
+
+    def run_here(self, reason: str) -> AdaptationReport:
+        """Run a job to the end on this thread (``terratile models adapt``)."""
+        report = self.adapter.run(self.host.bundle, reason)
+        staged, report = self._stage(report)
+        return self._apply(report, staged)
+
+    def _stage(self, report: AdaptationReport) -> tuple[Staged | None, AdaptationReport]:
+        """Install a promoted candidate (not activated) or load the reset version, and open
+        its sessions: the slow part, on the job's thread."""
+        candidate = Path(report.candidate) if report.candidate else None
+        try:
+            if report.action == "promoted" and candidate is not None:
+                return self.host.stage(self.host.install(candidate)), report
+            if report.action == "reset" and report.reset_to is not None:
+                return self.host.stage(report.reset_to), report
+        except BundleError as exc:
+            log.error("adaptation: the proposed model cannot run: %s", exc)
+            return None, report.model_copy(update={
+                "action": "rejected", "message": f"the proposed model cannot run: {exc}"})
+        finally:
+            if candidate is not None:
+                self.host.store.discard(candidate)
+        return None, report
+
+    def _apply(self, report: AdaptationReport, staged: Staged | None) -> AdaptationReport:
+        """Switch to a staged proposal made for the model that still runs (main loop)."""
+        if staged is not None and self.host.bundle.version != report.version_before:
+            staged, report = None, report.model_copy(update={
+                "action": "rejected",
+                "message": f"the model changed while adapting (v{report.version_before} → "
+                           f"v{self.host.bundle.version}); the proposal is dropped"})
+        if staged is None:
+            if report.action != "skipped":
+                self._on_report(report)
+            return report
+        report = report.model_copy(update={"version_after": staged.bundle.version,
+                                           "bundle_path": str(staged.bundle.path)})
+        self.host.switch(staged, "adapted" if report.promoted else "reset", report)
+        if report.promoted:
+            pruned = self.host.store.prune(self.keep_versions)
+            if pruned:
+                log.info("pruned model versions %s", pruned)
+        return report

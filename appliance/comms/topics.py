@@ -1,0 +1,60 @@
+"""Every MQTT topic the node publishes or listens on, in one place.
+
+A node's topics live under ``<prefix>/<node_id>`` (``<p>``). Only this module spells
+topic names; everyone else asks it, so a rename or a new topic is one edit and the
+scene lifecycle (which writes result rows into the outbox) and the transport agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+AVAILABLE: Final = "available"  # retained online/offline, LWT
+STATUS: Final = "status"  # retained status payload
+STATS: Final = "stats"  # QoS 0 counters and timings
+DRIFT_EVENTS: Final = "events/drift"
+MODEL_EVENTS: Final = "events/model"
+RETRIEVAL_QUERY: Final = "retrieval/query"
+_COMMANDS: Final = "cmd"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic names of one node."""
+
+    prefix: str
+    node_id: str
+
+    @property
+    def base(self) -> str:
+        """``<prefix>/<node_id>``."""
+        return f"{self.prefix}/{self.node_id}"
+
+    def node(self, suffix: str) -> str:
+        """``<p>/<suffix>``."""
+        return f"{self.base}/{suffix}"
+
+    def scene(self, scene_id: str, kind: str) -> str:
+        """``<p>/scene/<scene_id>/<kind>`` (``result`` or ``failed``)."""
+        return self.node(f"scene/{scene_id}/{kind}")
+
+    @property
+    def commands(self) -> str:
+        """The subscription for every command, ``<p>/cmd/+``."""
+        return self.node(f"{_COMMANDS}/+")
+
+    def command(self, verb: str) -> str:
+        return self.node(f"{_COMMANDS}/{verb}")
+
+    def verb(self, topic: str) -> str | None:
+        """The verb of a command topic, None for any other topic."""
+        head = self.node(f"{_COMMANDS}/")
+        return topic[len(head):] if topic.startswith(head) else None
+
+    def response(self, request_suffix: str, request_id: str | None) -> str:
+        """Where a reply goes without an MQTT 5 response topic:
+        ``<p>/<base>/response[/<request_id>]`` for a request on ``<p>/<base>/<verb>``."""
+        base = request_suffix.rsplit("/", 1)[0] if "/" in request_suffix else request_suffix
+        topic = self.node(f"{base}/response")
+        return f"{topic}/{request_id}" if request_id else topic

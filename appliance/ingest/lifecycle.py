@@ -1,0 +1,193 @@
+"""A scene's life on the box, from a claimed file to a published result or a failure.
+
+Per file (``handle``): hash → journal claim → the scene's steps (``process``, then
+``after``: index, drift) → result payload → journal ``finish`` (scene done + outbox row,
+one transaction) → the input moves to ``processed/`` (or is deleted). A re-dropped
+identical file is recognised from the journal: it is not recomputed, and its stored result
+is re-announced with the *same* ``msg_id`` so a consumer that already has it can drop the
+copy.
+
+Before new work is taken, ``reconcile`` settles what a crash left behind: scenes that
+crashed the daemon ``input.max_attempts`` times fail as ``crash-loop``, claimed scenes whose
+file vanished fail as ``missing``, files still in ``work/`` are processed again, and results
+already in the outbox are simply published (never recomputed).
+
+The steps themselves are given to the lifecycle (``process``, ``after``), so it is tested
+in-process with small fakes and knows nothing of models, indexes or drift.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from appliance.comms.message import Message
+from appliance.comms.topics import Topics
+from appliance.config import InputConfig, PathsConfig
+from appliance.contract.bundle import sha256_file
+from appliance.contract.durable import atomic_write_text
+from appliance.contract.payloads import SceneFailed, result_msg_id
+from appliance.ingest.inbox import Inbox
+from appliance.ingest.journal import Journal, SceneRecord
+from appliance.scene.pipeline import SceneError, SceneOutcome
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["done", "failed", "duplicate"]
+Process = Callable[[Path, str, Path], SceneOutcome]
+"""(claimed file, scene_id, output folder) → outcome; raises ``SceneError``."""
+After = Callable[[SceneOutcome], dict[str, Any]]
+"""A processed scene's follow-up steps (index, drift); returns its drift scores."""
+
+
+class SceneObserver(Protocol):
+    """Who hears of scenes starting and ending (the node's telemetry)."""
+
+    def scene_started(self, scene_id: str) -> None: ...
+
+    def scene_ended(self, outcome: Outcome, timings: dict[str, float] | None = None
+                    ) -> None: ...
+
+
+def unique_path(folder: Path, name: str) -> Path:
+    """``folder/name``, or ``name-1``, ``name-2``… before the suffix if taken."""
+    folder.mkdir(parents=True, exist_ok=True)
+    candidate = folder / name
+    stem, dot, suffix = name.partition(".")
+    n = 0
+    while candidate.exists():
+        n += 1
+        candidate = folder / f"{stem}-{n}{dot}{suffix}"
+    return candidate
+
+
+class SceneLifecycle:
+    """Takes claimed files through the journal; see the module docstring."""
+
+    def __init__(self, journal: Journal, inbox: Inbox, paths: PathsConfig, cfg: InputConfig,
+                 topics: Topics, node_id: str, process: Process, after: After,
+                 observer: SceneObserver, kick: Callable[[], None] = lambda: None) -> None:
+        self.journal = journal
+        self.inbox = inbox
+        self.paths = paths
+        self.cfg = cfg
+        self.topics = topics
+        self.node_id = node_id
+        self._process = process
+        self._after = after
+        self._observer = observer
+        self._kick = kick  # new outbox rows: wake the publisher
+
+    # -- reconciliation -------------------------------------------------------------------
+
+    def reconcile(self, stopping: Callable[[], bool] = lambda: False) -> None:
+        """Settle what a crash left behind before taking new work (see module docstring)."""
+        for scene in self.journal.scenes("claimed", "processing"):
+            path = scene.work_path
+            if scene.state == "processing" and scene.attempts >= self.cfg.max_attempts:
+                log.error("scene %s (%s) crashed the daemon %d times: failing it",
+                          scene.scene_id[:12], scene.source, scene.attempts)
+                self._fail(scene, path if path and path.exists() else None, "crash-loop",
+                           f"the daemon died {scene.attempts} times while processing this scene")
+            elif path is None or not path.exists():
+                self._fail(scene, None, "missing", "the claimed file disappeared from work/")
+        for work in self.inbox.claimed():
+            if stopping():
+                break  # SIGTERM during recovery: the rest waits in work/ for the next start
+            self.handle(work, recovering=True)
+        pending = self.journal.outbox_depth()
+        if pending:
+            log.info("%d message(s) in the outbox will be published", pending)
+        self._kick()
+
+    # -- one scene ------------------------------------------------------------------------
+
+    def handle_guarded(self, work: Path) -> None:
+        """``handle``, but an unexpected error (disk full, I/O) costs one file, not the box.
+
+        The file stays in ``work/``; the next start's reconciliation takes it up again.
+        """
+        try:
+            self.handle(work)
+        except Exception:
+            log.exception("could not handle %s; it stays in work/ until the next start", work)
+
+    def handle(self, work: Path, recovering: bool = False) -> Outcome:
+        """Process one claimed file; returns how it ended."""
+        source = work.name
+        scene_id = sha256_file(work)
+        scene = self.journal.claim(scene_id, source, work)
+        if scene.state == "done":
+            self._duplicate(scene, work, announce=not recovering)
+            return "duplicate"
+        attempts = self.journal.start(scene_id)
+        log.info("scene %s (%s): attempt %d", scene_id[:12], source, attempts)
+        self._observer.scene_started(scene_id)
+        try:
+            outcome = self._process(work, scene_id, self.paths.results / scene_id)
+        except SceneError as exc:
+            self._fail(scene, work, exc.reason, exc.message, attempts)
+            return "failed"
+        except Exception as exc:  # a bug or a resource error must not stop the box
+            log.exception("scene %s (%s): unexpected error", scene_id[:12], source)
+            self._fail(scene, work, "error", f"{type(exc).__name__}: {exc}", attempts)
+            return "failed"
+        drift = self._after(outcome)
+        result = outcome.result(self.node_id, drift)
+        self.journal.finish(scene_id, Message(result.msg_id, self.topics.scene(scene_id, "result"),
+                                              result.to_json()))
+        self._kick()
+        self._dispose(work)
+        self._observer.scene_ended("done", outcome.timings)
+        log.info("scene %s (%s): done in %.2fs, %d tiles", scene_id[:12], source,
+                 outcome.timings.get("total", 0.0), outcome.tiles)
+        return "done"
+
+    def _duplicate(self, scene: SceneRecord, work: Path, announce: bool) -> None:
+        """A file whose scene is already done: keep the old result, re-announce it."""
+        log.info("scene %s (%s): already done, not recomputed", scene.scene_id[:12], work.name)
+        if announce and scene.result is not None:
+            self.journal.enqueue(Message(result_msg_id(scene.scene_id),
+                                         self.topics.scene(scene.scene_id, "result"),
+                                         scene.result))
+            self._kick()
+        self._dispose(work)
+        self._observer.scene_ended("duplicate")
+
+    def _fail(self, scene: SceneRecord, work: Path | None, reason: str, text: str,
+              attempts: int | None = None) -> None:
+        """Sidecar and file into ``failed/<reason>/`` first, then journal + failed message.
+
+        In this order a consumer that reacts to ``failed`` finds the file where the message
+        says. A crash between the two leaves the file in ``failed/`` and the scene
+        ``processing``; reconciliation then reports it as ``missing``.
+        """
+        target = unique_path(self.paths.failed / reason, scene.source) if work else None
+        payload = SceneFailed(node_id=self.node_id, scene_id=scene.scene_id,
+                              source=scene.source, reason=reason, message=text,
+                              moved_to=str(target) if target else None,
+                              attempts=attempts if attempts is not None else scene.attempts)
+        if work is not None and target is not None:
+            sidecar = target.with_name(target.name + ".json")
+            atomic_write_text(sidecar, json.dumps(json.loads(payload.to_json()), indent=2) + "\n")
+            os.replace(work, target)
+            self.inbox.release(work)
+        self.journal.fail(scene.scene_id, reason, text,
+                          Message(payload.msg_id, self.topics.scene(scene.scene_id, "failed"),
+                                  payload.to_json()))
+        self._kick()
+        self._observer.scene_ended("failed")
+        log.warning("scene %s (%s): failed (%s): %s", scene.scene_id[:12], scene.source,
+                    reason, text)
+
+    def _dispose(self, work: Path) -> None:
+        """The input of a finished scene moves to ``processed/`` or is deleted."""
+        if self.cfg.keep_processed:
+            os.replace(work, unique_path(self.paths.processed_dir, work.name))
+        else:
+            work.unlink(missing_ok=True)
+        self.inbox.release(work)

@@ -1,0 +1,145 @@
+"""The one owner of the active model: which bundle runs, its sessions, the store's pointer.
+
+Every change of the running model goes through ``ModelHost``, in two steps, so a slow one
+never stalls scene processing and no two parts disagree about what runs:
+
+1. **stage** (any thread): verify an installed version and open its sessions ahead
+   (TensorRT builds its engines on that first run). Nothing that runs changes yet.
+2. **switch** (the daemon's main loop): point the store's ``ACTIVE`` at it, swap the
+   sessions in, and tell every listener (drift monitor, status, model events), in that
+   order and in this one place.
+
+Installing a bundle, adopting an adaptation, rolling back, activating a version and
+reloading are all ``stage`` then ``switch``. Without sessions (``serve=False``: the CLI
+while no daemon runs) the same code only moves the pointer, so ``terratile models
+rollback`` and ``cmd/rollback`` are one code path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.config import Settings
+from appliance.contract.bundle import Bundle, BundleError, load_bundle
+from appliance.contract.payloads import AdaptationReport
+from appliance.model.runtime import Experts, ModelRuntime, open_runtime
+from appliance.model.store import ModelStore, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A verified installed version with its sessions opened ahead of the switch."""
+
+    bundle: Bundle
+    experts: Experts | None = None  # new sessions for the running runtime to adopt
+    runtime: ModelRuntime | None = None  # a whole new runtime (another backbone/embedder)
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One change of the running model, as listeners are told of it."""
+
+    action: str  # adapted | reset | rollback | activate | reload | install
+    bundle: Bundle
+    previous: Bundle
+    detail: AdaptationReport | None = None  # what the adaptation job that proposed it did
+
+
+SwitchListener = Callable[[Switch], None]
+
+
+class ModelHost:
+    """Holds the store, the running bundle and its runtime; the only code that changes them."""
+
+    def __init__(self, store: ModelStore, settings: Settings, serve: bool = True) -> None:
+        self.store = store
+        self._settings = settings
+        self._bundle = store.active()
+        self._runtime = open_runtime(self._bundle, settings) if serve else None
+        self._listeners: list[SwitchListener] = []
+
+    @classmethod
+    def open(cls, settings: Settings, serve: bool = True) -> ModelHost:
+        """The node's host: its store (seeded from ``model.bundle`` on first start) and,
+        with ``serve``, a warmed runtime of the active version."""
+        return cls(open_store(settings), settings, serve)
+
+    @property
+    def bundle(self) -> Bundle:
+        """The bundle that runs now."""
+        return self._bundle
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        """The sessions that run it (only a serving host has them)."""
+        if self._runtime is None:
+            raise RuntimeError("this model host does not serve the model (serve=False)")
+        return self._runtime
+
+    @property
+    def serving(self) -> bool:
+        return self._runtime is not None
+
+    def on_switch(self, listener: SwitchListener) -> None:
+        """Call ``listener`` after every switch, in registration order."""
+        self._listeners.append(listener)
+
+    # -- step 1: any thread ----------------------------------------------------------------
+
+    def install(self, source: Path) -> int:
+        """Copy a bundle into the store beside the others (verified, not activated)."""
+        return self.store.install(source, activate=False).version
+
+    def stage(self, version: int) -> Staged:
+        """Verify installed ``version`` and open its sessions (warmed when
+        ``model.warmup``), ready for ``switch``."""
+        bundle = load_bundle(self.store.dir_for(version))
+        if self._runtime is None:
+            return Staged(bundle)
+        if self._runtime.serves(bundle):
+            batch = self._settings.tiling.batch_size if self._settings.model.warmup else 0
+            return Staged(bundle, experts=self._runtime.open_experts(bundle, batch))
+        return Staged(bundle, runtime=open_runtime(bundle, self._settings))
+
+    # -- step 2: the main loop -------------------------------------------------------------
+
+    def switch(self, staged: Staged, action: str, detail: AdaptationReport | None = None
+               ) -> Switch:
+        """Make ``staged`` the running model: pointer, sessions, then the listeners."""
+        previous = self._bundle
+        self.store.activate(staged.bundle.version)
+        if self._runtime is not None:
+            if staged.runtime is not None:
+                self._runtime = staged.runtime
+            elif not self._runtime.adopt(staged.bundle, staged.experts):
+                self._runtime = open_runtime(staged.bundle, self._settings)
+        self._bundle = staged.bundle
+        change = Switch(action, staged.bundle, previous, detail)
+        log.info("model v%d → v%d (%s)", previous.version, staged.bundle.version, action)
+        for listener in self._listeners:
+            listener(change)
+        return change
+
+    def activate(self, version: int, action: str = "activate") -> Switch:
+        """Run installed ``version`` (staged on the calling thread)."""
+        return self.switch(self.stage(version), action)
+
+    def rollback(self) -> Switch:
+        """Run the parent of the running version (or the newest older one)."""
+        return self.activate(self.store.rollback_target(self._bundle.version), "rollback")
+
+    def reload(self) -> Switch | None:
+        """Run what the store's pointer names, if that is not what runs (the pointer was
+        changed by hand); None when nothing changed."""
+        version = self.store.active_version()
+        if version is None:
+            raise BundleError(f"{self.store.root}: no active model")
+        if version == self._bundle.version:
+            log.info("reload: model v%d already runs", version)
+            return None
+        return self.activate(version, "reload")

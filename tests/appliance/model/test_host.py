@@ -1,0 +1,100 @@
+"""The model host: one owner of what runs; stage never changes it, switch does, in order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.config import Settings
+from appliance.contract.bundle import BundleError
+from appliance.model.host import ModelHost, Switch
+from appliance.model.store import ModelStore
+from tests.helpers.colour_bundle import versioned_copy
+
+
+def _settings(tmp_path: Path, bundle: Path) -> Settings:
+    return Settings(paths={"state": tmp_path / "state", "inbox": tmp_path / "inbox"},
+                    model={"bundle": bundle, "providers": ["cpu"], "warmup": False},
+                    mqtt={"enabled": False})
+
+
+@pytest.fixture()
+def store_with_v2(colour_bundle: Path, tmp_path: Path) -> tuple[Settings, ModelStore]:
+    """v1 (the seed) active, v2 an adapted head installed beside it."""
+    settings = _settings(tmp_path, colour_bundle)
+    store = ModelStore.for_settings(settings)
+    store.install(colour_bundle)
+    store.install(versioned_copy(colour_bundle, tmp_path / "v2", 2, 1, head_bias=3.0),
+                  activate=False)
+    return settings, store
+
+
+def test_stage_opens_sessions_but_changes_nothing_that_runs(
+        store_with_v2: tuple[Settings, ModelStore]) -> None:
+    settings, store = store_with_v2
+    host = ModelHost(store, settings)
+    before = host.runtime.probs(np.ones((1, 8), np.float32))
+    staged = host.stage(2)
+    assert staged.experts is not None and staged.runtime is None  # same backbone: adopt
+    assert store.active_version() == 1 and host.bundle.version == 1
+    np.testing.assert_array_equal(host.runtime.probs(np.ones((1, 8), np.float32)), before)
+
+
+def test_switch_moves_pointer_and_sessions_then_tells_listeners_in_order(
+        store_with_v2: tuple[Settings, ModelStore]) -> None:
+    settings, store = store_with_v2
+    host = ModelHost(store, settings)
+    runtime = host.runtime
+    heard: list[tuple[str, Switch, int | None, int]] = []
+    host.on_switch(lambda c: heard.append(("first", c, store.active_version(),
+                                           host.runtime.bundle.version)))
+    host.on_switch(lambda c: heard.append(("second", c, store.active_version(),
+                                           host.bundle.version)))
+    before = runtime.probs(np.ones((1, 8), np.float32))
+    change = host.activate(2)
+    assert (change.action, change.previous.version, change.bundle.version) == ("activate", 1, 2)
+    assert [(h[0], h[2], h[3]) for h in heard] == [("first", 2, 2), ("second", 2, 2)]
+    assert host.runtime is runtime  # the backbone session is kept: only the head changed
+    assert not np.allclose(host.runtime.probs(np.ones((1, 8), np.float32)), before)
+
+
+def test_rollback_and_reload_are_switches_too(
+        store_with_v2: tuple[Settings, ModelStore]) -> None:
+    settings, store = store_with_v2
+    host = ModelHost(store, settings)
+    host.activate(2)
+    assert host.rollback().bundle.version == 1 and store.active_version() == 1
+    with pytest.raises(BundleError, match="no earlier version"):
+        host.rollback()
+    assert host.reload() is None  # the pointer names what runs
+    store.activate(2)  # changed by hand
+    change = host.reload()
+    assert change is not None and change.action == "reload" and host.bundle.version == 2
+
+
+def test_a_host_without_sessions_only_moves_the_pointer(
+        store_with_v2: tuple[Settings, ModelStore]) -> None:
+    settings, store = store_with_v2
+    host = ModelHost(store, settings, serve=False)
+    assert not host.serving
+    with pytest.raises(RuntimeError, match="does not serve"):
+        _ = host.runtime
+    assert host.activate(2).bundle.version == 2 and store.active_version() == 2
+
+
+def test_a_tampered_version_is_refused_and_the_running_one_stays(
+        store_with_v2: tuple[Settings, ModelStore]) -> None:
+    settings, store = store_with_v2
+    host = ModelHost(store, settings)
+    (store.dir_for(2) / "classifier.onnx").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        host.activate(2)
+    assert store.active_version() == 1 and host.bundle.version == 1
+
+
+def test_open_installs_the_seed_bundle_on_first_start(colour_bundle: Path,
+                                                      tmp_path: Path) -> None:
+    host = ModelHost.open(_settings(tmp_path, colour_bundle), serve=False)
+    assert host.bundle.version == 1 and host.store.active_version() == 1
