@@ -255,7 +255,7 @@ class Daemon:
         if self.comms is None or self.index is None:
             return
         service = RetrievalService(self.index, self.settings.retrieval, lambda: self.runtime,
-                                   self.settings.node_id, self.settings.input.bands)
+                                   self.settings.node_id, self.settings.input)
         self.comms.on_request("retrieval/query", service.handle_request)
 
     # -- lifecycle ----------------------------------------------------------------------
