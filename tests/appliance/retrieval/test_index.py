@@ -17,7 +17,8 @@ import pytest
 from appliance.config import RetrievalConfig, Settings
 from appliance.contract.bundle import load_bundle
 from appliance.model.runtime import ModelRuntime, ProviderPlan
-from appliance.retrieval.index import Entry, Filters, IndexStateError, TileIndex
+from appliance.retrieval.entry_log import Entry, Filters, IndexStateError
+from appliance.retrieval.index import TileIndex
 from appliance.scene.pipeline import process_scene
 from tests.helpers.outcomes import CLASSES, DIM, outcome, unit
 from tests.helpers.paths import REPO
@@ -190,7 +191,8 @@ ADDER = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     from appliance.config import RetrievalConfig
-    from appliance.retrieval.index import Entry, TileIndex
+    from appliance.retrieval.entry_log import Entry
+    from appliance.retrieval.index import TileIndex
     index = TileIndex(Path(sys.argv[1]), RetrievalConfig(exact_max=150, checkpoint_every=50), 8)
     rng = np.random.default_rng(int(sys.argv[2]))
     for s in range(100000):
