@@ -215,7 +215,7 @@ class App:
             return
         host = self.host
         service = RetrievalService(self.index, self.settings.retrieval, lambda: host.runtime,
-                                   self.settings.node_id, self.settings.input.bands)
+                                   self.settings.node_id, self.settings.input)
         self.comms.on_request(RETRIEVAL_QUERY, service.handle_request)
 
     def start_comms(self) -> None:

@@ -242,7 +242,8 @@ class RetrievalConfig(Section):
     index_type: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
     hnsw_m: int = Field(default=32, ge=4)
     hnsw_ef_search: int = Field(
-        default=128, ge=8, description="Recall@10 0.97 at 1M vectors, p50 0.5 ms (benchmarks)."
+        default=128, ge=8,
+        description="HNSW search breadth: recall against latency (benchmarks/retrieval.py).",
     )
     hnsw_ef_construction: int = Field(default=64, ge=8)
     tombstone_rebuild: float = Field(

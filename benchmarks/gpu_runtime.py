@@ -17,7 +17,7 @@ runtime time / raw time: what normalisation on the host and the two head session
 A plan that fell back to CPU entirely is not timed again: its figures are the CPU ones.
 
 Tiles: ``--tiles`` (an ``.npz`` cache, float16 [N,C,S,S] in the model's value range),
-built on first use from AID JPEGs (``--aid``, through ``appliance.retrieval.load_image``
+built on first use from AID JPEGs (``--aid``, through ``appliance.retrieval.image.read_tile``
 so they are read exactly as the appliance reads a query image) when the AID data are
 there; synthetic smooth tiles otherwise (recorded as such). The cache lets a machine
 without the data set or rasterio (the GPU box) use the very same tiles.
@@ -139,13 +139,13 @@ def load_tiles(bundle: Bundle, cache: Path, aid: Path, count: int) -> tuple[np.n
         return tiles, f"AID cache {cache.name}"
     if aid.is_dir():
         # Only here (the workstation): the appliance's own image reader needs rasterio.
-        from appliance.retrieval.service import load_image
+        from appliance.config import InputConfig
+        from appliance.retrieval.image import read_tile
 
         classes = sorted(p for p in aid.iterdir() if p.is_dir())
         per_class = -(-count // len(classes))
         paths = [f for c in classes for f in sorted(c.glob("*.jpg"))[:per_class]][:count]
-        runtime = ModelRuntime(bundle, ProviderPlan(providers=("cpu",)))
-        tiles = np.stack([load_image(p, runtime) for p in paths])
+        tiles = np.stack([read_tile(p, spec, InputConfig()) for p in paths])
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(cache, tiles=tiles.astype(np.float16))
         # The cached (float16) values are what every run uses, here included.

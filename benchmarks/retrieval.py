@@ -34,7 +34,8 @@ import faiss
 import numpy as np
 
 from appliance.config import RetrievalConfig
-from appliance.retrieval.index import Entry, TileIndex
+from appliance.retrieval.entry_log import Entry
+from appliance.retrieval.index import TileIndex
 
 DIM = 128
 QUERIES = 1000

@@ -3,10 +3,11 @@
 The held-out AID images (the ``val`` part of the exporter's ``split.json``, never seen in
 training) are linked into a folder per class and indexed with the real CLI,
 ``terratile index add`` (backbone + embedder through onnxruntime, entries in the SQLite
-log and faiss). Every indexed image is then a query with k=20 against all others
-(itself excluded) through ``TileIndex.search_batch``; relevance = same class (the folder
-label). mAP@20 and P@20 come from ``appliance.contract.retrieval_metrics``, the same definitions
-the exporter reports. One CLI ``terratile query --image`` per class checks the shell path.
+log and faiss). Every indexed image is then a query with k=20, with its vector as stored in
+the entry log, against all others (itself excluded) through ``TileIndex.search_batch``;
+relevance = same class (the folder label). mAP@20 and P@20 come from
+``appliance.contract.retrieval_metrics``, the same definitions the exporter reports. One
+CLI ``terratile query --image`` per class checks the shell path.
 
     .venv/bin/python benchmarks/retrieval_aid.py --bundle /work/runs/aid_ft/bundle \\
         --split /work/runs/aid_ft/split.json --name fine-tuned
@@ -29,7 +30,8 @@ import yaml
 from appliance.config import load_settings
 from appliance.contract.bundle import load_bundle
 from appliance.contract.retrieval_metrics import map_at_k, precision_at_k
-from appliance.retrieval.index import TileIndex
+from appliance.retrieval.entry_log import REFERENCE_PREFIX, EntryLog
+from appliance.retrieval.index import DB_NAME, TileIndex
 
 K = 20
 RESULTS = Path(__file__).parent / "results" / "retrieval_aid.json"
@@ -53,6 +55,21 @@ def cli(*args: str) -> str:
     return proc.stdout
 
 
+def references(db: Path, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ids, vectors and labels of the reference images in the entry log, in id order."""
+    entry_log = EntryLog(db, dim)
+    try:
+        chunks = list(entry_log.iter_vectors())
+        ids = np.concatenate([i for i, _ in chunks])
+        vectors = np.concatenate([v for _, v in chunks])
+        entries = entry_log.entries(ids.tolist())
+    finally:
+        entry_log.close()
+    refs = np.asarray([entries[int(i)][0].scene_id.startswith(REFERENCE_PREFIX) for i in ids])
+    labels = np.asarray([entries[int(i)][0].label for i in ids[refs]])
+    return ids[refs], vectors[refs], labels
+
+
 def evaluate(bundle: Path, split: Path, work: Path) -> dict[str, Any]:
     refs = work / "aid_val"
     n_images = link_split(split, refs)
@@ -68,9 +85,8 @@ def evaluate(bundle: Path, split: Path, work: Path) -> dict[str, Any]:
     add_s = time.perf_counter() - t0
     settings = load_settings(config)
     dim = load_bundle(bundle).manifest.embedding_dim
+    ids, vectors, labels = references(settings.paths.state / DB_NAME, dim)
     index = TileIndex(settings.paths.state, settings.retrieval, dim, read_only=True)
-    ids, entries, vectors = index.items("ref:")
-    labels = np.asarray([e.label for e in entries])
     t0 = time.perf_counter()
     hits = index.search_batch(vectors, K, exclude=[int(i) for i in ids])
     search_s = time.perf_counter() - t0

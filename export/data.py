@@ -2,9 +2,11 @@
 
 Chips are small (AID: 150 px), so a whole data set is decoded once into uint8/float arrays
 and augmented on tensors; that keeps a 2-core CPU busy with the network, not with JPEG
-decoding. JPEG/PNG go through Pillow, GeoTIFF chips of any band count through rasterio.
-Every problem with the data (missing folder, empty class, unreadable file, a single class,
-mixed band counts) raises ``DataError`` naming the offending path.
+decoding. Chips are decoded by the appliance's chip reader (``appliance.contract.chips``:
+JPEG/PNG through Pillow, GeoTIFF chips of any band count through rasterio), the one the box
+reads its reference images and image queries with. Every problem with the data (missing
+folder, empty class, unreadable file, a single class, mixed band counts) raises
+``DataError`` naming the offending path.
 """
 
 from __future__ import annotations
@@ -15,15 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import rasterio
-from PIL import Image, UnidentifiedImageError
-from rasterio.errors import RasterioIOError
 
+from appliance.contract import chips
 from appliance.contract.bundle import Task
 from appliance.contract.durable import atomic_write_text
-from appliance.contract.image_files import IMAGE_SUFFIXES, is_image, is_raster
+from appliance.contract.image_files import IMAGE_SUFFIXES, is_image
 
-RGB_BANDS = ["red", "green", "blue"]
 SPLIT_FILE = "split.json"
 
 
@@ -108,18 +107,13 @@ def _scan_csv(csv_path: Path) -> DataSet:
 
 
 def read_chip(path: Path) -> tuple[np.ndarray, list[str]]:
-    """A chip as [C,H,W] array (native dtype) and its band names."""
+    """A chip as [C,H,W] array (native dtype, native size) and its band names; an unreadable
+    one is a ``DataError`` like every other problem with the data."""
     try:
-        if is_raster(path):
-            with rasterio.open(path) as src:
-                array = src.read()
-                names = [d or f"b{i + 1}" for i, d in enumerate(src.descriptions)]
-            return array, names
-        with Image.open(path) as img:
-            rgb = np.asarray(img.convert("RGB"))
-        return rgb.transpose(2, 0, 1).copy(), list(RGB_BANDS)
-    except (OSError, UnidentifiedImageError, RasterioIOError) as exc:
-        raise DataError(f"{path}: unreadable image: {exc}") from exc
+        chip = chips.read_chip(path)
+    except chips.ChipError as exc:
+        raise DataError(str(exc)) from exc
+    return chip.data, chip.bands
 
 
 @dataclass(frozen=True)

@@ -1,54 +1,45 @@
 """``terratile index add|stats`` and ``terratile query``: the retrieval index from a shell.
 
-``index add DIR`` indexes a folder of reference images (JPEG/PNG, GeoTIFF chips) as entries
-of their own: ``scene_id = "ref:<sha256 of the file>"`` (re-adding a file replaces its entry),
-``source`` = the path relative to DIR, ``label`` = the parent folder's name, and ``class`` =
-that name when it is one of the model's classes (case-insensitive), the predicted class
-otherwise. Unreadable files are reported and skipped; the rest are indexed.
+``index add DIR`` indexes a folder of reference images (``appliance.retrieval.references``).
+``query`` answers through the daemon's own ``RetrievalService`` and prints its reply
+envelope; it reads the index read-only and is not limited to ``retrieval.allowed_dirs``.
+The model is the store's active bundle, else ``model.bundle``; nothing is installed.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import typer
 
 from appliance.cli.options import CONFIG_OPTION, settings_or_exit
 from appliance.config import Settings
-from appliance.contract.bundle import Bundle, BundleError, load_bundle, sha256_file
-from appliance.contract.image_files import is_image
+from appliance.contract.bundle import Bundle, BundleError, load_bundle
 from appliance.model.runtime import ModelRuntime, open_runtime
 from appliance.model.store import ModelStore
-from appliance.retrieval.index import Entry, IndexStateError, TileIndex
-from appliance.retrieval.service import (
-    RESPONSE_SCHEMA,
-    RequestError,
-    RetrievalService,
-    embed_images,
-    load_image,
-)
+from appliance.retrieval.entry_log import IndexStateError
+from appliance.retrieval.index import TileIndex
+from appliance.retrieval.query import Reply, RequestError
+from appliance.retrieval.references import add_reference_images
+from appliance.retrieval.service import RetrievalService
 
 index_app = typer.Typer(no_args_is_help=True, help="The local retrieval index.")
-BATCH = 32
 
 
 def active_bundle(settings: Settings) -> Bundle:
-    """The model store's active bundle, else ``model.bundle`` from the config."""
+    """The model store's active bundle, else ``model.bundle`` from the config.
+
+    Unlike the daemon's ``open_store``, this neither installs the seed bundle nor cleans
+    the store: a CLI beside a running daemon must not touch its half-written versions.
+    """
     store = ModelStore.for_settings(settings)
     if store.active_version() is not None:
         return store.active()
     if settings.model.bundle is None:
         raise BundleError("no active model in the store and no model.bundle in the config")
     return load_bundle(settings.model.bundle)
-
-
-def active_runtime(settings: Settings) -> ModelRuntime:
-    """A runtime for the active bundle on the configured providers."""
-    return open_runtime(active_bundle(settings), settings)
 
 
 def open_index(settings: Settings, dim: int | None = None, read_only: bool = False) -> TileIndex:
@@ -58,71 +49,19 @@ def open_index(settings: Settings, dim: int | None = None, read_only: bool = Fal
     return TileIndex(settings.paths.state, settings.retrieval, dim, read_only=read_only)
 
 
-def _images(root: Path) -> Iterator[Path]:
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and is_image(path):
-            yield path
-
-
-def add_reference_images(root: Path, index: TileIndex, runtime: ModelRuntime,
-                         bands: list[int] | None = None) -> tuple[int, list[str]]:
-    """Index every image under ``root``; returns (entries added, one line per skipped file)."""
-    names = runtime.manifest.class_names
-    by_lower = {n.lower(): n for n in names}
-    added, skipped, seen = 0, [], set()
-    batch: list[tuple[Path, str, np.ndarray]] = []
-
-    def flush() -> int:
-        if not batch:
-            return 0
-        emb, probs = embed_images(np.stack([t for _, _, t in batch]), runtime)
-        entries = []
-        for (path, sid, _), p in zip(batch, probs, strict=True):
-            folder = path.parent.name if path.parent != root else None
-            predicted = names[int(p.argmax())]
-            entries.append(Entry(
-                scene_id=sid, source=str(path.relative_to(root)), label=folder,
-                class_name=by_lower.get(folder.lower(), predicted) if folder else predicted,
-                confidence=float(p.max()),
-            ))
-        n = index.replace([e.scene_id for e in entries], entries, emb)
-        batch.clear()
-        return n
-
-    for path in _images(root):
-        try:
-            sid = "ref:" + sha256_file(path)
-        except OSError as exc:
-            skipped.append(f"{path}: unreadable: {exc}")
-            continue
-        if sid in seen:
-            skipped.append(f"{path}: duplicate of a file already added in this run")
-            continue
-        seen.add(sid)
-        try:
-            batch.append((path, sid, load_image(path, runtime, bands)))
-        except RequestError as exc:
-            skipped.append(exc.message)
-            continue
-        if len(batch) >= BATCH:
-            added += flush()
-    added += flush()
-    return added, skipped
-
-
 @index_app.command("add")
 def add(directory: Path = typer.Argument(..., exists=True, file_okay=False),
         config: Path = CONFIG_OPTION) -> None:
     """Index the reference images under DIRECTORY (label = parent folder name)."""
     settings = settings_or_exit(config)
     try:
-        runtime = active_runtime(settings)
+        runtime = open_runtime(active_bundle(settings), settings)
         index = open_index(settings, runtime.manifest.embedding_dim)
     except (BundleError, IndexStateError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     try:
-        added, skipped = add_reference_images(directory, index, runtime, settings.input.bands)
+        added, skipped = add_reference_images(directory, index, runtime, settings.input)
     finally:
         index.close()
     for line in skipped:
@@ -179,45 +118,42 @@ def query_command(
     runtime: ModelRuntime | None = None
     try:
         if image is not None:
-            runtime = active_runtime(settings)
+            runtime = open_runtime(active_bundle(settings), settings)
         index = open_index(settings, runtime.manifest.embedding_dim if runtime else None,
                            read_only=True)
     except (BundleError, IndexStateError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     service = RetrievalService(index, settings.retrieval, lambda: runtime, settings.node_id,
-                               settings.input.bands)
-    reply: dict[str, Any] = {"schema": RESPONSE_SCHEMA, "node_id": settings.node_id}
+                               settings.input)
     try:
-        query = service.parse({
+        vector = _read_vector(vector_file).tolist() if vector_file else None
+    except (OSError, ValueError) as exc:
+        reply = service.refuse(RequestError("bad-request", f"{vector_file}: {exc}"))
+    else:
+        reply = service.answer({
             "image": str(image) if image else None, "scene_id": scene,
             "pixel": list(pixel) if pixel else None, "lonlat": list(lonlat) if lonlat else None,
-            "vector": _read_vector(vector_file).tolist() if vector_file else None, "k": k,
+            "vector": vector, "k": k,
             "filters": {"class": class_name, "scene_id": scene_filter,
                         "since": since, "until": until},
         })
-        reply["query"] = query.describe()
-        reply["results"] = [h.as_dict() for h in service.run(query)]
-    except RequestError as exc:
-        reply["error"] = {"code": exc.code, "message": exc.message}
-    except (OSError, ValueError) as exc:
-        reply["error"] = {"code": "bad-request", "message": str(exc)}
     finally:
         index.close()
     _print(reply, as_json)
-    if "error" in reply:
+    if reply.error is not None:
         raise typer.Exit(1)
 
 
-def _print(reply: dict[str, Any], as_json: bool) -> None:
+def _print(reply: Reply, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(reply))
+        typer.echo(json.dumps(reply.as_dict()))
         return
-    if "error" in reply:
-        typer.echo(f"error ({reply['error']['code']}): {reply['error']['message']}", err=True)
+    if reply.error is not None:
+        typer.echo(f"error ({reply.error.code}): {reply.error.message}", err=True)
         return
-    for rank, hit in enumerate(reply["results"], 1):
-        where = hit["window"] if hit["window"] else ""
-        typer.echo(f"{rank:3d}  {hit['score']:.4f}  {hit['class'] or '-':<20} "
-                   f"{hit['source']}  {where}")
-
+    for rank, hit in enumerate(reply.hits, 1):
+        e = hit.entry
+        where = list(e.window) if e.window else ""
+        typer.echo(f"{rank:3d}  {hit.score:.4f}  {e.class_name or '-':<20} "
+                   f"{e.source}  {where}")

@@ -63,6 +63,8 @@ def test_index_add_stats_and_query(setup: tuple[Path, Path]) -> None:
                        str(refs / "water" / "lake.jpg"), "-k", "20", "--json")
     assert code == 0, out
     reply = json.loads(out)
+    assert list(reply) == ["schema", "msg_id", "node_id", "request_id", "query", "results",
+                           "took_ms", "ts"]  # the envelope an MQTT reply has
     results = reply["results"]
     assert len(results) == 12
     assert {"score", "source", "scene_id", "bounds", "class"} <= set(results[0])
@@ -100,3 +102,7 @@ def test_query_by_vector_file_and_errors(setup: tuple[Path, Path], tmp_path: Pat
     assert code == 1 and "since" in json.loads(out)["error"]["message"]
     code, out = invoke("query", "--config", str(config), "--json")
     assert code == 1 and json.loads(out)["error"]["code"] == "bad-request"
+    vec.write_text("1 2 three")
+    code, out = invoke("query", "--config", str(config), "--vector-file", str(vec), "--json")
+    error = json.loads(out)["error"]
+    assert code == 1 and error["code"] == "bad-request" and "v.json" in error["message"]

@@ -1,4 +1,5 @@
-"""TileIndex: real faiss + real SQLite; replacement, type changes, filters, crash safety."""
+"""TileIndex: the log and faiss together (real SQLite, real faiss): replacement, type changes,
+filters, reconciliation after a crash or another writer, a real SIGKILL."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 from appliance.config import RetrievalConfig, Settings
 from appliance.contract.bundle import load_bundle
 from appliance.model.runtime import ModelRuntime, ProviderPlan
-from appliance.retrieval.index import Entry, Filters, IndexStateError, TileIndex
+from appliance.retrieval.entry_log import Entry, Filters, IndexStateError
+from appliance.retrieval.index import TileIndex
 from appliance.scene.pipeline import process_scene
 from tests.helpers.outcomes import CLASSES, DIM, outcome, unit
 from tests.helpers.paths import REPO
@@ -25,6 +27,12 @@ from tests.helpers.scenes import quarters, write_scene
 
 def cfg(**kw: object) -> RetrievalConfig:
     return RetrievalConfig.model_validate(kw)
+
+
+def window_of(index: TileIndex, entry_id: int) -> tuple[int, int, int, int] | None:
+    """The window of one entry, as a search with its own stored vector returns it."""
+    hits = index.search(index.vector(entry_id), index.count())
+    return next(h.entry.window for h in hits if h.id == entry_id)
 
 
 def test_add_and_search_return_cell_metadata(tmp_path: Path) -> None:
@@ -96,7 +104,7 @@ def test_ivfpq_above_threshold(tmp_path: Path) -> None:
     index.replace(["bulk"], [Entry(scene_id="bulk", source="x")] * 600, vecs)
     assert index.kind == "ivfpq"
     assert index.stats()["recall_check"]["type"] == "ivfpq"
-    index.remove_scene("bulk")
+    assert index.replace(["bulk"], [], np.zeros((0, DIM), np.float32)) == 0
     assert index.count() == 0 and index.search(vecs[0], 5) == []
 
 
@@ -127,11 +135,11 @@ def test_find_cell_by_pixel_and_lonlat(tmp_path: Path) -> None:
     index.add_scene(out, CLASSES)
     cell = index.find_cell("s1", pixel=(20.0, 17.0))
     assert cell is not None
-    assert index.entry(cell).window == (16, 16, 16, 16)
+    assert window_of(index, cell) == (16, 16, 16, 16)
     lon, lat = 10.0 + 40 * 1e-4, 45.0 - 40 * 1e-4  # pixel (40, 40): cell col 32, row 32
     by_lonlat = index.find_cell("s1", lonlat=(lon, lat))
     assert by_lonlat is not None
-    assert index.entry(by_lonlat).window == (32, 32, 16, 16)
+    assert window_of(index, by_lonlat) == (32, 32, 16, 16)
     assert index.find_cell("s1", pixel=(1000.0, 1000.0)) is None
     assert index.find_cell("nope", pixel=(1.0, 1.0)) is None
 
@@ -183,7 +191,8 @@ ADDER = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     from appliance.config import RetrievalConfig
-    from appliance.retrieval.index import Entry, TileIndex
+    from appliance.retrieval.entry_log import Entry
+    from appliance.retrieval.index import TileIndex
     index = TileIndex(Path(sys.argv[1]), RetrievalConfig(exact_max=150, checkpoint_every=50), 8)
     rng = np.random.default_rng(int(sys.argv[2]))
     for s in range(100000):
@@ -243,7 +252,7 @@ def test_real_pipeline_outcome_is_indexed(tmp_path: Path, colour_bundle: Path) -
     lon0, lat0, lon1, lat1 = out.cells.bounds_wgs84[i]
     cell = index.find_cell("ab" * 32, lonlat=((lon0 + lon1) / 2, (lat0 + lat1) / 2))
     assert cell is not None
-    assert index.entry(cell).window == tuple(int(v) for v in out.cells.windows[i])
+    assert window_of(index, cell) == tuple(int(v) for v in out.cells.windows[i])
 
 
 def test_hnsw_tombstones_are_compacted_by_a_rebuild(tmp_path: Path) -> None:
@@ -271,3 +280,17 @@ def test_commits_of_another_process_are_seen(tmp_path: Path) -> None:
     stats = daemon.stats()
     assert stats["entries"] == 24 and stats["faiss_ntotal"] - stats["tombstones"] == 24
     assert len({h.id for h in daemon.search(added.cells.embeddings[0], 30)}) == 24
+
+
+def test_a_read_only_index_replays_in_memory_and_never_writes(tmp_path: Path) -> None:
+    writer = TileIndex(tmp_path, cfg(checkpoint_every=10_000), DIM)
+    out = outcome("s0", seed=0)
+    writer.add_scene(out, CLASSES)
+    (tmp_path / "index.faiss").unlink()  # as if the writer died before its first checkpoint
+    reader = TileIndex(tmp_path, cfg(), DIM, read_only=True)
+    assert reader.search(out.cells.embeddings[2], 1)[0].score == pytest.approx(1.0, abs=1e-5)
+    reader.checkpoint()
+    reader.close()
+    assert not (tmp_path / "index.faiss").exists()
+    with pytest.raises(IndexStateError, match="read-only"):
+        reader.replace(["x"], [Entry(scene_id="x", source="x")], unit(np.random.default_rng(0), 1))

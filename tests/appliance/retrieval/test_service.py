@@ -17,14 +17,15 @@ from PIL import Image
 from rasterio.warp import transform
 
 from appliance.app import Daemon
-from appliance.cli.index import add_reference_images
 from appliance.comms.mqtt import Comms
-from appliance.config import MQTTConfig, RetrievalConfig, Settings
+from appliance.config import InputConfig, MQTTConfig, RetrievalConfig, Settings
 from appliance.contract.bundle import load_bundle
 from appliance.ingest.journal import Journal
 from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.retrieval.index import TileIndex
-from appliance.retrieval.service import RESPONSE_SCHEMA, RetrievalService
+from appliance.retrieval.query import RESPONSE_SCHEMA
+from appliance.retrieval.references import add_reference_images
+from appliance.retrieval.service import RetrievalService
 from tests.conftest import Broker
 from tests.helpers.colour_bundle import EMBED_DIM, PURE
 from tests.helpers.mqtt_listener import Listener
@@ -54,8 +55,8 @@ def service(tmp_path: Path, runtime: ModelRuntime) -> RetrievalService:
     refs = tmp_path / "refs"
     for name, colour in PURE.items():
         paint(refs / name / f"{name}.png", colour)
-    add_reference_images(refs, index, runtime)
-    return RetrievalService(index, cfg, lambda: runtime, node_id="n1")
+    add_reference_images(refs, index, runtime, InputConfig())
+    return RetrievalService(index, cfg, lambda: runtime, "n1", InputConfig())
 
 
 def ask(service: RetrievalService, request: Any) -> dict[str, Any]:

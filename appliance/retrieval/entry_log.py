@@ -1,0 +1,301 @@
+"""The durable entry log of the retrieval index: one SQLite row per indexed vector.
+
+``state/index.sqlite`` (WAL, full synchronous commits) holds one row per indexed scene cell
+or reference image: its metadata *and* its vector as a BLOB. It is the index's source of
+truth; the faiss index is only a checkpoint of it (``retrieval.index``).
+
+Ids are SQLite ``AUTOINCREMENT`` rowids: never reused, so an id names the same entry in the
+log and in faiss forever, and reconciling the two is a set difference. ``replace`` deletes a
+scene's rows and inserts its new ones in one transaction: a scene is replaced, never
+duplicated, and a crash leaves either the old rows or the new ones. Reference images are
+entries whose scene id starts with ``ref:`` (``REFERENCE_PREFIX``).
+
+The ``meta`` table keeps the embedding size (a log of other-sized vectors is refused with
+``IndexStateError``), the last checkpoint and the last recall check. Rows are decoded by
+column name into ``Entry``. The owner (``TileIndex``) serialises access under its lock.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from appliance.contract.durable import open_sqlite, transaction
+
+REFERENCE_PREFIX = "ref:"
+SQL_CHUNK = 900  # ids per ``IN (...)``: below SQLite's default limit of 999 variables
+
+Box = tuple[float, float, float, float]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    scene_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    col INTEGER, row INTEGER, width INTEGER, height INTEGER,
+    crs TEXT,
+    minx REAL, miny REAL, maxx REAL, maxy REAL,
+    lon_min REAL, lat_min REAL, lon_max REAL, lat_max REAL,
+    class TEXT, confidence REAL, label TEXT,
+    ts REAL NOT NULL,
+    vector BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_scene ON entries(scene_id);
+CREATE INDEX IF NOT EXISTS entries_class ON entries(class);
+CREATE INDEX IF NOT EXISTS entries_ts ON entries(ts);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_WINDOW = ("col", "row", "width", "height")
+_BOUNDS = ("minx", "miny", "maxx", "maxy")
+_BOUNDS_WGS84 = ("lon_min", "lat_min", "lon_max", "lat_max")
+_COLUMNS = ("scene_id", "source", *_WINDOW, "crs", *_BOUNDS, *_BOUNDS_WGS84, "class",
+            "confidence", "label", "ts", "vector")
+_METADATA = ", ".join(("id", *_COLUMNS[:-1]))  # every column but the vector
+_INSERT = (f"INSERT INTO entries ({', '.join(_COLUMNS)}) "
+           f"VALUES ({', '.join(':' + c for c in _COLUMNS)})")
+
+
+class IndexStateError(RuntimeError):
+    """The index on disk cannot be used as configured (e.g. another embedding size)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Metadata of one indexed vector: a scene cell or a reference image."""
+
+    scene_id: str
+    source: str
+    window: tuple[int, int, int, int] | None = None
+    crs: str | None = None
+    bounds: Box | None = None
+    bounds_wgs84: Box | None = None
+    class_name: str | None = None
+    confidence: float | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Restrictions on results; ``None`` fields do not filter."""
+
+    class_name: str | None = None
+    scene_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    exclude_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def restricts(self) -> bool:
+        """True when the allowed ids must come from the log (not just an exclusion)."""
+        return any(v is not None for v in (self.class_name, self.scene_id, self.since, self.until))
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """A WHERE clause (without the keyword) and its parameters."""
+        clauses, params = ["1"], []  # type: tuple[list[str], list[Any]]
+        if self.class_name is not None:
+            clauses.append("class = ?")
+            params.append(self.class_name)
+        if self.scene_id is not None:
+            clauses.append("scene_id = ?")
+            params.append(self.scene_id)
+        if self.since is not None:
+            clauses.append("ts >= ?")
+            params.append(_epoch(self.since))
+        if self.until is not None:
+            clauses.append("ts <= ?")
+            params.append(_epoch(self.until))
+        return " AND ".join(clauses), params
+
+
+class EntryLog:
+    """The SQLite log of entries and their vectors (see the module docstring)."""
+
+    def __init__(self, path: Path, dim: int) -> None:
+        self.path = Path(path)
+        self.dim = int(dim)
+        self._db = open_sqlite(self.path)
+        self._db.executescript(_SCHEMA)
+        stored = self.meta("dim")
+        if stored is None:
+            self.set_meta("dim", self.dim)
+        elif int(stored) != self.dim:
+            raise IndexStateError(
+                f"{self.path} holds {stored}-d embeddings but the model gives {self.dim}-d; "
+                "move the index files aside to start a new index for this model")
+        self._data_version = self._data_version_now()
+
+    # ---------------------------------------------------------------- writing
+
+    def replace(self, scene_ids: Sequence[str], entries: Sequence[Entry], vectors: np.ndarray,
+                ts: float) -> tuple[np.ndarray, np.ndarray]:
+        """One transaction: delete every row of ``scene_ids``, insert ``entries`` with their
+        [n,dim] float32 ``vectors``, stamped ``ts``. Returns (deleted ids, new ids)."""
+        old: list[int] = []
+        new: list[int] = []
+        with transaction(self._db) as db:
+            for sid in dict.fromkeys(scene_ids):
+                old += [r[0] for r in db.execute("SELECT id FROM entries WHERE scene_id = ?",
+                                                 (sid,))]
+                db.execute("DELETE FROM entries WHERE scene_id = ?", (sid,))
+            for e, v in zip(entries, vectors, strict=True):
+                row = db.execute(_INSERT, _encode(e, ts, v.tobytes()))
+                assert row.lastrowid is not None  # set by every INSERT
+                new.append(row.lastrowid)
+        return np.asarray(old, np.int64), np.asarray(new, np.int64)
+
+    def meta(self, key: str) -> Any:
+        """A value of the meta table (JSON), ``None`` if unset."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                         (key, json.dumps(value)))
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ---------------------------------------------------------------- reading
+
+    def changed_elsewhere(self) -> bool:
+        """True once per commit of another connection (``terratile index add`` beside the
+        daemon): SQLite's ``data_version`` moves only for other connections' commits."""
+        version = self._data_version_now()
+        changed, self._data_version = version != self._data_version, version
+        return changed
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+
+    def ids(self, filters: Filters | None = None) -> np.ndarray:
+        """Ids of every entry that ``filters`` allow (all without)."""
+        where, args = (filters or Filters()).sql()
+        return np.fromiter((r[0] for r in self._db.execute(
+            f"SELECT id FROM entries WHERE {where}", args)), np.int64)
+
+    def sample_ids(self, n: int) -> np.ndarray:
+        """Up to ``n`` ids drawn at random (training vectors for IVF-PQ)."""
+        return np.fromiter((r[0] for r in self._db.execute(
+            "SELECT id FROM entries ORDER BY RANDOM() LIMIT ?", (n,))), np.int64)
+
+    def vector(self, entry_id: int) -> np.ndarray:
+        """The stored vector of one entry; ``KeyError`` if it does not exist (any more)."""
+        row = self._db.execute("SELECT vector FROM entries WHERE id = ?",
+                               (entry_id,)).fetchone()
+        if row is None:
+            raise KeyError(entry_id)
+        return np.frombuffer(row[0], np.float32).copy()
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """[len(ids), dim] vectors of ``ids``, in the order given (all must exist)."""
+        out = np.empty((len(ids), self.dim), np.float32)
+        pos = {int(i): n for n, i in enumerate(ids)}
+        for part in _chunks([int(i) for i in ids]):
+            marks = ",".join("?" * len(part))
+            for i, blob in self._db.execute(
+                    f"SELECT id, vector FROM entries WHERE id IN ({marks})", part):
+                out[pos[i]] = np.frombuffer(blob, np.float32)
+        return out
+
+    def iter_vectors(self, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, [n,dim] vectors) of every entry in id order, ``chunk`` rows at a time."""
+        cur = self._db.execute("SELECT id, vector FROM entries ORDER BY id")
+        while rows := cur.fetchmany(chunk):
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(-1, self.dim)
+            yield ids, vecs
+
+    def entries(self, ids: Iterable[int]) -> dict[int, tuple[Entry, datetime]]:
+        """Entry and time indexed of each of ``ids`` that still exists."""
+        out: dict[int, tuple[Entry, datetime]] = {}
+        cur = self._db.cursor()
+        cur.row_factory = sqlite3.Row
+        for part in _chunks(sorted({int(i) for i in ids})):
+            marks = ",".join("?" * len(part))
+            for r in cur.execute(f"SELECT {_METADATA} FROM entries WHERE id IN ({marks})", part):
+                out[int(r["id"])] = _decode(r)
+        return out
+
+    def find_cell(self, scene_id: str, pixel: tuple[float, float] | None = None,
+                  lonlat: tuple[float, float] | None = None) -> int | None:
+        """Id of the entry of ``scene_id`` whose window (pixel col,row) or WGS84 bounds
+        (lon,lat) contain the point, the nearest centre if several; ``None`` if none."""
+        if pixel is not None and lonlat is None:
+            x, y = pixel
+            sql = ("SELECT id, col + width / 2.0, row + height / 2.0 FROM entries "
+                   "WHERE scene_id = ? AND col <= ? AND ? < col + width "
+                   "AND row <= ? AND ? < row + height")
+        elif lonlat is not None and pixel is None:
+            x, y = lonlat
+            sql = ("SELECT id, (lon_min + lon_max) / 2, (lat_min + lat_max) / 2 FROM entries "
+                   "WHERE scene_id = ? AND lon_min <= ? AND ? <= lon_max "
+                   "AND lat_min <= ? AND ? <= lat_max")
+        else:
+            raise ValueError("give exactly one of pixel or lonlat")
+        rows = self._db.execute(sql, (scene_id, x, x, y, y)).fetchall()
+        if not rows:
+            return None
+        return int(min(rows, key=lambda r: (r[1] - x) ** 2 + (r[2] - y) ** 2)[0])
+
+    def has_scene(self, scene_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM entries WHERE scene_id = ? LIMIT 1",
+                                (scene_id,)).fetchone() is not None
+
+    def summary(self) -> dict[str, Any]:
+        """Entries, scenes, reference images and entries per class (``?``: none)."""
+        db, refs = self._db, REFERENCE_PREFIX + "%"
+        scenes = db.execute("SELECT COUNT(DISTINCT scene_id) FROM entries "
+                            "WHERE scene_id NOT LIKE ?", (refs,)).fetchone()[0]
+        references = db.execute("SELECT COUNT(*) FROM entries WHERE scene_id LIKE ?",
+                                (refs,)).fetchone()[0]
+        classes = dict(db.execute("SELECT COALESCE(class, '?'), COUNT(*) FROM entries "
+                                  "GROUP BY class ORDER BY 2 DESC").fetchall())
+        return {"entries": self.count(), "scenes": int(scenes),
+                "reference_images": int(references), "classes": classes}
+
+    def _data_version_now(self) -> int:
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _encode(e: Entry, ts: float, vector: bytes) -> dict[str, Any]:
+    row: dict[str, Any] = {"scene_id": e.scene_id, "source": e.source, "crs": e.crs,
+                           "class": e.class_name, "confidence": e.confidence,
+                           "label": e.label, "ts": ts, "vector": vector}
+    for names, values in ((_WINDOW, e.window), (_BOUNDS, e.bounds),
+                          (_BOUNDS_WGS84, e.bounds_wgs84)):
+        row.update(zip(names, values or (None,) * 4, strict=True))
+    return row
+
+
+def _decode(r: sqlite3.Row) -> tuple[Entry, datetime]:
+    window = None if r["col"] is None else (
+        int(r["col"]), int(r["row"]), int(r["width"]), int(r["height"]))
+    entry = Entry(scene_id=r["scene_id"], source=r["source"], window=window, crs=r["crs"],
+                  bounds=as_box([r[n] for n in _BOUNDS]),
+                  bounds_wgs84=as_box([r[n] for n in _BOUNDS_WGS84]),
+                  class_name=r["class"], confidence=r["confidence"], label=r["label"])
+    return entry, datetime.fromtimestamp(r["ts"], timezone.utc)
+
+
+def as_box(values: Sequence[Any]) -> Box | None:
+    """Four numbers as a ``Box``; ``None`` if any is missing."""
+    if any(v is None for v in values):
+        return None
+    a, b, c, d = (float(v) for v in values)
+    return (a, b, c, d)
+
+
+def _chunks(ids: list[int]) -> Iterator[list[int]]:
+    for start in range(0, len(ids), SQL_CHUNK):
+        yield ids[start:start + SQL_CHUNK]
+
+
+def _epoch(ts: datetime) -> float:
+    return (ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)).timestamp()

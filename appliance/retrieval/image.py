@@ -1,0 +1,39 @@
+"""An image file as the model sees it: reference images and image queries become one tile.
+
+The chip is decoded by the contract's chip reader (``appliance.contract.chips``, the one
+the workstation trains with) at the model's input size, its GeoTIFF bands chosen by
+``input.bands`` as a scene's are. Its values are then mapped into the bundle's value range
+by ``input.rescale`` exactly as a scene's are (``appliance.scene.raster.choose_rescale``),
+with the statistics of a percentile stretch taken from the chip itself, nodata included:
+with the default ``auto``, an 8-bit chip keeps its values and any other gets a per-band
+2–98 % stretch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from appliance.config import InputConfig
+from appliance.contract.bundle import InputSpec
+from appliance.contract.chips import ChipError, read_chip
+from appliance.retrieval.query import RequestError
+from appliance.scene.raster import choose_rescale
+
+
+def read_tile(path: Path, spec: InputSpec, cfg: InputConfig) -> np.ndarray:
+    """One [C,S,S] float32 tile in ``spec.value_range``; ``RequestError("bad-image")``."""
+    n = len(spec.bands)
+    bands = list(cfg.bands) if cfg.bands else list(range(1, n + 1))
+    if len(bands) != n:
+        raise RequestError("bad-image", f"{path}: input.bands lists {len(bands)} bands, "
+                           f"the model needs {n}")
+    try:
+        raw = read_chip(path, bands, spec.size).data
+    except ChipError as exc:
+        raise RequestError("bad-image", str(exc)) from exc
+    if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
+        raise RequestError("bad-image", f"{path}: has NaN or infinite values")
+    rescale = choose_rescale(cfg, str(raw.dtype), spec, raw.reshape(n, -1).T)
+    return rescale.apply(raw)
