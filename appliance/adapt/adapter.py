@@ -81,11 +81,10 @@ from appliance.contract.bundle import (
 )
 from appliance.contract.durable import atomic_write_text
 from appliance.contract.layer_stats import LayerStats
-from appliance.contract.reference_stats import REFERENCE_PIXELS, build_reference
+from appliance.contract.reference_stats import reference_from_tiles
 from appliance.contract.signature import (
     Signature,
     radiometric_distance,
-    sharpness,
     source_signature,
 )
 from appliance.model.head import LinearHead, read_head, write_head
@@ -292,11 +291,7 @@ def _expert_reference(source: Bundle, spec: InputSpec, tiles: np.ndarray,
     the expert's features ``feats`` of them and the source head's probabilities. Drift on
     scenes routed to the expert is judged against this (``DriftMonitor``)."""
     probs = probabilities(read_head(source.file(CLASSIFIER)).logits(feats), multi_label=False)
-    pixels = tiles.transpose(0, 2, 3, 1).reshape(-1, tiles.shape[1])
-    pick = np.random.default_rng(0).choice(len(pixels), min(REFERENCE_PIXELS, len(pixels)),
-                                           replace=False)
-    return build_reference(spec.bands, pixels[pick], feats, probs,
-                           source.source_bank.centroids, sharp=sharpness(tiles))
+    return reference_from_tiles(spec.bands, tiles, feats, probs)
 
 
 def adapted_domain(bundle: Bundle) -> str | None:

@@ -139,7 +139,7 @@ class _Baseline:
         d = np.sqrt(np.maximum(sq[:, None] - 2 * sample @ sample.T + sq[None, :], 0.0))
         bandwidth = float(np.median(d[np.triu_indices_from(d, k=1)])) if len(d) > 1 else 1.0
         return cls([np.asarray(b.quantiles[10:100:10], np.float64) for b in reference.bands],
-                   np.asarray(feats.pca_mean, np.float64),
+                   np.asarray(feats.mean, np.float64),
                    np.asarray(feats.pca_components, np.float64), sample, bandwidth or 1.0,
                    reference.confidence.mean_max_prob, reference.confidence.mean_entropy)
 
