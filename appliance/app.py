@@ -44,6 +44,7 @@ from appliance.contract.durable import atomic_write_text
 from appliance.contract.payloads import (
     ClassShare,
     DriftEvent,
+    DriftReport,
     ModelEvent,
     ModelRef,
     SceneFailed,
@@ -74,7 +75,7 @@ def software_version() -> str:
 
 
 def build_result(outcome: SceneOutcome, bundle: Bundle, node_id: str,
-                 drift: dict[str, Any]) -> SceneResult:
+                 drift: DriftReport | None) -> SceneResult:
     """The ``scene-result/1`` payload of a processed scene (msg_id derived from its id)."""
     return SceneResult(
         msg_id=result_msg_id(outcome.scene_id), node_id=node_id,
@@ -158,23 +159,23 @@ class Daemon:
                       if s.drift.enabled else None)
         self.adapter = (Adapter(self.store, s.adapt, s.paths.state, s.tiling)
                         if s.adapt.enabled else None)
-        self._drifting = self.drift.status()["drifting"] if self.drift is not None else False
+        self._drifting = self.drift.status().drifting if self.drift is not None else False
 
-    def _drift_for(self, outcome: SceneOutcome) -> dict[str, Any]:
+    def _drift_for(self, outcome: SceneOutcome) -> DriftReport | None:
         """(b) Collect the scene's cells, score drift; publish a change, start a job if due."""
         if self.adapter is not None:
             self.adapter.collect(outcome.cells)
         if self.drift is None:
-            return {}
+            return None
         report = self.drift.observe(outcome.cells)
         if report.drifting != self._drifting and self.comms is not None:
             event = DriftEvent(node_id=self.settings.node_id, scene_id=outcome.scene_id,
-                               report=report.as_dict())
+                               report=report)
             self.comms.send("events/drift", event.to_json(), event.msg_id)
         self._drifting = report.drifting
         if self.adapter is not None and self.adapter.due(report.drifting):
             self._start_adaptation("drift")
-        return report.as_dict()
+        return report
 
     def _start_adaptation(self, reason: str) -> None:
         """Run a gated job on a background thread; its outcome is applied on the main loop."""
@@ -225,8 +226,7 @@ class Daemon:
             self.runtime = open_runtime(bundle, self.settings)
         self.bundle = bundle
         if self.drift is not None:
-            self.drift.set_experts(bundle.domain_references())
-            self.drift.reset_confidence()
+            self.drift.switch_model(bundle)
         log.info("model v%d → v%d (%s)", previous.version, bundle.version, action)
         if self.comms is not None:
             event = ModelEvent(node_id=self.settings.node_id, action=action,
@@ -519,8 +519,9 @@ class Daemon:
             model=ModelRef(name=self.bundle.manifest.name, version=self.bundle.version),
             providers=self.runtime.providers, queue_depth=self.inbox.depth(),
             counts=self.journal.counts(), version=software_version(),
-            drift={**(self.drift.status() if self.drift is not None else {}),
-                   "adapting": self.adapter is not None and self.adapter.running},
+            drift=(self.drift.status().model_copy(update={
+                "adapting": self.adapter is not None and self.adapter.running})
+                if self.drift is not None else None),
         ).to_json()
 
     def publish_stats(self) -> None:

@@ -217,20 +217,21 @@ def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
         report = monitor.observe(outcome.cells)
         adapter.collect(outcome.cells)
         stream_seconds += time.perf_counter() - t
+        scene = report.scene
+        assert scene is not None, report.skipped
         stream.append({"scene": i, "domain": outcome.cells.domain,
                        "drifting": report.drifting, "fired": report.fired,
-                       "psi": round(report.scene["psi"], 4), "mmd": round(report.scene["mmd"], 4),
-                       "mean_max_prob": round(report.scene["mean_max_prob"], 4),
-                       "ph_max_prob": round(report.window["ph_max_prob"], 4),
-                       "ph_entropy": round(report.window["ph_entropy"], 4)})
+                       "psi": round(scene.psi, 4), "mmd": round(scene.mmd, 4),
+                       "mean_max_prob": round(scene.mean_max_prob, 4),
+                       "ph_max_prob": round(report.window.ph_max_prob, 4),
+                       "ph_entropy": round(report.window.ph_entropy, 4)})
         if adapter.due(report.drifting):
             job = adapter.run(f"drift at scene {i}")
             jobs.append({"scene": i, **job.as_dict()})
             if job.model_changed:  # what Daemon._switch_model does
                 if not runtime.adopt(store.active()):
                     runtime = ModelRuntime(store.active(), plan)
-                monitor.set_experts(store.active().domain_references())
-                monitor.reset_confidence()
+                monitor.switch_model(store.active())
     active = store.active()
     target_after, target_routed = classify(runtime, settings, test_scenes, root / "eval")
     source_after, source_routed = classify(runtime, settings, clean_test, root / "eval")

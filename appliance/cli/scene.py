@@ -55,7 +55,7 @@ def process(scene: Path, config: Path = CONFIG_OPTION) -> None:
     except SceneError as exc:
         typer.echo(f"{scene}: {exc.reason}: {exc}", err=True)
         raise typer.Exit(1) from exc
-    typer.echo(build_result(outcome, bundle, settings.node_id, {}).model_dump_json(
+    typer.echo(build_result(outcome, bundle, settings.node_id, None).model_dump_json(
         by_alias=True, indent=2))
 
 

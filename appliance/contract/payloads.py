@@ -3,7 +3,9 @@ between the box and whoever subscribes to it.
 
 Every payload carries ``schema`` (name and major version, e.g. ``terratile.scene-result/1``),
 ``msg_id``, ``node_id`` and ``ts`` so a consumer can route, de-duplicate and order them.
-Payloads are references to files, never rasters. The JSON Schemas in ``docs/schemas/`` are
+Payloads are references to files, never rasters. Their typed parts (``Record``: drift
+scores and verdicts) are defined here too, so that the
+published schemas describe every property. The JSON Schemas in ``docs/schemas/`` are
 generated from these models (``python -m appliance.contract.payloads docs/schemas``) and a test
 keeps them in step.
 
@@ -19,7 +21,7 @@ import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,6 +61,75 @@ class Payload(BaseModel):
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
+
+
+class Record(BaseModel):
+    """A typed part of a payload: closed (unknown keys are refused) and immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- drift: what ``appliance.adapt.drift.DriftMonitor`` says about the scene stream --------
+
+Signal = Literal["radiometry", "features", "confidence"]
+
+
+class DriftScores(Record):
+    """One scene's drift scores against the reference it was judged by."""
+
+    reference: str | None = Field(
+        description="Expert whose own reference scored the scene (null: the source's).")
+    psi_bands: list[float] = Field(description="Population stability index per band.")
+    psi: float = Field(description="The worst band's PSI.")
+    mmd: float = Field(description="Unbiased MMD² of the PCA-projected features.")
+    mean_max_prob: float
+    mean_entropy: float = Field(description="Mean normalised entropy of the valid cells.")
+    cells: int = Field(description="Valid cells scored.")
+
+
+class DriftWindow(Record):
+    """The sliding window's medians and the confidence detectors' statistics."""
+
+    psi: float
+    mmd: float
+    scenes: int = Field(description="Scenes in the window.")
+    ph_max_prob: float = Field(description="Page-Hinkley statistic of the max-probability drop.")
+    ph_entropy: float = Field(description="Page-Hinkley statistic of the entropy rise.")
+
+
+class DriftThresholds(Record):
+    """The ``drift.*`` thresholds the verdict was reached with."""
+
+    psi: float
+    mmd: float
+    ph: float
+    ph_delta: float
+
+
+class DriftReport(Record):
+    """The drift verdict after one scene: its scores, the window, the fired signals."""
+
+    scene_id: str
+    drifting: bool = Field(description="At least drift.min_signals signals fired together.")
+    fired: list[Signal]
+    scene: DriftScores | None = Field(
+        default=None, description="This scene's scores (null: it was skipped).")
+    window: DriftWindow
+    scenes_seen: int = Field(description="Scenes scored since the detectors last restarted.")
+    skipped: str | None = Field(default=None, description="Why the scene was not scored.")
+    thresholds: DriftThresholds
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class DriftStatus(Record):
+    """The drift state without a new scene, for the status payload."""
+
+    drifting: bool
+    fired: list[Signal]
+    window: DriftWindow
+    adapting: bool = Field(default=False, description="An adaptation job is running.")
 
 
 class ModelRef(BaseModel):
@@ -104,7 +175,7 @@ class SceneResult(Payload):
     outputs: dict[str, str] = Field(description="landuse, confidence, summary, ... → paths.")
     timings: dict[str, float] = Field(description="Seconds per stage.")
     tiles: int = Field(description="Model inputs run (cells × scales).")
-    drift: dict[str, Any] = Field(default_factory=dict, description="Drift scores and signals.")
+    drift: DriftReport | None = Field(default=None, description="Null: drift detection is off.")
 
 
 class SceneFailed(Payload):
@@ -131,7 +202,7 @@ class StatusPayload(Payload):
     queue_depth: int
     counts: dict[str, int] = Field(default_factory=dict, description="Journal scenes per state.")
     version: str = Field(description="terratile software version.")
-    drift: dict[str, Any] = Field(default_factory=dict, description="Drift state, adapting.")
+    drift: DriftStatus | None = Field(default=None, description="Null: drift detection is off.")
 
 
 class StatsPayload(Payload):
@@ -152,7 +223,7 @@ class DriftEvent(Payload):
     SCHEMA: ClassVar[str] = "terratile.event-drift/1"
 
     scene_id: str
-    report: dict[str, Any]
+    report: DriftReport
 
 
 class ModelEvent(Payload):
