@@ -32,9 +32,8 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-from appliance.adapt.adapter import AdaptationReport, Adapter
+from appliance.adapt.adapter import Adapter
 from appliance.adapt.drift import DriftMonitor
 from appliance.comms.message import Message
 from appliance.comms.mqtt import Comms
@@ -42,6 +41,7 @@ from appliance.config import Settings
 from appliance.contract.bundle import Bundle, BundleError, sha256_file
 from appliance.contract.durable import atomic_write_text
 from appliance.contract.payloads import (
+    AdaptationReport,
     ClassShare,
     DriftEvent,
     DriftReport,
@@ -164,7 +164,7 @@ class Daemon:
     def _drift_for(self, outcome: SceneOutcome) -> DriftReport | None:
         """(b) Collect the scene's cells, score drift; publish a change, start a job if due."""
         if self.adapter is not None:
-            self.adapter.collect(outcome.cells)
+            self.adapter.collect(outcome.cells, self.bundle)
         if self.drift is None:
             return None
         report = self.drift.observe(outcome.cells)
@@ -173,7 +173,7 @@ class Daemon:
                                report=report)
             self.comms.send("events/drift", event.to_json(), event.msg_id)
         self._drifting = report.drifting
-        if self.adapter is not None and self.adapter.due(report.drifting):
+        if self.adapter is not None and self.adapter.due(report.drifting, self.bundle):
             self._start_adaptation("drift")
         return report
 
@@ -186,7 +186,7 @@ class Daemon:
             return
 
         def job() -> None:
-            report = adapter.run(reason)
+            report = self._apply(adapter.run(self.bundle, reason))
             experts = None
             if report.model_changed:  # sessions (and TensorRT engines) built here, not on
                 bundle = self.store.active()  # the loop that ingests scenes
@@ -196,17 +196,31 @@ class Daemon:
 
         threading.Thread(target=job, name="adaptation", daemon=True).start()
 
+    def _apply(self, report: AdaptationReport) -> AdaptationReport:
+        """Install and activate what a job proposes (interim: ModelHost will own this)."""
+        if report.promoted and report.candidate is not None:
+            bundle = self.store.install(Path(report.candidate), activate=True)
+            pruned = self.store.prune(self.settings.adapt.keep_versions)
+            if pruned:
+                log.info("pruned model versions %s", pruned)
+        elif report.action == "reset" and report.reset_to is not None:
+            bundle = self.store.activate(report.reset_to)
+        else:
+            return report
+        return report.model_copy(update={"version_after": bundle.version,
+                                         "bundle_path": str(bundle.path)})
+
     def _adapted(self, report: AdaptationReport, experts: Experts | None = None) -> None:
         """A job finished: swap in a promoted (or reset) version with the sessions the job
         thread opened for it; publish what happened."""
         if report.model_changed:
             self._switch_model(self.store.active(), "adapted" if report.promoted else "reset",
-                               report.as_dict(), experts)
+                               report, experts)
         elif report.action == "rejected" and self.comms is not None:
             event = ModelEvent(node_id=self.settings.node_id, action="rejected",
                                model=ModelRef(name=self.bundle.manifest.name,
                                               version=self.bundle.version),
-                               detail=report.as_dict())
+                               detail=report)
             self.comms.send("events/model", event.to_json(), event.msg_id)
 
     def _rollback(self) -> None:
@@ -216,9 +230,9 @@ class Daemon:
         except BundleError as exc:
             log.error("rollback refused: %s", exc)
             return
-        self._switch_model(bundle, "rollback", {})
+        self._switch_model(bundle, "rollback", None)
 
-    def _switch_model(self, bundle: Bundle, action: str, detail: dict[str, Any],
+    def _switch_model(self, bundle: Bundle, action: str, detail: AdaptationReport | None,
                       experts: Experts | None = None) -> None:
         """Run ``bundle``: only experts are swapped when backbone and embedder are the same."""
         previous = self.bundle
@@ -495,7 +509,7 @@ class Daemon:
         if bundle.version == self.bundle.version:
             log.info("reload: model v%d already active", bundle.version)
             return
-        self._switch_model(bundle, "reload", {})
+        self._switch_model(bundle, "reload", None)
 
     # -- status and stats ---------------------------------------------------------------
 

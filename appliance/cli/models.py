@@ -65,9 +65,19 @@ def activate(version: int = typer.Argument(..., help="Installed version number."
 def adapt(config: Path = CONFIG_OPTION) -> None:
     """Run one gated adaptation job on the stored target cells now; print its report."""
     settings = settings_or_exit(config)
-    adapter = Adapter(ModelStore.for_settings(settings), settings.adapt, settings.paths.state)
+    store = ModelStore.for_settings(settings)
+    adapter = Adapter(store, settings.adapt, settings.paths.state, settings.tiling)
     try:
-        report = adapter.run("cli")
+        report = adapter.run(store.active(), "cli")
+        if report.promoted and report.candidate is not None:  # interim: ModelHost's job
+            bundle = store.install(Path(report.candidate), activate=True)
+            store.prune(settings.adapt.keep_versions)
+            report = report.model_copy(update={"version_after": bundle.version,
+                                               "bundle_path": str(bundle.path)})
+        elif report.action == "reset" and report.reset_to is not None:
+            bundle = store.activate(report.reset_to)
+            report = report.model_copy(update={"version_after": bundle.version,
+                                               "bundle_path": str(bundle.path)})
     except BundleError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

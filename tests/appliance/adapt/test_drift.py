@@ -8,13 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.adapt.adapter import DOMAIN, Adapter
+from appliance.adapt.adapter import Adapter
 from appliance.adapt.drift import DriftMonitor, PageHinkley, mmd2, psi
+from appliance.adapt.lineage import DOMAIN
 from appliance.config import AdaptConfig, DriftConfig
 from appliance.contract.bundle import REFERENCE, Bundle, load_bundle, seal_bundle
 from appliance.contract.payloads import DriftStatus
 from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.model.store import ModelStore
+from tests.helpers.adaptation import TILING, fill
 from tests.helpers.colour_scenes import BLUE_CAST, colour_scene
 
 # The colour bundle's reference holds one pixel per source colour, so clean synthetic
@@ -99,11 +101,11 @@ def test_switch_to_an_adapted_version_restarts_only_the_confidence_detectors(
     assert monitor.status().window.ph_max_prob > 0
     store = ModelStore(tmp_path / "state" / "models")
     store.install(colour_bundle)
-    adapter = Adapter(store, AdaptConfig(min_samples=20, input_blend=1.0), tmp_path / "state")
-    for seed in range(6):
-        adapter.collect(colour_scene(runtime, 300 + seed, BLUE_CAST)[0])
-    assert adapter.run("drift").promoted
-    candidate = store.active().path
+    adapter = Adapter(store, AdaptConfig(min_samples=20, input_blend=1.0), tmp_path / "state",
+                      TILING)
+    fill(adapter, runtime)
+    candidate = adapter.run(store.active(), "drift").candidate
+    assert candidate is not None
     monitor.switch_model(load_bundle(Path(candidate)))  # same source reference, one expert more
     status = monitor.status()
     assert status.window.scenes == 4  # the imagery seen is still what it was
@@ -161,11 +163,12 @@ def test_scenes_routed_to_an_expert_are_judged_against_its_domain(
     expert's reference, not the source's."""
     store = ModelStore(tmp_path / "state" / "models")
     store.install(colour_bundle)
-    adapter = Adapter(store, AdaptConfig(min_samples=20, input_blend=1.0), tmp_path / "state")
-    for seed in range(6):
-        adapter.collect(colour_scene(runtime, 300 + seed, BLUE_CAST)[0])
-    assert adapter.run("drift").step == "input"
-    adapted = store.active()
+    adapter = Adapter(store, AdaptConfig(min_samples=20, input_blend=1.0), tmp_path / "state",
+                      TILING)
+    fill(adapter, runtime)
+    report = adapter.run(store.active(), "drift")
+    assert report.step == "input" and report.candidate is not None
+    adapted = load_bundle(Path(report.candidate))
     expert = ModelRuntime(adapted, ProviderPlan(providers=("cpu",)))
     aware = DriftMonitor(adapted.reference, CFG, tmp_path / "aware",
                          adapted.domain_references())

@@ -40,9 +40,10 @@ def _seeded(colour_bundle: Path, tmp_path: Path) -> tuple[Path, ModelStore]:
     store = ModelStore(load_settings(config).paths.state / "models")
     store.install(colour_bundle)
     runtime = ModelRuntime(store.active(), ProviderPlan(providers=("cpu",)))
-    adapter = Adapter(store, load_settings(config).adapt, load_settings(config).paths.state)
+    settings = load_settings(config)
+    adapter = Adapter(store, settings.adapt, settings.paths.state, settings.tiling)
     for seed in range(6):
-        adapter.collect(colour_scene(runtime, 500 + seed, BLUE_CAST)[0])
+        adapter.collect(colour_scene(runtime, 500 + seed, BLUE_CAST)[0], runtime.bundle)
     return config, store
 
 
