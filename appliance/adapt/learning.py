@@ -30,6 +30,8 @@ def fused_probs(head: LinearHead, features: np.ndarray, tiling: TilingConfig) ->
     changed since they were collected) have no weights to go with: they are averaged.
     """
     n, s, d = features.shape
+    if n == 0:  # e.g. no confirmed cell among the held-out ones: the gate says so
+        return np.zeros((0, head.n_classes), np.float32)
     probs = probabilities(head.logits(features.reshape(n * s, d)), multi_label=False)
     if len(tiling.scales) != s:
         return fuse(probs.reshape(n, s, -1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,13 @@ def test_prepare_without_cells_is_an_adaptation_error(store: ModelStore,
     adapter = Adapter(store, HEAD_ONLY, tmp_path / "state", TILING)
     with pytest.raises(AdaptationError, match="no candidate cells"):
         adapter.head_step.prepare(Lineage.of(store, store.active()))
+
+
+def test_gate_refuses_without_confirmed_held_out_cells(store: ModelStore,
+                                                       runtime: ModelRuntime,
+                                                       tmp_path: Path) -> None:
+    adapter, data = _prepared(store, runtime, tmp_path)
+    none_held = replace(data, validation=data.validation[:0])
+    gate = adapter.head_step.gate(data.current, none_held)
+    assert not gate.passed and gate.agreement_before == gate.agreement_after == 0.0
+    assert "no confirmed cells among the held-out target cells" in gate.failures

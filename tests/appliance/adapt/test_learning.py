@@ -41,6 +41,7 @@ def test_fused_probs_fuse_with_the_pipeline_rule(fusion: str, weights: list[floa
     # Features stored under another number of scales are averaged.
     three = TilingConfig(scales=[8, 16, 32], fusion="max")
     np.testing.assert_array_equal(fused_probs(head, feats, three), fuse(per_scale, "mean"))
+    assert fused_probs(head, feats[:0], tiling).shape == (0, 3)  # no rows, no error
 
 
 def test_source_rows_split_the_bank_and_confirm_by_neighbours() -> None:
