@@ -204,10 +204,15 @@ class App:
         model = ModelCommands(self.host)
         for verb, command in (("reload", model.reload), ("rollback", model.rollback),
                               ("activate", model.activate)):
-            self.comms.on_command(verb, lambda payload, c=command: self.submit(c(payload)))
+            self.comms.on_command(verb, self._queued(command))
         self.comms.on_command("rescan", lambda _payload: self.submit(self.inbox.rescan))
         self.comms.on_command("adapt", lambda _payload: self.submit(
             lambda: self._start_adaptation("command")))
+
+    def _queued(self, command: Callable[[bytes], Callable[[], None]]
+                ) -> Callable[[bytes], None]:
+        """A command handler that queues the task ``command`` makes of the payload."""
+        return lambda payload: self.submit(command(payload))
 
     def register_requests(self) -> None:
         """``<p>/retrieval/query``, answered on the comms handler thread."""

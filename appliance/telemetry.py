@@ -101,13 +101,13 @@ class Telemetry:
 
     def status(self) -> StatusPayload:
         """The retained status payload, built now."""
-        drift = self._drift.status() if self._drift is not None else {}
+        drift = (self._drift.status().model_copy(update={"adapting": self._adapting()})
+                 if self._drift is not None else None)
         return StatusPayload(
             node_id=self.node_id, state=self.state.value,
             model=ModelRef.of(self._host.bundle.manifest),
             providers=self._host.runtime.providers, queue_depth=self._inbox.depth(),
-            counts=self._journal.counts(), version=software_version(),
-            drift={**drift, "adapting": self._adapting()})
+            counts=self._journal.counts(), version=software_version(), drift=drift)
 
     def status_json(self) -> str:
         return self.status().to_json()

@@ -2,10 +2,11 @@
 
 For each condition (no shift, then several realistic sensor shifts) the benchmark builds a
 fresh appliance state, installs the fine-tuned AID bundle and streams *adapt* mosaics
-through the very objects the daemon uses: ``appliance.pipeline.process_scene`` →
+through the very objects the daemon uses: ``appliance.scene.pipeline.process_scene`` →
 ``DriftMonitor.observe`` → ``Adapter.collect``, and, whenever ``Adapter.due`` says so (drift
-fired, enough cells, cooled down), ``Adapter.run``, the runtime adopting every new version
-(``ModelRuntime.adopt``, as the daemon does). No labels are used anywhere in that loop.
+fired, enough cells, cooled down), ``Adapter.run``; each proposed version is installed (or
+the reset version activated) and adopted by the runtime, and the drift monitor switched to
+it, as the daemon does. No labels are used anywhere in that loop.
 
 Target scenes are 3×4 mosaics of AID validation images (the bundle's ``split.json``; never
 seen in training), one 150 px image per grid cell: ``tiling.cell = 150`` and
@@ -42,10 +43,13 @@ import rasterio
 from PIL import Image, ImageFilter
 from rasterio.transform import from_origin
 
-from appliance.adapt.adapter import Adapter, accuracy, adapted_domain
+from appliance.adapt.adapter import Adapter
 from appliance.adapt.drift import DriftMonitor
+from appliance.adapt.learning import agreement
+from appliance.adapt.lineage import adapted_domain
 from appliance.config import Settings, load_settings
-from appliance.contract.bundle import CLASSIFIER, load_bundle
+from appliance.contract.bundle import CLASSIFIER, Bundle, load_bundle
+from appliance.contract.payloads import AdaptationReport
 from appliance.model.head import read_head
 from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.model.store import ModelStore
@@ -187,7 +191,22 @@ def bank_holdout_oa(bundle_dir: Path) -> float:
     bundle = load_bundle(bundle_dir)
     bank = bundle.source_bank
     head = read_head(bundle.classifier(adapted_domain(bundle)))
-    return accuracy(head, bank.features[bank.holdout], bank.labels[bank.holdout])
+    return agreement(head.logits(bank.features[bank.holdout]), bank.labels[bank.holdout])
+
+
+def apply(store: ModelStore, report: AdaptationReport, keep_versions: int
+          ) -> tuple[AdaptationReport, Bundle | None]:
+    """What the daemon's model host does with a job's report: install and activate a
+    promoted candidate (then prune), or activate the reset version."""
+    if report.promoted and report.candidate is not None:
+        bundle = store.install(Path(report.candidate), activate=True)
+        store.prune(keep_versions)
+    elif report.action == "reset" and report.reset_to is not None:
+        bundle = store.activate(report.reset_to)
+    else:
+        return report, None
+    return report.model_copy(update={"version_after": bundle.version,
+                                     "bundle_path": str(bundle.path)}), bundle
 
 
 def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
@@ -200,8 +219,9 @@ def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
     store = ModelStore(settings.paths.state / "models")
     store.install(bundle_dir)
     plan = ProviderPlan(providers=("cpu",))
-    runtime = ModelRuntime(store.active(), plan)
-    monitor = DriftMonitor(store.active().reference, settings.drift, settings.paths.state)
+    active = store.active()
+    runtime = ModelRuntime(active, plan)
+    monitor = DriftMonitor(active.reference, settings.drift, settings.paths.state)
     adapter = Adapter(store, settings.adapt, settings.paths.state, settings.tiling)
     shifted = [shift(img) for img in images]
     adapt_scenes = write_mosaics(shifted, labels, adapt_order, root / "scenes", "adapt")
@@ -215,23 +235,25 @@ def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
         outcome = process_scene(path, f"{name}-{i}", root / "outbox" / str(i), runtime, settings,
                                 probe_sharpness=True)
         report = monitor.observe(outcome.cells)
-        adapter.collect(outcome.cells)
+        adapter.collect(outcome.cells, active)
         stream_seconds += time.perf_counter() - t
+        scene = report.scene
+        assert scene is not None, report.skipped
         stream.append({"scene": i, "domain": outcome.cells.domain,
                        "drifting": report.drifting, "fired": report.fired,
-                       "psi": round(report.scene["psi"], 4), "mmd": round(report.scene["mmd"], 4),
-                       "mean_max_prob": round(report.scene["mean_max_prob"], 4),
-                       "ph_max_prob": round(report.window["ph_max_prob"], 4),
-                       "ph_entropy": round(report.window["ph_entropy"], 4)})
-        if adapter.due(report.drifting):
-            job = adapter.run(f"drift at scene {i}")
+                       "psi": round(scene.psi, 4), "mmd": round(scene.mmd, 4),
+                       "mean_max_prob": round(scene.mean_max_prob, 4),
+                       "ph_max_prob": round(report.window.ph_max_prob, 4),
+                       "ph_entropy": round(report.window.ph_entropy, 4)})
+        if adapter.due(report.drifting, active):
+            job, switched = apply(store, adapter.run(active, f"drift at scene {i}"),
+                                  settings.adapt.keep_versions)
             jobs.append({"scene": i, **job.as_dict()})
-            if job.model_changed:  # what Daemon._switch_model does
-                if not runtime.adopt(store.active()):
-                    runtime = ModelRuntime(store.active(), plan)
-                monitor.set_experts(store.active().domain_references())
-                monitor.reset_confidence()
-    active = store.active()
+            if switched is not None:  # what the daemon does on a model switch
+                active = switched
+                if not runtime.adopt(active):
+                    runtime = ModelRuntime(active, plan)
+                monitor.switch_model(active)
     target_after, target_routed = classify(runtime, settings, test_scenes, root / "eval")
     source_after, source_routed = classify(runtime, settings, clean_test, root / "eval")
     first_fire = next((s["scene"] for s in stream if s["drifting"]), None)

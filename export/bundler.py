@@ -1,11 +1,11 @@
-"""``terratile-export bundle``: a trained run → a sealed model bundle (DESIGN.md contract).
+"""``terratile-export bundle``: a trained run → a sealed model bundle (the bundle contract).
 
 Three ONNX graphs (backbone, classifier, embedder) exported with ``torch.onnx.export``,
 checked against torch on real training chips (fp32 parity must be within 1e-4), optionally
 converted to fp16 or statically quantised to int8 (QDQ, calibrated on real chips); then the
 source bank and drift reference are computed with the EXPORTED graphs through onnxruntime
 (what the appliance will see) and everything is sealed with sha256 by
-``appliance.bundle.seal_bundle``.
+``appliance.contract.bundle.seal_bundle``.
 """
 
 from __future__ import annotations
@@ -43,17 +43,17 @@ from appliance.contract.bundle import (
     InputSpec,
     Manifest,
     SourceBank,
+    holdout_rows,
     seal_bundle,
 )
 from appliance.contract.durable import atomic_write_text
 from appliance.contract.image_files import is_image
 from appliance.contract.layer_stats import measure
-from appliance.contract.reference_stats import REFERENCE_PIXELS, build_reference, class_centroids
-from appliance.contract.signature import sharpness
+from appliance.contract.reference_stats import reference_from_tiles
 from appliance.model.runtime import ProviderPlan, open_session, probabilities
-from export.data import SPLIT_FILE, DataSet, Sample, load_chips, load_split, scan
+from export.data import DataSet, Sample, load_chips, load_split
 from export.model import Descriptor
-from export.train import METRICS, RunInfo, load_trained
+from export.train import METRICS, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -208,22 +208,6 @@ def _balanced(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(rows))
 
 
-def _holdout(labels: np.ndarray) -> np.ndarray:
-    """Every fifth row of each class held back for the adaptation gate."""
-    first = labels if labels.ndim == 1 else labels.argmax(axis=1)
-    mask = np.zeros(len(labels), bool)
-    for k in np.unique(first):
-        mask[np.flatnonzero(first == k)[::5]] = True
-    return mask
-
-
-def _source(run_dir: Path, info: RunInfo) -> DataSet:
-    """Training chips of the run (its split), or the whole data set for old runs."""
-    if (Path(run_dir) / SPLIT_FILE).is_file():
-        return load_split(run_dir, "train")
-    return scan(Path(str(info.config["data"])), info.task)
-
-
 def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
            console: Console | None = None) -> Manifest:
     """Write and seal a bundle for the run in ``run_dir``; returns the sealed manifest."""
@@ -232,7 +216,7 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     torch.set_num_threads(2)
     info, model = load_trained(run_dir)
     spec = info.input_spec
-    source = _source(run_dir, info)
+    source = load_split(run_dir, "train")  # the run's own training chips
     labels_all = source.label_array()
     rows = _balanced(labels_all, BANK_PER_CLASS, seed=0)
     chips = load_chips(source.subset(rows.tolist()), spec.size).images
@@ -274,12 +258,8 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     probs = probabilities(_run(out / CLASSIFIER, FEATURES, LOGITS, features),
                      info.task == "multi-label")
     n_classes = len(info.classes)
-    centroids = class_centroids(features, labels, n_classes)
-    SourceBank(features, labels, centroids, _holdout(labels)).save(out / SOURCE_BANK)
-    pixels = chips.transpose(0, 2, 3, 1).reshape(-1, chips.shape[1])
-    pick = np.random.default_rng(0).choice(len(pixels), min(REFERENCE_PIXELS, len(pixels)), False)
-    reference = build_reference(spec.bands, pixels[pick], features, probs, centroids,
-                                sharp=sharpness(chips))
+    SourceBank(features, labels, holdout_rows(labels)).save(out / SOURCE_BANK)
+    reference = reference_from_tiles(spec.bands, chips, features, probs)
     atomic_write_text(out / REFERENCE, reference.model_dump_json(by_alias=True))
     extra: dict[str, str] = {}
     if options.precision == "fp32":  # re-normalisation on the box rewrites fp32 Conv weights

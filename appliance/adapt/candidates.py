@@ -68,8 +68,6 @@ def expert_key(bundle: Bundle, domain: str | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-
-
 class CandidateStore:
     """A bounded ring of per-scene ``.npz`` files (features stored as float16).
 
@@ -179,9 +177,7 @@ class CandidateStore:
         for seq, _, k, path in self._files():
             try:
                 with np.load(path) as data:
-                    scene_bands = data["bands"]
-                    scene_sharp = (data["sharp"] if "sharp" in data.files
-                                   else np.full(scene_bands.shape[-1], np.nan))
+                    scene_bands, scene_sharp = data["bands"], data["sharp"]
                     if features and (key is None or k == key):
                         feats.append(data["features"].astype(np.float32))
                         probs.append(data["probs"])

@@ -19,20 +19,33 @@ Radiometry and features fire on the *median* of the last ``drift.window`` per-sc
 (so a single odd scene cannot fire them either) once ``drift.min_scenes`` scenes were seen.
 The stream is ``drifting`` when at least ``drift.min_signals`` signals fire together.
 Window and detector state live in ``state_dir/drift.json`` and survive restarts.
+
+On every model switch the caller hands the new bundle to ``switch_model``: another source
+reference (a different model) starts everything over; the same one (an adapted version,
+a rollback) only restarts the confidence detectors, since the heads changed but the
+imagery the window describes did not.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from appliance.config import DriftConfig
-from appliance.contract.bundle import Reference
+from appliance.contract.bundle import Bundle, Reference
 from appliance.contract.durable import atomic_write_text
+from appliance.contract.payloads import (
+    DriftReport,
+    DriftScores,
+    DriftStatus,
+    DriftThresholds,
+    DriftWindow,
+    Signal,
+)
 from appliance.contract.reference_stats import entropy
 from appliance.scene.cells import SceneCells
 
@@ -73,27 +86,6 @@ class PageHinkley:
         return {"cumulative": self.cumulative, "minimum": self.minimum, "n": self.n}
 
 
-@dataclass(frozen=True)
-class DriftReport:
-    """The drift verdict after one scene: every score, the fired signals, ``drifting``."""
-
-    scene_id: str
-    scene: dict[str, Any]
-    window: dict[str, Any]
-    fired: list[str]
-    drifting: bool
-    scenes_seen: int
-    skipped: str | None = None
-    thresholds: dict[str, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "scene_id": self.scene_id, "drifting": self.drifting, "fired": list(self.fired),
-            "scene": self.scene, "window": self.window, "scenes_seen": self.scenes_seen,
-            "skipped": self.skipped, "thresholds": self.thresholds,
-        }
-
-
 def psi(expected_edges: np.ndarray, values: np.ndarray) -> float:
     """PSI of ``values`` on bins whose inner edges are reference quantiles of equal mass."""
     n_bins = len(expected_edges) + 1
@@ -124,7 +116,7 @@ class _Baseline:
     """What a scene is scored against, precomputed from one reference."""
 
     edges: list[np.ndarray]  # per band: the reference deciles
-    pca_mean: np.ndarray
+    centre: np.ndarray  # the reference features' mean, centre of the PCA axes
     pca: np.ndarray
     sample: np.ndarray  # reference features on the PCA axes
     bandwidth: float  # RBF bandwidth: median pairwise distance of the sample
@@ -139,7 +131,7 @@ class _Baseline:
         d = np.sqrt(np.maximum(sq[:, None] - 2 * sample @ sample.T + sq[None, :], 0.0))
         bandwidth = float(np.median(d[np.triu_indices_from(d, k=1)])) if len(d) > 1 else 1.0
         return cls([np.asarray(b.quantiles[10:100:10], np.float64) for b in reference.bands],
-                   np.asarray(feats.pca_mean, np.float64),
+                   np.asarray(feats.mean, np.float64),
                    np.asarray(feats.pca_components, np.float64), sample, bandwidth or 1.0,
                    reference.confidence.mean_max_prob, reference.confidence.mean_entropy)
 
@@ -152,9 +144,9 @@ class DriftMonitor:
         self.cfg = cfg
         self.state_path = Path(state_dir) / STATE_FILE
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        self._reference = reference
         self._source = _Baseline.of(reference)
-        self._experts: dict[str, _Baseline] = {}
-        self.set_experts(experts or {})
+        self._experts = {name: _Baseline.of(ref) for name, ref in (experts or {}).items()}
         self._history: list[dict[str, Any]] = []
         self._ph_prob = self._new_ph()
         self._ph_entropy = self._new_ph()
@@ -182,29 +174,32 @@ class DriftMonitor:
                 "ph_entropy": self._ph_entropy.state()}
         atomic_write_text(self.state_path, json.dumps(data))
 
-    def set_experts(self, experts: dict[str, Reference]) -> None:
-        """Score scenes routed to an adapted expert against that expert's own reference
-        (its domain as it was adapted to): after adaptation the stream is judged against
-        what the model now expects, so drift clears instead of firing for ever."""
-        self._experts = {name: _Baseline.of(ref) for name, ref in experts.items()}
+    def switch_model(self, bundle: Bundle) -> None:
+        """Judge the stream against the model that now runs, ``bundle``.
 
-    def _baseline(self, domain: str | None) -> _Baseline:
-        return self._experts.get(domain or "", self._source)
-
-    def reset_confidence(self) -> None:
-        """Restart the confidence detectors (the classifier head changed)."""
+        Scenes routed to an adapted expert are scored against that expert's own reference
+        (its domain as it was adapted to), so after adaptation drift clears instead of
+        firing for ever. A different source reference (another model) forgets the window
+        and every detector; the same one restarts only the confidence detectors (the
+        heads changed, the imagery did not).
+        """
+        reference = bundle.reference
+        if reference != self._reference:
+            self._reference = reference
+            self._source = _Baseline.of(reference)
+            self._history = []
+        self._experts = {name: _Baseline.of(ref)
+                         for name, ref in bundle.domain_references().items()}
         self._ph_prob = self._new_ph()
         self._ph_entropy = self._new_ph()
         self._save()
 
-    def reset(self) -> None:
-        """Forget the window and the detectors (e.g. after a different bundle was installed)."""
-        self._history = []
-        self.reset_confidence()
+    def _baseline(self, domain: str | None) -> _Baseline:
+        return self._experts.get(domain or "", self._source)
 
     # -- scoring -------------------------------------------------------------------------
 
-    def scene_scores(self, cells: SceneCells) -> dict[str, Any]:
+    def scene_scores(self, cells: SceneCells) -> DriftScores:
         """Per-scene scores; raises ``ValueError`` when the scene has no valid data."""
         valid = cells.valid
         if not valid.any() or len(cells.band_sample) == 0 or len(cells.sample_features) == 0:
@@ -216,57 +211,53 @@ class DriftMonitor:
         if len(feats) > _MMD_ROWS:
             rows = np.random.default_rng(0).choice(len(feats), _MMD_ROWS, replace=False)
             feats = feats[rows]
-        projected = (feats.astype(np.float64) - base.pca_mean) @ base.pca.T
+        projected = (feats.astype(np.float64) - base.centre) @ base.pca.T
         probs = cells.probs[valid]
-        return {
-            "reference": cells.domain if cells.domain in self._experts else None,
-            "psi_bands": [round(v, 5) for v in band_psi],
-            "psi": max(band_psi),
-            "mmd": mmd2(projected, base.sample, base.bandwidth),
-            "mean_max_prob": float(probs.max(axis=1).mean()),
-            "mean_entropy": float(entropy(probs).mean()),
-            "cells": int(valid.sum()),
-        }
+        return DriftScores(
+            reference=cells.domain if cells.domain in self._experts else None,
+            psi_bands=[round(v, 5) for v in band_psi], psi=max(band_psi),
+            mmd=mmd2(projected, base.sample, base.bandwidth),
+            mean_max_prob=float(probs.max(axis=1).mean()),
+            mean_entropy=float(entropy(probs).mean()), cells=int(valid.sum()))
 
     def observe(self, cells: SceneCells) -> DriftReport:
         """Score one scene, update the window and detectors, persist, and judge."""
         try:
             scene = self.scene_scores(cells)
         except ValueError as exc:
-            return self._judge(cells.scene_id, {}, skipped=str(exc))
-        self._history.append({"scene_id": cells.scene_id, "psi": scene["psi"],
-                              "mmd": scene["mmd"]})
+            return self._judge(cells.scene_id, None, skipped=str(exc))
+        self._history.append({"scene_id": cells.scene_id, "psi": scene.psi, "mmd": scene.mmd})
         self._history = self._history[-self.cfg.window:]
-        base = self._baseline(scene["reference"])
-        self._ph_prob.update(base.max_prob - scene["mean_max_prob"])
-        self._ph_entropy.update(scene["mean_entropy"] - base.entropy)
+        base = self._baseline(scene.reference)
+        self._ph_prob.update(base.max_prob - scene.mean_max_prob)
+        self._ph_entropy.update(scene.mean_entropy - base.entropy)
         self._save()
         return self._judge(cells.scene_id, scene)
 
-    def _judge(self, scene_id: str, scene: dict[str, Any], skipped: str | None = None
+    def _judge(self, scene_id: str, scene: DriftScores | None, skipped: str | None = None
                ) -> DriftReport:
         cfg = self.cfg
         seen = len(self._history)
         psi_w = float(np.median([h["psi"] for h in self._history])) if seen else 0.0
         mmd_w = float(np.median([h["mmd"] for h in self._history])) if seen else 0.0
         ready = seen >= min(cfg.min_scenes, cfg.window)
-        fired = []
+        fired: list[Signal] = []
         if ready and psi_w > cfg.psi_threshold:
             fired.append("radiometry")
         if ready and mmd_w > cfg.feature_threshold:
             fired.append("features")
         if self._ph_prob.fired or self._ph_entropy.fired:
             fired.append("confidence")
-        window = {
-            "psi": psi_w, "mmd": mmd_w, "scenes": seen,
-            "ph_max_prob": self._ph_prob.statistic, "ph_entropy": self._ph_entropy.statistic,
-        }
-        thresholds = {"psi": cfg.psi_threshold, "mmd": cfg.feature_threshold,
-                      "ph": cfg.confidence_threshold, "ph_delta": cfg.confidence_delta}
-        return DriftReport(scene_id, scene, window, fired, len(fired) >= cfg.min_signals,
-                           self._ph_prob.n, skipped, thresholds)
+        window = DriftWindow(psi=psi_w, mmd=mmd_w, scenes=seen,
+                             ph_max_prob=self._ph_prob.statistic,
+                             ph_entropy=self._ph_entropy.statistic)
+        thresholds = DriftThresholds(psi=cfg.psi_threshold, mmd=cfg.feature_threshold,
+                                     ph=cfg.confidence_threshold, ph_delta=cfg.confidence_delta)
+        return DriftReport(scene_id=scene_id, drifting=len(fired) >= cfg.min_signals,
+                           fired=fired, scene=scene, window=window,
+                           scenes_seen=self._ph_prob.n, skipped=skipped, thresholds=thresholds)
 
-    def status(self) -> dict[str, Any]:
-        """The current verdict without a new scene (for the daemon's status payload)."""
-        report = self._judge("", {})
-        return {"drifting": report.drifting, "fired": report.fired, "window": report.window}
+    def status(self) -> DriftStatus:
+        """The current verdict without a new scene (``adapting`` is the caller's to set)."""
+        report = self._judge("", None)
+        return DriftStatus(drifting=report.drifting, fired=report.fired, window=report.window)

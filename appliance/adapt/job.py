@@ -59,7 +59,7 @@ class AdaptationJobs:
         def job() -> None:
             report = self.adapter.run(bundle, reason)
             staged, report = self._stage(report)
-            submit(lambda: self._apply(report, staged))
+            submit(lambda: self._apply_logged(report, staged))
 
         threading.Thread(target=job, name="adaptation", daemon=True).start()
 
@@ -68,6 +68,10 @@ class AdaptationJobs:
         report = self.adapter.run(self.host.bundle, reason)
         staged, report = self._stage(report)
         return self._apply(report, staged)
+
+    def _apply_logged(self, report: AdaptationReport, staged: Staged | None) -> None:
+        done = self._apply(report, staged)
+        log.info("adaptation (%s): %s %s", done.reason, done.action, done.message)
 
     def _stage(self, report: AdaptationReport) -> tuple[Staged | None, AdaptationReport]:
         """Install a promoted candidate (not activated) or load the reset version, and open

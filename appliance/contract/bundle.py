@@ -1,12 +1,13 @@
 """The model bundle: the one contract between the workstation exporter and the appliance.
 
-A bundle is a directory (DESIGN.md, 'The model bundle'): ``manifest.json`` plus
-``backbone.onnx``, ``classifier.onnx``, ``embedder.onnx``, ``source_bank.npz`` and
-``reference.json``. Both sides read and write it through this module only; ``export``
-imports it, the appliance never imports ``export``.
+A bundle is a directory: ``manifest.json`` plus ``backbone.onnx``, ``classifier.onnx``,
+``embedder.onnx``, ``source_bank.npz`` and ``reference.json``. Both sides read and write it
+through this module only; ``export`` imports it, the appliance never imports ``export``.
 
 Loading verifies every file's sha256 and refuses a tampered or incomplete bundle with a
-``BundleError`` naming the file, so a daemon can keep the model it had.
+``BundleError`` naming the file, so a daemon can keep the model it had. Documents written
+in an older layout are brought to the current one in a single place, ``upgrade_reference``
+(the only layout change so far), as they are read.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from appliance.contract.durable import atomic_write_text
 
 SCHEMA = "terratile.bundle/1"
-REFERENCE_SCHEMA = "terratile.reference/1"
+REFERENCE_SCHEMA = "terratile.reference/2"
+REFERENCE_V1 = "terratile.reference/1"  # read through ``upgrade_reference``
 MANIFEST = "manifest.json"
 BACKBONE = "backbone.onnx"
 CLASSIFIER = "classifier.onnx"
 EMBEDDER = "embedder.onnx"
 SOURCE_BANK = "source_bank.npz"
 REFERENCE = "reference.json"
-LAYER_STATS = "layer_stats.npz"  # optional: per-Conv source statistics (appliance/renorm.py)
+LAYER_STATS = "layer_stats.npz"  # optional: per-Conv source statistics (adapt/renorm.py)
 REQUIRED_FILES = (BACKBONE, CLASSIFIER, EMBEDDER, SOURCE_BANK, REFERENCE)
 
 # ONNX tensor names fixed by the contract.
@@ -78,8 +80,7 @@ class InputSpec(_Frozen):
         """[N,C,H,W] values in ``value_range`` → float32 network input.
 
         One multiply into a new array and one in-place add (``x·(s/σ) − m/σ``): on a GPU
-        box the host-side normalisation, not the network, bounded throughput (35 of 50 ms
-        per 256-tile batch on an H100 with the three-pass form; 9 ms like this).
+        box the host-side normalisation, not the network, can bound throughput.
         """
         std = np.asarray(self.std, np.float32).reshape(1, -1, 1, 1)
         gain = np.float32(self.scale) / std
@@ -92,10 +93,10 @@ class InputSpec(_Frozen):
 class Domain(_Frozen):
     """An adapted expert inside a bundle, for scenes from another sensor or season.
 
-    Self-adaptation (``appliance/adaptation.py``) calibrates the input to a new domain and
+    Self-adaptation (``appliance.adapt``) calibrates the input to a new domain and
     fits a head for it, but the source domain must not pay for that: source-sensor scenes
     keep the bundle's own ``input`` and ``classifier.onnx``. Each scene is routed
-    (``appliance/routing.py``) to the expert whose radiometric signature, the per-band
+    (``appliance.model.routing``) to the expert whose radiometric signature, the per-band
     ``mean`` and ``std`` of its scenes in the model's value range and their ``sharpness``,
     is nearest its own; the source's signature is ``reference.json``. The embedder is
     shared; the backbone too unless the expert has a re-normalised one.
@@ -166,32 +167,27 @@ class BandStats(_Frozen):
     quantiles: list[float] = Field(description="101 values: the 0th..100th percentiles.")
     sharpness: float | None = Field(
         default=None, description="Neighbour difference over std on model-input chips "
-        "(appliance.routing.sharpness); None in bundles exported before it existed.")
+        "(appliance.contract.signature.sharpness); None in bundles exported before it existed.")
 
 
 class FeatureStats(_Frozen):
     """Backbone feature statistics on source data, for label-free feature-shift scores."""
 
-    mean: list[float]
+    mean: list[float] = Field(description="Per dimension; also the centre of the PCA axes.")
     std: list[float]
-    pca_mean: list[float]
     pca_components: list[list[float]] = Field(description="P x D principal axes.")
     sample: list[list[float]] = Field(description="Source features projected on the P axes.")
-    centroid_distance_mean: float = Field(description="Mean distance to the nearest centroid.")
-    centroid_distance_std: float
 
 
 class ConfidenceStats(_Frozen):
-    """Per-cell max-probability and entropy statistics on source data."""
+    """Mean per-cell max probability and normalised entropy on source data."""
 
     mean_max_prob: float
-    std_max_prob: float
     mean_entropy: float
-    std_entropy: float
 
 
 class Reference(_Frozen):
-    """``reference.json``: the drift reference of DESIGN.md."""
+    """``reference.json``: what a domain looks like to the model, for drift detection."""
 
     schema_: str = Field(default=REFERENCE_SCHEMA, alias="schema")
     bands: list[BandStats]
@@ -199,39 +195,71 @@ class Reference(_Frozen):
     confidence: ConfidenceStats
 
 
+def upgrade_reference(raw: dict[str, Any]) -> dict[str, Any]:
+    """A reference document in the current layout, whatever layout it was written in.
+
+    ``terratile.reference/1`` also carried statistics nothing reads: the features'
+    ``pca_mean`` (always equal to their ``mean``), the nearest-centroid distances and the
+    standard deviations of the confidence figures. A document already current is returned
+    as it is; an unknown schema is refused.
+    """
+    schema = raw.get("schema")
+    if schema == REFERENCE_V1:
+        dropped = {"pca_mean", "centroid_distance_mean", "centroid_distance_std",
+                   "std_max_prob", "std_entropy"}
+        raw = {**raw, "schema": REFERENCE_SCHEMA,
+               "features": {k: v for k, v in raw["features"].items() if k not in dropped},
+               "confidence": {k: v for k, v in raw["confidence"].items() if k not in dropped}}
+    elif schema != REFERENCE_SCHEMA:
+        raise BundleError(f"reference schema {schema!r}, expected {REFERENCE_SCHEMA!r}")
+    return raw
+
+
+def read_reference(path: Path) -> Reference:
+    """A ``reference.json`` (the source's or an expert's), upgraded and validated."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        if not isinstance(raw, dict):
+            raise BundleError(f"{path}: not a reference document")
+        return Reference.model_validate(upgrade_reference(raw))
+    except (OSError, json.JSONDecodeError, ValidationError, KeyError, AttributeError) as exc:
+        raise BundleError(f"{path}: unreadable reference: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class SourceBank:
     """``source_bank.npz``: class-balanced source features, the pseudo-label oracle.
 
     ``labels`` is [M] int64 for single-label and [M,K] uint8 for multi-label bundles;
-    ``holdout`` marks rows never used for training a head, kept for the adaptation gate.
+    ``holdout`` marks rows never used for training a head, kept for the adaptation gate
+    (``holdout_rows``).
     """
 
     features: np.ndarray
     labels: np.ndarray
-    centroids: np.ndarray
     holdout: np.ndarray
 
     @classmethod
     def load(cls, path: Path) -> SourceBank:
         with np.load(path) as data:
-            missing = {"features", "labels", "centroids"} - set(data.files)
+            missing = {"features", "labels", "holdout"} - set(data.files)
             if missing:
                 raise BundleError(f"{path.name}: missing arrays {sorted(missing)}")
-            features = data["features"].astype(np.float32)
-            holdout = data["holdout"] if "holdout" in data.files else _default_holdout(features)
-            return cls(features, data["labels"], data["centroids"].astype(np.float32),
-                       holdout.astype(bool))
+            return cls(data["features"].astype(np.float32), data["labels"],
+                       data["holdout"].astype(bool))
 
     def save(self, path: Path) -> None:
         np.savez_compressed(path, features=self.features.astype(np.float32), labels=self.labels,
-                            centroids=self.centroids.astype(np.float32), holdout=self.holdout)
+                            holdout=self.holdout)
 
 
-def _default_holdout(features: np.ndarray) -> np.ndarray:
-    """Every fifth row, deterministic: a held-back part for banks written without one."""
-    mask = np.zeros(len(features), bool)
-    mask[::5] = True
+def holdout_rows(labels: np.ndarray) -> np.ndarray:
+    """The bank rows held back for the adaptation gate: every fifth row of each class (of
+    the first label of multi-label rows), deterministic. [M] bool."""
+    first = labels if labels.ndim == 1 else labels.argmax(axis=1)
+    mask = np.zeros(len(labels), bool)
+    for k in np.unique(first):
+        mask[np.flatnonzero(first == k)[::5]] = True
     return mask
 
 
@@ -252,7 +280,7 @@ class Bundle:
 
     def domain_references(self) -> dict[str, Reference]:
         """The drift reference of every expert that has one, by domain name."""
-        return {d.name: Reference.model_validate_json(self.file(d.reference).read_text())
+        return {d.name: read_reference(self.file(d.reference))
                 for d in self.manifest.domains if d.reference is not None}
 
     def backbone(self, domain: str | None = None) -> Path:
@@ -266,7 +294,7 @@ class Bundle:
 
     @cached_property
     def reference(self) -> Reference:
-        return Reference.model_validate_json(self.file(REFERENCE).read_text())
+        return read_reference(self.file(REFERENCE))
 
     @property
     def version(self) -> int:

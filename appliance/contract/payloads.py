@@ -3,7 +3,9 @@ between the box and whoever subscribes to it.
 
 Every payload carries ``schema`` (name and major version, e.g. ``terratile.scene-result/1``),
 ``msg_id``, ``node_id`` and ``ts`` so a consumer can route, de-duplicate and order them.
-Payloads are references to files, never rasters. The JSON Schemas in ``docs/schemas/`` are
+Payloads are references to files, never rasters. Their typed parts (``Record``: drift
+scores and verdicts, adaptation reports and gates) are defined here too, so that the
+published schemas describe every property. The JSON Schemas in ``docs/schemas/`` are
 generated from these models (``python -m appliance.contract.payloads docs/schemas``) and a test
 keeps them in step.
 
@@ -19,9 +21,9 @@ import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from appliance.contract.bundle import Manifest
 
@@ -59,6 +61,225 @@ class Payload(BaseModel):
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
+
+
+class Record(BaseModel):
+    """A typed part of a payload: closed (unknown keys are refused) and immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- drift: what ``appliance.adapt.drift.DriftMonitor`` says about the scene stream --------
+
+Signal = Literal["radiometry", "features", "confidence"]
+
+
+class DriftScores(Record):
+    """One scene's drift scores against the reference it was judged by."""
+
+    reference: str | None = Field(
+        description="Expert whose own reference scored the scene (null: the source's).")
+    psi_bands: list[float] = Field(description="Population stability index per band.")
+    psi: float = Field(description="The worst band's PSI.")
+    mmd: float = Field(description="Unbiased MMD² of the PCA-projected features.")
+    mean_max_prob: float
+    mean_entropy: float = Field(description="Mean normalised entropy of the valid cells.")
+    cells: int = Field(description="Valid cells scored.")
+
+
+class DriftWindow(Record):
+    """The sliding window's medians and the confidence detectors' statistics."""
+
+    psi: float
+    mmd: float
+    scenes: int = Field(description="Scenes in the window.")
+    ph_max_prob: float = Field(description="Page-Hinkley statistic of the max-probability drop.")
+    ph_entropy: float = Field(description="Page-Hinkley statistic of the entropy rise.")
+
+
+class DriftThresholds(Record):
+    """The ``drift.*`` thresholds the verdict was reached with."""
+
+    psi: float
+    mmd: float
+    ph: float
+    ph_delta: float
+
+
+class DriftReport(Record):
+    """The drift verdict after one scene: its scores, the window, the fired signals."""
+
+    scene_id: str
+    drifting: bool = Field(description="At least drift.min_signals signals fired together.")
+    fired: list[Signal]
+    scene: DriftScores | None = Field(
+        default=None, description="This scene's scores (null: it was skipped).")
+    window: DriftWindow
+    scenes_seen: int = Field(description="Scenes scored since the detectors last restarted.")
+    skipped: str | None = Field(default=None, description="Why the scene was not scored.")
+    thresholds: DriftThresholds
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class DriftStatus(Record):
+    """The drift state without a new scene, for the status payload."""
+
+    drifting: bool
+    fired: list[Signal]
+    window: DriftWindow
+    adapting: bool = Field(default=False, description="An adaptation job is running.")
+
+
+# -- adaptation: what one ``appliance.adapt.adapter.Adapter.run`` job did -------------------
+
+Action = Literal["promoted", "rejected", "skipped", "reset"]
+Step = Literal["input", "head"]
+
+
+class HeadCounts(Record):
+    """Cells and source rows a head step worked with."""
+
+    candidates: int = Field(description="Stored target cells under the adapted expert's input.")
+    scenes: int
+    pseudo: int = Field(description="Cells whose teacher confidence reached adapt.tau.")
+    confirmed: int = Field(description="Retrieval-confirmed cells fitted in round 1.")
+    heldout: int = Field(description="Cells never fitted (every adapt.holdout_every-th).")
+    validation: int = Field(description="Confirmed cells among the held-out ones.")
+    source_train: int
+    source_holdout: int
+
+
+class InputCounts(Record):
+    """Scenes and tiles an input step worked with."""
+
+    scenes: int = Field(description="Stored scenes.")
+    domain_scenes: int = Field(description="Stored scenes that form the new domain.")
+    tiles: int = Field(description="Model-input tiles of the new domain measured.")
+
+
+class GateReport(Record):
+    """A gate's verdict: passed when no criterion failed."""
+
+    passed: bool
+    failures: list[str] = Field(description="One sentence per failed criterion.")
+
+
+class HeadGate(GateReport):
+    """The head step's gate figures, before and after the update."""
+
+    source_acc_source_head: float = Field(description="Source head on held-back source rows.")
+    source_acc_before: float = Field(description="Current head on held-back source rows.")
+    source_acc_after: float = Field(description="New head on held-back source rows.")
+    target_entropy_after: float = Field(description="Predicted-class entropy on target cells.")
+    agreement_before: float = Field(description="Current head vs held-out confirmed cells.")
+    agreement_after: float
+    teacher_agreement_before: float = Field(description="Current head vs the teacher, held out.")
+    teacher_agreement_after: float
+
+
+class Renorm(Record):
+    """How the new expert's backbone layers were re-normalised."""
+
+    layers: int = Field(description="Conv layers corrected before the deadline.")
+    tiles: int
+    blend: float
+    layer_shift_before: float = Field(description="Mean |log σ_target/σ_source| per layer.")
+    seconds: float
+
+
+class RenormSkipped(Record):
+    """Why the new expert shares the source backbone."""
+
+    skipped: str
+
+
+class CheckFigures(Record):
+    """One model on the held-out target tiles."""
+
+    confirmed: float = Field(description="Share whose source neighbours confirm the class.")
+    entropy: float = Field(description="Predicted-class entropy.")
+    confidence: float = Field(description="Mean max probability.")
+
+
+class ExpertCheck(Record):
+    """The label-free check of a new expert against the source model on held-out tiles."""
+
+    tiles: int
+    source_model: CheckFigures
+    expert: CheckFigures
+
+
+class InputGate(GateReport):
+    """The input step's gate figures: radiometry of the new domain, re-normalisation, check."""
+
+    radiometric_distance_before: float = Field(description="New domain to the source.")
+    radiometric_distance_after: float = Field(description="Once re-standardised.")
+    domain_fraction: float = Field(description="Share of stored scenes in the new domain.")
+    gain: list[float] = Field(description="Per-band gain of the input re-standardisation.")
+    offset: list[float]
+    renorm: Renorm | RenormSkipped | None = Field(
+        default=None, description="Null: re-normalisation off or no layer statistics.")
+    check: ExpertCheck | None = Field(default=None, description="Null: no stored tiles.")
+
+
+class Round(Record):
+    """One self-training round of a head step."""
+
+    round: int
+    confirmed: int = Field(description="Cells fitted in this round.")
+
+
+class AdaptationReport(Record):
+    """What one adaptation job did; the ``detail`` of an ``events/model`` payload.
+
+    The adapter only proposes: a ``promoted`` report names a sealed, not yet installed
+    ``candidate`` bundle and a ``reset`` report the version to re-activate (``reset_to``).
+    Whoever installs or activates it fills ``version_after`` and ``bundle_path``
+    (``model_copy(update=...)``).
+    """
+
+    reason: str = Field(description="What started the job (drift, command, cli...).")
+    action: Action
+    step: Step = Field(default="head", description="input: a new expert; head: a head update.")
+    domain: str | None = Field(
+        default=None, description="The expert the step changed (null: the source model).")
+    version_before: int
+    version_after: int | None = Field(default=None, description="Filled once installed.")
+    message: str = ""
+    counts: HeadCounts | InputCounts | None = None
+    gate: HeadGate | InputGate | None = Field(default=None, description="Null: no gate ran.")
+    rounds: list[Round] = Field(default_factory=list)
+    seconds: float = 0.0
+    bundle_path: str | None = Field(default=None, description="Filled once installed.")
+    kept_at: str | None = Field(default=None, description="Where a refused candidate is kept.")
+    refused_input: AdaptationReport | None = Field(
+        default=None, description="An input step refused earlier in the same job.")
+    candidate: str | None = Field(
+        default=None, description="promoted: the sealed candidate bundle, not yet installed.")
+    reset_to: int | None = Field(default=None, description="reset: the version to activate.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_fields_are_not_input(cls, data: Any) -> Any:
+        """``promoted`` is derived from ``action``; a dumped report validates again."""
+        if isinstance(data, dict) and "promoted" in data:
+            return {k: v for k, v in data.items() if k != "promoted"}
+        return data
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def promoted(self) -> bool:
+        return self.action == "promoted"
+
+    @property
+    def model_changed(self) -> bool:
+        """True when the job proposes another active version (promotion or reset)."""
+        return self.action in ("promoted", "reset")
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
 
 
 class ModelRef(BaseModel):
@@ -104,7 +325,7 @@ class SceneResult(Payload):
     outputs: dict[str, str] = Field(description="landuse, confidence, summary, ... → paths.")
     timings: dict[str, float] = Field(description="Seconds per stage.")
     tiles: int = Field(description="Model inputs run (cells × scales).")
-    drift: dict[str, Any] = Field(default_factory=dict, description="Drift scores and signals.")
+    drift: DriftReport | None = Field(default=None, description="Null: drift detection is off.")
 
 
 class SceneFailed(Payload):
@@ -131,7 +352,7 @@ class StatusPayload(Payload):
     queue_depth: int
     counts: dict[str, int] = Field(default_factory=dict, description="Journal scenes per state.")
     version: str = Field(description="terratile software version.")
-    drift: dict[str, Any] = Field(default_factory=dict, description="Drift state, adapting.")
+    drift: DriftStatus | None = Field(default=None, description="Null: drift detection is off.")
 
 
 class StatsPayload(Payload):
@@ -152,7 +373,7 @@ class DriftEvent(Payload):
     SCHEMA: ClassVar[str] = "terratile.event-drift/1"
 
     scene_id: str
-    report: dict[str, Any]
+    report: DriftReport
 
 
 class ModelEvent(Payload):
@@ -163,7 +384,8 @@ class ModelEvent(Payload):
     action: str = Field(description="adapted | rejected | rollback | activate | reload")
     model: ModelRef | None
     previous: ModelRef | None = None
-    detail: dict[str, Any] = Field(default_factory=dict)
+    detail: AdaptationReport | None = Field(
+        default=None, description="The adaptation job's report (adapted, rejected, reset).")
 
 
 PAYLOADS: dict[str, type[Payload]] = {

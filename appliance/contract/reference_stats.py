@@ -1,7 +1,9 @@
 """Statistics shared by the exporter (writing ``reference.json``) and drift detection (reading it).
 
-One implementation of "max probability", "entropy", "PCA projection" and "distance to the
-nearest centroid" so that source and target numbers are always computed the same way.
+One implementation of "max probability", "entropy", "PCA projection" and "a reference from
+model-input chips", so that source and target numbers are always computed the same way:
+the exporter describes the source domain from its training chips, the adapter a new domain
+from the tiles it stored, both through ``reference_from_tiles``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from appliance.contract.bundle import BandStats, ConfidenceStats, FeatureStats, Reference
+from appliance.contract.signature import sharpness
 
 PCA_DIMS = 16
 SAMPLE_ROWS = 512
@@ -20,16 +23,6 @@ def entropy(probs: np.ndarray) -> np.ndarray:
     p = np.clip(probs, 1e-12, 1.0)
     p = p / p.sum(axis=1, keepdims=True)
     return (-(p * np.log(p)).sum(axis=1) / np.log(max(probs.shape[1], 2))).astype(np.float32)
-
-
-def nearest_centroid_distance(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Euclidean distance from each feature row to its nearest class centroid."""
-    d2 = (
-        (features**2).sum(1, keepdims=True)
-        - 2 * features @ centroids.T
-        + (centroids**2).sum(1)[None, :]
-    )
-    return np.sqrt(np.maximum(d2.min(axis=1), 0.0)).astype(np.float32)
 
 
 def band_stats(names: list[str], pixels: np.ndarray, sharp: np.ndarray | None = None
@@ -50,12 +43,11 @@ def build_reference(
     pixels: np.ndarray,
     features: np.ndarray,
     probs: np.ndarray,
-    centroids: np.ndarray,
     seed: int = 0,
     sharp: np.ndarray | None = None,
 ) -> Reference:
-    """The drift reference from source pixels [P,C], features [N,D], probs [N,K], centroids
-    and the bands' sharpness on the source chips (``routing.sharpness``), if measured."""
+    """The drift reference from source pixels [P,C], features [N,D], probs [N,K] and the
+    bands' sharpness on the source chips (``signature.sharpness``), if measured."""
     rng = np.random.default_rng(seed)
     mean = features.mean(axis=0)
     centred = features - mean
@@ -63,28 +55,23 @@ def build_reference(
     components = vt[: min(PCA_DIMS, vt.shape[0])]
     rows = rng.choice(len(features), size=min(SAMPLE_ROWS, len(features)), replace=False)
     projected = centred[rows] @ components.T
-    dist = nearest_centroid_distance(features, centroids)
-    max_prob = probs.max(axis=1)
-    ent = entropy(probs)
     return Reference(
         bands=band_stats(band_names, pixels, sharp),
         features=FeatureStats(
-            mean=mean.tolist(), std=features.std(axis=0).tolist(), pca_mean=mean.tolist(),
+            mean=mean.tolist(), std=features.std(axis=0).tolist(),
             pca_components=components.tolist(), sample=projected.tolist(),
-            centroid_distance_mean=float(dist.mean()), centroid_distance_std=float(dist.std()),
         ),
-        confidence=ConfidenceStats(
-            mean_max_prob=float(max_prob.mean()), std_max_prob=float(max_prob.std()),
-            mean_entropy=float(ent.mean()), std_entropy=float(ent.std()),
-        ),
+        confidence=ConfidenceStats(mean_max_prob=float(probs.max(axis=1).mean()),
+                                   mean_entropy=float(entropy(probs).mean())),
     )
 
 
-def class_centroids(features: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Mean feature per class ([K,D]); a class with no rows gets the global mean."""
-    out = np.tile(features.mean(axis=0), (n_classes, 1)).astype(np.float32)
-    for k in range(n_classes):
-        rows = labels == k if labels.ndim == 1 else labels[:, k] > 0
-        if rows.any():
-            out[k] = features[rows].mean(axis=0)
-    return out
+def reference_from_tiles(band_names: list[str], tiles: np.ndarray, features: np.ndarray,
+                         probs: np.ndarray) -> Reference:
+    """The reference of a domain from model-input tiles [N,C,H,W] (model value range), the
+    features [N,D] and probabilities [N,K] the model computed on them: band statistics on
+    at most ``REFERENCE_PIXELS`` of their pixels (a seeded sample), sharpness on the tiles."""
+    pixels = tiles.transpose(0, 2, 3, 1).reshape(-1, tiles.shape[1])
+    pick = np.random.default_rng(0).choice(len(pixels), min(REFERENCE_PIXELS, len(pixels)),
+                                           replace=False)
+    return build_reference(band_names, pixels[pick], features, probs, sharp=sharpness(tiles))

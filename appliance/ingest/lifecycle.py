@@ -23,14 +23,14 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from appliance.comms.message import Message
 from appliance.comms.topics import Topics
 from appliance.config import InputConfig, PathsConfig
 from appliance.contract.bundle import sha256_file
 from appliance.contract.durable import atomic_write_text
-from appliance.contract.payloads import SceneFailed, result_msg_id
+from appliance.contract.payloads import DriftReport, SceneFailed, result_msg_id
 from appliance.ingest.inbox import Inbox
 from appliance.ingest.journal import Journal, SceneRecord
 from appliance.scene.pipeline import SceneError, SceneOutcome
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 Outcome = Literal["done", "failed", "duplicate"]
 Process = Callable[[Path, str, Path], SceneOutcome]
 """(claimed file, scene_id, output folder) → outcome; raises ``SceneError``."""
-After = Callable[[SceneOutcome], dict[str, Any]]
+After = Callable[[SceneOutcome], DriftReport | None]
 """A processed scene's follow-up steps (index, drift); returns its drift scores."""
 
 

@@ -4,25 +4,41 @@ Layout under ``state/models/``: one verified bundle directory per version (``v00
 and ``ACTIVE``, a small file holding the active version, replaced with ``os.replace`` so a
 crash at any moment leaves either the old or the new pointer, never a broken one. New
 versions are copied into ``.tmp-*`` and renamed into place only after they verify.
+
+Candidate versions (``derive``: a copy of a bundle with some files and manifest fields
+changed, e.g. by self-adaptation) are sealed under ``.candidates/`` and installed from there
+by a rename, or discarded. A staging directory is named after the process that wrote it, so
+``cleanup`` removes only those whose process is gone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from appliance.contract.bundle import Bundle, BundleError, load_bundle, read_manifest
+from appliance.contract.bundle import (
+    Bundle,
+    BundleError,
+    load_bundle,
+    read_manifest,
+    seal_bundle,
+)
 from appliance.contract.durable import atomic_write_text, fsync_dir
 
 if TYPE_CHECKING:
     from appliance.config import Settings
 
 log = logging.getLogger(__name__)
+
+CANDIDATES = ".candidates"
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,7 @@ class ModelStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._pointer = self.root / "ACTIVE"
+        self.staging = self.root / CANDIDATES
 
     @classmethod
     def for_settings(cls, settings: Settings) -> ModelStore:
@@ -84,6 +101,10 @@ class ModelStore:
             raise BundleError(f"{self.root}: no active model (install a bundle first)")
         return load_bundle(self.dir_for(version))
 
+    def load(self, version: int) -> Bundle:
+        """An installed version, verified, whether active or not."""
+        return load_bundle(self.dir_for(version))
+
     def _installed(self) -> list[int]:
         """Version numbers of the version directories, oldest first (not verified)."""
         return sorted(int(p.name[1:]) for p in self.root.glob("v[0-9][0-9][0-9][0-9]"))
@@ -94,9 +115,12 @@ class ModelStore:
     def install(self, source: Path, activate: bool = True) -> Bundle:
         """Copy a verified bundle in under its manifest version; activate it if asked.
 
-        A bundle whose version is already installed with identical files is reused, so a
-        daemon restarted with the same seed bundle does not pile up copies.
+        A candidate staged by ``derive`` is moved in rather than copied. A bundle whose
+        version is already installed with identical files is reused (a staged copy is then
+        discarded), so a daemon restarted with the same seed bundle does not pile up copies.
         """
+        source = Path(source)
+        staged = self._is_staged(source)
         bundle = load_bundle(source)
         target = self.dir_for(bundle.version)
         if target.exists():
@@ -106,16 +130,58 @@ class ModelStore:
                     f"version {bundle.version} is already installed with different files; "
                     "give the new bundle a new version"
                 )
+            if staged:
+                self.discard(source)
         else:
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
-            shutil.copytree(source, tmp, dirs_exist_ok=True)
-            load_bundle(tmp)
+            if staged:
+                tmp = source
+            else:
+                tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+                shutil.copytree(source, tmp, dirs_exist_ok=True)
+                load_bundle(tmp)
             fsync_dir(tmp)
             tmp.replace(target)
             fsync_dir(self.root)
         if activate:
             self.activate(bundle.version)
         return load_bundle(target)
+
+    def derive(self, bundle: Bundle, files: Mapping[str, Path] | None = None,
+               update: Mapping[str, Any] | None = None) -> Path:
+        """A sealed candidate version made from ``bundle``, staged, not installed.
+
+        A copy of ``bundle`` with ``files`` (bundle file name → file to copy in; new names are
+        listed in the manifest) and the manifest fields ``update`` (e.g. ``domains``,
+        ``metrics``, ``notes``), as version ``next_version()`` with ``bundle`` as its parent.
+        Returns its directory under ``.candidates/``: ``load_bundle`` verifies it,
+        ``install(path, activate=False)`` moves it in, ``discard(path)`` removes it.
+        """
+        files = dict(files or {})
+        version = self.next_version()
+        self.staging.mkdir(exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f"v{version:04d}-{os.getpid()}-", dir=self.staging))
+        try:
+            shutil.copytree(bundle.path, build, dirs_exist_ok=True)
+            for name, file in files.items():
+                shutil.copyfile(file, build / name)
+            manifest = bundle.manifest.model_copy(update={
+                "created": datetime.now(timezone.utc), **(update or {}),
+                "version": version, "parent": bundle.version,
+                "files": {**bundle.manifest.files, **dict.fromkeys(files, "")}})
+            seal_bundle(build, manifest)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        return build
+
+    def discard(self, candidate: Path) -> None:
+        """Remove a candidate staged by ``derive`` (nothing else: installed versions stay)."""
+        if not self._is_staged(Path(candidate)):
+            raise ValueError(f"{candidate} is not a staged candidate of {self.root}")
+        shutil.rmtree(candidate, ignore_errors=True)
+
+    def _is_staged(self, path: Path) -> bool:
+        return path.resolve().parent == self.staging.resolve()
 
     def activate(self, version: int) -> Bundle:
         """Point ACTIVE at ``version`` after verifying it; atomic."""
@@ -162,9 +228,25 @@ class ModelStore:
         return doomed
 
     def cleanup(self) -> None:
-        """Remove half-copied ``.tmp-*`` directories left by a crash."""
+        """Remove half-copied ``.tmp-*`` directories left by a crash, and staged candidates
+        whose process is gone (a running job's own candidate stays)."""
         for tmp in self.root.glob(".tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
+        for staged in self.staging.glob("v*-*-*"):
+            pid = staged.name.split("-")[1]
+            if not (pid.isdigit() and _running(int(pid))):
+                shutil.rmtree(staged, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def open_store(settings: Settings) -> ModelStore:

@@ -23,7 +23,13 @@ import rasterio
 
 from appliance.config import Settings
 from appliance.contract.bundle import Bundle, Manifest
-from appliance.contract.payloads import ClassShare, ModelRef, SceneResult, result_msg_id
+from appliance.contract.payloads import (
+    ClassShare,
+    DriftReport,
+    ModelRef,
+    SceneResult,
+    result_msg_id,
+)
 from appliance.contract.signature import Signature, scene_signature
 from appliance.scene.cells import SceneCells
 from appliance.scene.fusion import fuse
@@ -100,7 +106,7 @@ class SceneOutcome:
     cells: SceneCells
     model: ModelRef  # the bundle, and the expert the scene was routed to
 
-    def result(self, node_id: str, drift: dict[str, Any]) -> SceneResult:
+    def result(self, node_id: str, drift: DriftReport | None) -> SceneResult:
         """The ``scene-result`` payload (its msg_id derived from the scene id)."""
         return SceneResult(
             msg_id=result_msg_id(self.scene_id), node_id=node_id, scene_id=self.scene_id,

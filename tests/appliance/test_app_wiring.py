@@ -52,7 +52,7 @@ def test_a_scene_goes_through_the_wired_steps(app: App, tmp_path: Path) -> None:
     assert work is not None
     assert app.lifecycle.handle(work) == "done"
     assert app.index is not None and app.index.count() > 0
-    assert app.drift is not None and app.drift.status().window["scenes"] == 1
+    assert app.drift is not None and app.drift.status().window.scenes == 1
     row = json.loads(app.journal.pending()[0].payload)
     assert row["drift"]["scene_id"] == row["scene_id"]
     assert app.telemetry.status().queue_depth == 0
@@ -71,12 +71,12 @@ def test_a_new_head_restarts_drifts_confidence_detectors_only(app: App, tmp_path
     _drifted(app)
     assert app.drift is not None
     before = app.drift.status().window
-    assert before["scenes"] == 3 and before["ph_max_prob"] > 0
+    assert before.scenes == 3 and before.ph_max_prob > 0
     app.host.install(versioned_copy(colour_bundle, tmp_path / "v2", 2, 1, head_bias=1.0))
     app.host.activate(2)  # same source reference: an adapted head
     after = app.drift.status().window
-    assert after["scenes"] == 3  # the window of scenes stays
-    assert after["ph_max_prob"] == 0 and after["ph_entropy"] == 0
+    assert after.scenes == 3  # the window of scenes stays
+    assert after.ph_max_prob == 0 and after.ph_entropy == 0
 
 
 def test_a_different_model_makes_drift_forget_everything(app: App, tmp_path: Path,
@@ -91,7 +91,7 @@ def test_a_different_model_makes_drift_forget_everything(app: App, tmp_path: Pat
     app.host.activate(5)
     assert app.drift is not None
     window = app.drift.status().window
-    assert window["scenes"] == 0 and window["ph_max_prob"] == 0
+    assert window.scenes == 0 and window.ph_max_prob == 0
 
 
 def test_an_indexed_scene_is_queryable_over_mqtt(tmp_path: Path, broker: Broker,

@@ -21,6 +21,7 @@ from appliance.contract.bundle import (
     REFERENCE,
     SOURCE_BANK,
     BundleError,
+    holdout_rows,
     load_bundle,
 )
 from appliance.model.runtime import ModelRuntime, ProviderPlan
@@ -50,7 +51,7 @@ def test_bundle_matches_the_contract(tiny_run: Path) -> None:
     assert io[BACKBONE].input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic N
     bank = b.source_bank
     assert bank.features.shape[1] == m.feature_dim == 512
-    assert bank.centroids.shape == (3, 512) and bank.holdout.any() and not bank.holdout.all()
+    assert (bank.holdout == holdout_rows(bank.labels)).all() and bank.holdout.any()
     assert sorted(np.unique(bank.labels).tolist()) == [0, 1, 2]
     assert len(b.reference.bands) == 3 and 0 <= b.reference.bands[0].mean <= 255
 

@@ -32,11 +32,12 @@ from appliance.contract.bundle import (
     InputSpec,
     Manifest,
     SourceBank,
-    load_bundle,
+    holdout_rows,
+    read_manifest,
     seal_bundle,
 )
 from appliance.contract.layer_stats import measure
-from appliance.contract.reference_stats import build_reference, class_centroids
+from appliance.contract.reference_stats import build_reference
 
 CLASSES = [("urban", (200, 40, 40)), ("vegetation", (40, 160, 40)), ("water", (40, 40, 200))]
 PURE = {"urban": (200, 30, 30), "vegetation": (30, 200, 30), "water": (30, 30, 200)}
@@ -129,11 +130,8 @@ def build_colour_bundle(out: Path, version: int = 1, name: str = "colour-test") 
     logits = features @ w + b
     z = np.exp(logits - logits.max(1, keepdims=True))
     probs = z / z.sum(1, keepdims=True)
-    centroids = class_centroids(features, labels, 3)
-    holdout = np.zeros(len(labels), bool)
-    holdout[::5] = True
-    SourceBank(features, labels.astype(np.int64), centroids, holdout).save(out / SOURCE_BANK)
-    reference = build_reference(["red", "green", "blue"], colours, features, probs, centroids)
+    SourceBank(features, labels.astype(np.int64), holdout_rows(labels)).save(out / SOURCE_BANK)
+    reference = build_reference(["red", "green", "blue"], colours, features, probs)
     (out / REFERENCE).write_text(reference.model_dump_json(by_alias=True))
     tiles = np.broadcast_to(norm[:, :, None, None], (len(norm), 3, 4, 4)).astype(np.float32)
     measure(out / BACKBONE, tiles).save(out / LAYER_STATS)
@@ -156,7 +154,8 @@ def versioned_copy(src: Path, dst: Path, version: int, parent: int | None,
     shutil.copytree(src, dst)
     if head_bias:
         w, b = classifier_weights()
-        _save(classifier_graph(w, b + np.float32(head_bias)), dst / "classifier.onnx")
-    manifest = load_bundle(dst).manifest.model_copy(update={"version": version, "parent": parent})
+        shift = np.float32(head_bias) * np.array([1, 0, -1], np.float32)  # favours urban
+        _save(classifier_graph(w, b + shift), dst / "classifier.onnx")
+    manifest = read_manifest(dst).model_copy(update={"version": version, "parent": parent})
     seal_bundle(dst, manifest)
     return dst

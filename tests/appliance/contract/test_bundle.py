@@ -13,9 +13,13 @@ import pytest
 from appliance.contract.bundle import (
     CLASSIFIER,
     MANIFEST,
+    REFERENCE,
+    REFERENCE_SCHEMA,
     SOURCE_BANK,
     BundleError,
+    holdout_rows,
     load_bundle,
+    read_reference,
     seal_bundle,
     sha256_file,
 )
@@ -65,12 +69,41 @@ def test_reseal_after_a_legitimate_change(bundle_copy: Path) -> None:
     bundle = load_bundle(bundle_copy)
     bank = bundle.source_bank
     np.savez_compressed(bundle_copy / SOURCE_BANK, features=bank.features[:10],
-                        labels=bank.labels[:10], centroids=bank.centroids)
+                        labels=bank.labels[:10], holdout=holdout_rows(bank.labels[:10]))
     sealed = seal_bundle(bundle_copy, bundle.manifest.model_copy(update={"version": 2}))
     again = load_bundle(bundle_copy)
     assert again.version == 2 and again.manifest.files == sealed.files
-    # A bank written without a holdout mask gets a deterministic one.
     assert again.source_bank.holdout.sum() == 2
+
+
+def test_a_bank_without_holdout_rows_is_refused(bundle_copy: Path) -> None:
+    bundle = load_bundle(bundle_copy)
+    bank = bundle.source_bank
+    np.savez_compressed(bundle_copy / SOURCE_BANK, features=bank.features, labels=bank.labels)
+    seal_bundle(bundle_copy, bundle.manifest)
+    with pytest.raises(BundleError, match="missing arrays"):
+        _ = load_bundle(bundle_copy).source_bank
+
+
+def test_holdout_rows_are_every_fifth_row_of_each_class() -> None:
+    labels = np.array([0, 1, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1])
+    assert np.flatnonzero(holdout_rows(labels)).tolist() == [0, 1, 7, 11]
+    multi = np.eye(2, dtype=np.uint8)[labels]  # multi-label rows: by their first label
+    assert (holdout_rows(multi) == holdout_rows(labels)).all()
+
+
+def test_a_v1_reference_is_upgraded_as_it_is_read(bundle_copy: Path, tmp_path: Path) -> None:
+    current = json.loads((bundle_copy / REFERENCE).read_text())
+    assert current["schema"] == REFERENCE_SCHEMA
+    old = {**current, "schema": "terratile.reference/1",
+           "features": {**current["features"], "pca_mean": current["features"]["mean"],
+                        "centroid_distance_mean": 1.0, "centroid_distance_std": 0.1},
+           "confidence": {**current["confidence"], "std_max_prob": 0.1, "std_entropy": 0.1}}
+    (tmp_path / "v1.json").write_text(json.dumps(old))
+    assert read_reference(tmp_path / "v1.json") == load_bundle(bundle_copy).reference
+    (tmp_path / "v9.json").write_text(json.dumps({**current, "schema": "terratile.reference/9"}))
+    with pytest.raises(BundleError, match="reference schema"):
+        read_reference(tmp_path / "v9.json")
 
 
 def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:

@@ -10,9 +10,13 @@ from pydantic import ValidationError
 
 from appliance.contract.payloads import (
     PAYLOADS,
+    AdaptationReport,
+    HeadGate,
+    ModelEvent,
     SceneFailed,
     StatusPayload,
     dump_schemas,
+    json_schema,
     result_msg_id,
 )
 from tests.helpers.paths import REPO
@@ -50,3 +54,49 @@ def test_committed_schemas_match_models(tmp_path: Path) -> None:
         assert json.loads(committed.read_text()) == json.loads(path.read_text()), (
             f"{committed.name} is stale: run python -m appliance.contract.payloads docs/schemas")
         assert json.loads(path.read_text())["properties"]["schema"]["const"]
+
+
+def _walk(node: object, path: str = "") -> list[tuple[str, dict[str, object]]]:
+    """Every (path, sub-schema) of a JSON Schema."""
+    out: list[tuple[str, dict[str, object]]] = []
+    if isinstance(node, dict):
+        out.append((path, node))
+        for key, value in node.items():
+            out += _walk(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out += _walk(value, f"{path}[{i}]")
+    return out
+
+
+def test_drift_and_adaptation_parts_have_real_schemas() -> None:
+    """No drift, report, detail or gate property is a bare object: consumers see fields."""
+    for cls in PAYLOADS.values():
+        for path, node in _walk(json_schema(cls)):
+            if any(path.endswith(f"/properties/{k}") for k in ("drift", "report", "detail",
+                                                                "gate")):
+                refs = [n for _, n in _walk(node) if "$ref" in n]
+                assert refs, f"{cls.SCHEMA}{path} has no typed schema: {node}"
+                assert not (node.get("type") == "object" and "properties" not in node), path
+
+
+def test_adaptation_report_keeps_its_dict_shape_and_validates_again() -> None:
+    gate = HeadGate(passed=True, failures=[], source_acc_source_head=1.0, source_acc_before=1.0,
+                    source_acc_after=1.0, target_entropy_after=0.9, agreement_before=0.8,
+                    agreement_after=0.9, teacher_agreement_before=0.8,
+                    teacher_agreement_after=0.9)
+    report = AdaptationReport(reason="drift", action="promoted", version_before=1, gate=gate,
+                              candidate="/state/models/.candidates/v0002-1-x")
+    body = report.as_dict()
+    assert set(body) == {"reason", "action", "promoted", "step", "domain", "version_before",
+                         "version_after", "message", "counts", "gate", "rounds", "seconds",
+                         "bundle_path", "kept_at", "refused_input", "candidate", "reset_to"}
+    assert body["promoted"] is True and body["gate"]["passed"] is True
+    assert report.model_changed and AdaptationReport.model_validate(body) == report
+    installed = report.model_copy(update={"version_after": 2, "bundle_path": "/v0002"})
+    event = ModelEvent(node_id="n", action="adapted", model=None, detail=installed)
+    again = ModelEvent.model_validate_json(event.to_json())
+    assert again.detail == installed and isinstance(again.detail.gate, HeadGate)
+    reset = AdaptationReport(reason="drift", action="reset", version_before=3, reset_to=1)
+    assert reset.model_changed and not reset.promoted
+    assert not AdaptationReport(reason="x", action="rejected", version_before=1).model_changed

@@ -77,3 +77,44 @@ def test_prune_keeps_the_active_lineage_and_the_newest_others(colour_bundle: Pat
     assert store.prune(keep=1) == [4]  # v7, rolled back from, is now the newest other
     assert store.prune(keep=0) == [7]
     assert [v.version for v in store.versions()] == [1, 5, 6]
+
+
+def test_derive_stages_a_sealed_candidate_and_install_moves_it_in(
+        colour_bundle: Path, tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    source = store.install(colour_bundle)
+    extra = tmp_path / "notes.txt"
+    extra.write_text("a new file")
+    head = tmp_path / "head.onnx"
+    head.write_bytes(source.file("classifier.onnx").read_bytes())
+    path = store.derive(source, {"notes.txt": extra, "classifier.onnx": head},
+                        {"notes": "derived", "metrics": {"x": 1}})
+    assert path.parent == store.root / ".candidates"
+    candidate = load_bundle(path)  # sealed: every file verifies
+    assert (candidate.version, candidate.manifest.parent) == (2, 1)
+    assert candidate.manifest.notes == "derived" and candidate.manifest.metrics == {"x": 1}
+    assert "notes.txt" in candidate.manifest.files
+    assert candidate.manifest.created > source.manifest.created
+    assert store.active_version() == 1 and [v.version for v in store.versions()] == [1]
+    installed = store.install(path, activate=False)
+    assert installed.path == store.dir_for(2) and not path.exists()
+    assert store.active_version() == 1 and (installed.path / "notes.txt").is_file()
+
+
+def test_discard_and_cleanup_remove_only_staged_candidates(colour_bundle: Path,
+                                                           tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    source = store.install(colour_bundle)
+    mine = store.derive(source)
+    store.cleanup()
+    assert mine.is_dir()  # this process is alive: its candidate stays
+    dead = store.staging / "v0002-999999999-left"  # a pid no process can have
+    shutil.copytree(mine, dead)
+    (store.root / ".tmp-half").mkdir()
+    store.cleanup()
+    assert not dead.exists() and not (store.root / ".tmp-half").exists() and mine.is_dir()
+    store.discard(mine)
+    assert not mine.exists()
+    with pytest.raises(ValueError, match="not a staged candidate"):
+        store.discard(store.dir_for(1))
+    assert store.load(1).version == 1

@@ -3,22 +3,18 @@ through a real mosquitto and the real Comms."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-import rasterio
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from PIL import Image
-from rasterio.warp import transform
 
-from appliance.app import Daemon
 from appliance.comms.mqtt import Comms
-from appliance.config import InputConfig, MQTTConfig, RetrievalConfig, Settings
+from appliance.config import InputConfig, MQTTConfig, RetrievalConfig
 from appliance.contract.bundle import load_bundle
 from appliance.ingest.journal import Journal
 from appliance.model.runtime import ModelRuntime, ProviderPlan
@@ -30,7 +26,6 @@ from tests.conftest import Broker
 from tests.helpers.colour_bundle import EMBED_DIM, PURE
 from tests.helpers.mqtt_listener import Listener
 from tests.helpers.outcomes import CLASSES, outcome
-from tests.helpers.scenes import quarters, write_scene
 
 
 @pytest.fixture(scope="module")
@@ -231,47 +226,3 @@ def test_bad_request_id_gets_the_same_error_reply_either_way(comms: Comms, broke
         assert "request_id" in body["error"]["message"]
     assert bodies[0]["error"] == bodies[1]["error"]
     listener.close()
-
-
-
-def test_daemon_indexes_scenes_and_answers_queries(tmp_path: Path, broker: Broker,
-                                                   colour_bundle: Path) -> None:
-    """The composition root: a processed scene is indexed and its cells queryable over MQTT."""
-    settings = Settings.model_validate({
-        "node_id": "n2",
-        "paths": {k: str(tmp_path / k) for k in ("inbox", "outbox", "failed", "state")},
-        "model": {"bundle": str(colour_bundle), "providers": ["cpu"]},
-        "tiling": {"scales": [16, 32]}, "mqtt": {"port": broker.port},
-    })
-    daemon = Daemon(settings)
-    assert daemon.comms is not None and daemon.index is not None
-    daemon.comms.start()
-    listener = Listener(broker.port, "terratile/n2/retrieval/response/#")
-    try:
-        work = settings.paths.work_dir
-        work.mkdir(parents=True, exist_ok=True)
-        scene = write_scene(work / "q.tif", size=(64, 64), layout=quarters(64, 64))
-        scene_id = hashlib.sha256(scene.read_bytes()).hexdigest()
-        with rasterio.open(scene) as src:
-            x, y = src.xy(8, 8)  # inside the top-left (urban) quarter
-            lon, lat = transform(src.crs, "EPSG:4326", [x], [y])
-        assert daemon.handle(scene) == "done"
-        assert daemon.index.stats()["entries"] == 16
-        request = json.dumps({"request_id": "d1", "scene_id": scene_id,
-                              "lonlat": [lon[0], lat[0]], "k": 20})
-        for _ in range(50):  # until the request subscription is live
-            listener.publish("terratile/n2/retrieval/query", request)
-            try:
-                got = listener.wait_for(lambda m: m.topic.endswith("/d1"), timeout=0.2)
-                break
-            except TimeoutError:
-                continue
-        else:
-            pytest.fail("the daemon never answered the retrieval request")
-        results = json.loads(got[0].payload)["results"]
-        assert len(results) == 15  # every other cell of the scene; the query cell left out
-        assert {r["scene_id"] for r in results} == {scene_id}
-        assert [r["class"] for r in results[:7]] == ["urban"] * 7  # its own half first
-    finally:
-        listener.close()
-        daemon.shutdown()

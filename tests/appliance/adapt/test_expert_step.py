@@ -1,0 +1,188 @@
+"""The input step on the colour bundle: a routed expert for a colour-cast sensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.adapt.adapter import Adapter
+from appliance.adapt.expert_step import backbone_features, domain_scenes
+from appliance.adapt.lineage import DOMAIN
+from appliance.contract.bundle import BACKBONE, CLASSIFIER, Bundle, load_bundle
+from appliance.contract.payloads import AdaptationReport, InputCounts, InputGate, Renorm
+from appliance.contract.signature import source_signature
+from appliance.model.runtime import ModelRuntime, ProviderPlan
+from appliance.model.store import ModelStore
+from appliance.scene.cells import SceneCells
+from tests.helpers.adaptation import HEAD_ONLY, TILING, apply, fill
+from tests.helpers.colour_scenes import BLUE_CAST, colour_scene
+
+WITH_INPUT = HEAD_ONLY.model_copy(update={"input_blend": 1.0})
+CPU = ProviderPlan(providers=("cpu",))
+
+
+@dataclass(frozen=True)
+class ExpertRun:
+    """One input step on six blue-cast scenes, shared by the read-only tests below."""
+
+    source: Bundle
+    report: AdaptationReport
+    candidate: Bundle
+
+
+@pytest.fixture(scope="module")
+def expert(colour_bundle: Path, runtime: ModelRuntime,
+           tmp_path_factory: pytest.TempPathFactory) -> ExpertRun:
+    state = tmp_path_factory.mktemp("expert") / "state"
+    store = ModelStore(state / "models")
+    store.install(colour_bundle)
+    adapter = Adapter(store, WITH_INPUT, state, TILING)
+    fill(adapter, runtime)
+    report = adapter.run(store.active(), "drift")
+    assert report.candidate is not None, report.as_dict()
+    return ExpertRun(store.active(), report, load_bundle(Path(report.candidate)))
+
+
+def _accuracy(cells: SceneCells, truth: np.ndarray) -> float:
+    return float((cells.labels == truth).mean())
+
+
+def test_input_step_proposes_a_new_expert(expert: ExpertRun) -> None:
+    report, candidate = expert.report, expert.candidate
+    assert report.step == "input" and report.promoted and report.domain == DOMAIN
+    assert isinstance(report.gate, InputGate) and isinstance(report.counts, InputCounts)
+    assert report.gate.radiometric_distance_after < 0.1 * report.gate.radiometric_distance_before
+    assert report.gate.domain_fraction == 1.0 and report.counts.domain_scenes == 6
+    assert candidate.version == 2 and candidate.manifest.parent == 1
+    assert [d.name for d in candidate.manifest.domains] == [DOMAIN]
+
+
+def test_expert_backbone_is_renormalised_on_the_stored_tiles(expert: ExpertRun) -> None:
+    """4 cells × 2 scales of each of the 6 scenes, minus the quarter held out for the check."""
+    gate, candidate = expert.report.gate, expert.candidate
+    assert isinstance(gate, InputGate) and isinstance(gate.renorm, Renorm)
+    assert gate.renorm.layers == 1 and gate.renorm.tiles == 36
+    assert candidate.manifest.domains[0].backbone == f"backbone.{DOMAIN}.onnx"
+    assert candidate.backbone(DOMAIN).read_bytes() != expert.source.file(BACKBONE).read_bytes()
+    assert candidate.backbone(None) == candidate.file(BACKBONE)
+
+
+def test_expert_reference_is_the_new_domain(expert: ExpertRun) -> None:
+    references = expert.candidate.domain_references()
+    assert list(references) == [DOMAIN]
+    assert references[DOMAIN].bands[2].mean > expert.source.reference.bands[2].mean + 50
+
+
+def test_expert_check_runs_on_the_held_out_quarter(expert: ExpertRun) -> None:
+    gate = expert.report.gate
+    assert isinstance(gate, InputGate) and gate.check is not None
+    assert gate.check.tiles == 12
+    assert gate.check.expert.confirmed >= gate.check.source_model.confirmed
+
+
+def test_source_expert_is_untouched(expert: ExpertRun) -> None:
+    """The source keeps its input and head; the new expert starts from the source head."""
+    source, candidate = expert.source, expert.candidate
+    assert candidate.manifest.input == source.manifest.input
+    assert candidate.file(CLASSIFIER).read_bytes() == source.file(CLASSIFIER).read_bytes()
+    assert candidate.classifier(DOMAIN).read_bytes() == source.file(CLASSIFIER).read_bytes()
+    assert candidate.manifest.input_for(DOMAIN).mean != source.manifest.input.mean
+
+
+def test_cast_scenes_route_to_the_expert_clean_ones_stay_bit_for_bit(
+        expert: ExpertRun, runtime: ModelRuntime) -> None:
+    routed = ModelRuntime(expert.candidate, CPU)
+    cells, truth = colour_scene(routed, 950, BLUE_CAST)
+    shifted, _ = colour_scene(runtime, 950, BLUE_CAST)
+    assert cells.domain == DOMAIN and shifted.domain is None
+    assert _accuracy(cells, truth) > _accuracy(shifted, truth)
+    clean_after, _ = colour_scene(routed, 951)
+    clean_before, _ = colour_scene(runtime, 951)
+    assert clean_after.domain is None
+    np.testing.assert_array_equal(clean_after.probs, clean_before.probs)
+
+
+def test_a_head_step_on_the_expert_is_owed_after_the_input_step(
+        store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
+    """Stored features are from the source input spec: the head step waits for cells the
+    expert computed, then is due without drift and refines the expert's head only. Here
+    the expert already agrees with every confirmed cell and with the teacher: nothing to
+    gain, so the refined head is refused (and kept)."""
+    adapter = Adapter(store, WITH_INPUT, tmp_path / "state", TILING)
+    fill(adapter, runtime)
+    apply(store, adapter.run(store.active(), "drift"))
+    adapted = store.active()
+    assert adapter.candidates.count(adapter.collector.adapted_key(adapted)) == 0
+    assert not adapter.due(drifting=False, bundle=adapted)
+    fill(adapter, ModelRuntime(adapted, CPU), scenes=3, start=960)
+    assert adapter.candidates.count(adapter.collector.adapted_key(adapted)) > 0
+    assert adapter.due(drifting=False, bundle=adapted)  # owed, drift or not
+    follow = adapter.run(adapted, "follow-up")
+    assert (follow.step, follow.domain, follow.action) == ("head", DOMAIN, "rejected")
+    assert "at the ceiling" in follow.message and "did not rise" in follow.message
+    kept = load_bundle(Path(follow.kept_at or ""))
+    assert kept.file(CLASSIFIER).read_bytes() == adapted.file(CLASSIFIER).read_bytes()
+    assert kept.classifier(DOMAIN).read_bytes() != adapted.classifier(DOMAIN).read_bytes()
+    assert kept.manifest.domains == adapted.manifest.domains
+    assert not adapter.due(drifting=False, bundle=adapted)  # no longer owed
+    assert adapter.run(adapted, "again").step == "head"  # one expert per lineage
+
+
+def test_expert_check_refuses_an_expert_that_breaks_the_features(
+        store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
+    """A mis-calibrated input loses retrieval confirmation (every band squashed towards one
+    value) or collapses the predictions (red pushed far up): the check names each."""
+    adapter = Adapter(store, HEAD_ONLY, tmp_path / "state", TILING)
+    fill(adapter, runtime)
+    stored = adapter.candidates.load(features=False)
+    tiles = adapter.candidates.tiles(stored.seqs, 64)
+    assert tiles is not None and len(tiles) == 48
+    source = store.active()
+    step, backbone = adapter.expert_step, source.file(BACKBONE)
+    squashed = source.manifest.input.model_copy(update={"std": [1e4] * 3})
+    failures, check = step.check(source, tiles, backbone_features(squashed, backbone, tiles))
+    assert any("retrieval-confirmed share" in f for f in failures), check
+    assert check.expert.confirmed < check.source_model.confirmed
+    reddened = source.manifest.input.model_copy(update={"mean": [-2000.0, 127.5, 127.5]})
+    failures, check = step.check(source, tiles, backbone_features(reddened, backbone, tiles))
+    assert any("class collapse" in f for f in failures), check
+    same = backbone_features(source.manifest.input, backbone, tiles)
+    assert step.check(source, tiles, same)[0] == []
+
+
+def test_domain_scenes_leave_source_like_scenes_out(
+        store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
+    adapter = Adapter(store, HEAD_ONLY, tmp_path / "state", TILING)
+    fill(adapter, runtime, scenes=3, cast=(0.0, 0.0, 0.0))
+    fill(adapter, runtime, scenes=4)
+    stored = adapter.candidates.load(features=False)
+    members, (mean, _, _) = domain_scenes(stored, source_signature(store.active().reference.bands))
+    assert members.tolist() == [False] * 3 + [True] * 4
+    assert mean[2] > store.active().reference.bands[2].mean + 50  # the cast scenes' blue
+
+
+def test_input_step_refuses_a_domain_most_stored_scenes_do_not_belong_to(
+        store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
+    cfg = WITH_INPUT.model_copy(update={"domain_min_fraction": 0.5})
+    adapter = Adapter(store, cfg, tmp_path / "state", TILING)
+    fill(adapter, runtime, scenes=5, cast=(0.0, 0.0, 0.0))
+    fill(adapter, runtime, scenes=2)  # two cast scenes among seven
+    report = adapter.run(store.active(), "drift")
+    refused = report.refused_input
+    assert refused is not None and refused.action == "rejected", report.as_dict()
+    assert isinstance(refused.counts, InputCounts) and refused.counts.domain_scenes == 2
+    assert "route to the new domain" in refused.message
+    assert refused.kept_at and Path(refused.kept_at).is_dir()
+    assert report.step == "head"  # the job went on with the source model's head
+    assert store.active_version() == 1 and not store.active().manifest.domains
+
+
+def test_no_input_step_for_an_unshifted_stream(store: ModelStore, runtime: ModelRuntime,
+                                               tmp_path: Path) -> None:
+    adapter = Adapter(store, WITH_INPUT, tmp_path / "state", TILING)
+    fill(adapter, runtime, cast=(0.0, 0.0, 0.0))
+    report = adapter.run(store.active(), "drift")
+    assert report.step == "head" and report.refused_input is None
