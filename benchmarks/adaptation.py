@@ -4,9 +4,10 @@ For each condition (no shift, then several realistic sensor shifts) the benchmar
 fresh appliance state, installs the fine-tuned AID bundle and streams *adapt* mosaics
 through the very objects the daemon uses: ``appliance.scene.pipeline.process_scene`` →
 ``DriftMonitor.observe`` → ``Adapter.collect``, and, whenever ``Adapter.due`` says so (drift
-fired, enough cells, cooled down), ``Adapter.run``; each proposed version is installed (or
-the reset version activated) and adopted by the runtime, and the drift monitor switched to
-it, as the daemon does. No labels are used anywhere in that loop.
+fired, enough cells, cooled down), the daemon's adaptation job (``AdaptationJobs``): the
+adapter proposes, the model host installs the candidate (or the reset version), switches
+the runtime to it and tells the drift monitor, as the daemon does. No labels are used
+anywhere in that loop.
 
 Target scenes are 3×4 mosaics of AID validation images (the bundle's ``split.json``; never
 seen in training), one 150 px image per grid cell: ``tiling.cell = 150`` and
@@ -45,12 +46,13 @@ from rasterio.transform import from_origin
 
 from appliance.adapt.adapter import Adapter
 from appliance.adapt.drift import DriftMonitor
+from appliance.adapt.job import AdaptationJobs
 from appliance.adapt.learning import agreement
 from appliance.adapt.lineage import adapted_domain
 from appliance.config import Settings, load_settings
-from appliance.contract.bundle import CLASSIFIER, Bundle, load_bundle
-from appliance.contract.payloads import AdaptationReport
+from appliance.contract.bundle import CLASSIFIER, load_bundle
 from appliance.model.head import read_head
+from appliance.model.host import ModelHost
 from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.model.store import ModelStore
 from appliance.scene.pipeline import process_scene
@@ -159,7 +161,7 @@ def settings_for(state: Path, adapt: dict[str, Any] | None = None) -> Settings:
     return load_settings(None, **{
         "adapt": adapt or {},
         "paths": {"state": str(state / "state"), "inbox": str(state / "inbox"),
-                  "outbox": str(state / "outbox"), "failed": str(state / "failed")},
+                  "results": str(state / "results"), "failed": str(state / "failed")},
         "model": {"providers": ["cpu"], "warmup": False},
         "input": {"rescale": {"mode": "none"}},
         "tiling": {"scales": [CELL], "cell": CELL, "batch_size": 12, "segments": "none"},
@@ -194,21 +196,6 @@ def bank_holdout_oa(bundle_dir: Path) -> float:
     return agreement(head.logits(bank.features[bank.holdout]), bank.labels[bank.holdout])
 
 
-def apply(store: ModelStore, report: AdaptationReport, keep_versions: int
-          ) -> tuple[AdaptationReport, Bundle | None]:
-    """What the daemon's model host does with a job's report: install and activate a
-    promoted candidate (then prune), or activate the reset version."""
-    if report.promoted and report.candidate is not None:
-        bundle = store.install(Path(report.candidate), activate=True)
-        store.prune(keep_versions)
-    elif report.action == "reset" and report.reset_to is not None:
-        bundle = store.activate(report.reset_to)
-    else:
-        return report, None
-    return report.model_copy(update={"version_after": bundle.version,
-                                     "bundle_path": str(bundle.path)}), bundle
-
-
 def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
                   images: list[np.ndarray], labels: np.ndarray, adapt_order: np.ndarray,
                   test_order: np.ndarray, clean_test: list[tuple[Path, np.ndarray]], work: Path
@@ -218,24 +205,24 @@ def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
     settings = settings_for(root, VARIANTS[variant])
     store = ModelStore(settings.paths.state / "models")
     store.install(bundle_dir)
-    plan = ProviderPlan(providers=("cpu",))
-    active = store.active()
-    runtime = ModelRuntime(active, plan)
-    monitor = DriftMonitor(active.reference, settings.drift, settings.paths.state)
+    host = ModelHost(store, settings)  # the daemon's owner of the running model
+    monitor = DriftMonitor(host.bundle.reference, settings.drift, settings.paths.state)
+    host.on_switch(lambda change: monitor.switch_model(change.bundle))
     adapter = Adapter(store, settings.adapt, settings.paths.state, settings.tiling)
+    jobs_run = AdaptationJobs(adapter, host, settings.adapt.keep_versions, lambda _r: None)
     shifted = [shift(img) for img in images]
     adapt_scenes = write_mosaics(shifted, labels, adapt_order, root / "scenes", "adapt")
     test_scenes = write_mosaics(shifted, labels, test_order, root / "scenes", "test")
-    target_before, _ = classify(runtime, settings, test_scenes, root / "eval")
+    target_before, _ = classify(host.runtime, settings, test_scenes, root / "eval")
     stream: list[dict[str, Any]] = []
     jobs: list[dict[str, Any]] = []
     stream_seconds = 0.0
     for i, (path, _) in enumerate(adapt_scenes):
         t = time.perf_counter()
-        outcome = process_scene(path, f"{name}-{i}", root / "outbox" / str(i), runtime, settings,
-                                probe_sharpness=True)
+        outcome = process_scene(path, f"{name}-{i}", root / "results" / str(i), host.runtime,
+                                settings, probe_sharpness=True)
         report = monitor.observe(outcome.cells)
-        adapter.collect(outcome.cells, active)
+        jobs_run.collect(outcome.cells)
         stream_seconds += time.perf_counter() - t
         scene = report.scene
         assert scene is not None, report.skipped
@@ -245,17 +232,11 @@ def run_condition(name: str, variant: str, shift: Shift, bundle_dir: Path,
                        "mean_max_prob": round(scene.mean_max_prob, 4),
                        "ph_max_prob": round(report.window.ph_max_prob, 4),
                        "ph_entropy": round(report.window.ph_entropy, 4)})
-        if adapter.due(report.drifting, active):
-            job, switched = apply(store, adapter.run(active, f"drift at scene {i}"),
-                                  settings.adapt.keep_versions)
-            jobs.append({"scene": i, **job.as_dict()})
-            if switched is not None:  # what the daemon does on a model switch
-                active = switched
-                if not runtime.adopt(active):
-                    runtime = ModelRuntime(active, plan)
-                monitor.switch_model(active)
-    target_after, target_routed = classify(runtime, settings, test_scenes, root / "eval")
-    source_after, source_routed = classify(runtime, settings, clean_test, root / "eval")
+        if jobs_run.due(report.drifting):  # the daemon's job, run to the end here
+            jobs.append({"scene": i, **jobs_run.run_here(f"drift at scene {i}").as_dict()})
+    active = host.bundle
+    target_after, target_routed = classify(host.runtime, settings, test_scenes, root / "eval")
+    source_after, source_routed = classify(host.runtime, settings, clean_test, root / "eval")
     first_fire = next((s["scene"] for s in stream if s["drifting"]), None)
     return {
         "shift": name, "variant": variant, "target_oa_before": target_before,

@@ -28,6 +28,47 @@ Submit = Callable[[Callable[[], None]], None]
 """Runs a callable on the daemon's main loop."""
 
 
+def stage(host: ModelHost, report: AdaptationReport) -> tuple[Staged | None, AdaptationReport]:
+    """Install a job's promoted candidate (not activated) or load its reset version, and
+    open its sessions: the slow part, off the main loop. A proposal that cannot run comes
+    back rejected, with why."""
+    candidate = Path(report.candidate) if report.candidate else None
+    try:
+        if report.action == "promoted" and candidate is not None:
+            return host.stage(host.install(candidate)), report
+        if report.action == "reset" and report.reset_to is not None:
+            return host.stage(report.reset_to), report
+    except BundleError as exc:
+        log.error("adaptation: the proposed model cannot run: %s", exc)
+        return None, report.model_copy(update={
+            "action": "rejected", "message": f"the proposed model cannot run: {exc}"})
+    finally:
+        if candidate is not None:
+            host.store.discard(candidate)
+    return None, report
+
+
+def switch(host: ModelHost, report: AdaptationReport, staged: Staged | None,
+           keep_versions: int) -> AdaptationReport:
+    """Switch to a staged proposal made for the model that still runs (the main loop);
+    after a promotion, prune old versions. Returns the job's final report."""
+    if staged is not None and host.bundle.version != report.version_before:
+        return report.model_copy(update={
+            "action": "rejected",
+            "message": f"the model changed while adapting (v{report.version_before} → "
+                       f"v{host.bundle.version}); the proposal is dropped"})
+    if staged is None:
+        return report
+    report = report.model_copy(update={"version_after": staged.bundle.version,
+                                       "bundle_path": str(staged.bundle.path)})
+    host.switch(staged, "adapted" if report.promoted else "reset", report)
+    if report.promoted:
+        pruned = host.store.prune(keep_versions)
+        if pruned:
+            log.info("pruned model versions %s", pruned)
+    return report
+
+
 class AdaptationJobs:
     """Collects candidates for, schedules and applies adaptation jobs of one model host."""
 
@@ -36,7 +77,7 @@ class AdaptationJobs:
         self.adapter = adapter
         self.host = host
         self.keep_versions = keep_versions
-        self._on_report = on_report  # a job that changed nothing (rejected, skipped)
+        self._on_report = on_report  # a job whose proposal was refused
 
     @property
     def running(self) -> bool:
@@ -50,63 +91,30 @@ class AdaptationJobs:
         return self.adapter.due(drifting, self.host.bundle)
 
     def start(self, reason: str, submit: Submit) -> None:
-        """Run a job on a background thread; its outcome is applied through ``submit``."""
+        """Run a job on a background thread; its switch is applied through ``submit``."""
         if self.running:
             log.info("adaptation (%s) not started: a job is running", reason)
             return
         bundle = self.host.bundle
 
         def job() -> None:
-            report = self.adapter.run(bundle, reason)
-            staged, report = self._stage(report)
-            submit(lambda: self._apply_logged(report, staged))
+            staged, report = stage(self.host, self.adapter.run(bundle, reason))
+
+            def finish() -> None:
+                self._finish(report, staged)
+
+            submit(finish)
 
         threading.Thread(target=job, name="adaptation", daemon=True).start()
 
     def run_here(self, reason: str) -> AdaptationReport:
         """Run a job to the end on this thread (``terratile models adapt``)."""
-        report = self.adapter.run(self.host.bundle, reason)
-        staged, report = self._stage(report)
-        return self._apply(report, staged)
+        staged, report = stage(self.host, self.adapter.run(self.host.bundle, reason))
+        return self._finish(report, staged)
 
-    def _apply_logged(self, report: AdaptationReport, staged: Staged | None) -> None:
-        done = self._apply(report, staged)
+    def _finish(self, report: AdaptationReport, staged: Staged | None) -> AdaptationReport:
+        done = switch(self.host, report, staged, self.keep_versions)
+        if not done.model_changed and done.action != "skipped":
+            self._on_report(done)
         log.info("adaptation (%s): %s %s", done.reason, done.action, done.message)
-
-    def _stage(self, report: AdaptationReport) -> tuple[Staged | None, AdaptationReport]:
-        """Install a promoted candidate (not activated) or load the reset version, and open
-        its sessions: the slow part, on the job's thread."""
-        candidate = Path(report.candidate) if report.candidate else None
-        try:
-            if report.action == "promoted" and candidate is not None:
-                return self.host.stage(self.host.install(candidate)), report
-            if report.action == "reset" and report.reset_to is not None:
-                return self.host.stage(report.reset_to), report
-        except BundleError as exc:
-            log.error("adaptation: the proposed model cannot run: %s", exc)
-            return None, report.model_copy(update={
-                "action": "rejected", "message": f"the proposed model cannot run: {exc}"})
-        finally:
-            if candidate is not None:
-                self.host.store.discard(candidate)
-        return None, report
-
-    def _apply(self, report: AdaptationReport, staged: Staged | None) -> AdaptationReport:
-        """Switch to a staged proposal made for the model that still runs (main loop)."""
-        if staged is not None and self.host.bundle.version != report.version_before:
-            staged, report = None, report.model_copy(update={
-                "action": "rejected",
-                "message": f"the model changed while adapting (v{report.version_before} → "
-                           f"v{self.host.bundle.version}); the proposal is dropped"})
-        if staged is None:
-            if report.action != "skipped":
-                self._on_report(report)
-            return report
-        report = report.model_copy(update={"version_after": staged.bundle.version,
-                                           "bundle_path": str(staged.bundle.path)})
-        self.host.switch(staged, "adapted" if report.promoted else "reset", report)
-        if report.promoted:
-            pruned = self.host.store.prune(self.keep_versions)
-            if pruned:
-                log.info("pruned model versions %s", pruned)
-        return report
+        return done

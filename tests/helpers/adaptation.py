@@ -3,11 +3,11 @@ its reports as the model host does (the adapter itself only proposes)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from appliance.adapt.adapter import Adapter
-from appliance.config import AdaptConfig, TilingConfig
+from appliance.adapt.job import stage, switch
+from appliance.config import AdaptConfig, Settings, TilingConfig
 from appliance.contract.payloads import AdaptationReport
+from appliance.model.host import ModelHost
 from appliance.model.runtime import ModelRuntime
 from appliance.model.store import ModelStore
 from tests.helpers.colour_scenes import BLUE_CAST, colour_scene
@@ -27,16 +27,9 @@ def fill(adapter: Adapter, runtime: ModelRuntime, scenes: int = 6,
 
 def apply(store: ModelStore, report: AdaptationReport, keep_versions: int = 20
           ) -> AdaptationReport:
-    """Install and activate a promoted candidate (then prune), or activate ``reset_to``;
-    the report with ``version_after`` and ``bundle_path`` filled."""
-    if report.promoted:
-        assert report.candidate is not None, report
-        bundle = store.install(Path(report.candidate), activate=True)
-        store.prune(keep_versions)
-    elif report.action == "reset":
-        assert report.reset_to is not None, report
-        bundle = store.activate(report.reset_to)
-    else:
-        return report
-    return report.model_copy(update={"version_after": bundle.version,
-                                     "bundle_path": str(bundle.path)})
+    """What the daemon does with a job's report, through the same code: the model host
+    (without sessions) installs a promoted candidate, or activates ``reset_to``."""
+    host = ModelHost(store, Settings(model={"warmup": False}, mqtt={"enabled": False}),
+                     serve=False)
+    staged, report = stage(host, report)
+    return switch(host, report, staged, keep_versions)
