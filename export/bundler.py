@@ -31,6 +31,7 @@ from torch import nn
 from appliance.contract.bundle import (
     BACKBONE,
     CLASSIFIER,
+    DEFAULT_SCALES,
     EMBEDDER,
     EMBEDDING,
     FEATURES,
@@ -87,7 +88,7 @@ class BundleOptions:
     calibration: Path | None = None
     version: int = 1
     name: str | None = None
-    scales: tuple[int, ...] = (56, 112, 224)
+    scales: tuple[int, ...] = DEFAULT_SCALES
     notes: str = ""
     descriptor: Literal["trained", "pooled"] = "trained"
 

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import typer
 from rich.console import Console
 
-from appliance.contract.bundle import BundleError
+from appliance.contract.bundle import DEFAULT_SCALES, BundleError
 from export.backbones import BACKBONES, BackboneError
 from export.data import DataError
 
@@ -69,7 +69,8 @@ def bundle_cmd(
     calibration: Optional[Path] = typer.Option(None, help="Images to calibrate int8 on."),  # noqa: UP045
     version: int = typer.Option(1, min=1),
     name: Optional[str] = typer.Option(None, help="Bundle name (default: the run's name)."),  # noqa: UP045
-    scales: str = typer.Option("56,112,224", help="Default tile scales (px), comma-separated."),
+    scales: str = typer.Option(",".join(map(str, DEFAULT_SCALES)),
+                               help="The box's default tile scales (px), comma-separated."),
     descriptor: str = typer.Option(
         "trained", help="Retrieval descriptor: 'trained' (embedding ⊕ posterior) or 'pooled' "
         "(L2-normalised backbone features, the off-the-shelf baseline)."),

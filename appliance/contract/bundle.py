@@ -46,6 +46,8 @@ EMBEDDING = "embedding"
 Task = Literal["single-label", "multi-label"]
 
 
+DEFAULT_SCALES = (56, 112, 224)  # GID's co-centred windows, px
+
 class BundleError(RuntimeError):
     """A bundle that must not be loaded: missing file, bad hash, bad manifest."""
 
@@ -128,7 +130,9 @@ class Manifest(_Frozen):
     backbone: str
     classes: list[ClassSpec]
     input: InputSpec
-    scales: list[int] = Field(default_factory=lambda: [56, 112, 224])
+    scales: list[int] = Field(
+        default_factory=lambda: list(DEFAULT_SCALES),
+        description="Window sizes (px) the box tiles with unless its config sets tiling.scales.")
     feature_dim: int = Field(gt=0)
     embedding_dim: int = Field(gt=0)
     files: dict[str, str] = Field(default_factory=dict)

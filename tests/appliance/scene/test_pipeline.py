@@ -225,3 +225,16 @@ def test_inference_error_stops_the_reader(tmp_path: Path, colour_bundle: Path) -
         run(scene, runtime, tmp_path, tiling={"batch_size": 4, "read_ahead": 2})
     assert not [t for t in threading.enumerate() if t.name == "tile-reader"]
     assert not (tmp_path / "out" / "landuse.tif").exists()
+
+
+def test_the_bundles_scales_are_the_default(tmp_path: Path, runtime: ModelRuntime) -> None:
+    """``terratile-export bundle --scales`` sets what the box tiles with; config overrides."""
+    scene = write_scene(tmp_path / "rgb.tif", size=(96, 96), layout=halves(96, 96))
+    plain = process_scene(scene, "ab" * 32, tmp_path / "a", runtime,
+                          Settings.model_validate({"model": {"providers": ["cpu"]}}))
+    summary = json.loads(Path(plain.outputs["summary"]).read_text())
+    assert runtime.manifest.scales == [16, 32]
+    assert summary["grid"]["scales"] == [16, 32] and summary["grid"]["cell"] == 16
+    assert plain.tiles == 2 * int(plain.cells.valid.sum())
+    own = run(scene, runtime, tmp_path / "b", tiling={"scales": [24], "cell": 24})
+    assert json.loads(Path(own.outputs["summary"]).read_text())["grid"]["scales"] == [24]
