@@ -157,7 +157,7 @@ class App:
         if s.drift.enabled:
             bundle = self.host.bundle
             self.drift = DriftMonitor(bundle.reference, s.drift, s.paths.state,
-                                      bundle.domain_references())
+                                      bundle.expert_references())
             self._drifting = self.drift.status().drifting
 
     def init_adaptation(self) -> None:

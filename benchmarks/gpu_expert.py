@@ -40,7 +40,7 @@ from appliance.contract.bundle import (
     CLASSIFIER,
     LAYER_STATS,
     Bundle,
-    Domain,
+    Expert,
     load_bundle,
     seal_bundle,
 )
@@ -77,11 +77,11 @@ def expert_bundle(source: Bundle, shifted: np.ndarray, out: Path) -> Bundle:
     onnx.save(renorm.model, str(out / f"backbone.{NAME}.onnx"))
     shutil.copyfile(out / CLASSIFIER, out / f"classifier.{NAME}.onnx")
     px = shifted.transpose(0, 2, 3, 1).reshape(-1, shifted.shape[1])
-    domain = Domain(name=NAME, mean=px.mean(0).tolist(), std=px.std(0).tolist(),
+    domain = Expert(name=NAME, mean=px.mean(0).tolist(), std=px.std(0).tolist(),
                     input=expert_spec, classifier=f"classifier.{NAME}.onnx",
                     backbone=f"backbone.{NAME}.onnx")
     manifest = source.manifest.model_copy(update={
-        "version": source.version + 1, "parent": source.version, "domains": [domain],
+        "version": source.version + 1, "parent": source.version, "experts": [domain],
         "files": {**source.manifest.files, domain.classifier: "", f"backbone.{NAME}.onnx": ""}})
     seal_bundle(out, manifest)
     return load_bundle(out)

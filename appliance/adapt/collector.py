@@ -60,7 +60,7 @@ class CandidateCollector:
     def key(bundle: Bundle, domain: str | None) -> str:
         """Input key of an expert of ``bundle`` (None: the source model's; "" for a name
         the bundle does not have)."""
-        if domain is not None and domain not in {d.name for d in bundle.manifest.domains}:
+        if domain is not None and domain not in {d.name for d in bundle.manifest.experts}:
             return ""
         return expert_key(bundle, domain)
 

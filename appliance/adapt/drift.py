@@ -1,7 +1,7 @@
 """Label-free drift detection against the bundle's ``reference.json``.
 
 A scene routed to an adapted expert is scored against that expert's own reference (its
-domain as adapted to, ``Domain.reference``), every other scene against the source's.
+domain as adapted to, ``Expert.reference``), every other scene against the source's.
 
 Three signals, each computed per scene and judged over a sliding window of scenes:
 
@@ -189,7 +189,7 @@ class DriftMonitor:
             self._source = _Baseline.of(reference)
             self._history = []
         self._experts = {name: _Baseline.of(ref)
-                         for name, ref in bundle.domain_references().items()}
+                         for name, ref in bundle.expert_references().items()}
         self._ph_prob = self._new_ph()
         self._ph_entropy = self._new_ph()
         self._save()

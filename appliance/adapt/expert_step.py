@@ -3,7 +3,7 @@
 Runs while the bundle has no adapted expert yet. The stored scenes' band moments split into
 the new domain and source-like scenes (``domain_scenes``); when the new domain's pooled
 moments are more than ``adapt.input_tolerance`` from the source reference, the step
-proposes a version with one more ``Domain``: that signature, an input spec that
+proposes a version with one more ``Expert``: that signature, an input spec that
 re-standardises it towards the reference (``adapt.input_blend`` of the way, folded into
 mean/std), a copy of the source head, a backbone whose layers are re-normalised on the
 domain's stored tiles (``ExpertStep.backbone``) and the domain's drift reference as the
@@ -37,7 +37,7 @@ from appliance.contract.bundle import (
     IMAGE_INPUT,
     LAYER_STATS,
     Bundle,
-    Domain,
+    Expert,
     InputSpec,
     Reference,
 )
@@ -120,7 +120,7 @@ class ExpertStep:
         bundle, source = lineage.bundle, lineage.source
         if cfg.input_blend <= 0:
             return None
-        if bundle.manifest.domains or worn_out(lineage.adapted_versions, cfg):
+        if bundle.manifest.experts or worn_out(lineage.adapted_versions, cfg):
             return None  # refine the expert in hand; a reset to the source starts over
         stored = self.store.load(key="", features=False)
         if len(stored.bands) == 0 or stored.bands.shape[-1] != len(bundle.manifest.input.bands):
@@ -149,7 +149,7 @@ class ExpertStep:
             reference = work / f"reference.{DOMAIN}.json"  # its drift baseline
             atomic_write_text(reference, expert_reference(
                 source, spec, tiles, feats).model_dump_json(by_alias=True))
-        domain = Domain(name=DOMAIN, mean=[float(v) for v in mean_t],
+        domain = Expert(name=DOMAIN, mean=[float(v) for v in mean_t],
                         std=[float(v) for v in std_t],
                         sharpness=None if sharp_t is None else [float(v) for v in sharp_t],
                         input=spec,
@@ -172,7 +172,7 @@ class ExpertStep:
             counts=InputCounts(scenes=len(stored.bands), domain_scenes=int(members.sum()),
                                tiles=0 if tiles is None else len(tiles)),
             gate=gate)
-        return Proposal(report, files, domains=[domain])
+        return Proposal(report, files, experts=[domain])
 
     def backbone(self, source: Bundle, spec: InputSpec, tiles: np.ndarray | None, work: Path,
                  deadline: float) -> tuple[Path | None, Renorm | RenormSkipped | None]:

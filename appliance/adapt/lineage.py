@@ -19,7 +19,7 @@ DOMAIN = "adapted"  # the one expert an adaptation lineage grows
 
 def adapted_domain(bundle: Bundle) -> str | None:
     """The expert adaptation refines: the bundle's adapted domain, else its source head."""
-    return bundle.manifest.domains[-1].name if bundle.manifest.domains else None
+    return bundle.manifest.experts[-1].name if bundle.manifest.experts else None
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from appliance.contract.bundle import Bundle, Domain
+from appliance.contract.bundle import Bundle, Expert
 from appliance.contract.payloads import AdaptationReport
 from appliance.model.store import ModelStore
 
@@ -30,7 +30,7 @@ class Proposal:
 
     report: AdaptationReport
     files: dict[str, Path] = field(default_factory=dict)
-    domains: list[Domain] | None = None
+    experts: list[Expert] | None = None
 
 
 class CandidateBundles:
@@ -51,8 +51,8 @@ class CandidateBundles:
         update: dict[str, object] = {
             "metrics": metrics,
             "notes": f"adapted ({report.step}) from v{bundle.version}: {report.reason}"}
-        if proposal.domains is not None:
-            update["domains"] = proposal.domains
+        if proposal.experts is not None:
+            update["experts"] = proposal.experts
         candidate = self.models.derive(bundle, proposal.files, update)
         if report.promoted:
             return report.model_copy(update={"candidate": str(candidate)})

@@ -37,7 +37,7 @@ def list_versions(config: Path = CONFIG_OPTION,
     for v in versions:
         mark = "*" if v.active else " "
         parent = f"parent v{v.parent}" if v.parent is not None else "source"
-        experts = f"experts: {', '.join(v.domains)}  " if v.domains else ""
+        experts = f"experts: {', '.join(v.experts)}  " if v.experts else ""
         typer.echo(f"{mark} v{v.version:<4} {v.name:<24} {parent:<12} {experts}{v.path}")
 
 

@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.contract.durable import atomic_write_text
 
-SCHEMA = "terratile.bundle/1"
+SCHEMA = "terratile.bundle/2"
+SCHEMA_V1 = "terratile.bundle/1"  # read through ``upgrade_manifest``
 REFERENCE_SCHEMA = "terratile.reference/2"
 REFERENCE_V1 = "terratile.reference/1"  # read through ``upgrade_reference``
 MANIFEST = "manifest.json"
@@ -92,7 +93,7 @@ class InputSpec(_Frozen):
         return out
 
 
-class Domain(_Frozen):
+class Expert(_Frozen):
     """An adapted expert inside a bundle, for scenes from another sensor or season.
 
     Self-adaptation (``appliance.adapt``) calibrates the input to a new domain and
@@ -136,7 +137,7 @@ class Manifest(_Frozen):
     feature_dim: int = Field(gt=0)
     embedding_dim: int = Field(gt=0)
     files: dict[str, str] = Field(default_factory=dict)
-    domains: list[Domain] = Field(default_factory=list)
+    experts: list[Expert] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     notes: str = ""
 
@@ -144,18 +145,18 @@ class Manifest(_Frozen):
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes]
 
-    def domain(self, name: str | None) -> Domain | None:
+    def expert(self, name: str | None) -> Expert | None:
         """The adapted expert called ``name``; None for the source (``name`` None)."""
         if name is None:
             return None
-        for d in self.domains:
+        for d in self.experts:
             if d.name == name:
                 return d
         raise BundleError(f"bundle {self.name} v{self.version} has no domain {name!r}")
 
     def input_for(self, domain: str | None) -> InputSpec:
         """The input spec of an expert (the bundle's own for the source)."""
-        d = self.domain(domain)
+        d = self.expert(domain)
         return self.input if d is None else d.input
 
     def to_json(self) -> str:
@@ -279,17 +280,17 @@ class Bundle:
 
     def classifier(self, domain: str | None = None) -> Path:
         """The head file of an expert (``classifier.onnx`` for the source)."""
-        d = self.manifest.domain(domain)
+        d = self.manifest.expert(domain)
         return self.file(CLASSIFIER if d is None else d.classifier)
 
-    def domain_references(self) -> dict[str, Reference]:
+    def expert_references(self) -> dict[str, Reference]:
         """The drift reference of every expert that has one, by domain name."""
         return {d.name: read_reference(self.file(d.reference))
-                for d in self.manifest.domains if d.reference is not None}
+                for d in self.manifest.experts if d.reference is not None}
 
     def backbone(self, domain: str | None = None) -> Path:
         """The backbone file of an expert (``backbone.onnx`` unless it has its own)."""
-        d = self.manifest.domain(domain)
+        d = self.manifest.expert(domain)
         return self.file(BACKBONE if d is None or d.backbone is None else d.backbone)
 
     @cached_property
@@ -314,6 +315,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def upgrade_manifest(raw: dict[str, Any]) -> dict[str, Any]:
+    """A manifest document in the current layout, whatever layout it was written in.
+
+    ``terratile.bundle/1`` called the adapted experts ``domains`` (a domain is the data an
+    expert serves, not the expert). A current document is returned as it is.
+    """
+    if raw.get("schema") == SCHEMA_V1:
+        raw = dict(raw)
+        raw["experts"] = raw.pop("domains", [])
+        raw["schema"] = SCHEMA
+    return raw
+
+
 def read_manifest(path: Path) -> Manifest:
     """A bundle's parsed manifest, its files not hashed: for walking version lineages,
     where ``load_bundle``'s sha256 of every file (tens of MB) would be wasted."""
@@ -324,11 +338,11 @@ def read_manifest(path: Path) -> Manifest:
         raw = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BundleError(f"{manifest_path}: unreadable: {exc}") from exc
-    if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+    if not isinstance(raw, dict) or raw.get("schema") not in (SCHEMA, SCHEMA_V1):
         got = raw.get("schema") if isinstance(raw, dict) else None
         raise BundleError(f"{manifest_path}: schema {got!r}, expected {SCHEMA!r}")
     try:
-        return Manifest.model_validate(raw)
+        return Manifest.model_validate(upgrade_manifest(raw))
     except ValidationError as exc:
         raise BundleError(f"{manifest_path}: invalid manifest: {exc}") from exc
 
@@ -355,7 +369,7 @@ def load_bundle(path: Path) -> Bundle:
         manifest.input.bands
     ):
         raise BundleError(f"{manifest_path}: input mean/std must have one value per band")
-    for d in manifest.domains:
+    for d in manifest.experts:
         n = len(manifest.input.bands)
         for own in (d.classifier, d.backbone, d.reference):
             if own is not None and own not in manifest.files:
@@ -363,7 +377,7 @@ def load_bundle(path: Path) -> Bundle:
                                   "sha256 in files")
         if {len(d.mean), len(d.std), len(d.input.mean), len(d.input.std)} != {n}:
             raise BundleError(f"{manifest_path}: domain {d.name!r} needs one mean/std per band")
-    if len({d.name for d in manifest.domains}) != len(manifest.domains):
+    if len({d.name for d in manifest.experts}) != len(manifest.experts):
         raise BundleError(f"{manifest_path}: domain names must be unique")
     return Bundle(path=path, manifest=manifest)
 

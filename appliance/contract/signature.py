@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from appliance.contract.bundle import BandStats, Domain
+from appliance.contract.bundle import BandStats, Expert
 
 Signature = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 """Per-band mean, std and (when measured) sharpness of a domain or a scene."""
@@ -62,7 +62,7 @@ def source_signature(bands: list[BandStats]) -> Signature:
             None if any(v is None for v in sharp) else np.array(sharp, np.float64))
 
 
-def domain_signature(domain: Domain) -> Signature:
+def domain_signature(domain: Expert) -> Signature:
     """An adapted expert's signature from the manifest."""
     return (np.asarray(domain.mean), np.asarray(domain.std),
             None if domain.sharpness is None else np.asarray(domain.sharpness))

@@ -1,6 +1,6 @@
 """Routing a scene to the expert of its domain by its radiometry.
 
-A bundle adapted in the field holds more than one expert (``bundle.Domain``): the source
+A bundle adapted in the field holds more than one expert (``bundle.Expert``): the source
 model and one calibrated to the sensor the box drifted to. Which one classifies a scene is
 decided before any tile is read, from the scene's per-band mean and standard deviation
 (the pipeline's rescaled overview sample) and sharpness (a few probe tiles): the expert
@@ -33,7 +33,7 @@ def distances(bundle: Bundle, scene: Signature) -> dict[str | None, float]:
     if source[2] is None:
         scene = (scene[0], scene[1], None)
     out: dict[str | None, float] = {None: radiometric_distance(scene, source)}
-    for d in bundle.manifest.domains:
+    for d in bundle.manifest.experts:
         out[d.name] = radiometric_distance(scene, domain_signature(d))
     return out
 
@@ -45,6 +45,6 @@ def nearest(scores: dict[str | None, float]) -> str | None:
 
 def route(bundle: Bundle, scene: Signature) -> str | None:
     """The expert (domain name, or None for the source) for a scene's signature."""
-    if not bundle.manifest.domains:
+    if not bundle.manifest.experts:
         return None
     return nearest(distances(bundle, scene))

@@ -7,7 +7,7 @@ fell away, so a box that lost its GPU never runs on CPU unnoticed.
 
 The heads are separate sessions so that an adapted head can replace the old one without
 rebuilding the backbone's TensorRT engine (``adopt``), and so that one backbone serves
-every expert of a bundle (``bundle.Domain``: its own input spec and head per domain).
+every expert of a bundle (``bundle.Expert``: its own input spec and head per domain).
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ class ModelRuntime:
         by_sha = {e.backbone_sha: e.backbone for e in have.values()}
         by_sha[self.manifest.files.get(BACKBONE, "")] = self._backbone
         out: Experts = {}
-        for name in [None, *(d.name for d in bundle.manifest.domains)]:
+        for name in [None, *(d.name for d in bundle.manifest.experts)]:
             path = bundle.backbone(name)
             sha = bundle.manifest.files.get(path.name, "")
             backbone = by_sha.get(sha) or open_session(path, self.plan)
@@ -234,7 +234,7 @@ class ModelRuntime:
 
     def infer(self, tiles: np.ndarray, domain: str | None = None) -> Inference:
         if domain not in self._experts:
-            self.manifest.domain(domain)  # raises BundleError naming the unknown domain
+            self.manifest.expert(domain)  # raises BundleError naming the unknown domain
         feats = self.features(tiles, domain)
         return Inference(feats, self.probs(feats, domain), self.embed(feats))
 
@@ -251,7 +251,7 @@ class ModelRuntime:
         differs, and a new runtime is needed."""
         if not self.serves(bundle):
             return False
-        if experts is None or set(experts) != {None, *(d.name for d in bundle.manifest.domains)}:
+        if experts is None or set(experts) != {None, *(d.name for d in bundle.manifest.experts)}:
             experts = self._open_experts(bundle, self._experts)
         with self._lock:
             self._experts = experts

@@ -50,11 +50,11 @@ class ModelVersion:
     parent: int | None
     active: bool
     name: str
-    domains: list[str]  # adapted experts beside the source model
+    experts: list[str]  # adapted experts beside the source model
 
     def as_dict(self) -> dict[str, object]:
         return {"version": self.version, "path": str(self.path), "active": self.active,
-                "parent": self.parent, "name": self.name, "domains": self.domains}
+                "parent": self.parent, "name": self.name, "experts": self.experts}
 
 
 class ModelStore:
@@ -85,7 +85,7 @@ class ModelStore:
                 continue
             out.append(ModelVersion(manifest.version, path, manifest.parent,
                                     manifest.version == active, manifest.name,
-                                    [d.name for d in manifest.domains]))
+                                    [d.name for d in manifest.experts]))
         return out
 
     def active_version(self) -> int | None:
@@ -151,7 +151,7 @@ class ModelStore:
         """A sealed candidate version made from ``bundle``, staged, not installed.
 
         A copy of ``bundle`` with ``files`` (bundle file name → file to copy in; new names are
-        listed in the manifest) and the manifest fields ``update`` (e.g. ``domains``,
+        listed in the manifest) and the manifest fields ``update`` (e.g. ``experts``,
         ``metrics``, ``notes``), as version ``next_version()`` with ``bundle`` as its parent.
         Returns its directory under ``.candidates/``: ``load_bundle`` verifies it,
         ``install(path, activate=False)`` moves it in, ``discard(path)`` removes it.

@@ -228,7 +228,7 @@ def _process(
     band_sample = scene.band_sample()
     # Sharpness is read ahead only for those who use it: routing and adaptation.
     probe = (_probe_tiles(scene, grid, valid, runtime.input_size)
-             if manifest.domains or probe_sharpness else None)
+             if manifest.experts or probe_sharpness else None)
     signature = scene_signature(band_sample, probe)
     domain = runtime.route(signature)
     scene.use_spec(manifest.input_for(domain))

@@ -171,7 +171,7 @@ def test_scenes_routed_to_an_expert_are_judged_against_its_domain(
     adapted = load_bundle(Path(report.candidate))
     expert = ModelRuntime(adapted, ProviderPlan(providers=("cpu",)))
     aware = DriftMonitor(adapted.reference, CFG, tmp_path / "aware",
-                         adapted.domain_references())
+                         adapted.expert_references())
     blind = DriftMonitor(adapted.reference, CFG, tmp_path / "blind")
     for seed in range(10):
         cells = colour_scene(expert, 500 + seed, BLUE_CAST)[0]

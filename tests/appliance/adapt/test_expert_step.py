@@ -57,7 +57,7 @@ def test_input_step_proposes_a_new_expert(expert: ExpertRun) -> None:
     assert report.gate.radiometric_distance_after < 0.1 * report.gate.radiometric_distance_before
     assert report.gate.domain_fraction == 1.0 and report.counts.domain_scenes == 6
     assert candidate.version == 2 and candidate.manifest.parent == 1
-    assert [d.name for d in candidate.manifest.domains] == [DOMAIN]
+    assert [d.name for d in candidate.manifest.experts] == [DOMAIN]
 
 
 def test_expert_backbone_is_renormalised_on_the_stored_tiles(expert: ExpertRun) -> None:
@@ -65,13 +65,13 @@ def test_expert_backbone_is_renormalised_on_the_stored_tiles(expert: ExpertRun) 
     gate, candidate = expert.report.gate, expert.candidate
     assert isinstance(gate, InputGate) and isinstance(gate.renorm, Renorm)
     assert gate.renorm.layers == 1 and gate.renorm.tiles == 36
-    assert candidate.manifest.domains[0].backbone == f"backbone.{DOMAIN}.onnx"
+    assert candidate.manifest.experts[0].backbone == f"backbone.{DOMAIN}.onnx"
     assert candidate.backbone(DOMAIN).read_bytes() != expert.source.file(BACKBONE).read_bytes()
     assert candidate.backbone(None) == candidate.file(BACKBONE)
 
 
 def test_expert_reference_is_the_new_domain(expert: ExpertRun) -> None:
-    references = expert.candidate.domain_references()
+    references = expert.candidate.expert_references()
     assert list(references) == [DOMAIN]
     assert references[DOMAIN].bands[2].mean > expert.source.reference.bands[2].mean + 50
 
@@ -126,7 +126,7 @@ def test_a_head_step_on_the_expert_is_owed_after_the_input_step(
     kept = load_bundle(Path(follow.kept_at or ""))
     assert kept.file(CLASSIFIER).read_bytes() == adapted.file(CLASSIFIER).read_bytes()
     assert kept.classifier(DOMAIN).read_bytes() != adapted.classifier(DOMAIN).read_bytes()
-    assert kept.manifest.domains == adapted.manifest.domains
+    assert kept.manifest.experts == adapted.manifest.experts
     assert not adapter.due(drifting=False, bundle=adapted)  # no longer owed
     assert adapter.run(adapted, "again").step == "head"  # one expert per lineage
 
@@ -177,7 +177,7 @@ def test_input_step_refuses_a_domain_most_stored_scenes_do_not_belong_to(
     assert "route to the new domain" in refused.message
     assert refused.kept_at and Path(refused.kept_at).is_dir()
     assert report.step == "head"  # the job went on with the source model's head
-    assert store.active_version() == 1 and not store.active().manifest.domains
+    assert store.active_version() == 1 and not store.active().manifest.experts
 
 
 def test_no_input_step_for_an_unshifted_stream(store: ModelStore, runtime: ModelRuntime,

@@ -56,7 +56,7 @@ def test_wrong_schema_and_garbage_manifest_are_refused(bundle_copy: Path) -> Non
     raw = json.loads((bundle_copy / MANIFEST).read_text())
     raw["schema"] = "terratile.bundle/0"
     (bundle_copy / MANIFEST).write_text(json.dumps(raw))
-    with pytest.raises(BundleError, match=r"expected 'terratile.bundle/1'"):
+    with pytest.raises(BundleError, match=r"expected 'terratile\.bundle/2'"):
         load_bundle(bundle_copy)
     (bundle_copy / MANIFEST).write_text("{not json")
     with pytest.raises(BundleError, match=r"unreadable"):
@@ -111,3 +111,20 @@ def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
     data = bytes(range(256)) * 9000  # > one 1 MiB block
     f.write_bytes(data)
     assert sha256_file(f) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_bundle_1_manifest_is_read_through_the_one_upgrade(colour_bundle: Path,
+                                                             tmp_path: Path) -> None:
+    """``terratile.bundle/1`` called the experts ``domains``: it still loads, as /2."""
+    old = tmp_path / "old"
+    shutil.copytree(colour_bundle, old)
+    raw = json.loads((old / "manifest.json").read_text())
+    raw["schema"] = "terratile.bundle/1"
+    raw["domains"] = raw.pop("experts")
+    (old / "manifest.json").write_text(json.dumps(raw))
+    bundle = load_bundle(old)
+    assert bundle.manifest.schema_ == "terratile.bundle/2" and bundle.manifest.experts == []
+    raw["schema"] = "terratile.bundle/9"
+    (old / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"expected 'terratile\.bundle/2'"):
+        load_bundle(old)

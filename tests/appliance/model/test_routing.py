@@ -11,7 +11,7 @@ import pytest
 import rasterio
 
 from appliance.config import Settings
-from appliance.contract.bundle import CLASSIFIER, BundleError, Domain, load_bundle, seal_bundle
+from appliance.contract.bundle import CLASSIFIER, BundleError, Expert, load_bundle, seal_bundle
 from appliance.contract.signature import (
     band_moments,
     radiometric_distance,
@@ -75,10 +75,10 @@ def dark_bundle(colour_bundle: Path, tmp_path: Path) -> Path:
     spec = source.input.model_copy(update={"mean": [m * DARK for m in source.input.mean],
                                            "std": [s * DARK for s in source.input.std]})
     shutil.copyfile(out / CLASSIFIER, out / "classifier.dark.onnx")
-    domain = Domain(name="dark", mean=mean.tolist(), std=std.tolist(), input=spec,
+    domain = Expert(name="dark", mean=mean.tolist(), std=std.tolist(), input=spec,
                     classifier="classifier.dark.onnx")
     seal_bundle(out, source.model_copy(update={
-        "version": 2, "domains": [domain],
+        "version": 2, "experts": [domain],
         "files": {**source.files, domain.classifier: ""}}))
     return out
 
@@ -162,11 +162,11 @@ def test_sharpness_routes_a_blurred_sensor_that_band_moments_cannot_tell_apart(
     (out / "reference.json").write_text(json.dumps(reference))
     shutil.copyfile(out / CLASSIFIER, out / "classifier.soft.onnx")
     source_bands = load_bundle(colour_bundle).reference.bands
-    domain = Domain(name="soft", mean=[b.mean for b in source_bands],
+    domain = Expert(name="soft", mean=[b.mean for b in source_bands],
                     std=[b.std for b in source_bands], sharpness=soft_sharp.tolist(),
                     input=manifest.input, classifier="classifier.soft.onnx")
     seal_bundle(out, manifest.model_copy(update={
-        "version": 2, "domains": [domain], "files": {**manifest.files, domain.classifier: ""}}))
+        "version": 2, "experts": [domain], "files": {**manifest.files, domain.classifier: ""}}))
     routed = ModelRuntime(load_bundle(out), ProviderPlan(providers=("cpu",)))
     for name, path, expert in (("clean", clean, None), ("soft", soft, "soft")):
         outcome = process_scene(path, name * 32, tmp_path / f"r-{name}", routed, SETTINGS)
