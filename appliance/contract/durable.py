@@ -23,17 +23,9 @@ from pathlib import Path
 BUSY_TIMEOUT_MS = 5000
 
 
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry, so a rename into it survives a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file's data to disk (whoever wrote it)."""
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries (so a rename into it survives a power
+    cut), to disk, whoever wrote them."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -51,12 +43,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
     try:
         yield tmp
-        fsync_file(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -31,7 +31,7 @@ from appliance.contract.bundle import (
     read_manifest,
     seal_bundle,
 )
-from appliance.contract.durable import atomic_write_text, fsync_dir
+from appliance.contract.durable import atomic_write_text, fsync_path
 
 if TYPE_CHECKING:
     from appliance.config import Settings
@@ -139,9 +139,9 @@ class ModelStore:
                 tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
                 shutil.copytree(source, tmp, dirs_exist_ok=True)
                 load_bundle(tmp)
-            fsync_dir(tmp)
+            fsync_path(tmp)
             tmp.replace(target)
-            fsync_dir(self.root)
+            fsync_path(self.root)
         if activate:
             self.activate(bundle.version)
         return load_bundle(target)
@@ -224,7 +224,7 @@ class ModelStore:
         for version in doomed:
             shutil.rmtree(self.dir_for(version), ignore_errors=True)
         if doomed:
-            fsync_dir(self.root)
+            fsync_path(self.root)
         return doomed
 
     def cleanup(self) -> None:

@@ -1,0 +1,59 @@
+"""The main loop in-process: tasks and settled files one after another, until stopped."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from appliance.ingest.inbox import Inbox
+from appliance.loop import MainLoop
+from appliance.systemd import Notifier
+
+
+def test_tasks_and_files_run_on_the_loop_until_a_stop(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path / "inbox", tmp_path / "work", 0.0, 30.0, watch=False)
+    loop = MainLoop(Notifier({}), inbox, stats_interval=3600, max_scene_seconds=60)
+    (tmp_path / "inbox" / "a.tif").write_bytes(b"a")
+    inbox.rescan()
+    seen: list[str] = []
+    idle = threading.Event()
+
+    def handle(work: Path) -> None:
+        seen.append(f"file {work.name}")
+        loop.submit(lambda: seen.append("task"))
+
+    def on_idle() -> None:
+        if "task" in seen:  # the file (it may settle only on a later round) and its task
+            seen.append("idle")
+            idle.set()
+            loop.request_stop()
+
+    loop.submit(lambda: seen.append("first task"))
+    runner = threading.Thread(target=loop.run, kwargs={
+        "handle": handle, "idle": on_idle, "stats": lambda: None})
+    runner.start()
+    runner.join(timeout=10)
+    assert not runner.is_alive() and idle.is_set()
+    assert seen[0] == "first task" and seen[-3:] == ["file a.tif", "task", "idle"]
+    assert seen.count("file a.tif") == 1
+    assert loop.stopping
+
+
+def test_a_failing_task_does_not_stop_the_loop(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path / "inbox", tmp_path / "work", 0.0, 30.0, watch=False)
+    loop = MainLoop(Notifier({}), inbox, stats_interval=3600, max_scene_seconds=60)
+    ran: list[str] = []
+
+    def boom() -> None:
+        raise RuntimeError("a bad command")
+
+    loop.submit(boom)
+    loop.submit(lambda: ran.append("next"))
+    loop.run(handle=lambda _w: None, idle=loop.request_stop, stats=lambda: None)
+    assert ran == ["next"]
+
+
+def test_no_watchdog_keeper_outside_systemd(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path / "inbox", tmp_path / "work", 0.0, 30.0, watch=False)
+    loop = MainLoop(Notifier({}), inbox, stats_interval=3600, max_scene_seconds=60)
+    assert loop.keep_watchdog(lambda: None) is None
