@@ -26,7 +26,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def colour_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A sealed, deterministic colour-classifier bundle (see tests/colour_bundle.py)."""
+    """A sealed, deterministic colour-classifier bundle (see tests/helpers/colour_bundle.py)."""
     return build_colour_bundle(tmp_path_factory.mktemp("bundle") / "colour")
 
 

@@ -16,9 +16,9 @@ import typer
 
 from appliance.cli.options import CONFIG_OPTION, settings_or_exit
 from appliance.config import Settings
-from appliance.contract.bundle import Bundle, BundleError, load_bundle
+from appliance.contract.bundle import BundleError
 from appliance.model.runtime import ModelRuntime, open_runtime
-from appliance.model.store import ModelStore
+from appliance.model.store import serving_bundle
 from appliance.retrieval.entry_log import IndexStateError
 from appliance.retrieval.index import TileIndex
 from appliance.retrieval.query import Reply, RequestError
@@ -28,24 +28,10 @@ from appliance.retrieval.service import RetrievalService
 index_app = typer.Typer(no_args_is_help=True, help="The local retrieval index.")
 
 
-def active_bundle(settings: Settings) -> Bundle:
-    """The model store's active bundle, else ``model.bundle`` from the config.
-
-    Unlike the daemon's ``open_store``, this neither installs the seed bundle nor cleans
-    the store: a CLI beside a running daemon must not touch its half-written versions.
-    """
-    store = ModelStore.for_settings(settings)
-    if store.active_version() is not None:
-        return store.active()
-    if settings.model.bundle is None:
-        raise BundleError("no active model in the store and no model.bundle in the config")
-    return load_bundle(settings.model.bundle)
-
-
 def open_index(settings: Settings, dim: int | None = None, read_only: bool = False) -> TileIndex:
     """The index under ``paths.state``; ``dim`` defaults to the active bundle's embedding."""
     if dim is None:
-        dim = active_bundle(settings).manifest.embedding_dim
+        dim = serving_bundle(settings).manifest.embedding_dim
     return TileIndex(settings.paths.state, settings.retrieval, dim, read_only=read_only)
 
 
@@ -55,7 +41,7 @@ def add(directory: Path = typer.Argument(..., exists=True, file_okay=False),
     """Index the reference images under DIRECTORY (label = parent folder name)."""
     settings = settings_or_exit(config)
     try:
-        runtime = open_runtime(active_bundle(settings), settings)
+        runtime = open_runtime(serving_bundle(settings), settings)
         index = open_index(settings, runtime.manifest.embedding_dim)
     except (BundleError, IndexStateError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -118,7 +104,7 @@ def query_command(
     runtime: ModelRuntime | None = None
     try:
         if image is not None:
-            runtime = open_runtime(active_bundle(settings), settings)
+            runtime = open_runtime(serving_bundle(settings), settings)
         index = open_index(settings, runtime.manifest.embedding_dim if runtime else None,
                            read_only=True)
     except (BundleError, IndexStateError) as exc:

@@ -259,3 +259,17 @@ def open_store(settings: Settings) -> ModelStore:
         log.info("installing seed bundle %s", settings.model.bundle)
         store.install(settings.model.bundle)
     return store
+
+
+def serving_bundle(settings: Settings) -> Bundle:
+    """The bundle the node serves: the store's active version, else ``model.bundle``.
+
+    Unlike ``open_store`` this neither installs the seed bundle nor cleans the store, so a
+    CLI beside a running daemon never touches its half-written versions.
+    """
+    store = ModelStore.for_settings(settings)
+    if store.active_version() is not None:
+        return store.active()
+    if settings.model.bundle is None:
+        raise BundleError("no active model in the store and no model.bundle in the config")
+    return load_bundle(settings.model.bundle)
