@@ -75,7 +75,7 @@ def evaluate(bundle: Path, split: Path, work: Path) -> dict[str, Any]:
     n_images = link_split(split, refs)
     config = work / "appliance.yaml"
     config.write_text(yaml.safe_dump({
-        "paths": {"inbox": str(work / "inbox"), "outbox": str(work / "outbox"),
+        "paths": {"inbox": str(work / "inbox"), "results": str(work / "results"),
                   "failed": str(work / "failed"), "state": str(work / "state")},
         "model": {"bundle": str(bundle), "providers": ["cpu"]},
         "retrieval": {"allowed_dirs": [str(refs)]},
