@@ -44,7 +44,7 @@ class Staged:
 class Switch:
     """One change of the running model, as listeners are told of it."""
 
-    action: str  # adapted | reset | rollback | activate | reload | install
+    action: str  # adapted | reset | rollback | activate | reload
     bundle: Bundle
     previous: Bundle
     detail: AdaptationReport | None = None  # what the adaptation job that proposed it did
