@@ -15,6 +15,7 @@ hands the switch back through ``submit``.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +36,7 @@ from appliance.contract.payloads import (
     ModelRef,
 )
 from appliance.ingest.inbox import Inbox
-from appliance.ingest.journal import Journal
+from appliance.ingest.journal import Journal, JournalCorrupt
 from appliance.ingest.lifecycle import SceneLifecycle
 from appliance.loop import MainLoop
 from appliance.model.commands import ModelCommands
@@ -47,6 +48,8 @@ from appliance.systemd import Notifier
 from appliance.telemetry import State, Telemetry
 
 log = logging.getLogger(__name__)
+
+UMASK = 0o027
 
 
 class StartError(RuntimeError):
@@ -122,7 +125,12 @@ class App:
             raise StartError(f"another terratile daemon holds {self.lock.path}")
 
     def init_journal(self) -> None:
-        self.journal = Journal(self.settings.paths.state / "journal.sqlite")
+        """The scene states and the outbox; a damaged journal stops the start (it is never
+        removed automatically: it may hold results not yet sent)."""
+        try:
+            self.journal = Journal(self.settings.paths.state / "journal.sqlite")
+        except JournalCorrupt as exc:
+            raise StartError(str(exc)) from exc
 
     def init_inbox(self) -> None:
         """The watched drop zone, and the loop that takes its files one after another."""
@@ -297,7 +305,7 @@ class App:
             self.start()
             self.loop.run(handle=self.lifecycle.handle_guarded,
                           idle=lambda: self.telemetry.set_state(State.READY),
-                          stats=self._publish_stats)
+                          stats=self._publish_stats, retry=self.lifecycle.retry_stuck)
         finally:
             self.stop()
             if keeper is not None:
@@ -316,6 +324,7 @@ def run_daemon(settings: Settings) -> int:
     same state) exits with ``EX_CONFIG`` so the unit's ``RestartPreventExitStatus`` stops a
     pointless restart loop.
     """
+    os.umask(UMASK)  # journal, index, models and results are not world-readable
     app = App(settings)
     try:
         app.build()
