@@ -10,9 +10,10 @@ it), two drops with the same name never collide, and a crash leaves the file eit
 the inbox or in ``work/``.
 
 On Linux, inotify also says when a writer *closed* a file: a file seen being written
-(created or modified) is ready only once it was closed after its last write and then
-held still for ``settle_seconds``, so an in-place writer that pauses is not claimed
-half-written. Without such events (rescan only) the size/mtime settle is the rule.
+(modified) is ready only once it was closed after its last write and then held still for
+``settle_seconds`` (or, should the close event be lost, for ``WRITER_GRACE``), so an
+in-place writer that pauses is not claimed half-written. Without such events (rescan only)
+the size/mtime settle is the rule.
 
 A file name that is not valid UTF-8 (e.g. Latin-1 ``caf\xe9.tif``) cannot go into the
 journal or a JSON message; its claimed copy is named by ``safe_name`` (the undecodable
@@ -36,7 +37,6 @@ from pathlib import Path
 
 from watchdog.events import (
     FileClosedEvent,
-    FileCreatedEvent,
     FileModifiedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
@@ -45,6 +45,10 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger(__name__)
+
+WRITER_GRACE = 600.0
+"""Seconds a file seen written but never seen closed must hold still before it is taken
+anyway (the close event may be lost when inotify's queue overflows)."""
 
 SOURCE_NAME = ".source"
 """Beside a claimed file whose name was not UTF-8: the original name's bytes."""
@@ -99,7 +103,7 @@ class _Events(FileSystemEventHandler):
             return
         target = getattr(event, "dest_path", "") or event.src_path
         writing: bool | None = None
-        if isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+        if isinstance(event, FileModifiedEvent):  # not "created": a symlink or FIFO never closes
             writing = True
         elif isinstance(event, FileClosedEvent):
             writing = False
@@ -210,7 +214,7 @@ class Inbox:
                 if (st.st_size, st.st_mtime_ns) != (cand.size, cand.mtime_ns):
                     self._candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now,
                                                         cand.writing)
-                elif not cand.writing and now - cand.stable_since >= self.settle:
+                elif now - cand.stable_since >= (WRITER_GRACE if cand.writing else self.settle):
                     out.append((st.st_mtime_ns, path))
         return [p for _, p in sorted(out)]
 

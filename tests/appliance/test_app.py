@@ -21,6 +21,7 @@ from appliance.contract.payloads import SceneResult, result_msg_id
 from tests.conftest import Broker
 from tests.helpers.daemon import NODE, DaemonProc, P
 from tests.helpers.mqtt_listener import Listener, Received
+from tests.helpers.paths import REPO
 from tests.helpers.scenes import quarters, write_scene
 
 
@@ -376,3 +377,37 @@ def test_sigterm_mid_scene_finishes_it_then_exits(daemon: DaemonProc, broker: Br
     assert daemon.scenes()[sid] == ("done", 1)
     assert json.loads(listener.wait_for(results)[0].payload)["scene_id"] == sid
     listener.close()
+
+
+def test_hostile_files_and_a_damaged_journal(daemon: DaemonProc, broker: Broker,
+                                            tmp_path: Path) -> None:
+    """Issue 16: a Latin-1 name, a symlink to /proc/self/pagemap and a FIFO are handled
+    without a restart; the state is not world-readable; a damaged journal exits 78."""
+    import subprocess
+    import sys
+
+    listener = Listener(broker.port, f"{P}/#")
+    good = write_scene(tmp_path / "good.tif", size=(128, 128))
+    daemon.start()
+    latin = os.fsdecode(b"caf\xe9.tif")
+    daemon.drop(good, latin)
+    (daemon.inbox / "pagemap.tif").symlink_to("/proc/self/pagemap")
+    os.mkfifo(daemon.inbox / "pipe.tif")
+    failed = {json.loads(m.payload)["source"]: json.loads(m.payload)
+              for m in listener.wait_for(failures, count=2)}
+    assert {f["reason"] for f in failed.values()} == {"not-a-file"}
+    assert set(failed) == {"pagemap.tif", "pipe.tif"}
+    ok = json.loads(listener.wait_for(results)[0].payload)
+    assert ok["source"] == "caf\\xe9.tif"
+    daemon.wait(lambda: (daemon.root / "processed" / latin).exists(), "original name kept")
+    journal = daemon.root / "state" / "journal.sqlite"
+    assert journal.stat().st_mode & 0o007 == 0  # umask 0027
+    assert daemon.terminate() == 0
+    listener.close()
+    data = journal.read_bytes()
+    journal.write_bytes(b"\x00" * 100 + data[100:])
+    proc = subprocess.run([sys.executable, "-m", "appliance", "run", "--config",
+                           str(daemon.config)], capture_output=True, timeout=60,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 78
+    assert b"journal" in proc.stdout + proc.stderr and journal.exists()
