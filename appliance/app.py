@@ -241,7 +241,8 @@ class App:
         s = self.settings
         return process_scene(work, scene_id, out_dir, self.host.runtime, s,
                              probe_sharpness=s.adapt.enabled,
-                             embedding_scale=s.retrieval.scale)
+                             embedding_scale=s.retrieval.scale,
+                             should_stop=lambda: self.loop.stopping)
 
     def _after_scene(self, outcome: SceneOutcome) -> DriftReport | None:
         """Index the cells, keep adaptation candidates, score drift; publish a drift change

@@ -208,6 +208,13 @@ class Journal:
             raise KeyError(f"scene {scene_id} is not in the journal")
         return int(row[0])
 
+    def unstart(self, scene_id: str) -> None:
+        """A stop interrupted the attempt: back to ``claimed``, the attempt not counted."""
+        with self._tx() as db:
+            db.execute("UPDATE scenes SET state = 'claimed', attempts = MAX(attempts - 1, 0),"
+                       " updated = ? WHERE scene_id = ? AND state = 'processing'",
+                       (time.time(), scene_id))
+
     def finish(self, scene_id: str, message: Message) -> None:
         """``done`` plus the result message, atomically; the result JSON is kept for re-announce."""
         with self._tx() as db:

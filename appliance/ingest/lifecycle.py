@@ -37,11 +37,12 @@ from appliance.contract.durable import atomic_write_text
 from appliance.contract.payloads import DriftReport, SceneFailed, result_msg_id
 from appliance.ingest.inbox import Inbox, original_name, safe_name
 from appliance.ingest.journal import Journal, SceneRecord
-from appliance.scene.pipeline import SceneError, SceneOutcome
+from appliance.scene.pipeline import SceneError, SceneInterrupted, SceneOutcome
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["done", "failed", "duplicate"]
+Handled = Literal["done", "failed", "duplicate", "interrupted"]
 Process = Callable[[Path, str, Path], SceneOutcome]
 """(claimed file, scene_id, output folder) → outcome; raises ``SceneError``."""
 After = Callable[[SceneOutcome], DriftReport | None]
@@ -161,7 +162,7 @@ class SceneLifecycle:
         except Exception:
             log.exception("could not handle %r; it stays in work/ and is retried", str(work))
 
-    def handle(self, work: Path, recovering: bool = False) -> Outcome:
+    def handle(self, work: Path, recovering: bool = False) -> Handled:
         """Process one claimed file; returns how it ended."""
         source = safe_name(original_name(work))
         reads = self.journal.attempt(work)  # counted before any byte is read
@@ -194,6 +195,13 @@ class SceneLifecycle:
         self._observer.scene_started(scene_id)
         try:
             outcome = self._process(work, scene_id, self.paths.results / scene_id)
+        except SceneInterrupted:
+            # A stop request: the file stays in work/, the attempt is not a crash, the next
+            # start takes it up again.
+            self.journal.unstart(scene_id)
+            log.info("scene %s (%r): interrupted by a stop; kept in work/ for the next start",
+                     scene_id[:12], source)
+            return "interrupted"
         except SceneError as exc:
             self._fail(scene, work, exc.reason, exc.message, attempts)
             return "failed"

@@ -365,17 +365,24 @@ def test_sd_notify_ready_watchdog_stopping(daemon: DaemonProc, tmp_path: Path) -
         assert any(m.startswith("STOPPING=1") for m in rest)
 
 
-def test_sigterm_mid_scene_finishes_it_then_exits(daemon: DaemonProc, broker: Broker,
-                                                  tmp_path: Path) -> None:
+def test_sigterm_mid_scene_interrupts_it_and_the_restart_finishes_it(
+        daemon: DaemonProc, broker: Broker, tmp_path: Path) -> None:
+    """Finding 13: a stop does not wait for a large scene; the scene is kept in work/, its
+    attempt is not counted, and the next start processes it."""
     listener = Listener(broker.port, f"{P}/scene/#")
-    scene = big_scene(tmp_path)
+    scene = write_scene(tmp_path / "huge.tif", size=(4096, 4096), layout=quarters(4096, 4096))
     sid = scene_id_of(scene)
     daemon.start()
     daemon.drop(scene)
     daemon.wait(lambda: daemon.scenes().get(sid, ("", 0))[0] == "processing", "processing")
+    t0 = time.monotonic()
     assert daemon.terminate() == 0
+    assert time.monotonic() - t0 < 10
+    assert daemon.scenes()[sid] == ("claimed", 0)
+    assert [p.name for p in (daemon.root / "work").glob("*/*")] == ["huge.tif"]
+    daemon.start()
+    assert json.loads(listener.wait_for(results, timeout=120)[0].payload)["scene_id"] == sid
     assert daemon.scenes()[sid] == ("done", 1)
-    assert json.loads(listener.wait_for(results)[0].payload)["scene_id"] == sid
     listener.close()
 
 

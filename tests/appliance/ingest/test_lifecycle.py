@@ -16,7 +16,7 @@ from appliance.contract.payloads import result_msg_id
 from appliance.ingest.inbox import Inbox
 from appliance.ingest.journal import Journal
 from appliance.ingest.lifecycle import Outcome, SceneLifecycle
-from appliance.scene.pipeline import SceneError, SceneOutcome
+from appliance.scene.pipeline import SceneError, SceneInterrupted, SceneOutcome
 from tests.helpers.outcomes import outcome
 
 TOPICS = Topics("terratile", "edge-t")
@@ -275,3 +275,15 @@ def test_errors_outside_the_scene_step_end_as_crash_loop(tmp_path: Path) -> None
         box.life.retry_stuck()
     assert not work.exists()
     assert (box.paths.failed / "crash-loop" / "a.tif").exists()
+
+
+def test_a_stop_mid_scene_keeps_it_in_work_uncounted(box: Box) -> None:
+    work = box.claim("big.tif", b"big")
+    box.raise_ = SceneInterrupted("x")
+    assert box.life.handle(work) == "interrupted"
+    assert work.exists() and box.observer.ended == []
+    scene = box.journal.get(box.calls[0])
+    assert scene is not None and (scene.state, scene.attempts) == ("claimed", 0)
+    box.raise_ = None
+    box.life.reconcile()  # the next start
+    assert box.journal.counts()["done"] == 1 and not work.exists()
