@@ -92,6 +92,8 @@ class App:
         """Connect, settle what a crash left behind, watch the inbox, declare READY."""
         self.notifier.status("reconciling journal")
         self.start_comms()
+        if self.host.fallback is not None:  # the active version did not verify
+            self._publish_switch(self.host.fallback)
         self.lifecycle.reconcile(lambda: self.loop.stopping)
         self.inbox.start()
         self.telemetry.set_state(State.READY)
@@ -159,6 +161,11 @@ class App:
                                    self.host.bundle.manifest.embedding_dim)
         except IndexStateError as exc:  # e.g. a model with another embedding size
             log.error("retrieval disabled: %s", exc)
+            return
+        index = self.index
+        self.host.require(lambda bundle: None if bundle.manifest.embedding_dim == index.dim else
+                          f"its embeddings have {bundle.manifest.embedding_dim} dimensions, "
+                          f"the retrieval index {index.dim}")
 
     def init_drift_monitor(self) -> None:
         s = self.settings
