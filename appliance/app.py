@@ -15,6 +15,7 @@ hands the switch back through ``submit``.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +36,7 @@ from appliance.contract.payloads import (
     ModelRef,
 )
 from appliance.ingest.inbox import Inbox
-from appliance.ingest.journal import Journal
+from appliance.ingest.journal import Journal, JournalCorrupt
 from appliance.ingest.lifecycle import SceneLifecycle
 from appliance.loop import MainLoop
 from appliance.model.commands import ModelCommands
@@ -47,6 +48,8 @@ from appliance.systemd import Notifier
 from appliance.telemetry import State, Telemetry
 
 log = logging.getLogger(__name__)
+
+UMASK = 0o027
 
 
 class StartError(RuntimeError):
@@ -89,6 +92,8 @@ class App:
         """Connect, settle what a crash left behind, watch the inbox, declare READY."""
         self.notifier.status("reconciling journal")
         self.start_comms()
+        if self.host.fallback is not None:  # the active version did not verify
+            self._publish_switch(self.host.fallback)
         self.lifecycle.reconcile(lambda: self.loop.stopping)
         self.inbox.start()
         self.telemetry.set_state(State.READY)
@@ -122,7 +127,12 @@ class App:
             raise StartError(f"another terratile daemon holds {self.lock.path}")
 
     def init_journal(self) -> None:
-        self.journal = Journal(self.settings.paths.state / "journal.sqlite")
+        """The scene states and the outbox; a damaged journal stops the start (it is never
+        removed automatically: it may hold results not yet sent)."""
+        try:
+            self.journal = Journal(self.settings.paths.state / "journal.sqlite")
+        except JournalCorrupt as exc:
+            raise StartError(str(exc)) from exc
 
     def init_inbox(self) -> None:
         """The watched drop zone, and the loop that takes its files one after another."""
@@ -151,6 +161,11 @@ class App:
                                    self.host.bundle.manifest.embedding_dim)
         except IndexStateError as exc:  # e.g. a model with another embedding size
             log.error("retrieval disabled: %s", exc)
+            return
+        index = self.index
+        self.host.require(lambda bundle: None if bundle.manifest.embedding_dim == index.dim else
+                          f"its embeddings have {bundle.manifest.embedding_dim} dimensions, "
+                          f"the retrieval index {index.dim}")
 
     def init_drift_monitor(self) -> None:
         s = self.settings
@@ -233,7 +248,8 @@ class App:
         s = self.settings
         return process_scene(work, scene_id, out_dir, self.host.runtime, s,
                              probe_sharpness=s.adapt.enabled,
-                             embedding_scale=s.retrieval.scale)
+                             embedding_scale=s.retrieval.scale,
+                             should_stop=lambda: self.loop.stopping)
 
     def _after_scene(self, outcome: SceneOutcome) -> DriftReport | None:
         """Index the cells, keep adaptation candidates, score drift; publish a drift change
@@ -297,7 +313,7 @@ class App:
             self.start()
             self.loop.run(handle=self.lifecycle.handle_guarded,
                           idle=lambda: self.telemetry.set_state(State.READY),
-                          stats=self._publish_stats)
+                          stats=self._publish_stats, retry=self.lifecycle.retry_stuck)
         finally:
             self.stop()
             if keeper is not None:
@@ -316,6 +332,7 @@ def run_daemon(settings: Settings) -> int:
     same state) exits with ``EX_CONFIG`` so the unit's ``RestartPreventExitStatus`` stops a
     pointless restart loop.
     """
+    os.umask(UMASK)  # journal, index, models and results are not world-readable
     app = App(settings)
     try:
         app.build()

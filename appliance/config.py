@@ -131,6 +131,10 @@ class InputConfig(Section):
     settle_seconds: float = Field(default=2.0, ge=0, description="Size must be stable this long.")
     rescan_seconds: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, ge=1, description="Crashes on a scene before it fails.")
+    max_file_bytes: int = Field(
+        default=20 * 1024**3, gt=0,
+        description="Larger inbox files are refused (failed/too-large) without being read.",
+    )
     max_scene_seconds: float = Field(
         default=3600.0, gt=0,
         description="The systemd watchdog is fed this long into one scene, no longer.",

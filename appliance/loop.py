@@ -52,11 +52,13 @@ class MainLoop:
         self.inbox.wake()
 
     def run(self, handle: Callable[[Path], None], idle: Callable[[], None],
-            stats: Callable[[], None]) -> None:
+            stats: Callable[[], None], retry: Callable[[], None] = lambda: None) -> None:
         """Until stopped: tasks, then each settled inbox file claimed and ``handle``d, then
-        ``idle`` (the node is ready again), ``stats`` every ``stats_interval``, then sleep
-        until the inbox or a task wakes the loop."""
+        ``retry`` (files an error left in ``work/``) every rescan interval, ``idle`` (the
+        node is ready again), ``stats`` every ``stats_interval``, then sleep until the inbox
+        or a task wakes the loop."""
         next_stats = time.monotonic()
+        next_retry = time.monotonic() + self.inbox.rescan_every
         while not self._stop.is_set():
             self.notifier.watchdog()
             self._run_tasks()
@@ -68,6 +70,12 @@ class MainLoop:
                 if work is not None:
                     handle(work)
                 self._run_tasks()
+            if time.monotonic() >= next_retry and not self._stop.is_set():
+                try:
+                    retry()
+                except Exception:
+                    log.exception("retrying the files left in work/ failed")
+                next_retry = time.monotonic() + self.inbox.rescan_every
             idle()
             if time.monotonic() >= next_stats:
                 stats()

@@ -8,6 +8,19 @@ present at start). A ready file is claimed by an atomic ``rename`` into its own 
 ``work/<token>/<name>``: the name stays what the user dropped (outputs and messages use
 it), two drops with the same name never collide, and a crash leaves the file either in
 the inbox or in ``work/``.
+
+On Linux, inotify also says when a writer *closed* a file: a file seen being written
+(modified) is ready only once it was closed after its last write and then held still for
+``settle_seconds`` (or, should the close event be lost, for ``WRITER_GRACE``), so an
+in-place writer that pauses is not claimed half-written. Without such events (rescan only)
+the size/mtime settle is the rule.
+
+A file name that is not valid UTF-8 (e.g. Latin-1 ``caf\xe9.tif``) cannot go into the
+journal or a JSON message; its claimed copy is named by ``safe_name`` (the undecodable
+bytes written as ``\xe9``) and the original bytes are kept beside it in ``.source``, so the
+file gets its own name back in ``processed/`` or ``failed/``. Symlinks, FIFOs and devices
+are claimed like files (so the lifecycle can refuse them into ``failed/``); nothing here
+opens or follows them.
 """
 
 from __future__ import annotations
@@ -15,17 +28,56 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileClosedEvent,
+    FileModifiedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 log = logging.getLogger(__name__)
+
+WRITER_GRACE = 600.0
+"""Seconds a file seen written but never seen closed must hold still before it is taken
+anyway (the close event may be lost when inotify's queue overflows)."""
+
+SOURCE_NAME = ".source"
+"""Beside a claimed file whose name was not UTF-8: the original name's bytes."""
+
+
+def safe_name(name: str) -> str:
+    """``name`` if it is valid UTF-8, else its bytes with the undecodable ones as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    return name
+
+
+def original_name(work_path: Path) -> str:
+    """The name a claimed file had in the inbox (see ``safe_name``)."""
+    try:
+        return os.fsdecode((work_path.parent / SOURCE_NAME).read_bytes())
+    except OSError:
+        return work_path.name
+
+
+def _is_dir(path: Path) -> bool:
+    """A real folder (a symlink to one is not)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
 
 def ignored(name: str) -> bool:
     """Half-written (``.part``) and hidden files are never picked up."""
@@ -37,6 +89,7 @@ class _Candidate:
     size: int
     mtime_ns: int
     stable_since: float
+    writing: bool = False  # inotify saw a write and no close-after-write yet
 
 
 class _Events(FileSystemEventHandler):
@@ -49,7 +102,12 @@ class _Events(FileSystemEventHandler):
         if event.is_directory:
             return
         target = getattr(event, "dest_path", "") or event.src_path
-        self.inbox.notice(Path(os.fsdecode(target)))
+        writing: bool | None = None
+        if isinstance(event, FileModifiedEvent):  # not "created": a symlink or FIFO never closes
+            writing = True
+        elif isinstance(event, FileClosedEvent):
+            writing = False
+        self.inbox.notice(Path(os.fsdecode(target)), writing)
 
 
 class Inbox:
@@ -86,12 +144,17 @@ class Inbox:
             self._observer.join(timeout=5)
             self._observer = None
 
-    def notice(self, path: Path) -> None:
-        """A file may have appeared or changed (called from the watchdog thread)."""
+    def notice(self, path: Path, writing: bool | None = None) -> None:
+        """A file may have appeared or changed (called from the watchdog thread);
+        ``writing``: True on a write event, False on close-after-write, None: unknown."""
         if path.parent != self.dir or ignored(path.name):
             return
         with self._lock:
-            self._candidates.setdefault(path, _Candidate(-1, -1, time.monotonic()))
+            cand = self._candidates.setdefault(path, _Candidate(-1, -1, time.monotonic()))
+            if writing is not None:
+                cand.writing = writing
+                if not writing:  # closed: the settle starts now
+                    cand.stable_since = time.monotonic()
         self._wake.set()
 
     def rescan(self) -> None:
@@ -102,8 +165,12 @@ class Inbox:
         except FileNotFoundError:
             return
         for entry in entries:
-            if entry.is_file() and not ignored(entry.name):  # a symlinked scene is fine
-                self.notice(Path(entry.path))
+            try:  # symlinks, FIFOs, devices too: the lifecycle refuses them with a reason
+                if entry.is_dir(follow_symlinks=False) or ignored(entry.name):
+                    continue
+            except OSError:
+                continue
+            self.notice(Path(entry.path))
 
     def wait(self, timeout: float) -> None:
         """Sleep until an event arrives or ``timeout`` passes."""
@@ -125,7 +192,7 @@ class Inbox:
             folders = [f for f in self.work.iterdir() if f.is_dir()]
         except FileNotFoundError:
             return 0
-        return sum(1 for f in folders for p in f.iterdir() if p.is_file())
+        return sum(len(self._inside(f)) for f in folders)
 
     def depth(self) -> int:
         """The queue: scenes not finished yet, waiting in the inbox or claimed in ``work/``."""
@@ -140,13 +207,14 @@ class Inbox:
         with self._lock:
             for path, cand in list(self._candidates.items()):
                 try:
-                    st = path.stat()
-                except FileNotFoundError:
+                    st = os.lstat(path)  # never follows a link, never opens
+                except OSError:
                     del self._candidates[path]
                     continue
                 if (st.st_size, st.st_mtime_ns) != (cand.size, cand.mtime_ns):
-                    self._candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now)
-                elif now - cand.stable_since >= self.settle:
+                    self._candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now,
+                                                        cand.writing)
+                elif now - cand.stable_since >= (WRITER_GRACE if cand.writing else self.settle):
                     out.append((st.st_mtime_ns, path))
         return [p for _, p in sorted(out)]
 
@@ -162,32 +230,55 @@ class Inbox:
         with self._lock:
             self._candidates.pop(path, None)
         folder = self.work / uuid.uuid4().hex[:12]
-        folder.mkdir()
+        name = safe_name(path.name)
         try:
-            os.rename(path, folder / path.name)
+            folder.mkdir()
+            if name != path.name:
+                (folder / SOURCE_NAME).write_bytes(os.fsencode(path.name))
+            os.rename(path, folder / name)
         except FileNotFoundError:
-            folder.rmdir()
+            self.release(folder / name)
             return None
         except OSError as exc:  # e.g. no permission: leave it, the next rescan retries
-            folder.rmdir()
-            log.error("cannot claim %s: %s", path, exc)
+            self.release(folder / name)
+            log.error("cannot claim %r: %s", str(path), exc)
             return None
-        return folder / path.name
+        return folder / name
 
     def release(self, work_path: Path) -> None:
         """Remove a claimed file's folder once the file has been moved on."""
         with contextlib.suppress(OSError):
+            (work_path.parent / SOURCE_NAME).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
             work_path.parent.rmdir()
+
+    @staticmethod
+    def _inside(folder: Path) -> list[Path]:
+        """The claimed file(s) in one ``work/`` folder: anything but a folder or a dotfile."""
+        try:
+            return [p for p in folder.iterdir()
+                    if not ignored(p.name) and not _is_dir(p)]
+        except OSError:
+            return []
 
     def claimed(self) -> list[Path]:
         """Files already in ``work/`` (left by a crash), oldest first; empty folders go."""
         files = []
-        for folder in self.work.iterdir():
-            if not folder.is_dir():
-                continue
-            inside = [p for p in folder.iterdir() if p.is_file()]
+        try:
+            folders = [f for f in self.work.iterdir() if _is_dir(f)]
+        except OSError as exc:
+            log.error("cannot list %s: %s", self.work, exc)
+            return []
+        for folder in folders:
+            inside = self._inside(folder)
             if not inside:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+                self.release(folder / "-")
             files.extend(inside)
-        return sorted(files, key=lambda p: p.stat().st_mtime_ns)
+
+        def mtime(p: Path) -> int:
+            try:
+                return os.lstat(p).st_mtime_ns
+            except OSError:
+                return 0
+
+        return sorted(files, key=mtime)

@@ -16,6 +16,8 @@ a lock; every public method is one short transaction.
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -26,6 +28,8 @@ from pathlib import Path
 
 from appliance.comms.message import Message
 from appliance.contract.durable import open_sqlite, transaction
+
+log = logging.getLogger(__name__)
 
 STATES = ("claimed", "processing", "done", "failed")
 
@@ -41,6 +45,10 @@ CREATE TABLE IF NOT EXISTS scenes (
     result     TEXT,
     created    REAL NOT NULL,
     updated    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS claims (
+    work_path  BLOB PRIMARY KEY,
+    attempts   INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS outbox (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -69,6 +77,21 @@ class SceneRecord:
     result: str | None
 
 
+class JournalCorrupt(RuntimeError):
+    """The journal database is damaged; the daemon must not start on it (nor delete it)."""
+
+
+def _path_value(path: Path) -> bytes:
+    """A path as SQLite stores it: its bytes (``os.fsencode``), so any file name fits."""
+    return os.fsencode(path)
+
+
+def _path_of(value: bytes | str | None) -> Path | None:
+    if not value:
+        return None
+    return Path(os.fsdecode(value) if isinstance(value, bytes) else value)
+
+
 class Journal:
     """SceneRecord states and the outbox in ``state/journal.sqlite`` (WAL mode)."""
 
@@ -76,8 +99,19 @@ class Journal:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = open_sqlite(self.path)
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = open_sqlite(self.path)
+            check = self._db.execute("PRAGMA quick_check").fetchall()
+            if check != [("ok",)]:
+                raise sqlite3.DatabaseError("; ".join(str(r[0]) for r in check[:5]))
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise JournalCorrupt(
+                f"the journal {self.path} is damaged ({exc}). It holds the scene states and "
+                "the unsent results, so it is not removed automatically: stop the service, "
+                f"move {self.path} (and its -wal/-shm files) aside to keep it for inspection "
+                "or recovery (sqlite3 .recover), then start again with an empty journal"
+            ) from exc
 
     def close(self) -> None:
         with self._lock:
@@ -123,18 +157,45 @@ class Journal:
                 db.execute(
                     "INSERT INTO scenes (scene_id, source, state, attempts, work_path, created,"
                     " updated) VALUES (?, ?, 'claimed', 0, ?, ?, ?)",
-                    (scene_id, source, str(work_path), now, now))
+                    (scene_id, source, _path_value(work_path), now, now))
             elif row[0] == "failed":
                 db.execute(
                     "UPDATE scenes SET state = 'claimed', attempts = 0, source = ?, work_path = ?,"
                     " reason = NULL, message = NULL, updated = ? WHERE scene_id = ?",
-                    (source, str(work_path), now, scene_id))
+                    (source, _path_value(work_path), now, scene_id))
             elif row[0] != "done":
                 db.execute("UPDATE scenes SET work_path = ?, updated = ? WHERE scene_id = ?",
-                           (str(work_path), now, scene_id))
+                           (_path_value(work_path), now, scene_id))
+            db.execute("DELETE FROM claims WHERE work_path = ?", (_path_value(work_path),))
         scene = self.get(scene_id)
         assert scene is not None
         return scene
+
+    def attempt(self, work_path: Path) -> int:
+        """Count a read attempt of a claimed file *before* its content is read (committed
+        first, like ``start``); returns the attempts so far. ``claim`` clears the count."""
+        key = _path_value(work_path)
+        with self._tx() as db:
+            db.execute("INSERT INTO claims (work_path, attempts) VALUES (?, 1) ON CONFLICT"
+                       "(work_path) DO UPDATE SET attempts = attempts + 1", (key,))
+            row = db.execute("SELECT attempts FROM claims WHERE work_path = ?", (key,)).fetchone()
+        return int(row[0])
+
+    def refuse(self, scene_id: str, source: str, work_path: Path, reason: str, text: str,
+               attempts: int, message: Message) -> None:
+        """A claimed file failed before it became a scene (never read, or unreadable):
+        a ``failed`` row of its own plus the failed message, atomically."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO scenes (scene_id, source, state, attempts, work_path, reason,"
+                " message, created, updated) VALUES (?, ?, 'failed', ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(scene_id) DO UPDATE SET state = 'failed', reason = excluded.reason,"
+                " message = excluded.message, attempts = excluded.attempts,"
+                " updated = excluded.updated",
+                (scene_id, source, attempts, _path_value(work_path), reason, text, now, now))
+            db.execute("DELETE FROM claims WHERE work_path = ?", (_path_value(work_path),))
+            _insert(db, message)
 
     def start(self, scene_id: str) -> int:
         """Mark ``processing`` and count the attempt (committed first); returns attempts."""
@@ -146,6 +207,13 @@ class Journal:
         if row is None:
             raise KeyError(f"scene {scene_id} is not in the journal")
         return int(row[0])
+
+    def unstart(self, scene_id: str) -> None:
+        """A stop interrupted the attempt: back to ``claimed``, the attempt not counted."""
+        with self._tx() as db:
+            db.execute("UPDATE scenes SET state = 'claimed', attempts = MAX(attempts - 1, 0),"
+                       " updated = ? WHERE scene_id = ? AND state = 'processing'",
+                       (time.time(), scene_id))
 
     def finish(self, scene_id: str, message: Message) -> None:
         """``done`` plus the result message, atomically; the result JSON is kept for re-announce."""
@@ -209,6 +277,6 @@ def _insert(db: sqlite3.Connection, m: Message) -> bool:
 
 
 def _scene(row: tuple) -> SceneRecord:
-    return SceneRecord(row[0], row[1], row[2], int(row[3]), Path(row[4]) if row[4] else None,
-                 row[5], row[6], row[7])
+    return SceneRecord(row[0], row[1], row[2], int(row[3]), _path_of(row[4]),
+                       row[5], row[6], row[7])
 

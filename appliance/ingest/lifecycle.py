@@ -1,6 +1,9 @@
 """A scene's life on the box, from a claimed file to a published result or a failure.
 
-Per file (``handle``): hash → journal claim → the scene's steps (``process``, then
+Per file (``handle``): the read attempt is counted in the journal (committed) → ``lstat``:
+only a regular file no larger than ``input.max_file_bytes`` is read (symlinks, FIFOs,
+devices and oversized files are refused into ``failed/<reason>/`` unread, under an id
+made from their claim path) → bounded hash → journal claim → the scene's steps (``process``, then
 ``after``: index, drift) → result payload → journal ``finish`` (scene done + outbox row,
 one transaction) → the input moves to ``processed/`` (or is deleted). A re-dropped
 identical file is recognised from the journal: it is not recomputed, and its stored result
@@ -18,9 +21,11 @@ in-process with small fakes and knows nothing of models, indexes or drift.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, Protocol
@@ -28,16 +33,16 @@ from typing import Literal, Protocol
 from appliance.comms.message import Message
 from appliance.comms.topics import Topics
 from appliance.config import InputConfig, PathsConfig
-from appliance.contract.bundle import sha256_file
 from appliance.contract.durable import atomic_write_text
 from appliance.contract.payloads import DriftReport, SceneFailed, result_msg_id
-from appliance.ingest.inbox import Inbox
+from appliance.ingest.inbox import Inbox, original_name, safe_name
 from appliance.ingest.journal import Journal, SceneRecord
-from appliance.scene.pipeline import SceneError, SceneOutcome
+from appliance.scene.pipeline import SceneError, SceneInterrupted, SceneOutcome
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["done", "failed", "duplicate"]
+Handled = Literal["done", "failed", "duplicate", "interrupted"]
 Process = Callable[[Path, str, Path], SceneOutcome]
 """(claimed file, scene_id, output folder) → outcome; raises ``SceneError``."""
 After = Callable[[SceneOutcome], DriftReport | None]
@@ -65,6 +70,35 @@ def unique_path(folder: Path, name: str) -> Path:
     return candidate
 
 
+class _Refused(Exception):
+    """A claimed file that is not read as a scene: ``reason`` slug and a message."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def hash_regular_file(path: Path, limit: int) -> str:
+    """Hex sha256 of a regular file of at most ``limit`` bytes; never follows a symlink,
+    never blocks on a FIFO; raises ``_Refused`` otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise _Refused("unreadable", f"cannot open the file: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _Refused("not-a-file", "not a regular file")
+        digest = hashlib.sha256()
+        total = 0
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            total += len(block)
+            if total > limit:
+                raise _Refused("too-large", f"larger than input.max_file_bytes ({limit} bytes)")
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class SceneLifecycle:
     """Takes claimed files through the journal; see the module docstring."""
 
@@ -87,53 +121,92 @@ class SceneLifecycle:
     def reconcile(self, stopping: Callable[[], bool] = lambda: False) -> None:
         """Settle what a crash left behind before taking new work (see module docstring)."""
         for scene in self.journal.scenes("claimed", "processing"):
-            path = scene.work_path
-            if scene.state == "processing" and scene.attempts >= self.cfg.max_attempts:
-                log.error("scene %s (%s) crashed the daemon %d times: failing it",
-                          scene.scene_id[:12], scene.source, scene.attempts)
-                self._fail(scene, path if path and path.exists() else None, "crash-loop",
-                           f"the daemon died {scene.attempts} times while processing this scene")
-            elif path is None or not path.exists():
-                self._fail(scene, None, "missing", "the claimed file disappeared from work/")
+            try:  # one bad scene never stops the start
+                self._settle(scene)
+            except Exception:
+                log.exception("could not settle scene %s (%r)", scene.scene_id[:12], scene.source)
         for work in self.inbox.claimed():
             if stopping():
                 break  # SIGTERM during recovery: the rest waits in work/ for the next start
-            self.handle(work, recovering=True)
+            self.handle_guarded(work, recovering=True)
         pending = self.journal.outbox_depth()
         if pending:
             log.info("%d message(s) in the outbox will be published", pending)
         self._kick()
 
+    def _settle(self, scene: SceneRecord) -> None:
+        path = scene.work_path
+        if scene.state == "processing" and scene.attempts >= self.cfg.max_attempts:
+            log.error("scene %s (%r) crashed the daemon %d times: failing it",
+                      scene.scene_id[:12], scene.source, scene.attempts)
+            self._fail(scene, path if path and os.path.lexists(path) else None, "crash-loop",
+                       f"the daemon died {scene.attempts} times while processing this scene")
+        elif path is None or not os.path.lexists(path):
+            self._fail(scene, None, "missing", "the claimed file disappeared from work/")
+
+    def retry_stuck(self) -> None:
+        """Files left in ``work/`` by an error outside the scene step (the loop calls this
+        between scenes): each is handled again; its attempts still count."""
+        for work in self.inbox.claimed():
+            self.handle_guarded(work, recovering=True)
+
     # -- one scene ------------------------------------------------------------------------
 
-    def handle_guarded(self, work: Path) -> None:
+    def handle_guarded(self, work: Path, recovering: bool = False) -> None:
         """``handle``, but an unexpected error (disk full, I/O) costs one file, not the box.
 
-        The file stays in ``work/``; the next start's reconciliation takes it up again.
+        The file stays in ``work/``; ``retry_stuck`` (the main loop) takes it up again.
         """
         try:
-            self.handle(work)
+            self.handle(work, recovering)
         except Exception:
-            log.exception("could not handle %s; it stays in work/ until the next start", work)
+            log.exception("could not handle %r; it stays in work/ and is retried", str(work))
 
-    def handle(self, work: Path, recovering: bool = False) -> Outcome:
+    def handle(self, work: Path, recovering: bool = False) -> Handled:
         """Process one claimed file; returns how it ended."""
-        source = work.name
-        scene_id = sha256_file(work)
+        source = safe_name(original_name(work))
+        reads = self.journal.attempt(work)  # counted before any byte is read
+        try:
+            if reads > self.cfg.max_attempts:
+                raise _Refused("crash-loop", f"the daemon died {reads - 1} times reading this file")
+            try:
+                st = os.lstat(work)
+            except FileNotFoundError:
+                raise _Refused("missing", "the claimed file disappeared from work/") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise _Refused("not-a-file", "not a regular file (a symlink, FIFO or device)")
+            if st.st_size > self.cfg.max_file_bytes:
+                raise _Refused("too-large", f"{st.st_size} bytes is larger than "
+                               f"input.max_file_bytes ({self.cfg.max_file_bytes})")
+            scene_id = hash_regular_file(work, self.cfg.max_file_bytes)
+        except _Refused as exc:
+            self._refuse(work, source, exc.reason, exc.message, reads)
+            return "failed"
         scene = self.journal.claim(scene_id, source, work)
         if scene.state == "done":
             self._duplicate(scene, work, announce=not recovering)
             return "duplicate"
+        if scene.state == "processing" and scene.attempts >= self.cfg.max_attempts:
+            self._fail(scene, work, "crash-loop",
+                       f"processing this scene failed {scene.attempts} times")
+            return "failed"
         attempts = self.journal.start(scene_id)
-        log.info("scene %s (%s): attempt %d", scene_id[:12], source, attempts)
+        log.info("scene %s (%r): attempt %d", scene_id[:12], source, attempts)
         self._observer.scene_started(scene_id)
         try:
             outcome = self._process(work, scene_id, self.paths.results / scene_id)
+        except SceneInterrupted:
+            # A stop request: the file stays in work/, the attempt is not a crash, the next
+            # start takes it up again.
+            self.journal.unstart(scene_id)
+            log.info("scene %s (%r): interrupted by a stop; kept in work/ for the next start",
+                     scene_id[:12], source)
+            return "interrupted"
         except SceneError as exc:
             self._fail(scene, work, exc.reason, exc.message, attempts)
             return "failed"
         except Exception as exc:  # a bug or a resource error must not stop the box
-            log.exception("scene %s (%s): unexpected error", scene_id[:12], source)
+            log.exception("scene %s (%r): unexpected error", scene_id[:12], source)
             self._fail(scene, work, "error", f"{type(exc).__name__}: {exc}", attempts)
             return "failed"
         drift = self._after(outcome)
@@ -143,13 +216,13 @@ class SceneLifecycle:
         self._kick()
         self._dispose(work)
         self._observer.scene_ended("done", outcome.timings)
-        log.info("scene %s (%s): done in %.2fs, %d tiles", scene_id[:12], source,
+        log.info("scene %s (%r): done in %.2fs, %d tiles", scene_id[:12], source,
                  outcome.timings.get("total", 0.0), outcome.tiles)
         return "done"
 
     def _duplicate(self, scene: SceneRecord, work: Path, announce: bool) -> None:
         """A file whose scene is already done: keep the old result, re-announce it."""
-        log.info("scene %s (%s): already done, not recomputed", scene.scene_id[:12], work.name)
+        log.info("scene %s (%r): already done, not recomputed", scene.scene_id[:12], scene.source)
         if announce and scene.result is not None:
             self.journal.enqueue(Message(result_msg_id(scene.scene_id),
                                          self.topics.scene(scene.scene_id, "result"),
@@ -166,10 +239,10 @@ class SceneLifecycle:
         says. A crash between the two leaves the file in ``failed/`` and the scene
         ``processing``; reconciliation then reports it as ``missing``.
         """
-        target = unique_path(self.paths.failed / reason, scene.source) if work else None
+        target = unique_path(self.paths.failed / reason, original_name(work)) if work else None
         payload = SceneFailed(node_id=self.node_id, scene_id=scene.scene_id,
                               source=scene.source, reason=reason, message=text,
-                              moved_to=str(target) if target else None,
+                              moved_to=safe_name(str(target)) if target else None,
                               attempts=attempts if attempts is not None else scene.attempts)
         if work is not None and target is not None:
             sidecar = target.with_name(target.name + ".json")
@@ -181,13 +254,36 @@ class SceneLifecycle:
                                   payload.to_json()))
         self._kick()
         self._observer.scene_ended("failed")
-        log.warning("scene %s (%s): failed (%s): %s", scene.scene_id[:12], scene.source,
+        log.warning("scene %s (%r): failed (%s): %r", scene.scene_id[:12], scene.source,
                     reason, text)
+
+    def _refuse(self, work: Path, source: str, reason: str, text: str, attempts: int) -> None:
+        """A claimed file that never became a scene: into ``failed/<reason>/`` unread, with a
+        journal row and a failed message under an id made from its claim path."""
+        scene_id = hashlib.sha256(b"unread\0" + os.fsencode(work)).hexdigest()
+        target = None
+        if os.path.lexists(work):
+            target = unique_path(self.paths.failed / reason, original_name(work))
+        payload = SceneFailed(node_id=self.node_id, scene_id=scene_id, source=source,
+                              reason=reason, message=text,
+                              moved_to=safe_name(str(target)) if target else None,
+                              attempts=attempts)
+        if target is not None:
+            sidecar = target.with_name(target.name + ".json")
+            atomic_write_text(sidecar, json.dumps(json.loads(payload.to_json()), indent=2) + "\n")
+            os.replace(work, target)
+        self.inbox.release(work)
+        self.journal.refuse(scene_id, source, work, reason, text, attempts,
+                            Message(payload.msg_id, self.topics.scene(scene_id, "failed"),
+                                    payload.to_json()))
+        self._kick()
+        self._observer.scene_ended("failed")
+        log.warning("file %r: refused (%s): %r", source, reason, text)
 
     def _dispose(self, work: Path) -> None:
         """The input of a finished scene moves to ``processed/`` or is deleted."""
         if self.cfg.keep_processed:
-            os.replace(work, unique_path(self.paths.processed_dir, work.name))
+            os.replace(work, unique_path(self.paths.processed_dir, original_name(work)))
         else:
             work.unlink(missing_ok=True)
         self.inbox.release(work)

@@ -10,9 +10,16 @@ never stalls scene processing and no two parts disagree about what runs:
    order and in this one place.
 
 Installing a bundle, adopting an adaptation, rolling back, activating a version and
-reloading are all ``stage`` then ``switch``. Without sessions (``serve=False``: the CLI
-while no daemon runs) the same code only moves the pointer, so ``terratile models
-rollback`` and ``cmd/rollback`` are one code path.
+reloading are all ``stage`` then ``switch``. ``stage`` refuses (``BundleError``) a version
+that does not fit the node: another embedding size than the retrieval index, or another
+band count than ``input.bands`` maps (``require`` adds such checks), before anything
+switches. Without sessions (``serve=False``: the CLI while no daemon runs) the same code
+only moves the pointer, so ``terratile models rollback`` and ``cmd/rollback`` are one code
+path.
+
+At start a serving host whose ``ACTIVE`` version does not verify (damaged, tampered) falls
+back to the newest installed version that does, loudly: ``fallback`` holds that change as
+a ``Switch`` with action ``fallback`` for the composition root to announce.
 """
 
 from __future__ import annotations
@@ -44,13 +51,15 @@ class Staged:
 class Switch:
     """One change of the running model, as listeners are told of it."""
 
-    action: str  # adapted | reset | rollback | activate | reload
+    action: str  # adapted | reset | rollback | activate | reload | fallback
     bundle: Bundle
     previous: Bundle
     detail: AdaptationReport | None = None  # what the adaptation job that proposed it did
 
 
 SwitchListener = Callable[[Switch], None]
+Requirement = Callable[[Bundle], str | None]
+"""A check a bundle must pass to run here: None, or why it does not fit."""
 
 
 class ModelHost:
@@ -59,9 +68,43 @@ class ModelHost:
     def __init__(self, store: ModelStore, settings: Settings, serve: bool = True) -> None:
         self.store = store
         self._settings = settings
-        self._bundle = store.active()
+        self.fallback: Switch | None = None
+        self._requirements: list[Requirement] = [self._fits_input]
+        self._bundle = self._active_or_fallback() if serve else store.active()
         self._runtime = open_runtime(self._bundle, settings) if serve else None
         self._listeners: list[SwitchListener] = []
+
+    def _active_or_fallback(self) -> Bundle:
+        """The active version; if it does not verify, the newest one that does (loudly)."""
+        try:
+            return self.store.active()
+        except BundleError as exc:
+            bundle = self.store.newest_verified()
+            if bundle is None:
+                raise
+            log.error("the active model does not verify (%s): falling back to v%d, the newest "
+                      "installed version that does", exc, bundle.version)
+            self.store.activate(bundle.version)
+            self.fallback = Switch("fallback", bundle, bundle)
+            return bundle
+
+    def require(self, check: Requirement) -> None:
+        """Refuse to stage a bundle for which ``check`` gives a reason."""
+        self._requirements.append(check)
+
+    def _fits_input(self, bundle: Bundle) -> str | None:
+        mapped = self._settings.input.bands
+        wanted = len(bundle.manifest.input.bands)
+        if mapped is not None and len(mapped) != wanted:
+            return (f"it takes {wanted} bands but input.bands maps {len(mapped)}")
+        return None
+
+    def check(self, bundle: Bundle) -> None:
+        """``BundleError`` if ``bundle`` does not fit this node (see ``require``)."""
+        for requirement in self._requirements:
+            reason = requirement(bundle)
+            if reason is not None:
+                raise BundleError(f"model v{bundle.version} does not fit this node: {reason}")
 
     @classmethod
     def open(cls, settings: Settings, serve: bool = True) -> ModelHost:
@@ -99,6 +142,7 @@ class ModelHost:
         """Verify installed ``version`` and open its sessions (warmed when
         ``model.warmup``), ready for ``switch``."""
         bundle = load_bundle(self.store.dir_for(version))
+        self.check(bundle)
         if self._runtime is None:
             return Staged(bundle)
         if self._runtime.serves(bundle):
@@ -112,6 +156,7 @@ class ModelHost:
                ) -> Switch:
         """Make ``staged`` the running model: pointer, sessions, then the listeners."""
         previous = self._bundle
+        self.check(staged.bundle)
         self.store.activate(staged.bundle.version)
         if self._runtime is not None:
             if staged.runtime is not None:

@@ -101,6 +101,15 @@ class ModelStore:
             raise BundleError(f"{self.root}: no active model (install a bundle first)")
         return load_bundle(self.dir_for(version))
 
+    def newest_verified(self) -> Bundle | None:
+        """The newest installed version that verifies (None: none does)."""
+        for version in reversed(self._installed()):
+            try:
+                return load_bundle(self.dir_for(version))
+            except BundleError:
+                continue
+        return None
+
     def load(self, version: int) -> Bundle:
         """An installed version, verified, whether active or not."""
         return load_bundle(self.dir_for(version))

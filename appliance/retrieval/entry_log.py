@@ -121,7 +121,14 @@ class EntryLog:
         self.path = Path(path)
         self.dim = int(dim)
         self._db = open_sqlite(self.path)
-        self._db.executescript(_SCHEMA)
+        try:
+            check = self._db.execute("PRAGMA quick_check").fetchall()
+            if check != [("ok",)]:
+                raise sqlite3.DatabaseError("; ".join(str(r[0]) for r in check[:5]))
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError:
+            self._db.close()
+            raise
         stored = self.meta("dim")
         if stored is None:
             self.set_meta("dim", self.dim)

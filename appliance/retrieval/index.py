@@ -30,6 +30,8 @@ arrive on the comms thread.
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -107,9 +109,28 @@ class TileIndex:
         self.faiss_path = self.state_dir / FAISS_NAME
         self._lock = threading.RLock()
         use_threads(cfg.faiss_threads)
-        self._log = EntryLog(self.state_dir / DB_NAME, self.dim)
+        self._log = self._open_log()
         self._since_checkpoint = 0
         self._faiss = self._load()
+
+    def _open_log(self) -> EntryLog:
+        """The entry log; a damaged one (it is a cache of published results) is moved aside
+        with its checkpoint and the index starts empty, loudly. Read-only openers refuse."""
+        path = self.state_dir / DB_NAME
+        try:
+            return EntryLog(path, self.dim)
+        except sqlite3.DatabaseError as exc:
+            if self.read_only:
+                raise IndexStateError(f"the retrieval index {path} is damaged: {exc}") from exc
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for part in (path, path.with_name(path.name + "-wal"),
+                         path.with_name(path.name + "-shm"), self.faiss_path):
+                if part.exists():
+                    os.replace(part, part.with_name(f"{part.name}.corrupt-{stamp}"))
+            log.error("retrieval index %s is damaged (%s): moved aside as *.corrupt-%s, "
+                      "starting an empty index (it refills as scenes are processed)",
+                      path, exc, stamp)
+            return EntryLog(path, self.dim)
 
     @property
     def kind(self) -> Kind:

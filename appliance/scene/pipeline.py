@@ -51,9 +51,13 @@ from appliance.scene.raster import Scene, SceneError, open_scene
 from appliance.scene.segments import cell_labels_on, hybrid_map, segment
 from appliance.scene.tiling import CellGrid, iter_batches, read_ahead
 
-__all__ = ["SceneError", "SceneModel", "SceneOutcome", "process_scene"]
+__all__ = ["SceneError", "SceneInterrupted", "SceneModel", "SceneOutcome", "process_scene"]
 
 log = logging.getLogger(__name__)
+
+
+class SceneInterrupted(Exception):
+    """A stop was requested between two batches; the scene is not finished."""
 
 SUMMARY_SCHEMA = "terratile.scene-summary/1"
 FEATURE_SAMPLE = 512  # cells whose per-scale features are kept for adaptation/drift
@@ -194,8 +198,12 @@ def _seed(scene_id: str) -> int:
 def process_scene(
     path: Path, scene_id: str, out_dir: Path, runtime: SceneModel, settings: Settings, *,
     probe_sharpness: bool = False, embedding_scale: int | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> SceneOutcome:
     """Classify one scene and write its outputs into ``out_dir``; raise ``SceneError``.
+
+    ``should_stop`` is asked before each batch; when it says yes the scene ends with
+    ``SceneInterrupted`` (a daemon stop must not wait for a large scene).
 
     ``probe_sharpness`` measures the scene's sharpness even when the bundle has no expert
     to route to (adaptation stores it); ``embedding_scale`` is the window size whose
@@ -207,12 +215,13 @@ def process_scene(
     with rasterio.Env(GDAL_CACHEMAX=settings.tiling.gdal_cachemax_mb << 20), \
             open_scene(path, settings.input, runtime.manifest.input) as scene:
         return _process(scene, path, scene_id, Path(out_dir), runtime, settings, t_start,
-                        probe_sharpness, embedding_scale)
+                        probe_sharpness, embedding_scale, should_stop)
 
 
 def _process(
     scene: Scene, path: Path, scene_id: str, out_dir: Path, runtime: SceneModel,
     settings: Settings, t_start: float, probe_sharpness: bool, embedding_scale: int | None,
+    should_stop: Callable[[], bool],
 ) -> SceneOutcome:
     manifest = runtime.manifest
     tiling = settings.tiling.for_bundle(manifest.scales)
@@ -249,6 +258,8 @@ def _process(
     # closing(): on an error the reader thread is joined here, before the scene closes.
     with closing(read_ahead(batches, tiling.read_ahead)) as stream:
         for batch in stream:
+            if should_stop():
+                raise SceneInterrupted(scene_id)
             t0 = time.perf_counter()
             out = runtime.infer(batch.tiles, domain)
             t_infer += time.perf_counter() - t0

@@ -21,6 +21,7 @@ from appliance.contract.payloads import SceneResult, result_msg_id
 from tests.conftest import Broker
 from tests.helpers.daemon import NODE, DaemonProc, P
 from tests.helpers.mqtt_listener import Listener, Received
+from tests.helpers.paths import REPO
 from tests.helpers.scenes import quarters, write_scene
 
 
@@ -364,15 +365,56 @@ def test_sd_notify_ready_watchdog_stopping(daemon: DaemonProc, tmp_path: Path) -
         assert any(m.startswith("STOPPING=1") for m in rest)
 
 
-def test_sigterm_mid_scene_finishes_it_then_exits(daemon: DaemonProc, broker: Broker,
-                                                  tmp_path: Path) -> None:
+def test_sigterm_mid_scene_interrupts_it_and_the_restart_finishes_it(
+        daemon: DaemonProc, broker: Broker, tmp_path: Path) -> None:
+    """Finding 13: a stop does not wait for a large scene; the scene is kept in work/, its
+    attempt is not counted, and the next start processes it."""
     listener = Listener(broker.port, f"{P}/scene/#")
-    scene = big_scene(tmp_path)
+    scene = write_scene(tmp_path / "huge.tif", size=(4096, 4096), layout=quarters(4096, 4096))
     sid = scene_id_of(scene)
     daemon.start()
     daemon.drop(scene)
     daemon.wait(lambda: daemon.scenes().get(sid, ("", 0))[0] == "processing", "processing")
+    t0 = time.monotonic()
     assert daemon.terminate() == 0
+    assert time.monotonic() - t0 < 10
+    assert daemon.scenes()[sid] == ("claimed", 0)
+    assert [p.name for p in (daemon.root / "work").glob("*/*")] == ["huge.tif"]
+    daemon.start()
+    assert json.loads(listener.wait_for(results, timeout=120)[0].payload)["scene_id"] == sid
     assert daemon.scenes()[sid] == ("done", 1)
-    assert json.loads(listener.wait_for(results)[0].payload)["scene_id"] == sid
     listener.close()
+
+
+def test_hostile_files_and_a_damaged_journal(daemon: DaemonProc, broker: Broker,
+                                            tmp_path: Path) -> None:
+    """Issue 16: a Latin-1 name, a symlink to /proc/self/pagemap and a FIFO are handled
+    without a restart; the state is not world-readable; a damaged journal exits 78."""
+    import subprocess
+    import sys
+
+    listener = Listener(broker.port, f"{P}/#")
+    good = write_scene(tmp_path / "good.tif", size=(128, 128))
+    daemon.start()
+    latin = os.fsdecode(b"caf\xe9.tif")
+    daemon.drop(good, latin)
+    (daemon.inbox / "pagemap.tif").symlink_to("/proc/self/pagemap")
+    os.mkfifo(daemon.inbox / "pipe.tif")
+    failed = {json.loads(m.payload)["source"]: json.loads(m.payload)
+              for m in listener.wait_for(failures, count=2)}
+    assert {f["reason"] for f in failed.values()} == {"not-a-file"}
+    assert set(failed) == {"pagemap.tif", "pipe.tif"}
+    ok = json.loads(listener.wait_for(results)[0].payload)
+    assert ok["source"] == "caf\\xe9.tif"
+    daemon.wait(lambda: (daemon.root / "processed" / latin).exists(), "original name kept")
+    journal = daemon.root / "state" / "journal.sqlite"
+    assert journal.stat().st_mode & 0o007 == 0  # umask 0027
+    assert daemon.terminate() == 0
+    listener.close()
+    data = journal.read_bytes()
+    journal.write_bytes(b"\x00" * 100 + data[100:])
+    proc = subprocess.run([sys.executable, "-m", "appliance", "run", "--config",
+                           str(daemon.config)], capture_output=True, timeout=60,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 78
+    assert b"journal" in proc.stdout + proc.stderr and journal.exists()

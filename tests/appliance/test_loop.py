@@ -57,3 +57,23 @@ def test_no_watchdog_keeper_outside_systemd(tmp_path: Path) -> None:
     inbox = Inbox(tmp_path / "inbox", tmp_path / "work", 0.0, 30.0, watch=False)
     loop = MainLoop(Notifier({}), inbox, stats_interval=3600, max_scene_seconds=60)
     assert loop.keep_watchdog(lambda: None) is None
+
+
+def test_files_stuck_in_work_are_retried_every_rescan_interval(tmp_path: Path) -> None:
+    """Issue 16, finding 10: an error outside the scene step does not wait for a restart."""
+    inbox = Inbox(tmp_path / "inbox", tmp_path / "work", 0.0, 0.05, watch=False)
+    loop = MainLoop(Notifier({}), inbox, stats_interval=3600, max_scene_seconds=60)
+    retried: list[int] = []
+
+    def retry() -> None:
+        retried.append(1)
+        if len(retried) == 2:
+            loop.request_stop()
+        raise OSError("a retry that fails does not stop the loop either")
+
+    runner = threading.Thread(target=loop.run, kwargs={
+        "handle": lambda _w: None, "idle": lambda: None, "stats": lambda: None,
+        "retry": retry})
+    runner.start()
+    runner.join(timeout=10)
+    assert not runner.is_alive() and len(retried) == 2

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from appliance.ingest.inbox import Inbox, ignored
+from appliance.ingest.inbox import Inbox, ignored, original_name
 
 
 @pytest.fixture()
@@ -90,3 +91,36 @@ def test_same_name_claims_do_not_collide(inbox: Inbox) -> None:
 
 def test_claim_of_vanished_file_returns_none(inbox: Inbox) -> None:
     assert inbox.claim(inbox.dir / "gone.tif") is None
+
+
+def test_an_in_place_writer_that_pauses_is_not_claimed_until_it_closes(inbox: Inbox) -> None:
+    """Finding 12: a pause longer than settle_seconds is not the end of the file."""
+    f = inbox.dir / "slow.tif"
+    with f.open("wb") as fh:
+        fh.write(b"first half")
+        fh.flush()
+        time.sleep(1.0)  # five times settle_seconds, file still open
+        assert inbox.ready() == []
+        fh.write(b" second half")
+    assert ready_within(inbox) == [f]  # closed, then settled
+
+
+def test_symlinks_and_fifos_are_noticed_not_followed(tmp_path: Path) -> None:
+    box = Inbox(tmp_path / "in", tmp_path / "work", settle_seconds=0.0, rescan_seconds=0.1,
+                watch=False)
+    (box.dir / "link.tif").symlink_to("/proc/self/pagemap")
+    os.mkfifo(box.dir / "pipe.tif")
+    box.start()
+    assert sorted(p.name for p in ready_within(box)) == ["link.tif", "pipe.tif"]
+
+
+def test_a_name_that_is_not_utf8_is_claimed_under_a_safe_name(tmp_path: Path) -> None:
+    box = Inbox(tmp_path / "in", tmp_path / "work", 0.0, 30.0, watch=False)
+    raw = os.fsdecode(b"caf\xe9.tif")
+    (box.dir / raw).write_bytes(b"x")
+    work = box.claim(box.dir / raw)
+    assert work is not None and work.name == "caf\\xe9.tif"
+    assert original_name(work) == raw and box.claimed() == [work] and box.in_work() == 1
+    work.unlink()
+    box.release(work)
+    assert list(box.work.iterdir()) == []

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from appliance.comms.message import Message
-from appliance.ingest.journal import Journal
+from appliance.ingest.journal import Journal, JournalCorrupt
 
 
 @pytest.fixture()
@@ -92,3 +92,28 @@ def test_outbox_order_exclude_and_acknowledge(journal: Journal) -> None:
 def test_start_unknown_scene_raises(journal: Journal) -> None:
     with pytest.raises(KeyError):
         journal.start("nope")
+
+
+@pytest.mark.parametrize("damage", ["header", "truncated"])
+def test_a_damaged_journal_is_refused_and_kept(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "journal.sqlite"
+    j = Journal(path)
+    for i in range(200):
+        j.enqueue(Message(f"m{i}", "t", "x" * 500))
+    j.close()
+    data = path.read_bytes()
+    if damage == "header":
+        path.write_bytes(b"garbage garbage!" + data[16:])
+    else:
+        path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(JournalCorrupt, match=r"move .* aside"):
+        Journal(path)
+    assert path.exists()  # never deleted: it may hold unsent results
+
+
+def test_a_work_path_that_is_not_utf8_is_stored_losslessly(journal: Journal) -> None:
+    import os
+    work = Path(os.fsdecode(b"/box/work/abc/caf\xe9.tif"))
+    journal.claim("s1", "caf\\xe9.tif", work)
+    scene = journal.get("s1")
+    assert scene is not None and scene.work_path == work

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from appliance.contract.payloads import result_msg_id
 from appliance.ingest.inbox import Inbox
 from appliance.ingest.journal import Journal
 from appliance.ingest.lifecycle import Outcome, SceneLifecycle
-from appliance.scene.pipeline import SceneError, SceneOutcome
+from appliance.scene.pipeline import SceneError, SceneInterrupted, SceneOutcome
 from tests.helpers.outcomes import outcome
 
 TOPICS = Topics("terratile", "edge-t")
@@ -167,3 +169,121 @@ def test_reconcile_stops_taking_work_when_asked(box: Box) -> None:
     box.claim("b.tif", b"b")
     box.life.reconcile(stopping=lambda: True)
     assert box.calls == [] and box.inbox.in_work() == 2
+
+
+# -- issue 16: hostile files ----------------------------------------------------------------
+
+
+def _failed_rows(box: Box) -> list[dict]:
+    return [json.loads(m.payload) for m in box.journal.pending() if m.topic.endswith("/failed")]
+
+
+def test_a_latin1_name_is_processed_and_keeps_its_name(box: Box) -> None:
+    raw = os.fsdecode(b"caf\xe9.tif")  # not UTF-8: a surrogate in the str
+    work = box.claim(raw, b"scene latin")
+    assert work.name == "caf\\xe9.tif"  # the claimed copy's name fits the journal and JSON
+    assert box.life.handle(work) == "done"
+    scene = box.journal.get(box.calls[0])
+    assert scene is not None and scene.source == "caf\\xe9.tif"
+    assert json.loads(box.outbox()[TOPICS.scene(scene.scene_id, "result")])
+    assert (box.paths.processed_dir / raw).read_bytes() == b"scene latin"
+    assert not any(box.paths.work_dir.iterdir())
+
+
+def test_reconcile_survives_bad_files_left_in_work(box: Box) -> None:
+    box.claim(os.fsdecode(b"caf\xe9.tif"), b"latin")
+    fifo = box.paths.inbox / "pipe.tif"
+    os.mkfifo(fifo)
+    assert box.inbox.claim(fifo) is not None
+    box.claim("good.tif", b"good")
+    box.life.reconcile()  # neither the name nor the FIFO stops the start
+    assert len(box.calls) == 2
+    assert (box.paths.failed / "not-a-file" / "pipe.tif").exists()
+    assert not any(box.paths.work_dir.iterdir())
+
+
+def test_a_symlink_is_refused_unread(box: Box, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not yours")
+    link = box.paths.inbox / "pagemap.tif"
+    link.symlink_to(secret)
+    box.inbox.rescan()
+    assert box.inbox.waiting() == 1  # noticed (not followed), so it can be refused
+    work = box.inbox.claim(link)
+    assert work is not None
+    assert box.life.handle(work) == "failed"
+    assert box.calls == []
+    moved = box.paths.failed / "not-a-file" / "pagemap.tif"
+    assert moved.is_symlink()
+    [row] = _failed_rows(box)
+    assert row["reason"] == "not-a-file" and row["source"] == "pagemap.tif"
+    assert box.journal.counts()["failed"] == 1
+
+
+def test_a_file_above_max_file_bytes_is_refused_unread(tmp_path: Path) -> None:
+    box = Box(tmp_path)
+    box.life.cfg = InputConfig(max_file_bytes=10)
+    work = box.claim("big.tif", b"x" * 11)
+    assert box.life.handle(work) == "failed"
+    assert box.calls == []
+    assert (box.paths.failed / "too-large" / "big.tif").exists()
+    assert _failed_rows(box)[0]["reason"] == "too-large"
+
+
+def test_the_read_attempt_is_counted_before_the_content_is_read(tmp_path: Path) -> None:
+    box = Box(tmp_path, max_attempts=2)
+    work = box.claim("hangs.tif", b"content")
+    for _ in range(2):  # two starts that died while hashing (before the journal claim)
+        box.journal.attempt(work)
+    assert box.life.handle(work) == "failed"
+    assert box.calls == []
+    assert (box.paths.failed / "crash-loop" / "hangs.tif").exists()
+
+
+def test_a_newline_in_a_name_cannot_forge_a_log_line(box: Box,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    work = box.claim("a.tif\nERROR forged", b"nl")
+    with caplog.at_level(logging.INFO):
+        assert box.life.handle(work) == "done"
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_stuck_in_work_by_an_error_is_retried_without_a_restart(box: Box) -> None:
+    work = box.claim("a.tif", b"stuck")
+    real_finish = box.journal.finish
+
+    def broken(*_args: object) -> None:
+        raise OSError("disk full")
+
+    box.journal.finish = broken  # type: ignore[method-assign]
+    box.life.handle_guarded(work)
+    assert work.exists()  # stranded by an error outside the scene step
+    box.journal.finish = real_finish  # type: ignore[method-assign]
+    box.life.retry_stuck()
+    assert not work.exists() and box.journal.counts()["done"] == 1
+
+
+def test_errors_outside_the_scene_step_end_as_crash_loop(tmp_path: Path) -> None:
+    box = Box(tmp_path, max_attempts=2)
+    work = box.claim("a.tif", b"always")
+
+    def broken(*_args: object) -> None:
+        raise OSError("disk full")
+
+    box.journal.finish = broken  # type: ignore[method-assign]
+    for _ in range(3):
+        box.life.retry_stuck()
+    assert not work.exists()
+    assert (box.paths.failed / "crash-loop" / "a.tif").exists()
+
+
+def test_a_stop_mid_scene_keeps_it_in_work_uncounted(box: Box) -> None:
+    work = box.claim("big.tif", b"big")
+    box.raise_ = SceneInterrupted("x")
+    assert box.life.handle(work) == "interrupted"
+    assert work.exists() and box.observer.ended == []
+    scene = box.journal.get(box.calls[0])
+    assert scene is not None and (scene.state, scene.attempts) == ("claimed", 0)
+    box.raise_ = None
+    box.life.reconcile()  # the next start
+    assert box.journal.counts()["done"] == 1 and not work.exists()

@@ -98,3 +98,34 @@ def test_open_installs_the_seed_bundle_on_first_start(colour_bundle: Path,
                                                       tmp_path: Path) -> None:
     host = ModelHost.open(_settings(tmp_path, colour_bundle), serve=False)
     assert host.bundle.version == 1 and host.store.active_version() == 1
+
+
+def test_a_tampered_active_version_falls_back_to_the_newest_that_verifies(
+        store_with_v2: tuple[Settings, ModelStore], caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 16, finding 10: a restart with ACTIVE on a tampered version still serves."""
+    settings, store = store_with_v2
+    store.activate(2)
+    (store.dir_for(2) / "classifier.onnx").write_bytes(b"garbage")
+    host = ModelHost(store, settings)
+    assert host.bundle.version == 1 and store.active_version() == 1
+    assert host.fallback is not None and host.fallback.action == "fallback"
+    assert "falling back to v1" in caplog.text
+    (store.dir_for(1) / "classifier.onnx").write_bytes(b"garbage")
+    with pytest.raises(BundleError):
+        ModelHost(store, settings)
+
+
+def test_an_incompatible_bundle_is_refused_before_any_switch(
+        store_with_v2: tuple[Settings, ModelStore]) -> None:
+    settings, store = store_with_v2
+    host = ModelHost(store, settings)
+    dim = host.bundle.manifest.embedding_dim
+    host.require(lambda b: None if b.version == 1 else f"embeddings {dim + 1} vs {dim}")
+    with pytest.raises(BundleError, match="does not fit this node: embeddings"):
+        host.activate(2)
+    assert store.active_version() == 1 and host.bundle.version == 1
+    bands = len(host.bundle.manifest.input.bands)
+    narrow = settings.model_copy(update={"input": settings.input.model_copy(
+        update={"bands": list(range(1, bands))})})
+    with pytest.raises(BundleError, match="bands"):
+        ModelHost(store, narrow).stage(2)

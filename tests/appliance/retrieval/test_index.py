@@ -294,3 +294,20 @@ def test_a_read_only_index_replays_in_memory_and_never_writes(tmp_path: Path) ->
     assert not (tmp_path / "index.faiss").exists()
     with pytest.raises(IndexStateError, match="read-only"):
         reader.replace(["x"], [Entry(scene_id="x", source="x")], unit(np.random.default_rng(0), 1))
+
+
+def test_a_damaged_index_db_is_moved_aside_and_rebuilt_empty(tmp_path: Path) -> None:
+    index = TileIndex(tmp_path, cfg(), DIM)
+    index.add_scene(outcome("s1", seed=1), CLASSES)
+    index.close()
+    db = next(p for p in tmp_path.iterdir() if p.suffix == ".sqlite")
+    db.write_bytes(b"not a database at all" * 100)
+    again = TileIndex(tmp_path, cfg(), DIM)
+    assert again.count() == 0
+    assert any(".corrupt-" in p.name for p in tmp_path.iterdir())
+    again.add_scene(outcome("s2", seed=2), CLASSES)
+    assert again.count() > 0
+    again.close()
+    db.write_bytes(b"broken again" * 100)
+    with pytest.raises(IndexStateError, match="damaged"):
+        TileIndex(tmp_path, cfg(), DIM, read_only=True)
