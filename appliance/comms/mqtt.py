@@ -33,7 +33,7 @@ What it guarantees:
 Handlers never run on paho's network thread, so a slow handler does not stall
 keep-alives. Commands have their own worker and are never queued behind requests. At most
 ``mqtt.max_pending_requests`` requests wait or run at once; beyond that a request is
-answered ``busy`` straight from the network thread (the ``busy`` callable given to
+answered ``busy`` (QoS 0) straight from the network thread (the ``busy`` callable given to
 ``on_request``, cheap by contract) instead of growing a queue. The password is read from
 a file and never logged.
 """
@@ -346,7 +346,9 @@ class Comms:
                     if not full:
                         self._pending += 1
                 if full:
-                    self._reply(suffix, msg, _busy(busy, bytes(msg.payload)))
+                    # QoS 0: paho keeps no copy awaiting a PUBACK, so a flood costs no memory;
+                    # a lost busy reply reads to the client like a timeout, the same advice.
+                    self._reply(suffix, msg, _busy(busy, bytes(msg.payload)), qos=0)
                     return
                 self._request_worker.submit(self._answer, suffix, request, msg)
                 return
@@ -364,7 +366,8 @@ class Comms:
             with self._pending_lock:
                 self._pending -= 1
 
-    def _reply(self, suffix: str, msg: mqtt.MQTTMessage, reply: dict[str, Any]) -> None:
+    def _reply(self, suffix: str, msg: mqtt.MQTTMessage, reply: dict[str, Any],
+               qos: int = 1) -> None:
         """Publish ``reply`` on the request's response topic if it is safe, else the default."""
         props_in = getattr(msg, "properties", None)
         response_topic = getattr(props_in, "ResponseTopic", None)
@@ -384,7 +387,7 @@ class Comms:
             request_id = reply.get("request_id")
             response_topic = self.topics.response(
                 suffix, request_id if isinstance(request_id, str) else None)
-        info = self.client.publish(response_topic, json.dumps(reply), qos=1, properties=props)
+        info = self.client.publish(response_topic, json.dumps(reply), qos=qos, properties=props)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("MQTT: reply to a request on %s not sent: %s", suffix,
                         mqtt.error_string(info.rc))
