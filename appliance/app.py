@@ -230,13 +230,14 @@ class App:
         return lambda payload: self.submit(command(payload))
 
     def register_requests(self) -> None:
-        """``<p>/retrieval/query``, answered on the comms handler thread."""
+        """``<p>/retrieval/query``, answered on the comms request thread (``busy`` beyond
+        ``mqtt.max_pending_requests``)."""
         if self.comms is None or self.index is None:
             return
         host = self.host
         service = RetrievalService(self.index, self.settings.retrieval, lambda: host.runtime,
                                    self.settings.node_id, self.settings.input)
-        self.comms.on_request(RETRIEVAL_QUERY, service.handle_request)
+        self.comms.on_request(RETRIEVAL_QUERY, service.handle_request, busy=service.busy_reply)
 
     def start_comms(self) -> None:
         if self.comms is not None:

@@ -216,6 +216,19 @@ class MQTTConfig(Section):
     stats_interval: float = Field(default=60.0, gt=0)
     stats_expiry: int = Field(default=120, ge=1, description="MQTT 5 message expiry, seconds.")
     reconnect_max_delay: int = Field(default=30, ge=1, description="Backoff ceiling, seconds.")
+    max_pending_requests: int = Field(
+        default=64, ge=1,
+        description="Requests queued or running at once; beyond it a request is answered "
+        "`busy` at once instead of queueing.",
+    )
+    max_response_topic_length: int = Field(
+        default=256, ge=1, le=65535,
+        description="Longest MQTT 5 response topic (UTF-8 bytes) a reply is sent to.",
+    )
+    publish_retry_max_delay: float = Field(
+        default=300.0, gt=0,
+        description="Backoff ceiling (s) for re-sending an outbox row the broker refused.",
+    )
 
     @model_validator(mode="after")
     def _prefix(self) -> MQTTConfig:

@@ -13,16 +13,29 @@ What it guarantees:
   reconnect; after a daemon restart the surviving rows are published again with the same
   ``msg_id``. Delivery is therefore at least once, and duplicates are recognisable.
 * ``<p>/stats`` is QoS 0 with a message expiry, skipped while disconnected.
+* A row the broker refuses (a PUBACK with a failure reason code, e.g. an ACL denial) is
+  logged with the reason and re-sent with exponential backoff (1 s doubling up to
+  ``mqtt.publish_retry_max_delay``), never left waiting for a restart.
 * ``<p>/cmd/<verb>`` commands run registered handlers; retained commands are ignored so a
-  stale retained ``cmd/rollback`` cannot fire on every restart.
+  stale retained ``cmd/rollback`` cannot fire on every restart. Retained requests are
+  ignored alike (a retained query would otherwise be answered after every restart).
 * ``on_request(suffix, handler)`` answers on the MQTT 5 response topic with the request's
   correlation data, or on ``<p>/<base>/response/<request_id>`` for MQTT 3.1.1 clients. The
   handler alone parses and validates the payload; Comms never reads it, and takes the
   ``request_id`` for that topic from the handler's reply (``<p>/<base>/response`` when the
   reply has none, so an error about a missing or invalid id still reaches the client).
+  A response topic that ``Topics.response_topic_problem`` refuses (inside the
+  ``<prefix>/`` tree, wildcards, control characters, ``$``, too long) is logged with the
+  reason and the reply goes to that safe default topic instead.
+* Every MQTT failure is logged: connect failures with the exception (TLS, refused,
+  unreachable), refused CONNACKs, SUBACK failure reason codes, refused PUBACKs.
 
-Handlers run on one worker thread, never on paho's network thread, so a slow handler
-does not stall keep-alives. The password is read from a file and never logged.
+Handlers never run on paho's network thread, so a slow handler does not stall
+keep-alives. Commands have their own worker and are never queued behind requests. At most
+``mqtt.max_pending_requests`` requests wait or run at once; beyond that a request is
+answered ``busy`` (QoS 0) straight from the network thread (the ``busy`` callable given to
+``on_request``, cheap by contract) instead of growing a queue. The password is read from
+a file and never logged.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +64,14 @@ log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[bytes], None]
 RequestHandler = Callable[[bytes], dict[str, Any]]
+BusyReply = Callable[[bytes], dict[str, Any]]
+FIRST_RETRY_DELAY = 1.0  # seconds before re-sending a refused outbox row, doubled each time
+
+
+def busy_reply(payload: bytes) -> dict[str, Any]:
+    """The default ``busy`` answer: Comms does not read the payload, so no request_id."""
+    return {"request_id": None,
+            "error": {"code": "busy", "message": "too many pending requests; retry later"}}
 
 
 class Comms:
@@ -65,12 +87,20 @@ class Comms:
         self.connected = threading.Event()
         self._stopping = threading.Event()
         self._wake = threading.Event()
-        self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[tuple[int, ReasonCode | None]] = queue.SimpleQueue()
         self._inflight: dict[int, str] = {}  # mid → msg_id; publisher thread only
         self._handed: set[str] = set()  # msg_ids given to paho in this process
+        self._retry: dict[str, float] = {}  # refused msg_id → last delay; publisher thread
+        self._retry_due: dict[str, float] = {}  # refused msg_id → when to re-send it
         self._commands: dict[str, CommandHandler] = {}
-        self._requests: dict[str, RequestHandler] = {}
-        self._workers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqtt-handler")
+        self._requests: dict[str, tuple[RequestHandler, BusyReply]] = {}
+        self._subscriptions: dict[int, str] = {}  # SUBSCRIBE mid → topic, for SUBACK logs
+        self._command_worker = ThreadPoolExecutor(max_workers=1,
+                                                  thread_name_prefix="mqtt-command")
+        self._request_worker = ThreadPoolExecutor(max_workers=1,
+                                                  thread_name_prefix="mqtt-request")
+        self._pending = 0  # requests queued or running; guarded by _pending_lock
+        self._pending_lock = threading.Lock()
         self._publisher: threading.Thread | None = None
         self.client_id = cfg.client_id or f"terratile-{node_id}"
         self.client = self._make_client()
@@ -81,16 +111,19 @@ class Comms:
         """Run ``handler(payload)`` for each non-retained message on ``<p>/cmd/<verb>``."""
         self._commands[verb] = handler
 
-    def on_request(self, topic_suffix: str, handler: RequestHandler) -> None:
+    def on_request(self, topic_suffix: str, handler: RequestHandler,
+                   busy: BusyReply = busy_reply) -> None:
         """Answer requests on ``<p>/<topic_suffix>`` with ``handler(payload)`` as JSON.
 
         ``handler`` gets the raw payload and owns its parsing and validation. Its reply's
         ``request_id``, when a string, must already be a valid single topic level: without
-        an MQTT 5 response topic the reply is published under it.
+        an MQTT 5 response topic the reply is published under it. ``busy(payload)`` is the
+        reply when ``mqtt.max_pending_requests`` are already pending; it runs on the network
+        thread, so it must be cheap and must not raise.
         """
-        self._requests[topic_suffix] = handler
+        self._requests[topic_suffix] = (handler, busy)
         if self.connected.is_set():
-            self.client.subscribe(self.topics.node(topic_suffix), qos=1)
+            self._subscribe(self.client, self.topics.node(topic_suffix))
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -104,6 +137,10 @@ class Comms:
             client.username_pw_set(cfg.username,
                                    secret.get_secret_value() if secret is not None else None)
         if cfg.tls.enabled:
+            for key in ("ca_certs", "certfile", "keyfile"):
+                path = getattr(cfg.tls, key)
+                if path is not None and not path.is_file():
+                    raise FileNotFoundError(f"mqtt.tls.{key}: {path} is not a readable file")
             client.tls_set(
                 ca_certs=str(cfg.tls.ca_certs) if cfg.tls.ca_certs else None,
                 certfile=str(cfg.tls.certfile) if cfg.tls.certfile else None,
@@ -112,6 +149,8 @@ class Comms:
             client.tls_insecure_set(cfg.tls.insecure)
         client.reconnect_delay_set(min_delay=1, max_delay=cfg.reconnect_max_delay)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
@@ -121,7 +160,13 @@ class Comms:
         """Connect in the background (retrying with backoff) and start the publisher."""
         log.info("MQTT: connecting to %s:%d as %s (tls=%s, user=%s)", self.cfg.host,
                  self.cfg.port, self.client_id, self.cfg.tls.enabled, self.cfg.username or "-")
-        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+        try:
+            self.client.connect_async(self.cfg.host, self.cfg.port,
+                                      keepalive=self.cfg.keepalive)
+        except (OSError, ValueError) as exc:
+            log.error("MQTT: cannot connect to %s:%d: %s: %s", self.cfg.host, self.cfg.port,
+                      type(exc).__name__, exc)
+            raise
         self.client.loop_start()
         self._publisher = threading.Thread(target=self._drain, name="mqtt-outbox", daemon=True)
         self._publisher.start()
@@ -138,7 +183,13 @@ class Comms:
             info.wait_for_publish(timeout=2)
         self.client.disconnect()
         self.client.loop_stop()
-        self._workers.shutdown(wait=False, cancel_futures=True)
+        self._command_worker.shutdown(wait=False, cancel_futures=True)
+        self._request_worker.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests queued or running now."""
+        return self._pending
 
     def wait_drained(self, timeout: float) -> bool:
         """Wait until the outbox is empty (or ``timeout``); True if it is."""
@@ -182,6 +233,7 @@ class Comms:
             self._settle_acks()
             if not self.connected.is_set():
                 continue
+            self._release_due_retries()
             for m in self.outbox.pending(limit=100, exclude=self._handed):
                 info = self.client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
                 if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
@@ -197,18 +249,31 @@ class Comms:
         acked = []
         while True:
             try:
-                mid, ok = self._acks.get_nowait()
+                mid, reason = self._acks.get_nowait()
             except queue.Empty:
                 break
             msg_id = self._inflight.pop(mid, None)
             if msg_id is None:
                 continue  # status, available, replies: not outbox rows
-            if ok:
+            if reason is None:
                 acked.append(msg_id)
+                self._retry.pop(msg_id, None)
             else:
-                log.error("MQTT: broker refused %s; it stays in the outbox until restart", msg_id)
+                delay = min(self._retry.get(msg_id, FIRST_RETRY_DELAY / 2) * 2,
+                            self.cfg.publish_retry_max_delay)
+                self._retry[msg_id] = delay
+                self._retry_due[msg_id] = time.monotonic() + delay
+                log.error("MQTT: broker refused %s (%s); re-sending in %.0f s",
+                          msg_id, reason, delay)
         self.outbox.acknowledge(*acked)
         self._handed.difference_update(acked)
+
+    def _release_due_retries(self) -> None:
+        """Refused rows whose backoff has passed become publishable again (once each)."""
+        now = time.monotonic()
+        for msg_id in [m for m, due in self._retry_due.items() if due <= now]:
+            del self._retry_due[msg_id]
+            self._handed.discard(msg_id)
 
     # -- paho callbacks (network thread) ------------------------------------------------
 
@@ -221,10 +286,31 @@ class Comms:
         self.connected.set()
         client.publish(self.topics.node(AVAILABLE), "online", qos=1, retain=True)
         client.publish(self.topics.node(STATUS), self._status(), qos=1, retain=True)
-        client.subscribe(self.topics.commands, qos=1)
+        self._subscribe(client, self.topics.commands)
         for suffix in self._requests:
-            client.subscribe(self.topics.node(suffix), qos=1)
+            self._subscribe(client, self.topics.node(suffix))
         self._wake.set()
+
+    def _subscribe(self, client: mqtt.Client, topic: str) -> None:
+        rc, mid = client.subscribe(topic, qos=1)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            log.error("MQTT: cannot subscribe to %s: %s", topic, mqtt.error_string(rc))
+        elif mid is not None:
+            self._subscriptions[mid] = topic
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this inside its ``except OSError`` block: the exception is current.
+        exc = sys.exc_info()[1]
+        why = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
+        log.error("MQTT: cannot connect to %s:%d (tls=%s): %s; retrying with backoff",
+                  self.cfg.host, self.cfg.port, self.cfg.tls.enabled, why)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                      reason_codes: list[ReasonCode], properties: Properties | None) -> None:
+        topic = self._subscriptions.pop(mid, "?")
+        for code in reason_codes:
+            if code.is_failure:
+                log.error("MQTT: broker refused the subscription to %s: %s", topic, code)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
@@ -234,7 +320,7 @@ class Comms:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
-        self._acks.put((mid, not reason_code.is_failure))
+        self._acks.put((mid, reason_code if reason_code.is_failure else None))
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -248,31 +334,71 @@ class Comms:
                 log.warning("MQTT: unknown command %r", verb)
                 return
             log.info("MQTT: command %s", verb)
-            self._workers.submit(_guarded, command, bytes(msg.payload))
+            self._command_worker.submit(_guarded, command, bytes(msg.payload))
             return
-        for suffix, request in self._requests.items():
+        for suffix, (request, busy) in self._requests.items():
             if msg.topic == self.topics.node(suffix):
-                self._workers.submit(self._answer, suffix, request, msg)
+                if msg.retain:
+                    log.warning("MQTT: ignoring retained request on %s", msg.topic)
+                    return
+                with self._pending_lock:
+                    full = self._pending >= self.cfg.max_pending_requests
+                    if not full:
+                        self._pending += 1
+                if full:
+                    # QoS 0: paho keeps no copy awaiting a PUBACK, so a flood costs no memory;
+                    # a lost busy reply reads to the client like a timeout, the same advice.
+                    self._reply(suffix, msg, _busy(busy, bytes(msg.payload)), qos=0)
+                    return
+                self._request_worker.submit(self._answer, suffix, request, msg)
                 return
 
     def _answer(self, suffix: str, handler: RequestHandler, msg: mqtt.MQTTMessage) -> None:
         """Run a request handler and publish its reply (see ``on_request`` for the topic)."""
         try:
-            reply = handler(bytes(msg.payload))
-        except Exception as exc:  # handlers should not raise; never lose the reply
-            log.exception("MQTT: request handler for %s failed", suffix)
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
+            try:
+                reply = handler(bytes(msg.payload))
+            except Exception as exc:  # handlers should not raise; never lose the reply
+                log.exception("MQTT: request handler for %s failed", suffix)
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+            self._reply(suffix, msg, reply)
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+
+    def _reply(self, suffix: str, msg: mqtt.MQTTMessage, reply: dict[str, Any],
+               qos: int = 1) -> None:
+        """Publish ``reply`` on the request's response topic if it is safe, else the default."""
         props_in = getattr(msg, "properties", None)
         response_topic = getattr(props_in, "ResponseTopic", None)
         props = Properties(PacketTypes.PUBLISH)
         correlation = getattr(props_in, "CorrelationData", None)
         if correlation is not None:
             props.CorrelationData = correlation
+        if response_topic is not None:
+            problem = self.topics.response_topic_problem(
+                response_topic, self.cfg.max_response_topic_length)
+            if problem is not None:
+                log.warning("MQTT: refusing response topic %r of a request on %s (%s); "
+                            "replying on the default topic", response_topic[:120], suffix,
+                            problem)
+                response_topic = None
         if not response_topic:
             request_id = reply.get("request_id")
             response_topic = self.topics.response(
                 suffix, request_id if isinstance(request_id, str) else None)
-        self.client.publish(response_topic, json.dumps(reply), qos=1, properties=props)
+        info = self.client.publish(response_topic, json.dumps(reply), qos=qos, properties=props)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.warning("MQTT: reply to a request on %s not sent: %s", suffix,
+                        mqtt.error_string(info.rc))
+
+
+def _busy(busy: BusyReply, payload: bytes) -> dict[str, Any]:
+    try:
+        return busy(payload)
+    except Exception:  # the contract says it must not raise; fall back, never stall paho
+        log.exception("MQTT: busy reply builder failed")
+        return busy_reply(payload)
 
 
 def _guarded(handler: CommandHandler, payload: bytes) -> None:

@@ -58,3 +58,31 @@ class Topics:
         base = request_suffix.rsplit("/", 1)[0] if "/" in request_suffix else request_suffix
         topic = self.node(f"{base}/response")
         return f"{topic}/{request_id}" if request_id else topic
+
+    def response_topic_problem(self, topic: str, max_length: int) -> str | None:
+        """Why a requester's MQTT 5 response topic must not be published to, or None.
+
+        A reply goes wherever the requester says, so the topic could otherwise aim the
+        box's own publish at a command topic (which it would then run), a forged scene
+        result or ``available``. Refused: anything in the whole ``<prefix>/`` tree (this
+        node's topics and every other node's that shares the prefix: a reply must never
+        speak for any node), wildcards, NUL and other control characters, ``$`` topics
+        (broker-reserved), empty topics and those longer than ``max_length`` UTF-8 bytes.
+        """
+        if not topic:
+            return "empty"
+        try:
+            size = len(topic.encode("utf-8"))
+        except UnicodeEncodeError:
+            return "not valid UTF-8"
+        if size > max_length:
+            return f"{size} bytes, longer than {max_length}"
+        if "+" in topic or "#" in topic:
+            return "contains a wildcard"
+        if not topic.isprintable():
+            return "contains NUL or another control character"
+        if topic.startswith("$"):
+            return "starts with $ (reserved by the broker)"
+        if topic == self.prefix or topic.startswith(f"{self.prefix}/"):
+            return f"inside the appliance tree {self.prefix}/"
+        return None

@@ -103,6 +103,8 @@ def decode(payload: bytes) -> dict[str, Any]:
         request = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError("bad-json", f"payload is not JSON: {exc}") from exc
+    except RecursionError as exc:  # valid JSON nested deeper than the parser recurses
+        raise RequestError("bad-request", "payload is nested too deeply") from exc
     if not isinstance(request, dict):
         raise RequestError("bad-json", "payload must be a JSON object")
     return request
@@ -142,6 +144,7 @@ def parse_request(request: Mapping[str, Any], max_k: int) -> Query:
         image = request["image"]
         if not isinstance(image, str) or not image:
             raise RequestError("bad-request", "image must be a path string")
+        _check_text(image, "image")
         return Query(k=k, image=Path(image), filters=filters)
     if kinds == ["vector"]:
         vec = request["vector"]
@@ -151,6 +154,7 @@ def parse_request(request: Mapping[str, Any], max_k: int) -> Query:
     scene = request["scene_id"]
     if not isinstance(scene, str):
         raise RequestError("bad-request", "scene_id must be a string")
+    _check_text(scene, "scene_id")
     pixel, lonlat = request.get("pixel"), request.get("lonlat")
     if (pixel is None) == (lonlat is None):
         raise RequestError("bad-request", "a scene query needs exactly one of pixel, lonlat")
@@ -176,6 +180,17 @@ def parse_time(value: Any, key: str) -> datetime | None:
     return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
 
 
+def _check_text(value: str, key: str) -> None:
+    """Refuse strings the file system, SQLite or a log line cannot take: NUL or other
+    control characters, lone surrogates (JSON ``\\ud800`` escapes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError("bad-request", f"{key} is not valid Unicode (lone surrogate)") from exc
+    if not value.isprintable():
+        raise RequestError("bad-request", f"{key} contains NUL or other control characters")
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -189,8 +204,10 @@ def _filters(raw: Any) -> Filters:
     if unknown:
         raise RequestError("bad-request", f"unknown filters: {unknown}")
     for key in ("class", "scene_id"):
-        if raw.get(key) is not None and not isinstance(raw[key], str):
-            raise RequestError("bad-request", f"filters.{key} must be a string")
+        if raw.get(key) is not None:
+            if not isinstance(raw[key], str):
+                raise RequestError("bad-request", f"filters.{key} must be a string")
+            _check_text(raw[key], f"filters.{key}")
     return Filters(class_name=raw.get("class"), scene_id=raw.get("scene_id"),
                    since=parse_time(raw.get("since"), "since"),
                    until=parse_time(raw.get("until"), "until"))

@@ -35,6 +35,8 @@ from appliance.retrieval.query import Query, Reply, RequestError, decode, parse_
 
 log = logging.getLogger(__name__)
 
+BUSY_PARSE_MAX = 4096  # bytes: larger payloads get a busy reply without their request_id
+
 
 class RetrievalService:
     """Answers retrieval queries against a ``TileIndex``.
@@ -76,6 +78,21 @@ class RetrievalService:
             failure = RequestError("internal", f"{type(exc).__name__}: {exc}")
             return self._reply(t0, request_id=rid, error=failure)
         return self._reply(t0, request_id=rid, query=query, hits=hits)
+
+    def busy_reply(self, payload: bytes) -> dict[str, Any]:
+        """The ``busy`` reply Comms sends when too many requests are pending.
+
+        It runs on the MQTT network thread, so it reads the ``request_id`` (for a 3.1.1
+        client's reply topic) only from a small payload and never raises.
+        """
+        rid: str | None = None
+        if len(payload) <= BUSY_PARSE_MAX:
+            try:
+                rid = request_id(decode(payload))
+            except (RequestError, RecursionError):
+                rid = None
+        error = RequestError("busy", "too many pending requests; retry later")
+        return self._reply(time.perf_counter(), request_id=rid, error=error).as_dict()
 
     def refuse(self, error: RequestError) -> Reply:
         """The reply to a request that could not even be put together (e.g. by the CLI)."""

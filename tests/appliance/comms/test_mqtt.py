@@ -251,7 +251,7 @@ def test_password_from_file_authenticates_and_is_never_logged(
         broker.stop()
 
 
-def test_tls_with_a_private_ca(tmp_path: Path) -> None:
+def test_tls_with_a_private_ca(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Comms verifies the broker against ``tls.ca_certs`` and delivers over TLS."""
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -292,6 +292,7 @@ def test_tls_with_a_private_ca(tmp_path: Path) -> None:
         untrusting.start()
         time.sleep(1.0)
         assert not untrusting.connected.is_set()  # the broker's certificate is not trusted
+        assert "CERTIFICATE_VERIFY_FAILED" in caplog.text  # and the reason is logged
         untrusting.stop()
     finally:
         journal.close()

@@ -19,3 +19,17 @@ def test_node_scene_and_command_topics() -> None:
 def test_reply_topics_for_clients_without_a_response_topic() -> None:
     assert T.response(RETRIEVAL_QUERY, "q1") == "terratile/edge-01/retrieval/response/q1"
     assert T.response(RETRIEVAL_QUERY, None) == "terratile/edge-01/retrieval/response"
+
+
+def test_response_topics_that_would_aim_a_reply_at_the_appliance_are_refused() -> None:
+    ok = ("replies/me", "clients/abc/reply", "terratile-other/x", "a b/ü")
+    for topic in ok:
+        assert T.response_topic_problem(topic, 256) is None, topic
+    bad = {"terratile/edge-01/cmd/adapt": "inside", "terratile/edge-01/available": "inside",
+           "terratile/edge-01/scene/s/result": "inside", "terratile/other/cmd/reload": "inside",
+           "terratile": "inside", "replies/+": "wildcard", "replies/#": "wildcard",
+           "a\x00b": "control", "$SYS/x": "$", "": "empty", "x" * 257: "longer",
+           "\ud800": "UTF-8"}
+    for topic, why in bad.items():
+        problem = T.response_topic_problem(topic, 256)
+        assert problem is not None and why in problem, (topic[:20], problem)

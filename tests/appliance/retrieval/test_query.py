@@ -76,3 +76,23 @@ def test_an_error_reply_has_no_query_or_results() -> None:
     assert list(out) == ["schema", "msg_id", "node_id", "request_id", "error", "took_ms", "ts"]
     assert out["error"] == {"code": "no-cell", "message": "nothing there"}
     assert out["request_id"] is None and len(out["msg_id"]) == 32
+
+
+@pytest.mark.parametrize("request_", [
+    {"image": "/data/a\x00.png"},
+    {"image": "/data/\ud800.png"},
+    {"scene_id": "s\x00", "pixel": [0, 0]},
+    {"scene_id": "\udfff", "pixel": [0, 0]},
+    {"vector": [1.0], "filters": {"class": "w\x00"}},
+    {"vector": [1.0], "filters": {"scene_id": "\ud800"}},
+])
+def test_nul_and_lone_surrogates_are_bad_requests(request_: dict[str, object]) -> None:
+    with pytest.raises(RequestError) as err:
+        parse_request(request_, max_k=10)
+    assert err.value.code == "bad-request"
+
+
+def test_deeply_nested_json_is_a_bad_request() -> None:
+    with pytest.raises(RequestError) as err:
+        decode(b"[" * 100_000 + b"]" * 100_000)
+    assert err.value.code == "bad-request" and "nested" in err.value.message

@@ -226,3 +226,23 @@ def test_bad_request_id_gets_the_same_error_reply_either_way(comms: Comms, broke
         assert "request_id" in body["error"]["message"]
     assert bodies[0]["error"] == bodies[1]["error"]
     listener.close()
+
+
+def test_hostile_strings_and_nesting_are_bad_requests_not_internal(
+        service: RetrievalService) -> None:
+    """NUL and lone surrogates (JSON escapes) in a path or id, and nesting deeper than the
+    parser recurses: ``bad-request``, never ``internal`` with a traceback."""
+    for raw in (b'{"image": "/tmp/a\\u0000.png"}', b'{"image": "/tmp/\\ud800.png"}',
+                b'{"scene_id": "s0\\u0000", "pixel": [0, 0]}',
+                b'{"k": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"):
+        reply = ask(service, raw)
+        assert reply["error"]["code"] == "bad-request", (raw[:40], reply)
+
+
+def test_busy_reply_keeps_a_small_requests_id(service: RetrievalService) -> None:
+    busy = service.busy_reply(b'{"request_id": "q9", "vector": [1]}')
+    assert busy["request_id"] == "q9" and busy["error"]["code"] == "busy"
+    assert busy["schema"] == RESPONSE_SCHEMA
+    for raw in (b"{not json", b'{"request_id": "a/b"}', b"[" * 10_000,
+                b'{"request_id": "big", "pad": "' + b"x" * 5000 + b'"}'):
+        assert service.busy_reply(raw)["request_id"] is None
