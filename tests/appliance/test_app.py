@@ -72,9 +72,12 @@ def test_dropped_scene_yields_result_with_outputs(daemon: DaemonProc, broker: Br
     # The input moves on just after the result is committed (and maybe published).
     daemon.wait(lambda: (daemon.root / "processed" / "halves.tif").is_file(), "input moved")
     assert not any(daemon.inbox.iterdir())
-    status = listener.wait_for(lambda m: m.topic == f"{P}/status"
-                               and json.loads(m.payload)["state"] == "ready")[-1]
-    assert json.loads(status.payload)["model"]["version"] == 1
+    def last_status() -> dict[str, object]:
+        statuses = [m for m in list(listener.messages) if m.topic == f"{P}/status"]
+        return json.loads(statuses[-1].payload) if statuses else {}
+
+    daemon.wait(lambda: last_status().get("state") == "ready", "ready after the scene")
+    assert last_status()["model"] == {"name": "colour-test", "version": 1, "domain": None}
     late = Listener(broker.port, f"{P}/status")  # joins later: gets the retained status
     retained = late.wait_for(lambda m: m.topic == f"{P}/status")[0]
     assert retained.retain and json.loads(retained.payload)["state"] == "ready"
