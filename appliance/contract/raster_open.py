@@ -45,7 +45,9 @@ SAFE_GDAL: dict[str, str | int | bool] = {
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _NETWORK_MARKERS = ("://", "/vsi")
-_SOURCE_TAGS = frozenset({"SourceFilename", "SourceDataset"})
+# GDAL matches VRT element and attribute names case-insensitively: so do the checks.
+_SOURCE_TAGS = frozenset({"sourcefilename", "sourcedataset"})
+_CODE_TAGS = frozenset({"pixelfunctionlanguage", "pixelfunctioncode"})
 
 
 class RasterRefused(ValueError):
@@ -112,9 +114,10 @@ def open_raster(path: Path, drivers: Sequence[str] = DEFAULT_DRIVERS,
             raise RasterRefused("format", f"{path.name}: {driver} is not in input.drivers")
     gdal_drivers = list(dict.fromkeys("GTiff" if d == "COG" else d for d in allowed))
     # rasterio takes one driver (GDAL's allowed_drivers=[driver]): the sniffed format's,
-    # or each allowed one in turn for a format not sniffed.
+    # or each other allowed one in turn for a format not sniffed; never VRT then (GDAL
+    # identifies a VRT by "<VRTDataset" anywhere in its first KB, unchecked here).
     candidates = {"tiff": ["GTiff"], "xml": ["VRT"], "png": ["PNG"],
-                  "jpeg": ["JPEG"]}.get(kind, gdal_drivers)
+                  "jpeg": ["JPEG"]}.get(kind, [d for d in gdal_drivers if d != "VRT"])
     ds = None
     error: Exception | None = None
     for driver in candidates:
@@ -124,6 +127,8 @@ def open_raster(path: Path, drivers: Sequence[str] = DEFAULT_DRIVERS,
         except (RasterioError, OSError) as exc:
             error = exc
     if ds is None:
+        if error is None:
+            raise RasterRefused("format", f"{path.name}: not a format in input.drivers")
         raise RasterRefused("unreadable", f"{path.name} is not a readable raster: {error}")
     try:
         if ds.driver not in gdal_drivers:  # belt and braces: GDAL honoured the list
@@ -144,19 +149,21 @@ def check_vrt(path: Path, drivers: Sequence[str]) -> None:
         root = ET.fromstring(path.read_bytes())
     except ET.ParseError as exc:
         raise RasterRefused("format", f"{path.name}: not well-formed XML: {exc}") from exc
-    if root.tag != "VRTDataset":
+    if not isinstance(root.tag, str) or root.tag.lower() != "vrtdataset":
         raise RasterRefused("format", f"{path.name}: <{root.tag}> is not a VRTDataset")
     tree = Path(os.path.realpath(path.parent))
     for el in root.iter():
-        if el.tag == "PixelFunctionLanguage" or el.tag == "PixelFunctionCode":
+        tag = el.tag.lower() if isinstance(el.tag, str) else ""
+        if tag in _CODE_TAGS:
             raise RasterRefused("format", f"{path.name}: VRT pixel-function code")
-        if el.tag not in _SOURCE_TAGS:
+        if tag not in _SOURCE_TAGS:
             continue
         text = (el.text or "").strip()
         if not text or text.startswith("<") or any(m in text.lower() for m in _NETWORK_MARKERS):
             raise RasterRefused("format", f"{path.name}: VRT source {text[:80]!r} is not a "
                                 "local file")
-        relative = el.get("relativeToVRT", "0").strip() == "1"
+        attrs = {k.lower(): v for k, v in el.attrib.items()}
+        relative = attrs.get("relativetovrt", "0").strip() == "1"
         if not relative and not os.path.isabs(text):
             raise RasterRefused("format", f"{path.name}: VRT source {text[:80]!r} is neither "
                                 "absolute nor relative to the VRT")

@@ -61,6 +61,9 @@ def test_network_vrt_and_wms_send_no_request(tmp_path: Path) -> None:
         wms.write_text(wms_xml(canary.url))
         curl_tif = tmp_path / "net.tif"  # a VRT named like a GeoTIFF
         curl_tif.write_text(vsicurl.read_text())
+        prefixed = tmp_path / "prefixed.tif"  # GDAL finds "<VRTDataset" anywhere in 1 KB
+        prefixed.write_text("junk " + vsicurl.read_text())
+        assert refused(prefixed, cfg(**VRT_ON)).reason in ("format", "unreadable")
         for path in (vsicurl, wms, curl_tif):
             for conf in (cfg(), cfg(**VRT_ON)):
                 assert refused(path, conf).reason == "format", (path, conf)
@@ -84,11 +87,14 @@ def test_vrt_refused_by_default_and_only_in_tree_sources_when_allowed(tmp_path: 
     linked.write_text(vrt_xml(["link.tif"] * 3, relative=True))
     nested = inbox / "nested.vrt"
     nested.write_text(vrt_xml(["outside.vrt"] * 3, relative=True))
+    shouting = inbox / "case.vrt"  # GDAL reads VRT tags case-insensitively
+    shouting.write_text(outside.read_text().replace("SourceFilename", "SOURCEFILENAME"))
     inside = inbox / "inside.vrt"
+
     inside.write_text(vrt_xml(["data/local.tif"] * 3, relative=True))
     for path in (outside, dotdot, linked, nested, inside):
         assert refused(path, cfg()).reason == "format"
-    for path in (outside, dotdot, linked, nested):
+    for path in (outside, dotdot, linked, nested, shouting):
         assert refused(path, cfg(**VRT_ON)).reason == "format", path
     with open_scene(inside, cfg(**VRT_ON), SPEC) as scene, rasterio.open(local) as src:
         assert (scene.width, scene.height) == (64, 64)
