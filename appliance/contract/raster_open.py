@@ -44,7 +44,14 @@ SAFE_GDAL: dict[str, str | int | bool] = {
 }
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_NETWORK_MARKERS = ("://", "/vsi")
+
+
+def _not_a_path(text: str) -> bool:
+    """True for what GDAL reads as other than a local file: ``/vsi…`` handlers (curl, s3,
+    zip…, chained too) and URLs."""
+    return text.lower().startswith("/vsi") or "://" in text
+
+
 # GDAL matches VRT element and attribute names case-insensitively: so do the checks.
 _SOURCE_TAGS = frozenset({"sourcefilename", "sourcedataset"})
 _CODE_TAGS = frozenset({"pixelfunctionlanguage", "pixelfunctioncode"})
@@ -78,7 +85,7 @@ def sniff(path: Path) -> str:
 def check_local_file(path: Path) -> Path:
     """``path`` made absolute; refuse anything GDAL would read as other than a local file."""
     text = str(path)
-    if any(m in text.lower() for m in _NETWORK_MARKERS):
+    if _not_a_path(text):
         raise RasterRefused("format", f"{path.name}: not a local file path")
     absolute = Path(os.path.abspath(path))
     if not absolute.is_file():
@@ -159,7 +166,7 @@ def check_vrt(path: Path, drivers: Sequence[str]) -> None:
         if tag not in _SOURCE_TAGS:
             continue
         text = (el.text or "").strip()
-        if not text or text.startswith("<") or any(m in text.lower() for m in _NETWORK_MARKERS):
+        if not text or text.startswith("<") or _not_a_path(text):
             raise RasterRefused("format", f"{path.name}: VRT source {text[:80]!r} is not a "
                                 "local file")
         attrs = {k.lower(): v for k, v in el.attrib.items()}
