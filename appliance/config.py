@@ -118,6 +118,9 @@ class RescaleConfig(Section):
         return self
 
 
+INPUT_DRIVERS = frozenset({"GTiff", "COG", "VRT", "PNG", "JPEG"})
+
+
 class InputConfig(Section):
     """Band mapping and value rescaling from a scene to the model's input."""
 
@@ -152,6 +155,15 @@ class InputConfig(Section):
         description="Free space the results disk must have before a scene's outputs are "
         "written; less fails the scene with reason `disk-full`.",
     )
+
+    @model_validator(mode="after")
+    def _known_drivers(self) -> InputConfig:
+        # Only drivers whose files hold pixels, plus the VRT that the reader checks source
+        # by source: a WMS, HTTP or other referencing driver cannot be switched on.
+        unknown = sorted(set(self.drivers) - INPUT_DRIVERS)
+        if unknown:
+            raise ValueError(f"input.drivers: {unknown} not among {sorted(INPUT_DRIVERS)}")
+        return self
 
 
 class TilingConfig(Section):

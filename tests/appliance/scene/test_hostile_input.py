@@ -102,6 +102,12 @@ def test_vrt_refused_by_default_and_only_in_tree_sources_when_allowed(tmp_path: 
                                    src.read(window=((0, 16), (0, 16))).astype(np.float32))
 
 
+def test_only_pixel_drivers_can_be_configured() -> None:
+    with pytest.raises(ValueError, match="WMS"):
+        cfg(drivers=["GTiff", "WMS"])
+    assert cfg(drivers=["GTiff", "VRT"]).drivers == ["GTiff", "VRT"]
+
+
 def test_a_png_scene_is_a_format_error(tmp_path: Path) -> None:
     png = tmp_path / "scene.tif"
     Image.new("RGB", (32, 32), (1, 2, 3)).save(png, format="PNG")
