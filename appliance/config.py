@@ -118,6 +118,9 @@ class RescaleConfig(Section):
         return self
 
 
+INPUT_DRIVERS = frozenset({"GTiff", "COG", "VRT", "PNG", "JPEG"})
+
+
 class InputConfig(Section):
     """Band mapping and value rescaling from a scene to the model's input."""
 
@@ -139,6 +142,32 @@ class InputConfig(Section):
         default=3600.0, gt=0,
         description="The systemd watchdog is fed this long into one scene, no longer.",
     )
+    drivers: list[str] = Field(
+        default_factory=lambda: ["GTiff", "COG"], min_length=1,
+        description="GDAL drivers a scene or GeoTIFF chip may be opened with; anything else "
+        "fails with reason `format`. Add \"VRT\" to accept VRTs whose sources are GeoTIFFs "
+        "in the VRT's own directory (never network or out-of-tree sources). JPEG/PNG chips "
+        "are decoded by Pillow, limited to those two formats.",
+    )
+    max_pixels: int = Field(
+        default=1_000_000_000, gt=0,
+        description="Largest declared width x height of a scene or chip (a 10980² Sentinel-2 "
+        "tile is 1.2e8); larger fails with reason `too-large` before any pixel is read.",
+    )
+    min_free_mb: int = Field(
+        default=64, ge=0,
+        description="Free space the results disk must have before a scene's outputs are "
+        "written; less fails the scene with reason `disk-full`.",
+    )
+
+    @model_validator(mode="after")
+    def _known_drivers(self) -> InputConfig:
+        # Only drivers whose files hold pixels, plus the VRT that the reader checks source
+        # by source: a WMS, HTTP or other referencing driver cannot be switched on.
+        unknown = sorted(set(self.drivers) - INPUT_DRIVERS)
+        if unknown:
+            raise ValueError(f"input.drivers: {unknown} not among {sorted(INPUT_DRIVERS)}")
+        return self
 
 
 class TilingConfig(Section):

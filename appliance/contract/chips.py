@@ -13,6 +13,12 @@ by ``input.rescale`` as it does a scene. The box reads at its model's input size
 (``size``): rasterio resamples while reading (bilinear; a large file is never read whole),
 Pillow resizes bilinear. The workstation reads at the native size and resizes itself.
 Every failure is a ``ChipError`` naming the file.
+
+Chips arrive from outside (image queries), so they are opened like scenes
+(``appliance.contract.raster_open``): GeoTIFFs by GDAL limited to ``drivers`` (default
+GTiff/COG; a VRT only when listed, and only with in-tree GeoTIFF sources), with network
+access off; pictures by Pillow limited to its PNG and JPEG decoders, whatever the suffix
+says; and, with ``max_pixels``, a declared size above it refused before anything is decoded.
 """
 
 from __future__ import annotations
@@ -28,6 +34,16 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
 
 from appliance.contract.image_files import is_raster
+from appliance.contract.raster_open import (
+    DEFAULT_DRIVERS,
+    SAFE_GDAL,
+    RasterRefused,
+    check_local_file,
+    check_size,
+    open_raster,
+)
+
+PICTURE_FORMATS = ("PNG", "JPEG")  # the only Pillow decoders a chip may use
 
 RGB_BANDS = ("red", "green", "blue")
 GREY_BAND = "grey"
@@ -45,23 +61,31 @@ class Chip:
     bands: list[str]
 
 
-def read_chip(path: Path, bands: Sequence[int] | None = None, size: int | None = None) -> Chip:
+def read_chip(path: Path, bands: Sequence[int] | None = None, size: int | None = None, *,
+              drivers: Sequence[str] = DEFAULT_DRIVERS, max_pixels: int | None = None) -> Chip:
     """Read ``path`` (JPEG, PNG or GeoTIFF), optionally resized to ``size`` x ``size``.
 
     ``bands``: 1-based GeoTIFF bands in the order wanted (default: all of them). For a
     JPEG/PNG only their number counts: three (or ``None``) read RGB, one reads grey.
+    ``drivers``: the GDAL drivers a GeoTIFF-suffixed chip may be opened with;
+    ``max_pixels``: the largest declared width x height accepted (None: no limit).
     """
     path = Path(path)
     try:
         if is_raster(path):
-            return _read_raster(path, bands, size)
-        return _read_picture(path, bands, size)
-    except (OSError, UnidentifiedImageError, RasterioIOError) as exc:
+            return _read_raster(path, bands, size, drivers, max_pixels)
+        return _read_picture(path, bands, size, max_pixels)
+    except RasterRefused as exc:
+        what = "unreadable image" if exc.reason == "unreadable" else f"refused ({exc.reason})"
+        raise ChipError(f"{path}: {what}: {exc.message}") from exc
+    except (OSError, UnidentifiedImageError, RasterioIOError, Image.DecompressionBombError
+            ) as exc:
         raise ChipError(f"{path}: unreadable image: {exc}") from exc
 
 
-def _read_raster(path: Path, bands: Sequence[int] | None, size: int | None) -> Chip:
-    with rasterio.open(path) as src:
+def _read_raster(path: Path, bands: Sequence[int] | None, size: int | None,
+                 drivers: Sequence[str], max_pixels: int | None) -> Chip:
+    with rasterio.Env(**SAFE_GDAL), open_raster(path, drivers, max_pixels) as src:
         idx = list(bands) if bands is not None else list(range(1, src.count + 1))
         if not idx or min(idx) < 1 or max(idx) > src.count:
             raise ChipError(f"{path}: has {src.count} band(s), cannot read bands {idx}")
@@ -74,12 +98,15 @@ def _read_raster(path: Path, bands: Sequence[int] | None, size: int | None) -> C
     return Chip(data, names)
 
 
-def _read_picture(path: Path, bands: Sequence[int] | None, size: int | None) -> Chip:
+def _read_picture(path: Path, bands: Sequence[int] | None, size: int | None,
+                  max_pixels: int | None) -> Chip:
     n = 3 if bands is None else len(bands)
     if n not in (1, 3):
         raise ChipError(f"{path}: a JPEG/PNG chip gives 3 bands (RGB) or 1 (grey), not {n}; "
                         "use a GeoTIFF chip")
-    with Image.open(path) as img:
+    with Image.open(check_local_file(path), formats=PICTURE_FORMATS) as img:
+        if max_pixels is not None:  # the header only: nothing is decoded yet
+            check_size(path.name, img.width, img.height, max_pixels)
         pic = img.convert("L" if n == 1 else "RGB")
     if size is not None:
         pic = pic.resize((size, size), Image.Resampling.BILINEAR)

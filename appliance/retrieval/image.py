@@ -6,7 +6,8 @@ the workstation trains with) at the model's input size, its GeoTIFF bands chosen
 by ``input.rescale`` exactly as a scene's are (``appliance.scene.raster.choose_rescale``),
 with the statistics of a percentile stretch taken from the chip itself, nodata included:
 with the default ``auto``, an 8-bit chip keeps its values and any other gets a per-band
-2–98 % stretch.
+2–98 % stretch (a constant band maps to mid-range). The file is opened as a scene is:
+only ``input.drivers`` (pictures: PNG/JPEG), no network, at most ``input.max_pixels``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def read_tile(path: Path, spec: InputSpec, cfg: InputConfig) -> np.ndarray:
         raise RequestError("bad-image", f"{path}: input.bands lists {len(bands)} bands, "
                            f"the model needs {n}")
     try:
-        raw = read_chip(path, bands, spec.size).data
+        raw = read_chip(path, bands, spec.size, drivers=cfg.drivers,
+                        max_pixels=cfg.max_pixels).data
     except ChipError as exc:
         raise RequestError("bad-image", str(exc)) from exc
     if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():

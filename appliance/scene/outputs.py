@@ -10,6 +10,10 @@ match within one cell (the last partial row/column of cells is a whole map pixel
   band description.
 - ``confidence.tif``: COG, uint8 fused max probability in percent (0..100), nodata 255;
   uint8 keeps it small and is precise enough for a confidence map.
+- Maps are built by GDAL entirely in memory (``/vsimem/``) and written to disk by Python,
+  so a full disk is an ordinary ``OSError`` (``ENOSPC``), never a crash inside GDAL;
+  ``disk_full_guard`` turns it, and a results disk below ``input.min_free_mb`` free, into
+  ``SceneError("disk-full")``.
 - Areas are ellipsoidal: each cell's corners are transformed to WGS84 and the cell's area
   is computed on the WGS84 ellipsoid through authalic latitudes, so EPSG:4326 and
   non-equal-area projections (Web Mercator) give true hectares.
@@ -17,9 +21,12 @@ match within one cell (the last partial row/column of cells is a whole map pixel
 
 from __future__ import annotations
 
+import errno
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -38,7 +45,8 @@ from rasterio.shutil import copy as raster_copy
 from rasterio.transform import Affine
 
 from appliance.contract.bundle import ClassSpec
-from appliance.contract.durable import atomic_path, atomic_write_text
+from appliance.contract.durable import atomic_path, atomic_write_bytes, atomic_write_text
+from appliance.scene.raster import SceneError
 
 NODATA = 255
 WGS84 = CRS.from_epsg(4326)
@@ -172,7 +180,7 @@ def _write_cog(path: Path, data: np.ndarray, transform: Affine, crs: CRS, tags: 
     profile = {"driver": "GTiff", "width": w, "height": h, "count": 1, "dtype": "uint8",
                "crs": crs, "transform": transform, "nodata": NODATA}
     levels = [2**i for i in range(1, _overview_count((h, w)) + 1)]
-    with MemoryFile() as mem, atomic_path(path) as tmp:
+    with MemoryFile() as mem, MemoryFile() as out:
         with mem.open(**profile) as dst:
             if colours is not None:  # before the pixels: GTiff fixes photometric on write
                 dst.write_colormap(1, colours)
@@ -181,13 +189,37 @@ def _write_cog(path: Path, data: np.ndarray, transform: Affine, crs: CRS, tags: 
             dst.write(data.astype(np.uint8), 1)
             if not has_cog_driver():
                 dst.build_overviews(levels, Resampling.nearest)
-        with mem.open() as src:
+        with mem.open() as src:  # into memory too: GDAL never writes to the disk itself
             if has_cog_driver():
-                raster_copy(src, str(tmp), driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=256,
+                raster_copy(src, out.name, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=256,
                             OVERVIEW_RESAMPLING="NEAREST", OVERVIEW_COUNT=len(levels))
             else:
-                raster_copy(src, str(tmp), driver="GTiff", TILED="YES", BLOCKXSIZE=256,
+                raster_copy(src, out.name, driver="GTiff", TILED="YES", BLOCKXSIZE=256,
                             BLOCKYSIZE=256, COMPRESS="DEFLATE", COPY_SRC_OVERVIEWS="YES")
+        encoded = out.read()
+    atomic_write_bytes(path, encoded)
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@contextmanager
+def disk_full_guard(out_dir: Path, min_free_mb: int) -> Iterator[None]:
+    """Writing a scene's outputs into ``out_dir``: refuse to start with less than
+    ``min_free_mb`` MB free there, and turn running out of space (or quota) into
+    ``SceneError("disk-full")``."""
+    st = os.statvfs(out_dir)
+    free_mb = st.f_bavail * st.f_frsize / (1 << 20)
+    if free_mb < min_free_mb:
+        raise SceneError("disk-full", f"{out_dir}: {free_mb:.1f} MB free, less than "
+                         f"input.min_free_mb ({min_free_mb})")
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise SceneError("disk-full", f"{out_dir}: out of space writing outputs: "
+                             f"{exc}") from exc
+        raise
 
 
 def write_landuse(

@@ -30,6 +30,7 @@ from appliance.contract.payloads import (
     SceneResult,
     result_msg_id,
 )
+from appliance.contract.raster_open import SAFE_GDAL
 from appliance.contract.signature import Signature, scene_signature
 from appliance.scene.cells import SceneCells
 from appliance.scene.fusion import fuse
@@ -39,6 +40,7 @@ from appliance.scene.outputs import (
     bbox_wgs84,
     bounds_to_wgs84,
     cell_areas_m2,
+    disk_full_guard,
     stac_item,
     windows_bounds,
     write_confidence,
@@ -212,7 +214,7 @@ def process_scene(
     path = Path(path)
     t_start = time.perf_counter()
     # rasterio hands GDAL_CACHEMAX to GDALSetCacheMax64: bytes, not MB.
-    with rasterio.Env(GDAL_CACHEMAX=settings.tiling.gdal_cachemax_mb << 20), \
+    with rasterio.Env(GDAL_CACHEMAX=settings.tiling.gdal_cachemax_mb << 20, **SAFE_GDAL), \
             open_scene(path, settings.input, runtime.manifest.input) as scene:
         return _process(scene, path, scene_id, Path(out_dir), runtime, settings, t_start,
                         probe_sharpness, embedding_scale, should_stop)
@@ -274,15 +276,17 @@ def _process(
             acc.add_samples(batch.cells, out.features.reshape(b, n_scales, -1), cell_tiles)
 
     t_write0 = time.perf_counter()
-    outcome = _write_outputs(scene, path, scene_id, out_dir, runtime, settings, grid, valid, acc,
-                             tiles, band_sample, domain, signature[2])
-    t_end = time.perf_counter()
-    timings = {"read": round(t_read, 4), "infer": round(t_infer, 4),
-               "write": round(t_end - t_write0, 4), "total": round(t_end - t_start, 4)}
-    write_json(Path(outcome.outputs["summary"]),
-               {**_summary(outcome, runtime, tiling.fusion, grid),
-                "rescale": scene.rescale.as_dict(),
-                "timings": timings})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with disk_full_guard(out_dir, settings.input.min_free_mb):
+        outcome = _write_outputs(scene, path, scene_id, out_dir, runtime, settings, grid, valid,
+                                 acc, tiles, band_sample, domain, signature[2])
+        t_end = time.perf_counter()
+        timings = {"read": round(t_read, 4), "infer": round(t_infer, 4),
+                   "write": round(t_end - t_write0, 4), "total": round(t_end - t_start, 4)}
+        write_json(Path(outcome.outputs["summary"]),
+                   {**_summary(outcome, runtime, tiling.fusion, grid),
+                    "rescale": scene.rescale.as_dict(),
+                    "timings": timings})
     log.info("scene %s: %d cells (%d valid), %d tiles, %.2fs", scene_id[:12], n,
              int(valid.sum()), tiles, timings["total"])
     return replace(outcome, timings=timings)

@@ -29,10 +29,17 @@ from rasterio.windows import Window
 
 from appliance.config import InputConfig
 from appliance.contract.bundle import InputSpec
+from appliance.contract.raster_open import (
+    SAFE_GDAL,
+    RasterRefused,
+    check_local_file,
+    open_raster,
+)
 
 DRIFT_SAMPLE = 20_000
 STATS_SAMPLE = 1 << 18  # overview pixels behind the percentile stretch
 STRIP_BYTES = 32 << 20  # full-width strip reads for overviews stay below this
+MAX_BLOCK_BYTES = 256 << 20  # one GDAL block (all selected bands) decoded at once
 
 
 class SceneError(Exception):
@@ -41,7 +48,10 @@ class SceneError(Exception):
     Reasons: ``unreadable`` (corrupt, truncated, not a raster), ``empty`` (no pixels),
     ``bands`` (fewer bands than the model needs), ``nodata`` (nothing valid),
     ``too-small`` (smaller than the smallest window, nothing valid), ``no-crs`` (not
-    georeferenced, so no map can be placed).
+    georeferenced, so no map can be placed), ``format`` (a file format outside
+    ``input.drivers``, or a VRT with network or out-of-tree sources), ``too-large`` (a
+    declared size above ``input.max_pixels``, checked before any pixel is read),
+    ``disk-full`` (the results disk has less than ``input.min_free_mb`` free, or ran out).
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -86,10 +96,13 @@ def choose_rescale(
     elif mode == "linear":
         gain, bias = np.full(c, cfg.rescale.factor), np.full(c, cfg.rescale.offset)
     else:
+        # A constant band (no spread between the percentiles) carries no contrast: it maps
+        # to the middle of the range rather than its bottom (gain 0, bias mid-range).
         lo, hi = np.percentile(pixels.astype(np.float64), cfg.rescale.percentiles, axis=0)
-        span = np.where(hi > lo, hi - lo, 1.0)
-        gain = (hi_v - lo_v) / span
-        bias = lo_v - lo * gain
+        flat = ~(hi > lo)
+        span = np.where(flat, 1.0, hi - lo)
+        gain = np.where(flat, 0.0, (hi_v - lo_v) / span)
+        bias = np.where(flat, (lo_v + hi_v) / 2, lo_v - lo * gain)
     return Rescale(mode, gain.astype(np.float32), bias.astype(np.float32), (lo_v, hi_v))
 
 
@@ -104,9 +117,13 @@ class Scene:
         self.path = path
         self.use_spec(spec)
         try:
+            check_local_file(path)
             if path.stat().st_size == 0:
                 raise SceneError("unreadable", f"{path.name} is a zero-byte file")
-            self.ds = rasterio.open(path)
+            with rasterio.Env(**SAFE_GDAL):
+                self.ds = open_raster(path, cfg.drivers, cfg.max_pixels)
+        except RasterRefused as exc:
+            raise SceneError(exc.reason, exc.message) from exc
         except (RasterioError, OSError) as exc:
             raise SceneError("unreadable", f"{path.name} is not a readable raster: {exc}") from exc
         try:
@@ -144,6 +161,11 @@ class Scene:
             raise SceneError(
                 "bands", f"{self.path.name} has {ds.count} band(s); the model needs bands {bands}"
             )
+        bw, bh = ds.block_shapes[0]
+        block = bw * bh * len(bands) * max(np.dtype(t).itemsize for t in ds.dtypes)
+        if block > MAX_BLOCK_BYTES:
+            raise SceneError("too-large", f"{self.path.name}: one {bw}x{bh} block is "
+                             f"{block >> 20} MB decoded")
         if ds.crs is None or ds.transform.is_identity:
             raise SceneError("no-crs", f"{self.path.name} has no CRS or geotransform")
         self.bands = bands
@@ -177,8 +199,10 @@ class Scene:
 
     @property
     def has_mask(self) -> bool:
-        """True when some pixels may be nodata (a nodata value or a GDAL mask/alpha)."""
-        return self.nodata is not None or self._gdal_mask
+        """True when some pixels may be nodata: a nodata value, a GDAL mask/alpha, or a
+        floating-point scene (NaN and infinities are nodata whatever the tags say)."""
+        return (self.nodata is not None or self._gdal_mask
+                or bool(np.issubdtype(np.dtype(self.dtype), np.floating)))
 
     # -- reads --------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ from PIL import Image
 from rasterio.transform import from_origin
 
 from appliance.contract.chips import ChipError, read_chip
+from appliance.contract.raster_open import DEFAULT_DRIVERS
 from tests.helpers.chips import ALL_SUFFIXES, write_chip
+from tests.helpers.hostile import Canary, vrt_xml, wms_xml, write_sparse
 
 
 def write_bands(path: Path, data: np.ndarray, names: tuple[str | None, ...]) -> Path:
@@ -79,3 +81,39 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
         read_chip(tif, bands=[4])
     with pytest.raises(ChipError, match="use a GeoTIFF chip"):
         read_chip(write_chip(tmp_path / "p.jpg", (1, 2, 3)), bands=[1, 2, 3, 4])
+
+
+def test_reference_chips_are_refused_without_a_request(tmp_path: Path) -> None:
+    with Canary() as canary:
+        vrt = tmp_path / "vrt.tif"  # VRT XML named like a GeoTIFF
+        vrt.write_text(vrt_xml([f"/vsicurl/{canary.url}/x.tif"] * 3))
+        wms = tmp_path / "wms.tiff"
+        wms.write_text(wms_xml(canary.url))
+        for path in (vrt, wms):
+            for drivers in (DEFAULT_DRIVERS, ("GTiff", "VRT")):
+                with pytest.raises(ChipError, match=r"refused \(format\)"):
+                    read_chip(path, size=8, drivers=drivers)
+        assert canary.requests == []
+
+
+def test_pictures_are_only_png_or_jpeg(tmp_path: Path) -> None:
+    bmp = tmp_path / "chip.png"  # a BMP named .png: Pillow may only use its PNG/JPEG decoders
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(bmp, format="BMP")
+    with pytest.raises(ChipError, match=r"chip\.png: unreadable image"):
+        read_chip(bmp)
+    jpeg_as_png = write_chip(tmp_path / "j.jpg", (200, 10, 10)).rename(tmp_path / "j.png")
+    assert read_chip(jpeg_as_png).data.shape == (3, 40, 40)
+
+
+@pytest.mark.parametrize("suffix", ALL_SUFFIXES)
+def test_max_pixels_refuses_before_decoding(suffix: str, tmp_path: Path) -> None:
+    chip = write_chip(tmp_path / f"c{suffix}", (1, 2, 3), size=40)
+    with pytest.raises(ChipError, match=r"refused \(too-large\).*max_pixels"):
+        read_chip(chip, size=8, max_pixels=40 * 40 - 1)
+    assert read_chip(chip, size=8, max_pixels=40 * 40).data.shape == (3, 8, 8)
+
+
+def test_a_sparse_huge_geotiff_chip_is_too_large(tmp_path: Path) -> None:
+    chip = write_sparse(tmp_path / "huge.tif", 200_000)
+    with pytest.raises(ChipError, match=r"too-large"):
+        read_chip(chip, size=8, max_pixels=10**9)

@@ -24,6 +24,7 @@ from appliance.retrieval.service import RetrievalService
 from appliance.scene.raster import open_scene
 from tests.helpers.chips import ALL_SUFFIXES, write_chip
 from tests.helpers.colour_bundle import EMBED_DIM, INPUT_SIZE, PURE
+from tests.helpers.hostile import Canary, vrt_xml
 from tests.helpers.scenes import quarters, write_scene
 
 
@@ -149,3 +150,30 @@ def test_every_suffix_is_classified_by_its_colour(suffix: str, tmp_path: Path,
                      runtime.manifest.input, InputConfig())
     probs = runtime.infer(tile[None]).probs[0]
     assert runtime.manifest.class_names[int(probs.argmax())] == "water"
+
+
+def test_hostile_query_images_are_bad_images_without_a_request(
+    tmp_path: Path, runtime: ModelRuntime
+) -> None:
+    spec = runtime.manifest.input
+    with Canary() as canary:
+        vrt = tmp_path / "q.tif"
+        vrt.write_text(vrt_xml([f"/vsicurl/{canary.url}/x.tif"] * 3))
+        for conf in (InputConfig(), InputConfig(drivers=["GTiff", "VRT"])):
+            with pytest.raises(RequestError, match="format") as err:
+                read_tile(vrt, spec, conf)
+            assert err.value.code == "bad-image"
+        assert canary.requests == []
+    big = textured(tmp_path / "big.tif")
+    with pytest.raises(RequestError, match="too-large") as err:
+        read_tile(big, spec, InputConfig(max_pixels=70 * 50 - 1))
+    assert err.value.code == "bad-image"
+
+
+def test_a_constant_band_query_maps_to_mid_range(tmp_path: Path,
+                                                 runtime: ModelRuntime) -> None:
+    path = write_scene(tmp_path / "c.tif", dtype="uint16", gain=40, size=(32, 32),
+                       layout=lambda r, c: np.full(np.broadcast(r, c).shape, ""))
+    tile = read_tile(path, runtime.manifest.input, InputConfig())
+    lo, hi = runtime.manifest.input.value_range
+    np.testing.assert_allclose(tile, (lo + hi) / 2)
