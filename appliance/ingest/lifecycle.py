@@ -125,10 +125,7 @@ class SceneLifecycle:
                 self._settle(scene)
             except Exception:
                 log.exception("could not settle scene %s (%r)", scene.scene_id[:12], scene.source)
-        for work in self.inbox.claimed():
-            if stopping():
-                break  # SIGTERM during recovery: the rest waits in work/ for the next start
-            self.handle_guarded(work, recovering=True)
+        self.retry_stuck(stopping)
         pending = self.journal.outbox_depth()
         if pending:
             log.info("%d message(s) in the outbox will be published", pending)
@@ -144,10 +141,13 @@ class SceneLifecycle:
         elif path is None or not os.path.lexists(path):
             self._fail(scene, None, "missing", "the claimed file disappeared from work/")
 
-    def retry_stuck(self) -> None:
-        """Files left in ``work/`` by an error outside the scene step (the loop calls this
-        between scenes): each is handled again; its attempts still count."""
+    def retry_stuck(self, stopping: Callable[[], bool] = lambda: False) -> None:
+        """Files left in ``work/`` by a crash or by an error outside the scene step
+        (reconciliation, then the loop between scenes): each is handled again; its
+        attempts still count. A stop request leaves the rest for the next start."""
         for work in self.inbox.claimed():
+            if stopping():
+                break
             self.handle_guarded(work, recovering=True)
 
     # -- one scene ------------------------------------------------------------------------
