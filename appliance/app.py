@@ -237,7 +237,8 @@ class App:
         host = self.host
         service = RetrievalService(self.index, self.settings.retrieval, lambda: host.runtime,
                                    self.settings.node_id, self.settings.input)
-        self.comms.on_request(RETRIEVAL_QUERY, service.handle_request, busy=service.busy_reply)
+        self.comms.on_request(RETRIEVAL_QUERY, service.handle_request,
+                              refusal=service.refusal_reply)
 
     def start_comms(self) -> None:
         if self.comms is not None:

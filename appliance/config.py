@@ -250,6 +250,13 @@ class MQTTConfig(Section):
         description="Requests queued or running at once; beyond it a request is answered "
         "`busy` at once instead of queueing.",
     )
+    client_rate: float = Field(
+        default=20.0, ge=0,
+        description="Requests per second one client (named by its reply topic) may send; "
+        "beyond it a request is answered `rate-limited`. 0 turns the limit off.",
+    )
+    client_burst: int = Field(default=40, ge=1,
+                              description="Requests one client may send at once.")
     max_response_topic_length: int = Field(
         default=256, ge=1, le=65535,
         description="Longest MQTT 5 response topic (UTF-8 bytes) a reply is sent to.",

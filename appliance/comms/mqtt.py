@@ -34,8 +34,10 @@ Handlers never run on paho's network thread, so a slow handler does not stall
 keep-alives. Commands have their own worker and are never queued behind requests. At most
 ``mqtt.max_pending_requests`` requests wait or run at once; beyond that a request is
 answered ``busy`` (QoS 0) straight from the network thread (the ``busy`` callable given to
-``on_request``, cheap by contract) instead of growing a queue. The password is read from
-a file and never logged.
+``on_request``, cheap by contract) instead of growing a queue. Before that, each client
+(named by its reply topic, ``comms.rate_limit``) is held to ``mqtt.client_rate`` requests
+per second and answered ``rate-limited`` beyond it, so one noisy client cannot take every
+slot. The password is read from a file and never logged.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -57,6 +59,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance.comms.message import Message, Outbox
+from appliance.comms.rate_limit import ClientRateLimit
 from appliance.comms.topics import AVAILABLE, STATS, STATUS, Topics
 from appliance.config import MQTTConfig
 
@@ -64,14 +67,21 @@ log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[bytes], None]
 RequestHandler = Callable[[bytes], dict[str, Any]]
-BusyReply = Callable[[bytes], dict[str, Any]]
+Refusal = Literal["busy", "rate-limited"]
+RefusalReply = Callable[[bytes, Refusal], dict[str, Any]]
+MQTT311_CLIENTS = ""  # the one rate-limit bucket of clients without a response topic
 FIRST_RETRY_DELAY = 1.0  # seconds before re-sending a refused outbox row, doubled each time
 
 
-def busy_reply(payload: bytes) -> dict[str, Any]:
-    """The default ``busy`` answer: Comms does not read the payload, so no request_id."""
-    return {"request_id": None,
-            "error": {"code": "busy", "message": "too many pending requests; retry later"}}
+REFUSAL_MESSAGES: dict[Refusal, str] = {
+    "busy": "too many pending requests; retry later",
+    "rate-limited": "this client sends requests faster than mqtt.client_rate; slow down",
+}
+
+
+def refusal_reply(payload: bytes, code: Refusal) -> dict[str, Any]:
+    """The default refusal: Comms does not read the payload, so no request_id."""
+    return {"request_id": None, "error": {"code": code, "message": REFUSAL_MESSAGES[code]}}
 
 
 class Comms:
@@ -93,7 +103,8 @@ class Comms:
         self._retry: dict[str, float] = {}  # refused msg_id → last delay; publisher thread
         self._retry_due: dict[str, float] = {}  # refused msg_id → when to re-send it
         self._commands: dict[str, CommandHandler] = {}
-        self._requests: dict[str, tuple[RequestHandler, BusyReply]] = {}
+        self._requests: dict[str, tuple[RequestHandler, RefusalReply]] = {}
+        self._rate = ClientRateLimit(cfg.client_rate, cfg.client_burst)
         self._subscriptions: dict[int, str] = {}  # SUBSCRIBE mid → topic, for SUBACK logs
         self._command_worker = ThreadPoolExecutor(max_workers=1,
                                                   thread_name_prefix="mqtt-command")
@@ -112,16 +123,17 @@ class Comms:
         self._commands[verb] = handler
 
     def on_request(self, topic_suffix: str, handler: RequestHandler,
-                   busy: BusyReply = busy_reply) -> None:
+                   refusal: RefusalReply = refusal_reply) -> None:
         """Answer requests on ``<p>/<topic_suffix>`` with ``handler(payload)`` as JSON.
 
         ``handler`` gets the raw payload and owns its parsing and validation. Its reply's
         ``request_id``, when a string, must already be a valid single topic level: without
-        an MQTT 5 response topic the reply is published under it. ``busy(payload)`` is the
-        reply when ``mqtt.max_pending_requests`` are already pending; it runs on the network
+        an MQTT 5 response topic the reply is published under it. ``refusal(payload, code)`` is
+        the reply when the client is over its rate (``rate-limited``) or
+        ``mqtt.max_pending_requests`` are already pending (``busy``); it runs on the network
         thread, so it must be cheap and must not raise.
         """
-        self._requests[topic_suffix] = (handler, busy)
+        self._requests[topic_suffix] = (handler, refusal)
         if self.connected.is_set():
             self._subscribe(self.client, self.topics.node(topic_suffix))
 
@@ -336,22 +348,32 @@ class Comms:
             log.info("MQTT: command %s", verb)
             self._command_worker.submit(_guarded, command, bytes(msg.payload))
             return
-        for suffix, (request, busy) in self._requests.items():
+        for suffix, (request, refusal) in self._requests.items():
             if msg.topic == self.topics.node(suffix):
                 if msg.retain:
                     log.warning("MQTT: ignoring retained request on %s", msg.topic)
                     return
-                with self._pending_lock:
-                    full = self._pending >= self.cfg.max_pending_requests
-                    if not full:
-                        self._pending += 1
-                if full:
+                code = self._admit(msg)
+                if code is not None:
                     # QoS 0: paho keeps no copy awaiting a PUBACK, so a flood costs no memory;
-                    # a lost busy reply reads to the client like a timeout, the same advice.
-                    self._reply(suffix, msg, _busy(busy, bytes(msg.payload)), qos=0)
+                    # a lost refusal reads to the client like a timeout, the same advice.
+                    self._reply(suffix, msg, _refusal(refusal, bytes(msg.payload), code),
+                                qos=0)
                     return
                 self._request_worker.submit(self._answer, suffix, request, msg)
                 return
+
+    def _admit(self, msg: mqtt.MQTTMessage) -> Refusal | None:
+        """Take a pending slot for ``msg``, or say why not (its client's rate, or busy)."""
+        if self.cfg.client_rate > 0:
+            client = getattr(getattr(msg, "properties", None), "ResponseTopic", None)
+            if not self._rate.allow(client if isinstance(client, str) else MQTT311_CLIENTS):
+                return "rate-limited"
+        with self._pending_lock:
+            if self._pending >= self.cfg.max_pending_requests:
+                return "busy"
+            self._pending += 1
+        return None
 
     def _answer(self, suffix: str, handler: RequestHandler, msg: mqtt.MQTTMessage) -> None:
         """Run a request handler and publish its reply (see ``on_request`` for the topic)."""
@@ -393,12 +415,12 @@ class Comms:
                         mqtt.error_string(info.rc))
 
 
-def _busy(busy: BusyReply, payload: bytes) -> dict[str, Any]:
+def _refusal(refusal: RefusalReply, payload: bytes, code: Refusal) -> dict[str, Any]:
     try:
-        return busy(payload)
+        return refusal(payload, code)
     except Exception:  # the contract says it must not raise; fall back, never stall paho
-        log.exception("MQTT: busy reply builder failed")
-        return busy_reply(payload)
+        log.exception("MQTT: refusal reply builder failed")
+        return refusal_reply(payload, code)
 
 
 def _guarded(handler: CommandHandler, payload: bytes) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance.comms.mqtt import REFUSAL_MESSAGES, Refusal
 from appliance.config import InputConfig, RetrievalConfig
 from appliance.contract.image_files import IMAGE_SUFFIXES, is_image
 from appliance.model.runtime import ModelRuntime
@@ -35,7 +36,7 @@ from appliance.retrieval.query import Query, Reply, RequestError, decode, parse_
 
 log = logging.getLogger(__name__)
 
-BUSY_PARSE_MAX = 4096  # bytes: larger payloads get a busy reply without their request_id
+REFUSAL_PARSE_MAX = 4096  # bytes: larger payloads are refused without their request_id
 
 
 class RetrievalService:
@@ -79,19 +80,20 @@ class RetrievalService:
             return self._reply(t0, request_id=rid, error=failure)
         return self._reply(t0, request_id=rid, query=query, hits=hits)
 
-    def busy_reply(self, payload: bytes) -> dict[str, Any]:
-        """The ``busy`` reply Comms sends when too many requests are pending.
+    def refusal_reply(self, payload: bytes, code: Refusal) -> dict[str, Any]:
+        """The reply Comms sends when a request is not queued: ``busy`` (too many pending)
+        or ``rate-limited`` (its client is over ``mqtt.client_rate``).
 
         It runs on the MQTT network thread, so it reads the ``request_id`` (for a 3.1.1
         client's reply topic) only from a small payload and never raises.
         """
         rid: str | None = None
-        if len(payload) <= BUSY_PARSE_MAX:
+        if len(payload) <= REFUSAL_PARSE_MAX:
             try:
                 rid = request_id(decode(payload))
             except (RequestError, RecursionError):
                 rid = None
-        error = RequestError("busy", "too many pending requests; retry later")
+        error = RequestError(code, REFUSAL_MESSAGES[code])
         return self._reply(time.perf_counter(), request_id=rid, error=error).as_dict()
 
     def refuse(self, error: RequestError) -> Reply:
