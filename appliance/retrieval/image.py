@@ -24,17 +24,23 @@ from appliance.scene.raster import choose_rescale
 
 
 def read_tile(path: Path, spec: InputSpec, cfg: InputConfig) -> np.ndarray:
-    """One [C,S,S] float32 tile in ``spec.value_range``; ``RequestError("bad-image")``."""
+    """One [C,S,S] float32 tile in ``spec.value_range``.
+
+    ``RequestError`` codes: ``format`` (a driver not in ``input.drivers``, a VRT, a URL),
+    ``too-large`` (more than ``input.max_pixels``), ``bands`` (the bands asked for are not
+    there) and ``bad-image`` (unreadable, or NaN/infinite values).
+    """
     n = len(spec.bands)
     bands = list(cfg.bands) if cfg.bands else list(range(1, n + 1))
     if len(bands) != n:
-        raise RequestError("bad-image", f"{path}: input.bands lists {len(bands)} bands, "
+        raise RequestError("bands", f"{path}: input.bands lists {len(bands)} bands, "
                            f"the model needs {n}")
     try:
         raw = read_chip(path, bands, spec.size, drivers=cfg.drivers,
                         max_pixels=cfg.max_pixels).data
-    except ChipError as exc:
-        raise RequestError("bad-image", str(exc)) from exc
+    except ChipError as exc:  # refused as a scene would be, with the same reason
+        code = "bad-image" if exc.reason == "unreadable" else exc.reason
+        raise RequestError(code, str(exc)) from exc
     if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
         raise RequestError("bad-image", f"{path}: has NaN or infinite values")
     rescale = choose_rescale(cfg, str(raw.dtype), spec, raw.reshape(n, -1).T)
