@@ -50,6 +50,7 @@ from appliance.telemetry import State, Telemetry
 log = logging.getLogger(__name__)
 
 UMASK = 0o027
+ADAPTATION_STOP_WAIT = 30.0  # seconds a stop waits for a running adaptation job
 
 
 class StartError(RuntimeError):
@@ -66,6 +67,7 @@ class App:
         self.index: TileIndex | None = None
         self.drift: DriftMonitor | None = None
         self.jobs: AdaptationJobs | None = None
+        self.job_left_running = False  # an adaptation job outlived stop (see run_daemon)
         self._drifting = False
 
     # -- the table of contents --------------------------------------------------------------
@@ -105,6 +107,8 @@ class App:
         self.notifier.stopping()
         self.telemetry.set_state(State.STOPPING)
         self.inbox.stop()
+        if self.jobs is not None:
+            self.job_left_running = not self.jobs.stop(timeout=ADAPTATION_STOP_WAIT)
         if self.comms is not None:
             self.comms.stop()
         if self.index is not None:
@@ -341,4 +345,10 @@ def run_daemon(settings: Settings) -> int:
     except (StartError, BundleError, FileNotFoundError) as exc:
         log.error("cannot start: %s", exc)
         return EX_CONFIG
-    return app.run()
+    code = app.run()
+    if app.job_left_running:
+        # Everything durable is closed; a thread still inside onnxruntime would make the
+        # interpreter's exit abort the process, so leave without running C++ destructors.
+        logging.shutdown()
+        os._exit(code)
+    return code

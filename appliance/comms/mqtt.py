@@ -2,7 +2,8 @@
 
 What it guarantees:
 
-* ``<p>/available`` is retained ``online`` while connected; the broker publishes the LWT
+* ``<p>/available`` is retained ``online`` while connected, published after the box's
+  subscriptions (so a client that sees it can send commands); the broker publishes the LWT
   ``offline`` if the box vanishes, and ``stop`` publishes it on a clean shutdown.
 * ``<p>/status`` is retained and republished after every (re)connect, from a callable that
   always builds the current status, so a broker restart never leaves stale state behind.
@@ -296,11 +297,13 @@ class Comms:
             return
         log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
         self.connected.set()
-        client.publish(self.topics.node(AVAILABLE), "online", qos=1, retain=True)
-        client.publish(self.topics.node(STATUS), self._status(), qos=1, retain=True)
+        # Subscribe first: the broker handles one connection's packets in order, so once a
+        # client sees ``online`` the box is already listening for its commands and queries.
         self._subscribe(client, self.topics.commands)
         for suffix in self._requests:
             self._subscribe(client, self.topics.node(suffix))
+        client.publish(self.topics.node(AVAILABLE), "online", qos=1, retain=True)
+        client.publish(self.topics.node(STATUS), self._status(), qos=1, retain=True)
         self._wake.set()
 
     def _subscribe(self, client: mqtt.Client, topic: str) -> None:
