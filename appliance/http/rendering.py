@@ -4,8 +4,8 @@ The overlay is the scene's ``landuse`` map (cell resolution, scene CRS) reprojec
 Mercator, the projection of the browser's map, so that the picture stretched over its
 corners lies exactly where the cells are; nodata is transparent. A thumbnail is one
 cell's window read from the scene's input in ``processed/`` (a windowed read: the scene is
-never read whole), its first three bands (or one, grey) stretched between their 2nd and
-98th percentiles.
+never read whole), its first three bands (or one, grey); 8-bit scenes as they are, others
+stretched between the 2nd and 98th percentiles.
 """
 
 from __future__ import annotations
@@ -73,15 +73,8 @@ def cell_thumbnail(path: Path, window: Sequence[int], drivers: Sequence[str],
         bands = [1, 2, 3] if src.count >= 3 else [1]
         data = src.read(bands, window=Window(col, row, width, height), masked=True,
                         out_dtype="float64")
-    stretched = np.zeros(data.shape, np.uint8)
-    for i, band in enumerate(data):
-        values = band.compressed()
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            continue
-        lo, hi = np.percentile(values, [2, 98])
-        scaled = (band.filled(lo) - lo) / (hi - lo if hi > lo else 1.0)
-        stretched[i] = np.clip(np.nan_to_num(scaled) * 255, 0, 255).astype(np.uint8)
+        is_byte = src.dtypes[0] == "uint8"
+    stretched = _for_display(data, is_byte)
     rgb = np.repeat(stretched, 3, axis=0) if len(bands) == 1 else stretched
     image = Image.fromarray(np.moveaxis(rgb, 0, -1))
     image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
@@ -92,3 +85,15 @@ def cell_thumbnail(path: Path, window: Sequence[int], drivers: Sequence[str],
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
+
+
+def _for_display(data: np.ma.MaskedArray, is_byte: bool) -> np.ndarray:
+    """Bands as uint8: 8-bit scenes as they are, others stretched between the 2nd and 98th
+    percentiles of all bands together (one stretch keeps the colours' balance)."""
+    values = data.compressed()
+    values = values[np.isfinite(values)]
+    if is_byte or values.size == 0:
+        return np.asarray(data.filled(0), np.float64).clip(0, 255).astype(np.uint8)
+    lo, hi = np.percentile(values, [2, 98])
+    scaled = (data.filled(lo) - lo) / (hi - lo if hi > lo else 1.0)
+    return np.clip(np.nan_to_num(scaled) * 255, 0, 255).astype(np.uint8)

@@ -43,11 +43,12 @@ function renderStatus(view) {
   badge.textContent = s.state;
   badge.className = "badge " + s.state;
   const mqtt = view.mqtt_connected === null ? "off" : view.mqtt_connected ? "connected" : "disconnected";
-  const disks = Object.entries(view.disk_free_mb).map(([k, v]) => `${k} ${Math.round(v)} MB`).join(", ");
+  const size = (mb) => mb >= 1024 ? (mb / 1024).toFixed(1) + " GB" : Math.round(mb) + " MB";
+  const disks = Object.entries(view.disk_free_mb).map(([k, v]) => `${k} ${size(v)}`).join(", ");
   const ready = view.readiness.ready;
   const cards = [
     card("model", s.model ? `${s.model.name} v${s.model.version}` : "none"),
-    card("providers", s.providers.join(", ") || "–"),
+    card("providers", s.providers.map(p => p.replace("ExecutionProvider", "")).join(", ") || "–"),
     card("MQTT", mqtt, view.mqtt_connected === false ? "bad" : view.mqtt_connected ? "ok" : ""),
     card("queue", s.queue_depth),
     card("outbox", view.outbox_depth),
