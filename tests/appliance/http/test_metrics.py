@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.appliance.http.conftest import Box
+from tests.helpers.paths import REPO
 from tests.helpers.scenes import quarters, write_scene
 
 
@@ -57,3 +60,10 @@ def test_metrics_follow_scenes_failures_and_the_model(box: Box, tmp_path: Path) 
     assert ("terratile_drift_score", (("score", "psi"),)) in after
     assert after[("terratile_drifting", ())] in (0, 1)
     assert after[("terratile_adapting", ())] == 0
+
+    # every series the example Grafana dashboard charts is one the node exposes
+    grafana = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    charted = {name for panel in grafana["panels"] for target in panel["targets"]
+               for name in re.findall(r"terratile_[a-z_]+", target["expr"])}
+    exposed = {name for name, _ in after}
+    assert charted and charted <= exposed, charted - exposed
