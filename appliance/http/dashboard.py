@@ -121,6 +121,8 @@ class Dashboard:
         self._commands = ModelCommands(host)
         self._mqtt_connected = mqtt_connected
         self._overlay = lru_cache(maxsize=32)(landuse_overlay)
+        self._models_lock = threading.Lock()
+        self._models: tuple[object, list[ModelView]] | None = None
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -145,7 +147,19 @@ class Dashboard:
         return [self._view(record, updated) for record, updated in self._journal.recent(limit)]
 
     def models(self) -> list[ModelView]:
-        """Installed versions, newest first."""
+        """Installed versions that verify, newest first. Verifying hashes every file of
+        every version, so the list is remembered until a version folder or the active
+        pointer changes."""
+        store = self._host.store
+        key = (store.active_version(),
+               tuple(sorted((p.name, p.stat().st_mtime_ns) for p in store.root.iterdir()
+                            if p.is_dir())))
+        with self._models_lock:
+            if self._models is None or self._models[0] != key:
+                self._models = (key, self._read_models())
+            return self._models[1]
+
+    def _read_models(self) -> list[ModelView]:
         out = []
         for v in reversed(self._host.store.versions()):
             try:

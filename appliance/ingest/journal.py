@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS scenes (
     created    REAL NOT NULL,
     updated    REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS scenes_updated ON scenes(updated);
 CREATE TABLE IF NOT EXISTS claims (
     work_path  BLOB PRIMARY KEY,
     attempts   INTEGER NOT NULL DEFAULT 0
