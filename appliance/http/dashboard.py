@@ -26,7 +26,7 @@ from appliance.contract.bundle import BundleError, read_manifest
 from appliance.contract.payloads import DriftScores, ModelRef, SceneResult, StatusPayload
 from appliance.contract.raster_open import RasterRefused
 from appliance.http.health import Health, Readiness, free_bytes
-from appliance.http.rendering import Overlay, cell_thumbnail, landuse_overlay
+from appliance.http.rendering import OutsideScene, Overlay, cell_thumbnail, landuse_overlay
 from appliance.ingest.journal import Journal, SceneRecord
 from appliance.model.commands import ModelCommands
 from appliance.model.host import ModelHost
@@ -203,7 +203,7 @@ class Dashboard:
         cfg = self.settings.input
         try:
             return cell_thumbnail(path, window, cfg.drivers, cfg.max_pixels)
-        except RasterRefused as exc:
+        except (RasterRefused, OutsideScene) as exc:
             raise NotFound(f"{record.source}: {exc}") from exc
 
     # -- the write ------------------------------------------------------------------------

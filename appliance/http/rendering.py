@@ -31,6 +31,10 @@ NODATA = 255
 THUMBNAIL_PX = 96
 
 
+class OutsideScene(ValueError):
+    """A thumbnail window that does not lie inside its scene."""
+
+
 @dataclass(frozen=True)
 class Overlay:
     """A transparent PNG and the lat/lon corners it covers ([[south, west], [north, east]])."""
@@ -70,14 +74,18 @@ def cell_thumbnail(path: Path, window: Sequence[int], drivers: Sequence[str],
     """PNG of the window ``col_off, row_off, width, height`` of the scene at ``path``."""
     col, row, width, height = (int(v) for v in window)
     with rasterio.Env(**SAFE_GDAL), open_raster(path, drivers, max_pixels) as src:
+        if col + width > src.width or row + height > src.height:
+            raise OutsideScene(f"window {list(window)} is outside the {src.width}x"
+                               f"{src.height} px scene")
         bands = [1, 2, 3] if src.count >= 3 else [1]
+        scale = min(1.0, THUMBNAIL_PX / max(width, height))  # large cells read decimated
+        shape = (len(bands), max(1, round(height * scale)), max(1, round(width * scale)))
         data = src.read(bands, window=Window(col, row, width, height), masked=True,
-                        out_dtype="float64")
+                        out_shape=shape, out_dtype="float64", resampling=Resampling.average)
         is_byte = src.dtypes[0] == "uint8"
     stretched = _for_display(data, is_byte)
     rgb = np.repeat(stretched, 3, axis=0) if len(bands) == 1 else stretched
     image = Image.fromarray(np.moveaxis(rgb, 0, -1))
-    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
     if max(image.size) < THUMBNAIL_PX:  # small cells are shown enlarged, pixels kept sharp
         scale = THUMBNAIL_PX / max(image.size)
         image = image.resize((max(1, round(image.width * scale)),

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
 MAX_K = 24
+MAX_WINDOW = 4096  # px: the largest cell a thumbnail is cut from (read decimated)
 START_TIMEOUT_S = 10.0
 
 
@@ -138,10 +139,11 @@ def build_app(dashboard: Dashboard, metrics: Metrics, health: Health, events: Ev
             return denied
         try:
             parts = [int(v) for v in request.query_params["window"].split(",")]
-            if len(parts) != 4 or min(parts[2:]) < 1 or min(parts[:2]) < 0:
+            if (len(parts) != 4 or min(parts[2:]) < 1 or min(parts[:2]) < 0
+                    or max(parts[2:]) > MAX_WINDOW):
                 raise ValueError(parts)
         except (KeyError, ValueError):
-            return _error(400, "window must be col,row,width,height")
+            return _error(400, f"window must be col,row,width,height (at most {MAX_WINDOW} px)")
         window = (parts[0], parts[1], parts[2], parts[3])
         try:
             png = await run_in_threadpool(dashboard.thumbnail, request.path_params["scene_id"],

@@ -141,6 +141,11 @@ def test_map_overlay_quicklook_neighbours_and_thumbnails(box: Box, tmp_path: Pat
     assert box.get(f"/api/scenes/{sid}/neighbours?lon=x&lat=1").status == 400
     assert box.get(f"/api/scenes/{sid}/neighbours?lon=1&lat=1&k=1000").status == 400
     assert box.get(f"/api/scenes/{sid}/thumbnail.png?window=1,2").status == 400
+    assert box.get(f"/api/scenes/{sid}/thumbnail.png?window=0,0,9000,16").status == 400
+    whole = box.get(f"/api/scenes/{sid}/thumbnail.png?window=0,0,128,128")  # read decimated
+    assert Image.open(io.BytesIO(whole.body)).size == (96, 96)
+    outside = box.get(f"/api/scenes/{sid}/thumbnail.png?window=4000,4000,16,16")
+    assert outside.status == 404 and "outside" in outside.json()["error"]
     assert box.get(f"/api/scenes/{'0' * 64}/overlay").status == 404
     assert box.get(f"/api/scenes/{'0' * 64}/thumbnail.png?window=0,0,16,16").status == 404
     far = box.get(f"/api/scenes/{sid}/neighbours?lon=0&lat=0").json()
