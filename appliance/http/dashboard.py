@@ -170,6 +170,10 @@ class Dashboard:
             gate = adaptation.get("gate") if isinstance(adaptation, dict) else None
             figures = {k: float(x) for k, x in manifest.metrics.items()
                        if isinstance(x, (int, float)) and not isinstance(x, bool)}
+            parity = manifest.metrics.get("parity")
+            fp32 = parity.get("fp32") if isinstance(parity, dict) else None
+            if isinstance(fp32, dict) and isinstance(fp32.get("max_abs_diff"), float):
+                figures["parity_max_abs_diff"] = fp32["max_abs_diff"]  # ONNX vs torch
             out.append(ModelView(version=v.version, parent=v.parent, active=v.active,
                                  name=v.name, created=manifest.created.isoformat(),
                                  notes=manifest.notes, experts=v.experts, gate=gate,

@@ -186,13 +186,17 @@ function renderDrift(scenes) {
 
 // -- models -----------------------------------------------------------------------------
 
+function figure(v) {
+  return Number.isInteger(v) ? String(v) : Math.abs(v) < 0.001 ? v.toExponential(1) : v.toFixed(3);
+}
+
 function gateText(m) {
   if (!m.gate) {
-    const figures = Object.entries(m.figures).map(([k, v]) => `${k} ${(+v).toFixed(3)}`).join(", ");
+    const figures = Object.entries(m.figures).map(([k, v]) => `${k} ${figure(v)}`).join(", ");
     return el("span", {}, figures || "exported");
   }
   const nums = Object.entries(m.gate).filter(([, v]) => typeof v === "number")
-    .map(([k, v]) => `${k} ${v.toFixed(3)}`).join(", ");
+    .map(([k, v]) => `${k} ${figure(v)}`).join(", ");
   return el("span", { class: m.gate.passed ? "gate-pass" : "gate-fail" },
             (m.gate.passed ? "passed" : "failed") + (nums ? ": " + nums : ""));
 }

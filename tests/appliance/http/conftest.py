@@ -13,12 +13,15 @@ from typing import Any
 
 import pytest
 
+from appliance.contract.bundle import read_manifest, seal_bundle
 from appliance.model.store import ModelStore
 from tests.conftest import Broker, free_port
 from tests.helpers.colour_bundle import versioned_copy
 from tests.helpers.daemon import DaemonProc
 
 TOKEN = "test-token-0123456789abcdef"
+GATE = {"passed": True, "failures": [], "source_acc_before": 0.97, "source_acc_after": 0.96,
+        "agreement_before": 0.81, "agreement_after": 0.9}
 
 
 @dataclass
@@ -70,7 +73,13 @@ def start_box(root: Path, bundle: Path, broker: Broker, two_versions: bool = Fal
     if two_versions:  # v1 (the seed) and its child v2, running v2: a rollback has a target
         store = ModelStore(root / "state" / "models")
         store.install(bundle)
-        store.install(versioned_copy(bundle, root / "v2-bundle", 2, 1, head_bias=1.0))
+        child = versioned_copy(bundle, root / "v2-bundle", 2, 1, head_bias=1.0)
+        manifest = read_manifest(child)  # as an adaptation job leaves it: its gate figures
+        seal_bundle(child, manifest.model_copy(update={
+            "notes": "adapted (head) from v1: drift",
+            "metrics": {**manifest.metrics, "adaptation": {"reason": "drift", "step": "head",
+                                                          "gate": GATE}}}))
+        store.install(child)
     port = free_port()
     http = {"port": port, **({"token_file": str(token_file)} if token else {}),
             **overrides.pop("http", {})}

@@ -74,6 +74,9 @@ def test_dashboard_follows_the_box_and_rolls_back(browser: WebDriver, box: Box,
     wait.until(lambda d: d.find_element(By.ID, "live").text == "● live")
     assert browser.find_element(By.ID, "state").text == "ready"
     assert "colour-test v2" in browser.find_element(By.ID, "status").text
+    wait.until(lambda d: "v2 (running)" in d.find_element(By.CSS_SELECTOR, "tr.active").text)
+    gate = browser.find_element(By.CSS_SELECTOR, "tr[data-version='2'] .gate-pass").text
+    assert gate.startswith("passed") and "agreement_after 0.900" in gate
     assert browser.find_elements(By.CSS_SELECTOR, "#scenes li") == []
     keep(browser, tmp_path, "dashboard-empty.png")
 

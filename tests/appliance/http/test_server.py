@@ -13,7 +13,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from appliance.config import HTTPConfig
-from tests.appliance.http.conftest import TOKEN, Box, start_box
+from tests.appliance.http.conftest import GATE, TOKEN, Box, start_box
 from tests.conftest import Broker
 from tests.helpers.scenes import quarters, write_scene
 
@@ -35,6 +35,7 @@ def test_rollback_needs_the_token_and_switches_the_running_model(box: Box) -> No
     assert reply.json()["changed"] is True and reply.json()["model"]["version"] == 1
     models = box.get("/api/models").json()
     assert [(m["version"], m["active"]) for m in models["versions"]] == [(2, False), (1, True)]
+    assert models["versions"][0]["gate"] == GATE and models["versions"][1]["gate"] is None
     assert box.get("/api/status").json()["status"]["model"]["version"] == 1
     again = box.request("POST", "/api/models/rollback", token=TOKEN).json()  # v1 has no parent
     assert again["done"] is True and again["changed"] is False
