@@ -35,6 +35,7 @@ from appliance.contract.payloads import (
     ModelEvent,
     ModelRef,
 )
+from appliance.http.server import HTTPServer, node_server
 from appliance.ingest.inbox import Inbox
 from appliance.ingest.journal import Journal, JournalCorrupt
 from appliance.ingest.lifecycle import SceneLifecycle
@@ -68,6 +69,8 @@ class App:
         self.drift: DriftMonitor | None = None
         self.jobs: AdaptationJobs | None = None
         self.job_left_running = False  # an adaptation job outlived stop (see run_daemon)
+        self.retrieval: RetrievalService | None = None
+        self.http: HTTPServer | None = None
         self._drifting = False
 
     # -- the table of contents --------------------------------------------------------------
@@ -86,6 +89,7 @@ class App:
         self.init_telemetry()
         self.init_comms()
         self.init_scene_lifecycle()
+        self.init_http()
         self.wire_model_switches()
         self.register_commands()
         self.register_requests()
@@ -94,6 +98,8 @@ class App:
         """Connect, settle what a crash left behind, watch the inbox, declare READY."""
         self.notifier.status("reconciling journal")
         self.start_comms()
+        if self.http is not None:
+            self.http.start()
         if self.host.fallback is not None:  # the active version did not verify
             self._publish_switch(self.host.fallback)
         self.lifecycle.reconcile(lambda: self.loop.stopping)
@@ -109,6 +115,8 @@ class App:
         self.inbox.stop()
         if self.jobs is not None:
             self.job_left_running = not self.jobs.stop(timeout=ADAPTATION_STOP_WAIT)
+        if self.http is not None:
+            self.http.stop()
         if self.comms is not None:
             self.comms.stop()
         if self.index is not None:
@@ -170,6 +178,9 @@ class App:
         self.host.require(lambda bundle: None if bundle.manifest.embedding_dim == index.dim else
                           f"its embeddings have {bundle.manifest.embedding_dim} dimensions, "
                           f"the retrieval index {index.dim}")
+        host = self.host
+        self.retrieval = RetrievalService(index, self.settings.retrieval, lambda: host.runtime,
+                                          self.settings.node_id, self.settings.input)
 
     def init_drift_monitor(self) -> None:
         s = self.settings
@@ -236,13 +247,23 @@ class App:
     def register_requests(self) -> None:
         """``<p>/retrieval/query``, answered on the comms request thread (``busy`` beyond
         ``mqtt.max_pending_requests``)."""
-        if self.comms is None or self.index is None:
+        if self.comms is None or self.retrieval is None:
             return
-        host = self.host
-        service = RetrievalService(self.index, self.settings.retrieval, lambda: host.runtime,
-                                   self.settings.node_id, self.settings.input)
+        service = self.retrieval
         self.comms.on_request(RETRIEVAL_QUERY, service.handle_request,
                               refusal=service.refusal_reply)
+
+    def init_http(self) -> None:
+        """The dashboard, ``/metrics`` and the health probes (``http``)."""
+        if not self.settings.http.enabled:
+            return
+        comms = self.comms
+        try:
+            self.http = node_server(self.settings, self.telemetry, self.journal, self.host,
+                                    self.index, self.retrieval, self.submit,
+                                    (lambda: comms.connected.is_set()) if comms else None)
+        except (OSError, ValueError) as exc:
+            raise StartError(str(exc)) from exc
 
     def start_comms(self) -> None:
         if self.comms is not None:
@@ -260,6 +281,8 @@ class App:
     def _after_scene(self, outcome: SceneOutcome) -> DriftReport | None:
         """Index the cells, keep adaptation candidates, score drift; publish a drift change
         and start a job when one is due."""
+        if self.http is not None:
+            self.http.metrics.scene_processed(outcome)
         if self.index is not None:
             self.index.add_scene(outcome, self.host.bundle.manifest.class_names)
         if self.jobs is not None:

@@ -412,6 +412,48 @@ class AdaptConfig(Section):
     )
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class HTTPConfig(Section):
+    """The local dashboard, Prometheus ``/metrics`` and the ``/healthz``, ``/readyz`` probes.
+
+    Bound to the loopback address by default; bound anywhere else, every page but the two
+    probes needs the token of ``token_file`` (sent as ``Authorization: Bearer …``), and
+    the dashboard's write actions (rollback) always need it.
+    """
+
+    enabled: bool = True
+    host: str = Field(default="127.0.0.1", description="Address to bind; 0.0.0.0 for all.")
+    port: int = Field(default=8780, ge=1, le=65535)
+    token_file: Path | None = Field(
+        default=None, description="File holding the access token (one line, ≥ 16 characters).")
+
+    @property
+    def loopback(self) -> bool:
+        """True when only this machine can reach the server."""
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> HTTPConfig:
+        if self.enabled and not self.loopback and self.token_file is None:
+            raise ValueError(f"http.host {self.host} is reachable from other machines: "
+                             "set http.token_file")
+        return self
+
+    def token(self) -> str | None:
+        """The token from ``token_file`` (None when none is configured)."""
+        if self.token_file is None:
+            return None
+        if not self.token_file.is_file():
+            raise FileNotFoundError(f"http.token_file: {self.token_file} does not exist")
+        token = self.token_file.read_text().strip()
+        if len(token) < 16:
+            raise ValueError(f"http.token_file: {self.token_file} holds fewer than 16 "
+                             "characters")
+        return token
+
+
 class Settings(BaseSettings):
     """The whole appliance configuration."""
 
@@ -431,6 +473,7 @@ class Settings(BaseSettings):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
