@@ -105,6 +105,13 @@ class RescaleConfig(Section):
     """
 
     mode: Literal["auto", "none", "linear", "percentile"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        """``rescale: percentile`` is short for ``rescale: {mode: percentile}``."""
+        return {"mode": data} if isinstance(data, str) else data
+
     factor: float = Field(default=1.0, gt=0, description="linear: value * factor + offset")
     offset: float = 0.0
     percentiles: tuple[float, float] = (2.0, 98.0)
@@ -124,9 +131,21 @@ INPUT_DRIVERS = frozenset({"GTiff", "COG", "VRT", "PNG", "JPEG"})
 class InputConfig(Section):
     """Band mapping and value rescaling from a scene to the model's input."""
 
-    bands: list[int] | None = Field(
+    bands: list[int | str] | None = Field(
         default=None,
-        description="1-based scene band indexes in model band order; default: the first N.",
+        description="Scene bands in model band order: 1-based numbers or band names (`red`, "
+        "`B04`…). Default: matched by the scene's band descriptions and colour "
+        "interpretation, else the first N when the scene has exactly N bands.",
+    )
+    gsd_tolerance: float = Field(
+        default=2.0, ge=1,
+        description="A scene whose ground windows differ from the bundle's training ground "
+        "extent by more than this factor (either way) gets a warning or is refused.",
+    )
+    gsd_policy: Literal["warn", "refuse"] = Field(
+        default="warn",
+        description="warn: process it with a warning in the log, result, summary and STAC; "
+        "refuse: fail it with reason `resolution`.",
     )
     rescale: RescaleConfig = Field(default_factory=RescaleConfig)
     nodata: float | None = Field(default=None, description="Overrides the scene's nodata.")
@@ -167,17 +186,29 @@ class InputConfig(Section):
         unknown = sorted(set(self.drivers) - INPUT_DRIVERS)
         if unknown:
             raise ValueError(f"input.drivers: {unknown} not among {sorted(INPUT_DRIVERS)}")
+        if self.bands is not None and any(isinstance(b, int) and b < 1 for b in self.bands):
+            raise ValueError("input.bands: band numbers are 1-based")
         return self
 
 
 class TilingConfig(Section):
     """The GID multi-scale grid: co-centred windows at every scale around each cell centre."""
 
-    scales: list[int] | None = Field(
+    units: Literal["pixels", "metres"] = Field(
+        default="pixels",
+        description="Unit of scales and cell: scene pixels, or metres on the ground (each "
+        "window then covers that extent whatever the scene's resolution).")
+    scales: list[float] | None = Field(
         default=None,
-        description="Window sizes, px; default: the bundle's (set at export with "
-        "`terratile-export bundle --scales`).")
-    cell: int | None = Field(default=None, gt=0, description="Grid step, px; default min(scales).")
+        description="Window sizes in `units`; default: the bundle's (set at export with "
+        "`terratile-export bundle --scales`), scaled to the scene's GSD when the bundle "
+        "records its training GSD.")
+    cell: float | None = Field(
+        default=None, gt=0, description="Grid step in `units`; default min(scales).")
+    match_gsd: bool = Field(
+        default=True,
+        description="With the bundle's scales and both GSDs known, scale the windows so "
+        "each covers the ground extent it covered in training.")
     batch_size: int = Field(default=32, ge=1)
     fusion: Literal["mean", "max", "weighted"] = "mean"
     weights: list[float] | None = None
@@ -200,19 +231,25 @@ class TilingConfig(Section):
             raise ValueError("weights need one weight per scale")
         return self
 
-    def for_bundle(self, bundle_scales: list[int]) -> ResolvedTiling:
-        """This tiling with the bundle's scales where none are configured."""
-        scales = list(self.scales or bundle_scales)
+    def for_bundle(self, bundle_scales: list[int], pixels: list[int] | None = None,
+                   cell: int | None = None) -> ResolvedTiling:
+        """This tiling in scene pixels: ``pixels`` (and ``cell``) where the caller converted
+        the windows to the scene (metres, GSD matching), else the configured scales or the
+        bundle's."""
+        scales = pixels or [round(s) for s in (self.scales or bundle_scales)]
         if self.weights is not None and len(self.weights) != len(scales):
             raise ValueError(f"tiling.weights has {len(self.weights)} weights for the "
                              f"{len(scales)} scales {scales} (the bundle's)")
-        return ResolvedTiling(**{**self.model_dump(), "scales": scales})
+        step = cell if cell is not None else (round(self.cell) if self.cell else None)
+        return ResolvedTiling(**{**self.model_dump(), "scales": scales, "cell": step,
+                                 "units": "pixels"})
 
 
 class ResolvedTiling(TilingConfig):
-    """A tiling whose scales are known (configured, or the bundle's)."""
+    """A tiling whose scales are known (configured, or the bundle's), in scene pixels."""
 
-    scales: list[int]
+    scales: list[int]  # type: ignore[assignment]
+    cell: int | None = None
 
     @property
     def cell_size(self) -> int:

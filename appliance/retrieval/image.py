@@ -20,13 +20,17 @@ from appliance.config import InputConfig
 from appliance.contract.bundle import InputSpec
 from appliance.contract.chips import ChipError, read_chip
 from appliance.retrieval.query import RequestError
+from appliance.scene.bands import BandError, positional_bands
 from appliance.scene.raster import choose_rescale
 
 
 def read_tile(path: Path, spec: InputSpec, cfg: InputConfig) -> np.ndarray:
     """One [C,S,S] float32 tile in ``spec.value_range``; ``RequestError("bad-image")``."""
     n = len(spec.bands)
-    bands = list(cfg.bands) if cfg.bands else list(range(1, n + 1))
+    try:
+        bands = positional_bands(cfg.bands, spec.bands)
+    except BandError as exc:
+        raise RequestError("bad-image", f"{path}: {exc}") from exc
     if len(bands) != n:
         raise RequestError("bad-image", f"{path}: input.bands lists {len(bands)} bands, "
                            f"the model needs {n}")
