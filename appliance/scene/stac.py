@@ -204,7 +204,7 @@ def _relative(target: Path, start_file: Path) -> str:
 
 def item_dict(item: pystac.Item) -> dict[str, Any]:
     """The item as written: hrefs exactly as built (relative assets, absolute self)."""
-    return item.to_dict(include_self_link=False, transform_hrefs=False)
+    return item.to_dict(include_self_link=True, transform_hrefs=False)
 
 
 def update_catalog(results: Path, node_id: str, added: Path | None = None,
@@ -236,5 +236,5 @@ def update_catalog(results: Path, node_id: str, added: Path | None = None,
                 catalog.add_link(pystac.Link(pystac.RelType.ITEM, href, title=links[href],
                                              media_type=pystac.MediaType.GEOJSON))
         atomic_write_text(path, json.dumps(
-            catalog.to_dict(include_self_link=False, transform_hrefs=False), indent=2))
+            catalog.to_dict(include_self_link=True, transform_hrefs=False), indent=2))
     return path
