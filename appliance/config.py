@@ -9,8 +9,10 @@ to a default. ``explain_errors`` turns a ``ValidationError`` into one line per k
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -468,17 +470,48 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names every bad key."""
 
 
-def explain_errors(exc: ValidationError) -> list[str]:
-    """One human line per error: ``key.path: message (got value)``."""
+def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
+    """The keys the section at ``loc`` accepts (empty when ``loc`` is not a section)."""
+    model: type[BaseModel] = Settings
+    for part in loc:
+        info = model.model_fields.get(str(part))
+        kind = info.annotation if info is not None else None
+        if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
+            return []
+        model = kind
+    return list(model.model_fields)
+
+
+def _in(tree: dict[str, Any], loc: tuple[str | int, ...]) -> bool:
+    node: Any = tree
+    for part in loc:
+        if not isinstance(node, dict) or str(part) not in node:
+            return False
+        node = node[str(part)]
+    return True
+
+
+def _env_name(loc: tuple[str | int, ...]) -> str:
+    return "TERRATILE_" + "__".join(str(p).upper() for p in loc if isinstance(p, str))
+
+
+def explain_errors(exc: ValidationError,
+                   origin: Callable[[tuple[str | int, ...]], str] | None = None) -> list[str]:
+    """One human line per error: ``key.path: message (got value)``, a suggestion for an
+    unknown key close to a known one, and ``origin(loc)`` (where the value came from)."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(root)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+            close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1)
+            if close:
+                msg += f" (did you mean `{close[0]}`?)"
         got = err.get("input")
         shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-        lines.append(f"{key}: {msg}{shown}")
+        lines.append(f"{key}: {msg}{shown}{origin(loc) if origin else ''}")
     return lines
 
 
@@ -500,12 +533,21 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"{path}: top level must be a mapping of keys")
         data = _resolve_relative(loaded, path.parent.resolve())
     try:
-        env = _EnvOnly()  # environment values alone, merged above the YAML file
-        merged = _deep_merge(data, env.model_dump(exclude_unset=True))
-        merged = _deep_merge(merged, overrides)
+        env_values = _EnvOnly().model_dump(exclude_unset=True)  # above the YAML file
+    except ValidationError as exc:
+        raise ConfigError("\n".join(explain_errors(
+            exc, lambda loc: f" [from environment variable {_env_name(loc)}]"))) from exc
+
+    def origin(loc: tuple[str | int, ...]) -> str:
+        if _in(env_values, loc):
+            return f" [from environment variable {_env_name(loc)}]"
+        return f" [from {path}]" if path is not None and _in(data, loc) else ""
+
+    try:
+        merged = _deep_merge(_deep_merge(data, env_values), overrides)
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError("\n".join(explain_errors(exc))) from exc
+        raise ConfigError("\n".join(explain_errors(exc, origin))) from exc
 
 
 class _EnvOnly(Settings):

@@ -34,7 +34,7 @@ def test_aid_classes_get_colours_by_meaning() -> None:
     assert all(_hue(colours[n]) == "red" for n in ("DenseResidential", "MediumResidential"))
     assert len(set(colours.values())) == len(AID)  # all distinct
     for rgb in colours.values():  # never white or black
-        assert 25 <= min(rgb) and max(rgb) <= 235 and not min(rgb) > 220
+        assert min(rgb) >= 25 and max(rgb) <= 235 and not min(rgb) > 220
 
 
 def test_run_together_names_are_understood() -> None:

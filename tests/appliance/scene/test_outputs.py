@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from PIL import Image
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 

@@ -36,6 +36,7 @@ def test_scale_windows_are_co_centred_inside_and_kept_in_the_scene_at_edges() ->
     win = grid.windows()
     c, r = grid.origin(len(grid) - 1, 224)  # the corner cell still lies in its window
     assert c <= win[-1, 0] and win[-1, 0] + win[-1, 2] <= c + 224
+    assert r <= win[-1, 1] and win[-1, 1] + win[-1, 3] <= r + 224
     cols, rows = grid.origins(224)
     assert (cols[7], rows[7]) == grid.origin(7, 224)
 
