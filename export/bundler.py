@@ -197,6 +197,8 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     console = console or Console(stderr=True)
     torch.set_num_threads(2)
     info, model = load_trained(run_dir)
+    classes = (read_palette(options.palette, info.classes) if options.palette is not None
+               else semantic_palette(info.classes))  # a bad palette file fails before export
     spec = info.input_spec
     source = load_split(run_dir, "train")  # the run's own training chips
     labels_all = source.label_array()
@@ -251,8 +253,7 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     manifest = Manifest(
         name=options.name or Path(run_dir).resolve().name, version=options.version,
         backbone=info.backbone, task=info.task,
-        classes=(read_palette(options.palette, info.classes) if options.palette is not None
-                 else semantic_palette(info.classes)),
+        classes=classes,
         palette="custom" if options.palette is not None else "semantic",
         gsd=options.gsd if options.gsd is not None else info.gsd,
         input=spec, scales=list(options.scales), feature_dim=info.feature_dim,
