@@ -279,11 +279,10 @@ def _process(
                        np.zeros((n, len(manifest.input.bands)), np.float32),
                        _Reservoir(FEATURE_SAMPLE, rng), _Reservoir(TILE_SAMPLE, rng))
     own_scale = int(np.argmin(grid.scales))  # the window that is the cell itself
-    # The kept embedding's scale is chosen among the nominal (bundle or configured) scales.
-    r_index = _embedding_scale_index(
-        [round(x) for x in (settings.tiling.scales or manifest.scales)]
-        if len(settings.tiling.scales or manifest.scales) == len(tiling.scales)
-        else tiling.scales, embedding_scale)
+    # retrieval.scale names one of the nominal scales (configured, or the bundle's), not
+    # the scene-pixel sizes they became for this scene's GSD.
+    nominal = [round(x) for x in (settings.tiling.scales or manifest.scales)]
+    r_index = _embedding_scale_index(nominal, embedding_scale)
     multi_label = manifest.task == "multi-label"
     todo = np.flatnonzero(valid)
     t_read, t_infer = time.perf_counter() - t_start, 0.0  # opening: statistics and mask reads
@@ -462,7 +461,7 @@ def _write_hybrid(path: Path, scene: Scene, grid: CellGrid, cmap: ClassMap,
     image = scene.overview_rescaled()
     seg = segment(image, scene.overview_valid, settings.tiling.segments,
                   settings.tiling.segment_scale)
-    under = cell_labels_on(seg.shape, (scene.height, scene.width), grid.cell, cmap.labels)
+    under = cell_labels_on(seg.shape, cmap.labels)
     hybrid = hybrid_map(seg, under, len(cmap.classes))
     h, w = seg.shape
     transform = scene.ds.transform @ rasterio.Affine.scale(scene.width / w, scene.height / h)
