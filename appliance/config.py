@@ -9,8 +9,10 @@ to a default. ``explain_errors`` turns a ``ValidationError`` into one line per k
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -105,6 +107,13 @@ class RescaleConfig(Section):
     """
 
     mode: Literal["auto", "none", "linear", "percentile"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        """``rescale: percentile`` is short for ``rescale: {mode: percentile}``."""
+        return {"mode": data} if isinstance(data, str) else data
+
     factor: float = Field(default=1.0, gt=0, description="linear: value * factor + offset")
     offset: float = 0.0
     percentiles: tuple[float, float] = (2.0, 98.0)
@@ -124,9 +133,21 @@ INPUT_DRIVERS = frozenset({"GTiff", "COG", "VRT", "PNG", "JPEG"})
 class InputConfig(Section):
     """Band mapping and value rescaling from a scene to the model's input."""
 
-    bands: list[int] | None = Field(
+    bands: list[int | str] | None = Field(
         default=None,
-        description="1-based scene band indexes in model band order; default: the first N.",
+        description="Scene bands in model band order: 1-based numbers or band names (`red`, "
+        "`B04`…). Default: matched by the scene's band descriptions and colour "
+        "interpretation, else the first N when the scene has exactly N bands.",
+    )
+    gsd_tolerance: float = Field(
+        default=2.0, ge=1,
+        description="A scene whose ground windows differ from the bundle's training ground "
+        "extent by more than this factor (either way) gets a warning or is refused.",
+    )
+    gsd_policy: Literal["warn", "refuse"] = Field(
+        default="warn",
+        description="warn: process it with a warning in the log, result, summary and STAC; "
+        "refuse: fail it with reason `resolution`.",
     )
     rescale: RescaleConfig = Field(default_factory=RescaleConfig)
     nodata: float | None = Field(default=None, description="Overrides the scene's nodata.")
@@ -167,17 +188,29 @@ class InputConfig(Section):
         unknown = sorted(set(self.drivers) - INPUT_DRIVERS)
         if unknown:
             raise ValueError(f"input.drivers: {unknown} not among {sorted(INPUT_DRIVERS)}")
+        if self.bands is not None and any(isinstance(b, int) and b < 1 for b in self.bands):
+            raise ValueError("input.bands: band numbers are 1-based")
         return self
 
 
 class TilingConfig(Section):
     """The GID multi-scale grid: co-centred windows at every scale around each cell centre."""
 
-    scales: list[int] | None = Field(
+    units: Literal["pixels", "metres"] = Field(
+        default="pixels",
+        description="Unit of scales and cell: scene pixels, or metres on the ground (each "
+        "window then covers that extent whatever the scene's resolution).")
+    scales: list[float] | None = Field(
         default=None,
-        description="Window sizes, px; default: the bundle's (set at export with "
-        "`terratile-export bundle --scales`).")
-    cell: int | None = Field(default=None, gt=0, description="Grid step, px; default min(scales).")
+        description="Window sizes in `units`; default: the bundle's (set at export with "
+        "`terratile-export bundle --scales`), scaled to the scene's GSD when the bundle "
+        "records its training GSD.")
+    cell: float | None = Field(
+        default=None, gt=0, description="Grid step in `units`; default min(scales).")
+    match_gsd: bool = Field(
+        default=True,
+        description="With the bundle's scales and both GSDs known, scale the windows so "
+        "each covers the ground extent it covered in training.")
     batch_size: int = Field(default=32, ge=1)
     fusion: Literal["mean", "max", "weighted"] = "mean"
     weights: list[float] | None = None
@@ -200,19 +233,25 @@ class TilingConfig(Section):
             raise ValueError("weights need one weight per scale")
         return self
 
-    def for_bundle(self, bundle_scales: list[int]) -> ResolvedTiling:
-        """This tiling with the bundle's scales where none are configured."""
-        scales = list(self.scales or bundle_scales)
+    def for_bundle(self, bundle_scales: list[int], pixels: list[int] | None = None,
+                   cell: int | None = None) -> ResolvedTiling:
+        """This tiling in scene pixels: ``pixels`` (and ``cell``) where the caller converted
+        the windows to the scene (metres, GSD matching), else the configured scales or the
+        bundle's."""
+        scales = pixels or [round(s) for s in (self.scales or bundle_scales)]
         if self.weights is not None and len(self.weights) != len(scales):
             raise ValueError(f"tiling.weights has {len(self.weights)} weights for the "
                              f"{len(scales)} scales {scales} (the bundle's)")
-        return ResolvedTiling(**{**self.model_dump(), "scales": scales})
+        step = cell if cell is not None else (round(self.cell) if self.cell else None)
+        return ResolvedTiling(**{**self.model_dump(), "scales": scales, "cell": step,
+                                 "units": "pixels"})
 
 
 class ResolvedTiling(TilingConfig):
-    """A tiling whose scales are known (configured, or the bundle's)."""
+    """A tiling whose scales are known (configured, or the bundle's), in scene pixels."""
 
-    scales: list[int]
+    scales: list[int]  # type: ignore[assignment]
+    cell: int | None = None
 
     @property
     def cell_size(self) -> int:
@@ -481,17 +520,48 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names every bad key."""
 
 
-def explain_errors(exc: ValidationError) -> list[str]:
-    """One human line per error: ``key.path: message (got value)``."""
+def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
+    """The keys the section at ``loc`` accepts (empty when ``loc`` is not a section)."""
+    model: type[BaseModel] = Settings
+    for part in loc:
+        info = model.model_fields.get(str(part))
+        kind = info.annotation if info is not None else None
+        if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
+            return []
+        model = kind
+    return list(model.model_fields)
+
+
+def _in(tree: dict[str, Any], loc: tuple[str | int, ...]) -> bool:
+    node: Any = tree
+    for part in loc:
+        if not isinstance(node, dict) or str(part) not in node:
+            return False
+        node = node[str(part)]
+    return True
+
+
+def _env_name(loc: tuple[str | int, ...]) -> str:
+    return "TERRATILE_" + "__".join(str(p).upper() for p in loc if isinstance(p, str))
+
+
+def explain_errors(exc: ValidationError,
+                   origin: Callable[[tuple[str | int, ...]], str] | None = None) -> list[str]:
+    """One human line per error: ``key.path: message (got value)``, a suggestion for an
+    unknown key close to a known one, and ``origin(loc)`` (where the value came from)."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(root)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+            close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1)
+            if close:
+                msg += f" (did you mean `{close[0]}`?)"
         got = err.get("input")
         shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-        lines.append(f"{key}: {msg}{shown}")
+        lines.append(f"{key}: {msg}{shown}{origin(loc) if origin else ''}")
     return lines
 
 
@@ -513,12 +583,21 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"{path}: top level must be a mapping of keys")
         data = _resolve_relative(loaded, path.parent.resolve())
     try:
-        env = _EnvOnly()  # environment values alone, merged above the YAML file
-        merged = _deep_merge(data, env.model_dump(exclude_unset=True))
-        merged = _deep_merge(merged, overrides)
+        env_values = _EnvOnly().model_dump(exclude_unset=True)  # above the YAML file
+    except ValidationError as exc:
+        raise ConfigError("\n".join(explain_errors(
+            exc, lambda loc: f" [from environment variable {_env_name(loc)}]"))) from exc
+
+    def origin(loc: tuple[str | int, ...]) -> str:
+        if _in(env_values, loc):
+            return f" [from environment variable {_env_name(loc)}]"
+        return f" [from {path}]" if path is not None and _in(data, loc) else ""
+
+    try:
+        merged = _deep_merge(_deep_merge(data, env_values), overrides)
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError("\n".join(explain_errors(exc))) from exc
+        raise ConfigError("\n".join(explain_errors(exc, origin))) from exc
 
 
 class _EnvOnly(Settings):

@@ -85,6 +85,28 @@ def refusal_reply(payload: bytes, code: Refusal) -> dict[str, Any]:
     return {"request_id": None, "error": {"code": code, "message": REFUSAL_MESSAGES[code]}}
 
 
+def broker_client(cfg: MQTTConfig, client_id: str) -> mqtt.Client:
+    """An MQTT 5 client with ``cfg``'s credentials and TLS, not connected yet."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5)
+    if cfg.username:
+        secret = cfg.password()
+        client.username_pw_set(cfg.username,
+                               secret.get_secret_value() if secret is not None else None)
+    if cfg.tls.enabled:
+        for key in ("ca_certs", "certfile", "keyfile"):
+            path = getattr(cfg.tls, key)
+            if path is not None and not path.is_file():
+                raise FileNotFoundError(f"mqtt.tls.{key}: {path} is not a readable file")
+        client.tls_set(
+            ca_certs=str(cfg.tls.ca_certs) if cfg.tls.ca_certs else None,
+            certfile=str(cfg.tls.certfile) if cfg.tls.certfile else None,
+            keyfile=str(cfg.tls.keyfile) if cfg.tls.keyfile else None,
+        )
+        client.tls_insecure_set(cfg.tls.insecure)
+    return client
+
+
 class Comms:
     """The MQTT side of the appliance; see the module docstring for the guarantees."""
 
@@ -142,24 +164,8 @@ class Comms:
 
     def _make_client(self) -> mqtt.Client:
         cfg = self.cfg
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=mqtt.MQTTv5)
+        client = broker_client(cfg, self.client_id)
         client.will_set(self.topics.node(AVAILABLE), "offline", qos=1, retain=True)
-        if cfg.username:
-            secret = cfg.password()
-            client.username_pw_set(cfg.username,
-                                   secret.get_secret_value() if secret is not None else None)
-        if cfg.tls.enabled:
-            for key in ("ca_certs", "certfile", "keyfile"):
-                path = getattr(cfg.tls, key)
-                if path is not None and not path.is_file():
-                    raise FileNotFoundError(f"mqtt.tls.{key}: {path} is not a readable file")
-            client.tls_set(
-                ca_certs=str(cfg.tls.ca_certs) if cfg.tls.ca_certs else None,
-                certfile=str(cfg.tls.certfile) if cfg.tls.certfile else None,
-                keyfile=str(cfg.tls.keyfile) if cfg.tls.keyfile else None,
-            )
-            client.tls_insecure_set(cfg.tls.insecure)
         client.reconnect_delay_set(min_delay=1, max_delay=cfg.reconnect_max_delay)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail

@@ -307,10 +307,58 @@ class ClassShare(BaseModel):
     area_ha: float = Field(ge=0)
 
 
+class BandUse(Record):
+    """One model input band and the scene band that fed it."""
+
+    band: str = Field(description="The model's band (manifest input.bands).")
+    index: int = Field(ge=1, description="1-based scene band number.")
+    label: str | None = Field(description="What the scene calls that band (null: nothing).")
+
+
+class RescaleUse(Record):
+    """The value mapping applied: ``raw * gain + bias`` per band, into the model's range."""
+
+    mode: str
+    gain: list[float]
+    bias: list[float]
+
+
+class Resolution(Record):
+    """Ground sampling distances and the windows the scene was tiled with."""
+
+    scene_gsd: float | None = Field(description="Metres per pixel at the scene centre.")
+    bundle_gsd: float | None = Field(description="The training GSD (null: unknown).")
+    matched: bool = Field(description="Windows were scaled to the scene's GSD.")
+    ratio: float | None = Field(
+        description="Ground extent of the windows / the training one (1: matched).")
+    windows: list[int] = Field(description="Window sizes used, scene pixels.")
+    cell: int = Field(description="Grid step, scene pixels.")
+
+
+class SceneInput(Record):
+    """How the scene was fed to the model: bands, value mapping, resolution."""
+
+    bands: list[BandUse]
+    band_selection: Literal["config", "metadata", "order"] = Field(
+        description="config: input.bands; metadata: matched by band names; order: the "
+        "first N bands of an N-band scene that names none.")
+    rescale: RescaleUse
+    resolution: Resolution
+
+
+class Acquired(Record):
+    """When the scene was acquired."""
+
+    datetime: str = Field(description="UTC, ISO 8601.")
+    source: Literal["tag", "sidecar", "processing"] = Field(
+        description="tag: the scene's own tags; sidecar: its STAC item; processing: none "
+        "known, the processing time.")
+
+
 class SceneResult(Payload):
     """``<p>/scene/<scene_id>/result``: a scene was classified; where its outputs are."""
 
-    SCHEMA: ClassVar[str] = "terratile.scene-result/1"
+    SCHEMA: ClassVar[str] = "terratile.scene-result/2"
 
     scene_id: str
     source: str = Field(description="File name as dropped into the inbox.")
@@ -326,6 +374,10 @@ class SceneResult(Payload):
     timings: dict[str, float] = Field(description="Seconds per stage.")
     tiles: int = Field(description="Model inputs run (cells × scales).")
     drift: DriftReport | None = Field(default=None, description="Null: drift detection is off.")
+    input: SceneInput
+    acquired: Acquired
+    warnings: list[str] = Field(
+        default_factory=list, description="What makes this result less trustworthy.")
 
 
 class SceneFailed(Payload):

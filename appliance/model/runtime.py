@@ -12,7 +12,9 @@ every expert of a bundle (``bundle.Expert``: its own input spec and head per dom
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 import threading
 from dataclasses import dataclass, replace
@@ -109,6 +111,13 @@ def load_gpu_libraries() -> None:
         preload()
 
 
+@functools.cache
+def quiet_onnxruntime() -> None:
+    """Raise onnxruntime's own logger to FATAL, once, before any session exists: its
+    warnings about providers it cannot load duplicate the FALLBACK warning logged here."""
+    ort.set_default_logger_severity(4)
+
+
 def open_session(model: Path | bytes, plan: ProviderPlan) -> ort.InferenceSession:
     """An InferenceSession on the best available provider, falling back loudly."""
     if GPU_PROVIDERS.intersection(plan.providers):
@@ -129,7 +138,15 @@ def open_session(model: Path | bytes, plan: ProviderPlan) -> ort.InferenceSessio
         if name not in available:
             log.warning("provider %s requested but not in this onnxruntime build", name)
     source = model if isinstance(model, bytes) else str(model)
-    session = ort.InferenceSession(source, sess_options=opts, providers=requested)
+    quiet_onnxruntime()
+    # onnxruntime print()s a provider that fails to load ("EP Error ... Falling back") on
+    # stdout, which must carry only data (`terratile process > result.json`): captured
+    # here and logged; the fallback itself is reported below as a WARNING.
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        session = ort.InferenceSession(source, sess_options=opts, providers=requested)
+    if captured.getvalue().strip():
+        log.debug("onnxruntime: %s", captured.getvalue().strip())
     active = session.get_providers()
     first_wanted = requested[0][0] if isinstance(requested[0], tuple) else requested[0]
     if active[0] != first_wanted:
