@@ -26,7 +26,7 @@ from appliance.adapt.job import AdaptationJobs
 from appliance.comms.mqtt import Comms
 from appliance.comms.topics import DRIFT_EVENTS, MODEL_EVENTS, RETRIEVAL_QUERY, Topics
 from appliance.config import EX_CONFIG, Settings
-from appliance.contract.bundle import Bundle, BundleError
+from appliance.contract.bundle import BundleError
 from appliance.contract.durable import StateLock
 from appliance.contract.payloads import (
     AdaptationReport,
@@ -39,9 +39,10 @@ from appliance.ingest.inbox import Inbox
 from appliance.ingest.journal import Journal, JournalCorrupt
 from appliance.ingest.lifecycle import SceneLifecycle
 from appliance.loop import MainLoop
-from appliance.model.commands import ModelCommands
+from appliance.model.commands import ModelCommands, ModelNotice
 from appliance.model.host import ModelHost, Switch
-from appliance.retrieval.index import IndexStateError, TileIndex
+from appliance.model.install import Installer, InstallRequest, check_seed
+from appliance.retrieval.index import IndexStateError, TileIndex, stored_dim
 from appliance.retrieval.service import RetrievalService
 from appliance.scene.pipeline import SceneOutcome, process_scene
 from appliance.systemd import Notifier
@@ -66,7 +67,9 @@ class App:
         self.index: TileIndex | None = None
         self.drift: DriftMonitor | None = None
         self.jobs: AdaptationJobs | None = None
+        self.model_commands: ModelCommands | None = None
         self._drifting = False
+        self._start_news: list[Switch | ModelNotice] = []  # announced once MQTT is up
 
     # -- the table of contents --------------------------------------------------------------
 
@@ -92,8 +95,8 @@ class App:
         """Connect, settle what a crash left behind, watch the inbox, declare READY."""
         self.notifier.status("reconciling journal")
         self.start_comms()
-        if self.host.fallback is not None:  # the active version did not verify
-            self._publish_switch(self.host.fallback)
+        for news in self._start_news:  # fallback, seed bundle installed or reported
+            self._announce(news)
         self.lifecycle.reconcile(lambda: self.loop.stopping)
         self.inbox.start()
         self.telemetry.set_state(State.READY)
@@ -105,6 +108,8 @@ class App:
         self.notifier.stopping()
         self.telemetry.set_state(State.STOPPING)
         self.inbox.stop()
+        if self.model_commands is not None:
+            self.model_commands.close()
         if self.comms is not None:
             self.comms.stop()
         if self.index is not None:
@@ -143,14 +148,44 @@ class App:
                              s.input.max_scene_seconds)
 
     def init_model_host(self) -> None:
-        """The store (seeded from ``model.bundle`` on first start) and a warmed runtime."""
-        self.host = ModelHost.open(self.settings)
-        try:
-            self.settings.tiling.for_bundle(self.host.bundle.manifest.scales)
-        except ValueError as exc:
-            raise StartError(str(exc)) from exc
+        """The store (seeded from ``model.bundle`` on first start) and a warmed runtime of
+        a version that verifies and fits (band count, tiling, the index's embedding size);
+        then ``model.bundle`` compared with what is installed."""
+        s = self.settings
+        index_dim = stored_dim(s.paths.state) if s.retrieval.enabled else None
+        self.host = ModelHost.open(s, index_dim=index_dim)
+        if self.host.fallback is not None:
+            self._start_news.append(self.host.fallback)
+        self.adopt_seed()
         log.info("model %s v%d on %s", self.host.bundle.manifest.name, self.host.bundle.version,
                  self.host.runtime.providers)
+
+    def adopt_seed(self) -> None:
+        """A ``model.bundle`` unlike every installed version is reported loudly (it does
+        not run), or installed and run when ``model.install_newer`` and it is newer."""
+        s = self.settings
+        seed = check_seed(self.host, s.model.bundle)
+        if seed is None or seed.installed:
+            return
+        source = str(seed.bundle)
+        if seed.problem is None and seed.newer and s.model.install_newer:
+            try:
+                installed = Installer(self.host, s.model, confined=False).install(
+                    InstallRequest(source))
+                self._start_news.append(self.host.switch(
+                    self.host.stage(installed.bundle.version), "install", source=source))
+            except BundleError as exc:
+                log.error("model.bundle %s (model.install_newer) not installed: %s", source, exc)
+                self._start_news.append(ModelNotice("refused", "start", str(exc), source=source))
+            return
+        why = seed.problem or (
+            f"model.bundle {source} (v{seed.version}) differs from every installed version "
+            f"and does not run; v{self.host.bundle.version} runs. Install it with "
+            "`terratile models install` or cmd/install"
+            + (", or set model.install_newer: true" if seed.newer else
+               " under a new version number"))
+        log.warning("%s", why)
+        self._start_news.append(ModelNotice("seed-differs", "start", why, source=source))
 
     def init_retrieval_index(self) -> None:
         """The retrieval index, unless retrieval is off or its files do not fit the model."""
@@ -162,10 +197,7 @@ class App:
         except IndexStateError as exc:  # e.g. a model with another embedding size
             log.error("retrieval disabled: %s", exc)
             return
-        index = self.index
-        self.host.require(lambda bundle: None if bundle.manifest.embedding_dim == index.dim else
-                          f"its embeddings have {bundle.manifest.embedding_dim} dimensions, "
-                          f"the retrieval index {index.dim}")
+        self.host.bind_index(self.index.dim)
 
     def init_drift_monitor(self) -> None:
         s = self.settings
@@ -216,18 +248,15 @@ class App:
         """``<p>/cmd/<verb>``: each handler only queues its work for the main loop."""
         if self.comms is None:
             return
-        model = ModelCommands(self.host)
+        model = ModelCommands(self.host, self.submit, self._announce,
+                              Installer(self.host, self.settings.model))
+        self.model_commands = model
         for verb, command in (("reload", model.reload), ("rollback", model.rollback),
-                              ("activate", model.activate)):
-            self.comms.on_command(verb, self._queued(command))
+                              ("activate", model.activate), ("install", model.install)):
+            self.comms.on_command(verb, command)
         self.comms.on_command("rescan", lambda _payload: self.submit(self.inbox.rescan))
         self.comms.on_command("adapt", lambda _payload: self.submit(
             lambda: self._start_adaptation("command")))
-
-    def _queued(self, command: Callable[[bytes], Callable[[], None]]
-                ) -> Callable[[bytes], None]:
-        """A command handler that queues the task ``command`` makes of the payload."""
-        return lambda payload: self.submit(command(payload))
 
     def register_requests(self) -> None:
         """``<p>/retrieval/query``, answered on the comms request thread (``busy`` beyond
@@ -284,19 +313,32 @@ class App:
         self.drift.switch_model(change.bundle)
 
     def _publish_switch(self, change: Switch) -> None:
-        self._publish_model_event(change.action, change.previous, change.detail)
+        self._publish_model_event(ModelEvent(
+            node_id=self.settings.node_id, action=change.action,
+            model=ModelRef.of(self.host.bundle.manifest),
+            previous=ModelRef.of(change.previous.manifest), detail=change.detail,
+            reason=change.reason, source=change.source,
+            request="start" if change.action == "fallback" else None))
 
     def _publish_refusal(self, report: AdaptationReport) -> None:
         """A job's proposal that was refused (by its gate, or when it came to run)."""
-        self._publish_model_event("rejected", None, report)
+        self._publish_model_event(ModelEvent(
+            node_id=self.settings.node_id, action="rejected",
+            model=ModelRef.of(self.host.bundle.manifest), detail=report))
 
-    def _publish_model_event(self, action: str, previous: Bundle | None,
-                             detail: AdaptationReport | None) -> None:
+    def _announce(self, news: Switch | ModelNotice) -> None:
+        """A model switch or notice on ``events/model``."""
+        if isinstance(news, Switch):
+            self._publish_switch(news)
+            return
+        self._publish_model_event(ModelEvent(
+            node_id=self.settings.node_id, action=news.action,
+            model=ModelRef.of(self.host.bundle.manifest),
+            target=ModelRef.of(news.target) if news.target is not None else None,
+            request=news.request, reason=news.reason, source=news.source))
+
+    def _publish_model_event(self, event: ModelEvent) -> None:
         if self.comms is not None:
-            event = ModelEvent(node_id=self.settings.node_id, action=action,
-                               model=ModelRef.of(self.host.bundle.manifest),
-                               previous=ModelRef.of(previous.manifest) if previous else None,
-                               detail=detail)
             self.comms.send(MODEL_EVENTS, event.to_json(), event.msg_id)
 
     # -- running ------------------------------------------------------------------------------

@@ -132,21 +132,7 @@ class Comms:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=mqtt.MQTTv5)
         client.will_set(self.topics.node(AVAILABLE), "offline", qos=1, retain=True)
-        if cfg.username:
-            secret = cfg.password()
-            client.username_pw_set(cfg.username,
-                                   secret.get_secret_value() if secret is not None else None)
-        if cfg.tls.enabled:
-            for key in ("ca_certs", "certfile", "keyfile"):
-                path = getattr(cfg.tls, key)
-                if path is not None and not path.is_file():
-                    raise FileNotFoundError(f"mqtt.tls.{key}: {path} is not a readable file")
-            client.tls_set(
-                ca_certs=str(cfg.tls.ca_certs) if cfg.tls.ca_certs else None,
-                certfile=str(cfg.tls.certfile) if cfg.tls.certfile else None,
-                keyfile=str(cfg.tls.keyfile) if cfg.tls.keyfile else None,
-            )
-            client.tls_insecure_set(cfg.tls.insecure)
+        apply_credentials(client, cfg)
         client.reconnect_delay_set(min_delay=1, max_delay=cfg.reconnect_max_delay)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -391,6 +377,25 @@ class Comms:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("MQTT: reply to a request on %s not sent: %s", suffix,
                         mqtt.error_string(info.rc))
+
+
+def apply_credentials(client: mqtt.Client, cfg: MQTTConfig) -> None:
+    """Username, password and TLS of ``cfg`` on ``client`` (the daemon's and the CLI's)."""
+    if cfg.username:
+        secret = cfg.password()
+        client.username_pw_set(cfg.username,
+                               secret.get_secret_value() if secret is not None else None)
+    if cfg.tls.enabled:
+        for key in ("ca_certs", "certfile", "keyfile"):
+            path = getattr(cfg.tls, key)
+            if path is not None and not path.is_file():
+                raise FileNotFoundError(f"mqtt.tls.{key}: {path} is not a readable file")
+        client.tls_set(
+            ca_certs=str(cfg.tls.ca_certs) if cfg.tls.ca_certs else None,
+            certfile=str(cfg.tls.certfile) if cfg.tls.certfile else None,
+            keyfile=str(cfg.tls.keyfile) if cfg.tls.keyfile else None,
+        )
+        client.tls_insecure_set(cfg.tls.insecure)
 
 
 def _busy(busy: BusyReply, payload: bytes) -> dict[str, Any]:

@@ -381,11 +381,21 @@ class ModelEvent(Payload):
 
     SCHEMA: ClassVar[str] = "terratile.event-model/1"
 
-    action: str = Field(description="adapted | rejected | rollback | activate | reload")
-    model: ModelRef | None
+    action: str = Field(description="adapted | rejected | rollback | activate | reload | "
+                        "install | installed | fallback | refused | seed-differs")
+    model: ModelRef | None = Field(description="The model that runs now.")
     previous: ModelRef | None = None
     detail: AdaptationReport | None = Field(
         default=None, description="The adaptation job's report (adapted, rejected, reset).")
+    target: ModelRef | None = Field(
+        default=None, description="The version the request was about (installed, refused, "
+        "seed-differs), when it is known.")
+    request: str | None = Field(
+        default=None, description="What was asked (install, activate, rollback, reload, "
+        "start) when the action is refused, fallback or seed-differs.")
+    reason: str | None = Field(default=None, description="Why (refused, fallback, seed-differs).")
+    source: str | None = Field(default=None,
+                               description="Where an installed or refused bundle came from.")
 
 
 PAYLOADS: dict[str, type[Payload]] = {

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -101,13 +101,16 @@ class ModelStore:
             raise BundleError(f"{self.root}: no active model (install a bundle first)")
         return load_bundle(self.dir_for(version))
 
-    def newest_verified(self) -> Bundle | None:
-        """The newest installed version that verifies (None: none does)."""
+    def newest_verified(self, accept: Callable[[Bundle], bool] = lambda _b: True
+                        ) -> Bundle | None:
+        """The newest installed version that verifies and that ``accept``s (None: none)."""
         for version in reversed(self._installed()):
             try:
-                return load_bundle(self.dir_for(version))
+                bundle = load_bundle(self.dir_for(version))
             except BundleError:
                 continue
+            if accept(bundle):
+                return bundle
         return None
 
     def load(self, version: int) -> Bundle:

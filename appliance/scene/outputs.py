@@ -12,7 +12,7 @@ match within one cell (the last partial row/column of cells is a whole map pixel
   uint8 keeps it small and is precise enough for a confidence map.
 - Maps are built by GDAL entirely in memory (``/vsimem/``) and written to disk by Python,
   so a full disk is an ordinary ``OSError`` (``ENOSPC``), never a crash inside GDAL;
-  ``disk_full_guard`` turns it, and a results disk below ``input.min_free_mb`` free, into
+  ``disk_full_guard`` turns it, and a results disk below ``paths.min_free_mb`` free, into
   ``SceneError("disk-full")``.
 - Areas are ellipsoidal: each cell's corners are transformed to WGS84 and the cell's area
   is computed on the WGS84 ellipsoid through authalic latitudes, so EPSG:4326 and
@@ -212,7 +212,7 @@ def disk_full_guard(out_dir: Path, min_free_mb: int) -> Iterator[None]:
     free_mb = st.f_bavail * st.f_frsize / (1 << 20)
     if free_mb < min_free_mb:
         raise SceneError("disk-full", f"{out_dir}: {free_mb:.1f} MB free, less than "
-                         f"input.min_free_mb ({min_free_mb})")
+                         f"paths.min_free_mb ({min_free_mb})")
     try:
         yield
     except OSError as exc:
