@@ -218,7 +218,8 @@ class App:
         jobs = self.jobs
         self.telemetry = Telemetry(self.settings.node_id, self.notifier, self.host, self.inbox,
                                    self.journal, self.drift,
-                                   lambda: jobs is not None and jobs.running)
+                                   lambda: jobs is not None and jobs.running,
+                                   state_dir=self.settings.paths.state)
 
     def init_comms(self) -> None:
         mqtt = self.settings.mqtt
@@ -227,6 +228,8 @@ class App:
             self.comms = Comms(mqtt, self.settings.node_id, self.journal,
                                self.telemetry.status_json)
             self.telemetry.on_change(self.comms.publish_status)
+            self.telemetry.watch_mqtt(self.comms.connection)
+            self.comms.on_connection_change(self.telemetry.refresh)
 
     def init_scene_lifecycle(self) -> None:
         s = self.settings
@@ -355,7 +358,7 @@ class App:
         try:
             self.start()
             self.loop.run(handle=self.lifecycle.handle_guarded,
-                          idle=lambda: self.telemetry.set_state(State.READY),
+                          idle=self.telemetry.idle,
                           stats=self._publish_stats, retry=self.lifecycle.retry_stuck)
         finally:
             self.stop()

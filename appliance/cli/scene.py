@@ -56,7 +56,9 @@ def process(scene: Path, config: Path = CONFIG_OPTION) -> None:
 
 
 def status(config: Path = CONFIG_OPTION) -> None:
-    """Print the journal's view as JSON: queue depth, active model, scene counts, outbox."""
+    """Print the journal's view as JSON: queue depth, active model, scene counts, outbox,
+    and the running daemon's own last status (its MQTT connection, what is degraded)."""
+    from appliance.contract.durable import StateLock
     from appliance.ingest.inbox import Inbox
     from appliance.ingest.journal import Journal
     from appliance.model.store import ModelStore
@@ -77,10 +79,27 @@ def status(config: Path = CONFIG_OPTION) -> None:
         inbox.rescan()
         out = {"node_id": settings.node_id, "queue_depth": inbox.depth(),
                "inbox": inbox.waiting(), "work": inbox.in_work(), "model": model,
-               "scenes": journal.counts(), "outbox_depth": journal.outbox_depth()}
+               "scenes": journal.counts(), "outbox_depth": journal.outbox_depth(),
+               "daemon": _daemon_status(paths.state, StateLock(paths.state).held_elsewhere())}
     finally:
         journal.close()
     typer.echo(json.dumps(out, indent=2, default=str))
+    daemon = out["daemon"]
+    if isinstance(daemon, dict) and daemon.get("degraded"):
+        typer.echo(f"WARNING: the daemon is degraded: {', '.join(daemon['degraded'])}", err=True)
+
+
+def _daemon_status(state: Path, running: bool) -> dict[str, object] | None:
+    """The status the running daemon last wrote (None: no daemon runs on ``state``)."""
+    from appliance.telemetry import STATUS_FILE
+
+    if not running:
+        return None
+    try:
+        loaded = json.loads((state / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {"state": "unknown"}
+    return loaded if isinstance(loaded, dict) else {"state": "unknown"}
 
 
 def register(app: typer.Typer) -> None:

@@ -28,7 +28,10 @@ What it guarantees:
   ``<prefix>/`` tree, wildcards, control characters, ``$``, too long) is logged with the
   reason and the reply goes to that safe default topic instead.
 * Every MQTT failure is logged: connect failures with the exception (TLS, refused,
-  unreachable), refused CONNACKs, SUBACK failure reason codes, refused PUBACKs.
+  unreachable), refused CONNACKs, SUBACK failure reason codes, refused PUBACKs. While the
+  broker cannot be reached a WARNING says for how long, after how many attempts, and how
+  many messages wait in the outbox, repeated with backoff (``FIRST_DOWN_WARNING`` s,
+  doubling up to ``MAX_DOWN_WARNING`` s); ``connection()`` is that state for the status.
 
 Handlers never run on paho's network thread, so a slow handler does not stall
 keep-alives. Commands have their own worker and are never queued behind requests. At most
@@ -48,6 +51,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -59,6 +63,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from appliance.comms.message import Message, Outbox
 from appliance.comms.topics import AVAILABLE, STATS, STATUS, Topics
 from appliance.config import MQTTConfig
+from appliance.contract.payloads import MqttStatus
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,8 @@ CommandHandler = Callable[[bytes], None]
 RequestHandler = Callable[[bytes], dict[str, Any]]
 BusyReply = Callable[[bytes], dict[str, Any]]
 FIRST_RETRY_DELAY = 1.0  # seconds before re-sending a refused outbox row, doubled each time
+FIRST_DOWN_WARNING = 10.0  # seconds between "broker unreachable" warnings, doubled each time
+MAX_DOWN_WARNING = 600.0
 
 
 def busy_reply(payload: bytes) -> dict[str, Any]:
@@ -102,6 +109,11 @@ class Comms:
         self._pending = 0  # requests queued or running; guarded by _pending_lock
         self._pending_lock = threading.Lock()
         self._publisher: threading.Thread | None = None
+        self._link_lock = threading.Lock()
+        self._link = MqttStatus(connected=False, since=_now())
+        self._link_listeners: list[Callable[[], None]] = []
+        self._next_down_warning = 0.0  # publisher thread
+        self._down_warning_every = FIRST_DOWN_WARNING
         self.client_id = cfg.client_id or f"terratile-{node_id}"
         self.client = self._make_client()
 
@@ -124,6 +136,50 @@ class Comms:
         self._requests[topic_suffix] = (handler, busy)
         if self.connected.is_set():
             self._subscribe(self.client, self.topics.node(topic_suffix))
+
+    def on_connection_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (on paho's thread) when the broker connection is made or lost."""
+        self._link_listeners.append(listener)
+
+    def connection(self) -> MqttStatus:
+        """The broker connection now: connected or not, failed attempts, last error."""
+        with self._link_lock:
+            return self._link
+
+    def _link_changed(self, connected: bool, error: str | None) -> None:
+        with self._link_lock:
+            old = self._link
+            if connected:
+                self._link = MqttStatus(connected=True, since=_now())
+            else:
+                failed = error is not None
+                self._link = MqttStatus(
+                    connected=False, attempts=old.attempts + failed,
+                    since=old.since if not old.connected else _now(),
+                    error=error if failed else old.error)
+        if old.connected != connected or not connected:
+            for listener in self._link_listeners:
+                try:
+                    listener()
+                except Exception:
+                    log.exception("MQTT: connection listener failed")
+
+    def _warn_while_down(self) -> None:
+        """Publisher thread: the repeated WARNING while the broker cannot be reached."""
+        link = self.connection()
+        now = time.monotonic()
+        if link.connected:
+            self._down_warning_every = FIRST_DOWN_WARNING
+            self._next_down_warning = 0.0
+            return
+        if link.attempts == 0 or now < self._next_down_warning:
+            return
+        down = (_now() - link.since).total_seconds() if link.since is not None else 0.0
+        log.warning("MQTT: broker %s:%d unreachable for %.0f s (%d failed attempts, last: "
+                    "%s); %d message(s) waiting in the outbox", self.cfg.host, self.cfg.port,
+                    down, link.attempts, link.error, self.outbox.outbox_depth())
+        self._next_down_warning = now + self._down_warning_every
+        self._down_warning_every = min(self._down_warning_every * 2, MAX_DOWN_WARNING)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -218,6 +274,8 @@ class Comms:
             self._wake.clear()
             self._settle_acks()
             if not self.connected.is_set():
+                if not self._stopping.is_set():
+                    self._warn_while_down()
                 continue
             self._release_due_retries()
             for m in self.outbox.pending(limit=100, exclude=self._handed):
@@ -267,9 +325,11 @@ class Comms:
                     reason_code: ReasonCode, properties: Properties | None) -> None:
         if reason_code.is_failure:
             log.error("MQTT: connection refused: %s", reason_code)
+            self._link_changed(False, f"refused: {reason_code}")
             return
         log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
         self.connected.set()
+        self._link_changed(True, None)
         client.publish(self.topics.node(AVAILABLE), "online", qos=1, retain=True)
         client.publish(self.topics.node(STATUS), self._status(), qos=1, retain=True)
         self._subscribe(client, self.topics.commands)
@@ -290,6 +350,7 @@ class Comms:
         why = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
         log.error("MQTT: cannot connect to %s:%d (tls=%s): %s; retrying with backoff",
                   self.cfg.host, self.cfg.port, self.cfg.tls.enabled, why)
+        self._link_changed(False, why)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reason_codes: list[ReasonCode], properties: Properties | None) -> None:
@@ -303,6 +364,7 @@ class Comms:
         self.connected.clear()
         if not self._stopping.is_set():
             log.warning("MQTT: disconnected (%s); reconnecting with backoff", reason_code)
+            self._link_changed(False, None)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
@@ -377,6 +439,10 @@ class Comms:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("MQTT: reply to a request on %s not sent: %s", suffix,
                         mqtt.error_string(info.rc))
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 def apply_credentials(client: mqtt.Client, cfg: MQTTConfig) -> None:

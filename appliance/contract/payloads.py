@@ -341,6 +341,17 @@ class SceneFailed(Payload):
     attempts: int
 
 
+class MqttStatus(Record):
+    """The broker connection as the node sees it."""
+
+    connected: bool
+    attempts: int = Field(default=0, description="Failed connection attempts since the "
+                          "last successful connection.")
+    since: datetime | None = Field(default=None, description="When the connection was "
+                                   "made or lost (UTC).")
+    error: str | None = Field(default=None, description="The last connection error.")
+
+
 class StatusPayload(Payload):
     """``<p>/status`` (retained): what the node is doing now."""
 
@@ -353,6 +364,13 @@ class StatusPayload(Payload):
     counts: dict[str, int] = Field(default_factory=dict, description="Journal scenes per state.")
     version: str = Field(description="terratile software version.")
     drift: DriftStatus | None = Field(default=None, description="Null: drift detection is off.")
+    mqtt: MqttStatus | None = Field(default=None, description="Null: MQTT is off.")
+    outbox_depth: int = Field(default=0, description="Results and events waiting to be sent.")
+    degraded: list[str] = Field(
+        default_factory=list,
+        description="Why the node is not fully working although it runs: `mqtt` (the broker "
+        "cannot be reached; results wait in the outbox), `disk` (a folder is below "
+        "paths.min_free_mb: no new file is claimed). Empty: healthy.")
 
 
 class StatsPayload(Payload):
