@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from appliance.contract.payloads import (
 from appliance.ingest.inbox import Inbox
 from appliance.ingest.journal import Journal, JournalCorrupt
 from appliance.ingest.lifecycle import SceneLifecycle
+from appliance.ingest.retention import DiskGuard, Sweeper
 from appliance.loop import MainLoop
 from appliance.model.commands import ModelCommands, ModelNotice
 from appliance.model.host import ModelHost, Switch
@@ -70,6 +72,7 @@ class App:
         self.model_commands: ModelCommands | None = None
         self._drifting = False
         self._start_news: list[Switch | ModelNotice] = []  # announced once MQTT is up
+        self._retention_stop = threading.Event()
 
     # -- the table of contents --------------------------------------------------------------
 
@@ -99,6 +102,7 @@ class App:
             self._announce(news)
         self.lifecycle.reconcile(lambda: self.loop.stopping)
         self.inbox.start()
+        self.start_retention()
         self.telemetry.set_state(State.READY)
         self.notifier.ready(self.telemetry.status_line())
         log.info("ready: watching %s", self.settings.paths.inbox)
@@ -108,6 +112,7 @@ class App:
         self.notifier.stopping()
         self.telemetry.set_state(State.STOPPING)
         self.inbox.stop()
+        self._retention_stop.set()
         if self.model_commands is not None:
             self.model_commands.close()
         if self.comms is not None:
@@ -140,10 +145,16 @@ class App:
             raise StartError(str(exc)) from exc
 
     def init_inbox(self) -> None:
-        """The watched drop zone, and the loop that takes its files one after another."""
+        """The watched drop zone, claiming only while every folder has
+        ``paths.min_free_mb`` free, and the loop that takes its files one after another."""
         s = self.settings
         self.inbox = Inbox(s.paths.inbox, s.paths.work_dir, s.input.settle_seconds,
                            s.input.rescan_seconds)
+        p = s.paths
+        self.disk = DiskGuard([p.inbox, p.work_dir, p.results, p.failed, p.processed_dir,
+                               p.state], p.min_free_mb)
+        self.inbox.gate_claims(self.disk.may_claim)
+        self.sweeper = Sweeper(p, s.retention, self.journal, s.input.keep_processed)
         self.loop = MainLoop(self.notifier, self.inbox, s.mqtt.stats_interval,
                              s.input.max_scene_seconds)
 
@@ -220,6 +231,7 @@ class App:
                                    self.journal, self.drift,
                                    lambda: jobs is not None and jobs.running,
                                    state_dir=self.settings.paths.state)
+        self.telemetry.watch_disks(self.disk.check)
 
     def init_comms(self) -> None:
         mqtt = self.settings.mqtt
@@ -268,8 +280,25 @@ class App:
             return
         host = self.host
         service = RetrievalService(self.index, self.settings.retrieval, lambda: host.runtime,
-                                   self.settings.node_id, self.settings.input)
+                                   self.settings.node_id, self.settings.input,
+                                   results_dir=self.settings.paths.results)
         self.comms.on_request(RETRIEVAL_QUERY, service.handle_request, busy=service.busy_reply)
+
+    def start_retention(self) -> None:
+        """Sweep now and every ``retention.sweep_seconds``, on the main loop (between
+        scenes, so a sweep never races a scene's own files)."""
+        stop = self._retention_stop = threading.Event()
+        every = self.settings.retention.sweep_seconds
+
+        def sweep() -> None:
+            self.sweeper.sweep()
+
+        def tick() -> None:
+            while True:
+                self.submit(sweep)
+                if stop.wait(every):
+                    return
+        threading.Thread(target=tick, name="retention", daemon=True).start()
 
     def start_comms(self) -> None:
         if self.comms is not None:
