@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from appliance.adapt.drift import DriftMonitor
 from appliance.adapt.job import AdaptationJobs
 from appliance.comms.mqtt import Comms
 from appliance.comms.topics import DRIFT_EVENTS, MODEL_EVENTS, RETRIEVAL_QUERY, Topics
-from appliance.config import EX_CONFIG, Settings
+from appliance.config import EX_CONFIG, ConfigError, Settings, load_settings
 from appliance.contract.bundle import BundleError
 from appliance.contract.durable import StateLock
 from appliance.contract.payloads import (
@@ -40,6 +41,7 @@ from appliance.ingest.inbox import Inbox
 from appliance.ingest.journal import Journal, JournalCorrupt
 from appliance.ingest.lifecycle import SceneLifecycle
 from appliance.ingest.retention import DiskGuard, Sweeper
+from appliance.logs import setup_logging
 from appliance.loop import MainLoop
 from appliance.model.commands import ModelCommands, ModelNotice
 from appliance.model.host import ModelHost, Switch
@@ -53,6 +55,7 @@ from appliance.telemetry import State, Telemetry
 log = logging.getLogger(__name__)
 
 UMASK = 0o027
+LIVE_SECTIONS = frozenset({"log_level", "logging", "retention"})  # + paths.min_free_mb
 
 
 class StartError(RuntimeError):
@@ -62,8 +65,10 @@ class StartError(RuntimeError):
 class App:
     """The appliance process: build, start, run until SIGTERM, stop."""
 
-    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
+    def __init__(self, settings: Settings, notifier: Notifier | None = None,
+                 config_path: Path | None = None) -> None:
         self.settings = settings
+        self.config_path = config_path  # re-read on SIGHUP
         self.notifier = notifier or Notifier()
         self.comms: Comms | None = None
         self.index: TileIndex | None = None
@@ -167,28 +172,28 @@ class App:
         self.host = ModelHost.open(s, index_dim=index_dim)
         if self.host.fallback is not None:
             self._start_news.append(self.host.fallback)
-        self.adopt_seed()
+        self._start_news.extend(self.adopt_seed())
         log.info("model %s v%d on %s", self.host.bundle.manifest.name, self.host.bundle.version,
                  self.host.runtime.providers)
 
-    def adopt_seed(self) -> None:
+    def adopt_seed(self) -> list[Switch | ModelNotice]:
         """A ``model.bundle`` unlike every installed version is reported loudly (it does
-        not run), or installed and run when ``model.install_newer`` and it is newer."""
+        not run), or installed and run when ``model.install_newer`` and it is newer.
+        Returns what to announce."""
         s = self.settings
         seed = check_seed(self.host, s.model.bundle)
         if seed is None or seed.installed:
-            return
+            return []
         source = str(seed.bundle)
         if seed.problem is None and seed.newer and s.model.install_newer:
             try:
                 installed = Installer(self.host, s.model, confined=False).install(
                     InstallRequest(source))
-                self._start_news.append(self.host.switch(
-                    self.host.stage(installed.bundle.version), "install", source=source))
+                return [self.host.switch(self.host.stage(installed.bundle.version), "install",
+                                         source=source)]
             except BundleError as exc:
                 log.error("model.bundle %s (model.install_newer) not installed: %s", source, exc)
-                self._start_news.append(ModelNotice("refused", "start", str(exc), source=source))
-            return
+                return [ModelNotice("refused", "start", str(exc), source=source)]
         why = seed.problem or (
             f"model.bundle {source} (v{seed.version}) differs from every installed version "
             f"and does not run; v{self.host.bundle.version} runs. Install it with "
@@ -196,7 +201,7 @@ class App:
             + (", or set model.install_newer: true" if seed.newer else
                " under a new version number"))
         log.warning("%s", why)
-        self._start_news.append(ModelNotice("seed-differs", "start", why, source=source))
+        return [ModelNotice("seed-differs", "start", why, source=source)]
 
     def init_retrieval_index(self) -> None:
         """The retrieval index, unless retrieval is off or its files do not fit the model."""
@@ -383,6 +388,7 @@ class App:
         """Start, run the main loop until SIGTERM, stop. Returns the exit code."""
         signal.signal(signal.SIGTERM, self.loop.request_stop)
         signal.signal(signal.SIGINT, self.loop.request_stop)
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: self.submit(self.reload))
         keeper = self.loop.keep_watchdog(lambda: self.telemetry.busy_since)
         try:
             self.start()
@@ -395,12 +401,62 @@ class App:
                 keeper.set()
         return 0
 
+    def reload(self) -> None:
+        """SIGHUP (``systemctl reload``): re-read the config file and the model.
+
+        A config that does not validate is refused whole (logged with every bad key; the
+        node keeps running as it was). Of a valid one, the log level and format, retention
+        and ``paths.min_free_mb`` take effect now; any other changed section is named in a
+        WARNING and takes effect at the next restart. Then the store's active pointer is
+        followed (as ``cmd/reload``) and ``model.bundle`` compared with what is installed.
+        """
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            self._reload_config()
+            try:
+                self.host.reload()
+            except BundleError as exc:
+                log.error("reload: the model stays v%d: %s", self.host.bundle.version, exc)
+                self._announce(ModelNotice("refused", "reload", str(exc)))
+            for news in self.adopt_seed():
+                if isinstance(news, ModelNotice):  # a switch is announced by the listeners
+                    self._announce(news)
+        finally:
+            self.notifier.ready(self.telemetry.status_line())
+
+    def _reload_config(self) -> None:
+        if self.config_path is None:
+            log.warning("reload: no config file to re-read (started without one)")
+            return
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as exc:
+            log.error("reload: %s is not valid; keeping the running configuration:\n%s",
+                      self.config_path, exc)
+            return
+        old = self.settings
+        later = sorted(name for name in Settings.model_fields
+                       if name not in LIVE_SECTIONS and name != "paths"
+                       and getattr(new, name) != getattr(old, name))
+        if new.paths.model_copy(update={"min_free_mb": old.paths.min_free_mb}) != old.paths:
+            later.append("paths")
+        self.settings = old.model_copy(update={
+            "log_level": new.log_level, "logging": new.logging, "retention": new.retention,
+            "paths": old.paths.model_copy(update={"min_free_mb": new.paths.min_free_mb})})
+        setup_logging(self.settings)
+        self.sweeper.cfg = new.retention
+        self.disk.min_free_mb = new.paths.min_free_mb
+        log.info("reload: %s re-read", self.config_path)
+        if later:
+            log.warning("reload: %s changed; that takes effect after a restart "
+                        "(systemctl restart terratile)", ", ".join(later))
+
     def _publish_stats(self) -> None:
         if self.comms is not None:
             self.comms.publish_stats(self.telemetry.stats().to_json())
 
 
-def run_daemon(settings: Settings) -> int:
+def run_daemon(settings: Settings, config_path: Path | None = None) -> int:
     """``terratile run``: build the node and run it until SIGTERM.
 
     A node that cannot start (no usable model, unreadable bundle, another daemon on the
@@ -408,7 +464,7 @@ def run_daemon(settings: Settings) -> int:
     pointless restart loop.
     """
     os.umask(UMASK)  # journal, index, models and results are not world-readable
-    app = App(settings)
+    app = App(settings, config_path=config_path)
     try:
         app.build()
     except (StartError, BundleError, FileNotFoundError) as exc:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 
 import typer
@@ -15,8 +13,9 @@ from appliance.contract.bundle import BundleError
 
 
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from appliance.logs import setup_logging
+
+    setup_logging(settings)
 
 
 def run(config: Path = CONFIG_OPTION) -> None:
@@ -25,7 +24,7 @@ def run(config: Path = CONFIG_OPTION) -> None:
 
     settings = settings_or_exit(config)
     _logging(settings)
-    raise typer.Exit(run_daemon(settings))
+    raise typer.Exit(run_daemon(settings, config))
 
 
 def process(scene: Path, config: Path = CONFIG_OPTION) -> None:
