@@ -114,4 +114,5 @@ def test_the_documented_edge_install_works_in_a_fresh_root(tmp_path: Path,
     result = json.loads(proc.stdout)
     assert result["classes"]["urban"]["fraction"] == pytest.approx(0.5, abs=0.05)
     # The CPU runtime says loudly that the configured GPU providers are not there.
-    assert "provider tensorrt requested but not in this onnxruntime build" in proc.stderr
+    assert ("provider TensorrtExecutionProvider requested but not in this onnxruntime "
+            "build") in proc.stderr

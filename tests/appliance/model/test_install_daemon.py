@@ -128,3 +128,29 @@ def test_models_install_on_a_running_box_asks_the_daemon(
         assert statuses
     finally:
         listener.close()
+
+
+def test_a_changed_seed_bundle_is_reported_or_installed_when_newer(
+        tmp_path: Path, broker: Broker, colour_bundle: Path) -> None:
+    v2 = versioned_copy(colour_bundle, tmp_path / "seed-v2", 2, 1, head_bias=6.0)
+    d = DaemonProc(tmp_path / "box", colour_bundle, broker.port, adapt={"enabled": False})
+    listener = Listener(broker.port, f"{P}/#")
+    try:
+        d.start()
+        assert d.terminate() == 0
+        config = d.config.read_text().replace(str(colour_bundle), str(v2))
+        d.config.write_text(config)
+        d.start()  # a new seed, not installed: reported, v1 keeps running
+        event = json.loads(listener.wait_for(is_event("seed-differs"))[0].payload)
+        assert event["model"]["version"] == 1 and "install_newer" in event["reason"]
+        assert b"differs from every installed version and does not run" in d.log.read_bytes()
+        assert d.terminate() == 0
+        d.config.write_text(config.replace("providers:", "install_newer: true\n  providers:"))
+        d.start()  # allowed: installed through the same checks, and run
+        event = json.loads(listener.wait_for(is_event("install"))[0].payload)
+        assert event["model"]["version"] == 2 and event["source"] == str(v2)
+        assert d.terminate() == 0
+    finally:
+        if d.proc is not None:
+            d.kill()
+        listener.close()
