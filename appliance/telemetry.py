@@ -11,7 +11,8 @@ broker connection, whenever what it shows differs from what was last announced: 
 that emptied or a broker that went away is reported without waiting for the next scene.
 
 ``degraded`` lists why a running node is not fully working (``mqtt``: the broker cannot
-be reached and results wait in the outbox; ``disk``: a folder is below
+be reached and results wait in the outbox, or it refuses a subscription or messages;
+``disk``: a folder is below
 ``paths.min_free_mb`` and no new file is claimed). ``status()`` is the typed snapshot
 other readers (an HTTP endpoint, the CLI) take.
 """
@@ -149,7 +150,8 @@ class Telemetry:
         """Why the running node is not fully working (empty: it is)."""
         out = []
         link = mqtt if mqtt is not None else (self._mqtt() if self._mqtt else None)
-        if link is not None and not link.connected:
+        if link is not None and (not link.connected or link.refused_subscriptions
+                                 or link.refused_messages):
             out.append("mqtt")
         if self._low_disks():
             out.append("disk")

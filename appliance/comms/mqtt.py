@@ -112,6 +112,7 @@ class Comms:
         self._link_lock = threading.Lock()
         self._link = MqttStatus(connected=False, since=_now())
         self._link_listeners: list[Callable[[], None]] = []
+        self._refused_subscriptions: set[str] = set()  # network thread
         self._next_down_warning = 0.0  # publisher thread
         self._down_warning_every = FIRST_DOWN_WARNING
         self.client_id = cfg.client_id or f"terratile-{node_id}"
@@ -142,9 +143,20 @@ class Comms:
         self._link_listeners.append(listener)
 
     def connection(self) -> MqttStatus:
-        """The broker connection now: connected or not, failed attempts, last error."""
+        """The broker connection now: connected or not, failed attempts, last error, and
+        what the broker refuses (subscriptions, messages)."""
         with self._link_lock:
-            return self._link
+            link = self._link
+        return link.model_copy(update={
+            "refused_subscriptions": sorted(self._refused_subscriptions),
+            "refused_messages": len(self._retry)})
+
+    def _tell_link_listeners(self) -> None:
+        for listener in self._link_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("MQTT: connection listener failed")
 
     def _link_changed(self, connected: bool, error: str | None) -> None:
         with self._link_lock:
@@ -158,11 +170,7 @@ class Comms:
                     since=old.since if not old.connected else _now(),
                     error=error if failed else old.error)
         if old.connected != connected or not connected:
-            for listener in self._link_listeners:
-                try:
-                    listener()
-                except Exception:
-                    log.exception("MQTT: connection listener failed")
+            self._tell_link_listeners()
 
     def _warn_while_down(self) -> None:
         """Publisher thread: the repeated WARNING while the broker cannot be reached."""
@@ -291,6 +299,7 @@ class Comms:
     def _settle_acks(self) -> None:
         """Delete the rows of every PUBACK received so far, in one transaction."""
         acked = []
+        refused = False
         while True:
             try:
                 mid, reason = self._acks.get_nowait()
@@ -309,8 +318,11 @@ class Comms:
                 self._retry_due[msg_id] = time.monotonic() + delay
                 log.error("MQTT: broker refused %s (%s); re-sending in %.0f s",
                           msg_id, reason, delay)
+                refused = True
         self.outbox.acknowledge(*acked)
         self._handed.difference_update(acked)
+        if refused or (acked and self._retry):
+            self._tell_link_listeners()
 
     def _release_due_retries(self) -> None:
         """Refused rows whose backoff has passed become publishable again (once each)."""
@@ -355,9 +367,16 @@ class Comms:
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reason_codes: list[ReasonCode], properties: Properties | None) -> None:
         topic = self._subscriptions.pop(mid, "?")
+        failed = any(code.is_failure for code in reason_codes)
         for code in reason_codes:
             if code.is_failure:
                 log.error("MQTT: broker refused the subscription to %s: %s", topic, code)
+        if failed != (topic in self._refused_subscriptions):
+            if failed:
+                self._refused_subscriptions.add(topic)
+            else:
+                self._refused_subscriptions.discard(topic)
+            self._tell_link_listeners()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason_code: ReasonCode, properties: Properties | None) -> None:

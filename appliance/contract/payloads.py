@@ -350,6 +350,12 @@ class MqttStatus(Record):
     since: datetime | None = Field(default=None, description="When the connection was "
                                    "made or lost (UTC).")
     error: str | None = Field(default=None, description="The last connection error.")
+    refused_subscriptions: list[str] = Field(
+        default_factory=list, description="Topics the broker refused to subscribe (an ACL): "
+        "commands or requests on them never arrive.")
+    refused_messages: int = Field(
+        default=0, description="Outbox messages the broker refused (an ACL), re-sent with "
+        "backoff.")
 
 
 class StatusPayload(Payload):
