@@ -116,3 +116,33 @@ def test_the_seed_bundle_is_compared_with_the_installed_versions(
     assert check_seed(host, None) is None
     broken = check_seed(host, drop)
     assert broken is not None and "no manifest.json" in (broken.problem or "")
+
+
+def test_models_install_without_a_daemon(colour_bundle: Path, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from appliance.cli.main import app as cli
+
+    config = tmp_path / "box.yaml"
+    config.write_text(yaml.safe_dump({
+        "paths": {"state": "state", "inbox": "inbox", "results": "results",
+                  "failed": "failed"},
+        "model": {"bundle": str(colour_bundle), "providers": ["cpu"], "warmup": False},
+        "mqtt": {"enabled": False}}))
+    store = ModelStore(tmp_path / "state" / "models")
+    store.install(colour_bundle)
+    v2 = versioned_copy(colour_bundle, tmp_path / "v2", 2, 1, head_bias=2.0)
+    bad = versioned_copy(colour_bundle, tmp_path / "bad", 3, 1)
+    (bad / "embedder.onnx").write_bytes(b"tampered")
+    runner = CliRunner()
+    out = runner.invoke(cli, ["models", "install", str(bad), "-c", str(config)])
+    assert out.exit_code == 1 and "sha256 mismatch for embedder.onnx" in out.stderr
+    out = runner.invoke(cli, ["models", "install", str(v2), "--sha256", "f" * 64,
+                              "-c", str(config)])
+    assert out.exit_code == 1 and "not the requested" in out.stderr
+    out = runner.invoke(cli, ["models", "install", str(v2), "--sha256", manifest_digest(v2),
+                              "--activate", "-c", str(config)])
+    assert out.exit_code == 0, out.output
+    assert "installed v2" in out.stdout and "active model: v1 → v2" in out.stdout
+    assert store.active_version() == 2
