@@ -219,7 +219,12 @@ def check_seed(host: ModelHost, seed: Path | None) -> SeedCheck | None:
     except (BundleError, OSError) as exc:
         return SeedCheck(seed, None, False, False, str(exc))
     store = host.store
-    installed = [v.version for v in store.versions()]
-    same = any(manifest_digest(store.dir_for(v)) == digest for v in installed)
-    return SeedCheck(seed, manifest.version, same,
+    installed = store.installed()  # by manifest digest alone: no file is hashed here
+
+    def same(version: int) -> bool:
+        try:
+            return manifest_digest(store.dir_for(version)) == digest
+        except OSError:
+            return False
+    return SeedCheck(seed, manifest.version, any(same(v) for v in installed),
                      all(manifest.version > v for v in installed))

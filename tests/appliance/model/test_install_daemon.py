@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,12 +35,7 @@ def daemon(tmp_path: Path, colour_bundle: Path, broker: Broker) -> Iterator[Daem
         d.kill()
 
 
-def events(listener: Listener) -> list[dict[str, object]]:
-    return [json.loads(m.payload) for m in
-            listener.matching(lambda m: m.topic == f"{P}/events/model")]
-
-
-def is_event(action: str, request: str | None = None):  # type: ignore[no-untyped-def]
+def is_event(action: str, request: str | None = None) -> Callable[[Received], bool]:
     def pred(m: Received) -> bool:
         if m.topic != f"{P}/events/model":
             return False
