@@ -81,8 +81,10 @@ class ModelCommands:
         self._install_worker.submit(self._install, self._installer, request)
 
     def close(self) -> None:
-        """Stop taking installs; one under way is abandoned (its scratch folder is removed
-        by the store's cleanup at the next start)."""
+        """Stop taking installs; one under way is abandoned at its next step (a scratch
+        folder left behind is removed by the store's cleanup at the next start)."""
+        if self._installer is not None:
+            self._installer.cancel()
         self._install_worker.shutdown(wait=False, cancel_futures=True)
 
     def _install(self, installer: Installer, request: InstallRequest) -> None:

@@ -31,6 +31,7 @@ import logging
 import shutil
 import tarfile
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -117,6 +118,15 @@ class Installer:
         self.host = host
         self.cfg = cfg
         self.confined = confined
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Abandon an install under way at its next chunk or step (the daemon stops)."""
+        self._cancelled.set()
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise BundleError("install abandoned: the node is stopping")
 
     def install(self, request: InstallRequest) -> Installed:
         """Steps 1–3 of the module docstring; ``BundleError`` with the reason on any
@@ -131,6 +141,7 @@ class Installer:
                     raise BundleError(f"manifest sha256 {actual[:12]}… is not the requested "
                                       f"{request.sha256[:12]}…: refusing the bundle")
             self.host.check(load_bundle(bundle_dir))
+            self._check_cancelled()
             bundle = store.install(bundle_dir, activate=False)
         except (OSError, tarfile.TarError, urllib.error.URLError, ValueError) as exc:
             raise BundleError(f"{type(exc).__name__}: {exc}") from exc
@@ -138,6 +149,7 @@ class Installer:
             shutil.rmtree(scratch, ignore_errors=True)
         log.info("installed model %s v%d from %s", bundle.manifest.name, bundle.version,
                  request.source)
+        self._check_cancelled()
         staged = self.host.stage(bundle.version) if request.activate else None
         return Installed(bundle, staged)
 
@@ -176,6 +188,7 @@ class Installer:
                 raise BundleError(f"{url} redirected to a {final!r} URL")
             size = 0
             while chunk := response.read(CHUNK):
+                self._check_cancelled()
                 size += len(chunk)
                 if size > limit:
                     raise BundleError(f"{url}: larger than model.install_max_mb "

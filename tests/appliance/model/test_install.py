@@ -146,3 +146,14 @@ def test_models_install_without_a_daemon(colour_bundle: Path, tmp_path: Path) ->
     assert out.exit_code == 0, out.output
     assert "installed v2" in out.stdout and "active model: v1 → v2" in out.stdout
     assert store.active_version() == 2
+
+
+def test_a_cancelled_install_is_abandoned_with_nothing_installed(
+        box: tuple[ModelHost, Path]) -> None:
+    host, drop = box
+    inst = installer(host)
+    inst.cancel()  # the daemon is stopping
+    with pytest.raises(BundleError, match="abandoned"):
+        inst.install(InstallRequest(str(drop / "v2"), activate=True))
+    assert [v.version for v in host.store.versions()] == [1]
+    assert not list(host.store.root.glob(".tmp-*"))
