@@ -35,6 +35,15 @@ def daemon(tmp_path: Path, colour_bundle: Path, broker: Broker) -> Iterator[Daem
         d.kill()
 
 
+def wait_listening(listener: Listener) -> None:
+    """Until the daemon surely takes commands: "ready" comes before the broker connection,
+    and its subscriptions go out after ``online``; stats published two ticks later follow
+    them on the same connection, which the broker handles in order."""
+    listener.wait_for(lambda m: m.topic == f"{P}/available" and m.payload == b"online")
+    seen = len(listener.matching(lambda m: m.topic == f"{P}/stats"))
+    listener.wait_for(lambda m: m.topic == f"{P}/stats", count=seen + 2)
+
+
 def is_event(action: str, request: str | None = None) -> Callable[[Received], bool]:
     def pred(m: Received) -> bool:
         if m.topic != f"{P}/events/model":
@@ -56,6 +65,7 @@ def test_install_over_mqtt_switches_between_scenes_and_refuses_bad_bundles(
     scenes = [write_scene(tmp_path / f"s{i}.tif", size=(128, 128), offset=float(i))
               for i in range(6)]
     daemon.start()
+    wait_listening(listener)
     try:
         with FileServer(served) as server:
             for scene in scenes[:3]:
@@ -107,6 +117,7 @@ def test_models_install_on_a_running_box_asks_the_daemon(
     bad = versioned_copy(colour_bundle, tmp_path / "drop" / "bad", 3, 1)
     (bad / "backbone.onnx").write_bytes(b"tampered")
     daemon.start()
+    wait_listening(listener)
     try:
         runner = CliRunner()
         out = runner.invoke(cli, ["models", "install", str(v2), "--activate",
