@@ -47,6 +47,13 @@ class PathsConfig(Section):
     failed: Path = Path("/var/lib/terratile/failed")
     processed: Path | None = None
     state: Path = Path("/var/lib/terratile/state")
+    min_free_mb: int = Field(
+        default=64, ge=0,
+        description="Free space (MB) every folder of the box (inbox, work, results, failed, "
+        "state) must keep: below it no new file is claimed and status says `degraded: disk` "
+        "until space returns, and a scene's outputs are not written (`disk-full`). Formerly "
+        "input.min_free_mb (still read, with a warning).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -98,6 +105,20 @@ class ModelConfig(Section):
     )
     intra_op_threads: int = Field(default=0, ge=0, description="0 lets onnxruntime decide.")
     warmup: bool = True
+    install_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Folders `cmd/install` may install a bundle (directory or .tar[.gz]) "
+        "from; http(s) URLs are always allowed. Empty: only URLs.",
+    )
+    install_newer: bool = Field(
+        default=False,
+        description="At start, install and activate `model.bundle` when it is newer than "
+        "every installed version (otherwise such a bundle is only reported, loudly).",
+    )
+    install_max_mb: int = Field(default=2048, ge=1,
+                                description="Largest bundle archive an install downloads.")
+    install_timeout: float = Field(default=60.0, gt=0,
+                                   description="Seconds without data before a download fails.")
 
 
 class RescaleConfig(Section):
@@ -174,11 +195,6 @@ class InputConfig(Section):
         default=1_000_000_000, gt=0,
         description="Largest declared width x height of a scene or chip (a 10980² Sentinel-2 "
         "tile is 1.2e8); larger fails with reason `too-large` before any pixel is read.",
-    )
-    min_free_mb: int = Field(
-        default=64, ge=0,
-        description="Free space the results disk must have before a scene's outputs are "
-        "written; less fails the scene with reason `disk-full`.",
     )
 
     @model_validator(mode="after")
@@ -493,6 +509,30 @@ class HTTPConfig(Section):
         return token
 
 
+class FolderRetention(Section):
+    """How long one folder keeps what it holds: by age and by total size (None: no limit)."""
+
+    max_age_days: float | None = Field(default=None, gt=0)
+    max_total_mb: float | None = Field(default=None, gt=0)
+
+
+class RetentionConfig(Section):
+    """What the sweeper removes, per folder; never what is not yet published (a result
+    waiting in the outbox) or not yet indexed (a scene still being processed)."""
+
+    results: FolderRetention = Field(default_factory=lambda: FolderRetention(max_age_days=30))
+    processed: FolderRetention = Field(default_factory=lambda: FolderRetention(max_age_days=7))
+    failed: FolderRetention = Field(default_factory=lambda: FolderRetention(max_age_days=30))
+    sweep_seconds: float = Field(default=600.0, gt=0, description="Time between sweeps.")
+
+
+class LoggingConfig(Section):
+    """How log lines look: ``text`` (no timestamp under journald, which adds its own) or
+    ``json`` (one object per line)."""
+
+    format: Literal["text", "json"] = "text"
+
+
 class Settings(BaseSettings):
     """The whole appliance configuration."""
 
@@ -513,7 +553,28 @@ class Settings(BaseSettings):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     http: HTTPConfig = Field(default_factory=HTTPConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _input_min_free_mb(cls, data: Any) -> Any:
+        """``input.min_free_mb`` is the old name of ``paths.min_free_mb``: still read, with
+        a warning (one setting for the scene writer and the claim guard)."""
+        if not isinstance(data, dict) or not isinstance(data.get("input"), dict) or (
+                "min_free_mb" not in data["input"]):
+            return data
+        data = {**data, "input": dict(data["input"])}
+        old = data["input"].pop("min_free_mb")
+        paths = data.get("paths")
+        paths = dict(paths) if isinstance(paths, dict) else {}
+        if "min_free_mb" in paths:
+            raise ValueError("input.min_free_mb is the deprecated name of paths.min_free_mb: "
+                             "give only paths.min_free_mb")
+        log.warning("input.min_free_mb is deprecated: call it paths.min_free_mb")
+        data["paths"] = {**paths, "min_free_mb": old}
+        return data
 
 
 class ConfigError(ValueError):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 
 import typer
@@ -15,8 +13,9 @@ from appliance.contract.bundle import BundleError
 
 
 def _logging(settings: Settings, level: str | None = None) -> None:
-    logging.basicConfig(level=level or settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from appliance.logs import setup_logging
+
+    setup_logging(settings, level=level)
 
 
 def run(config: Path = CONFIG_OPTION) -> None:
@@ -25,7 +24,7 @@ def run(config: Path = CONFIG_OPTION) -> None:
 
     settings = settings_or_exit(config)
     _logging(settings)
-    raise typer.Exit(run_daemon(settings))
+    raise typer.Exit(run_daemon(settings, config))
 
 
 def parse_bands(text: str) -> list[int | str]:
@@ -103,7 +102,9 @@ def process(
 
 
 def status(config: Path = CONFIG_OPTION) -> None:
-    """Print the journal's view as JSON: queue depth, active model, scene counts, outbox."""
+    """Print the journal's view as JSON: queue depth, active model, scene counts, outbox,
+    and the running daemon's own last status (its MQTT connection, what is degraded)."""
+    from appliance.contract.durable import StateLock
     from appliance.ingest.inbox import Inbox
     from appliance.ingest.journal import Journal
     from appliance.model.store import ModelStore
@@ -124,10 +125,27 @@ def status(config: Path = CONFIG_OPTION) -> None:
         inbox.rescan()
         out = {"node_id": settings.node_id, "queue_depth": inbox.depth(),
                "inbox": inbox.waiting(), "work": inbox.in_work(), "model": model,
-               "scenes": journal.counts(), "outbox_depth": journal.outbox_depth()}
+               "scenes": journal.counts(), "outbox_depth": journal.outbox_depth(),
+               "daemon": _daemon_status(paths.state, StateLock(paths.state).held_elsewhere())}
     finally:
         journal.close()
     typer.echo(json.dumps(out, indent=2, default=str))
+    daemon = out["daemon"]
+    if isinstance(daemon, dict) and daemon.get("degraded"):
+        typer.echo(f"WARNING: the daemon is degraded: {', '.join(daemon['degraded'])}", err=True)
+
+
+def _daemon_status(state: Path, running: bool) -> dict[str, object] | None:
+    """The status the running daemon last wrote (None: no daemon runs on ``state``)."""
+    from appliance.telemetry import STATUS_FILE
+
+    if not running:
+        return None
+    try:
+        loaded = json.loads((state / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {"state": "unknown"}
+    return loaded if isinstance(loaded, dict) else {"state": "unknown"}
 
 
 def register(app: typer.Typer) -> None:

@@ -29,7 +29,10 @@ What it guarantees:
   ``<prefix>/`` tree, wildcards, control characters, ``$``, too long) is logged with the
   reason and the reply goes to that safe default topic instead.
 * Every MQTT failure is logged: connect failures with the exception (TLS, refused,
-  unreachable), refused CONNACKs, SUBACK failure reason codes, refused PUBACKs.
+  unreachable), refused CONNACKs, SUBACK failure reason codes, refused PUBACKs. While the
+  broker cannot be reached a WARNING says for how long, after how many attempts, and how
+  many messages wait in the outbox, repeated with backoff (``FIRST_DOWN_WARNING`` s,
+  doubling up to ``MAX_DOWN_WARNING`` s); ``connection()`` is that state for the status.
 
 Handlers never run on paho's network thread, so a slow handler does not stall
 keep-alives. Commands have their own worker and are never queued behind requests. At most
@@ -51,6 +54,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
@@ -63,6 +67,7 @@ from appliance.comms.message import Message, Outbox
 from appliance.comms.rate_limit import ClientRateLimit
 from appliance.comms.topics import AVAILABLE, STATS, STATUS, Topics
 from appliance.config import MQTTConfig
+from appliance.contract.payloads import MqttStatus
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,8 @@ Refusal = Literal["busy", "rate-limited"]
 RefusalReply = Callable[[bytes, Refusal], dict[str, Any]]
 MQTT311_CLIENTS = ""  # the one rate-limit bucket of clients without a response topic
 FIRST_RETRY_DELAY = 1.0  # seconds before re-sending a refused outbox row, doubled each time
+FIRST_DOWN_WARNING = 10.0  # seconds between "broker unreachable" warnings, doubled each time
+MAX_DOWN_WARNING = 600.0
 
 
 REFUSAL_MESSAGES: dict[Refusal, str] = {
@@ -136,6 +143,12 @@ class Comms:
         self._pending = 0  # requests queued or running; guarded by _pending_lock
         self._pending_lock = threading.Lock()
         self._publisher: threading.Thread | None = None
+        self._link_lock = threading.Lock()
+        self._link = MqttStatus(connected=False, since=_now())
+        self._link_listeners: list[Callable[[], None]] = []
+        self._refused_subscriptions: set[str] = set()  # network thread
+        self._next_down_warning = 0.0  # publisher thread
+        self._down_warning_every = FIRST_DOWN_WARNING
         self.client_id = cfg.client_id or f"terratile-{node_id}"
         self.client = self._make_client()
 
@@ -159,6 +172,57 @@ class Comms:
         self._requests[topic_suffix] = (handler, refusal)
         if self.connected.is_set():
             self._subscribe(self.client, self.topics.node(topic_suffix))
+
+    def on_connection_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (on paho's thread) when the broker connection is made or lost."""
+        self._link_listeners.append(listener)
+
+    def connection(self) -> MqttStatus:
+        """The broker connection now: connected or not, failed attempts, last error, and
+        what the broker refuses (subscriptions, messages)."""
+        with self._link_lock:
+            link = self._link
+        return link.model_copy(update={
+            "refused_subscriptions": sorted(self._refused_subscriptions),
+            "refused_messages": len(self._retry)})
+
+    def _tell_link_listeners(self) -> None:
+        for listener in self._link_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("MQTT: connection listener failed")
+
+    def _link_changed(self, connected: bool, error: str | None) -> None:
+        with self._link_lock:
+            old = self._link
+            if connected:
+                self._link = MqttStatus(connected=True, since=_now())
+            else:
+                failed = error is not None
+                self._link = MqttStatus(
+                    connected=False, attempts=old.attempts + failed,
+                    since=old.since if not old.connected else _now(),
+                    error=error if failed else old.error)
+        if old.connected != connected or not connected:
+            self._tell_link_listeners()
+
+    def _warn_while_down(self) -> None:
+        """Publisher thread: the repeated WARNING while the broker cannot be reached."""
+        link = self.connection()
+        now = time.monotonic()
+        if link.connected:
+            self._down_warning_every = FIRST_DOWN_WARNING
+            self._next_down_warning = 0.0
+            return
+        if link.attempts == 0 or now < self._next_down_warning:
+            return
+        down = (_now() - link.since).total_seconds() if link.since is not None else 0.0
+        log.warning("MQTT: broker %s:%d unreachable for %.0f s (%d failed attempts, last: "
+                    "%s); %d message(s) waiting in the outbox", self.cfg.host, self.cfg.port,
+                    down, link.attempts, link.error, self.outbox.outbox_depth())
+        self._next_down_warning = now + self._down_warning_every
+        self._down_warning_every = min(self._down_warning_every * 2, MAX_DOWN_WARNING)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -251,6 +315,8 @@ class Comms:
             self._wake.clear()
             self._settle_acks()
             if not self.connected.is_set():
+                if not self._stopping.is_set():
+                    self._warn_while_down()
                 continue
             self._release_due_retries()
             for m in self.outbox.pending(limit=100, exclude=self._handed):
@@ -266,6 +332,7 @@ class Comms:
     def _settle_acks(self) -> None:
         """Delete the rows of every PUBACK received so far, in one transaction."""
         acked = []
+        refused = False
         while True:
             try:
                 mid, reason = self._acks.get_nowait()
@@ -284,8 +351,11 @@ class Comms:
                 self._retry_due[msg_id] = time.monotonic() + delay
                 log.error("MQTT: broker refused %s (%s); re-sending in %.0f s",
                           msg_id, reason, delay)
+                refused = True
         self.outbox.acknowledge(*acked)
         self._handed.difference_update(acked)
+        if refused or (acked and self._retry):
+            self._tell_link_listeners()
 
     def _release_due_retries(self) -> None:
         """Refused rows whose backoff has passed become publishable again (once each)."""
@@ -300,9 +370,11 @@ class Comms:
                     reason_code: ReasonCode, properties: Properties | None) -> None:
         if reason_code.is_failure:
             log.error("MQTT: connection refused: %s", reason_code)
+            self._link_changed(False, f"refused: {reason_code}")
             return
         log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
         self.connected.set()
+        self._link_changed(True, None)
         # Subscribe first: the broker handles one connection's packets in order, so once a
         # client sees ``online`` the box is already listening for its commands and queries.
         self._subscribe(client, self.topics.commands)
@@ -325,19 +397,28 @@ class Comms:
         why = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
         log.error("MQTT: cannot connect to %s:%d (tls=%s): %s; retrying with backoff",
                   self.cfg.host, self.cfg.port, self.cfg.tls.enabled, why)
+        self._link_changed(False, why)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reason_codes: list[ReasonCode], properties: Properties | None) -> None:
         topic = self._subscriptions.pop(mid, "?")
+        failed = any(code.is_failure for code in reason_codes)
         for code in reason_codes:
             if code.is_failure:
                 log.error("MQTT: broker refused the subscription to %s: %s", topic, code)
+        if failed != (topic in self._refused_subscriptions):
+            if failed:
+                self._refused_subscriptions.add(topic)
+            else:
+                self._refused_subscriptions.discard(topic)
+            self._tell_link_listeners()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
         self.connected.clear()
         if not self._stopping.is_set():
             log.warning("MQTT: disconnected (%s); reconnecting with backoff", reason_code)
+            self._link_changed(False, None)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
@@ -422,6 +503,10 @@ class Comms:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.warning("MQTT: reply to a request on %s not sent: %s", suffix,
                         mqtt.error_string(info.rc))
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 def _refusal(refusal: RefusalReply, payload: bytes, code: Refusal) -> dict[str, Any]:

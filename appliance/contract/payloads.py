@@ -393,6 +393,23 @@ class SceneFailed(Payload):
     attempts: int
 
 
+class MqttStatus(Record):
+    """The broker connection as the node sees it."""
+
+    connected: bool
+    attempts: int = Field(default=0, description="Failed connection attempts since the "
+                          "last successful connection.")
+    since: datetime | None = Field(default=None, description="When the connection was "
+                                   "made or lost (UTC).")
+    error: str | None = Field(default=None, description="The last connection error.")
+    refused_subscriptions: list[str] = Field(
+        default_factory=list, description="Topics the broker refused to subscribe (an ACL): "
+        "commands or requests on them never arrive.")
+    refused_messages: int = Field(
+        default=0, description="Outbox messages the broker refused (an ACL), re-sent with "
+        "backoff.")
+
+
 class StatusPayload(Payload):
     """``<p>/status`` (retained): what the node is doing now."""
 
@@ -405,6 +422,13 @@ class StatusPayload(Payload):
     counts: dict[str, int] = Field(default_factory=dict, description="Journal scenes per state.")
     version: str = Field(description="terratile software version.")
     drift: DriftStatus | None = Field(default=None, description="Null: drift detection is off.")
+    mqtt: MqttStatus | None = Field(default=None, description="Null: MQTT is off.")
+    outbox_depth: int = Field(default=0, description="Results and events waiting to be sent.")
+    degraded: list[str] = Field(
+        default_factory=list,
+        description="Why the node is not fully working although it runs: `mqtt` (the broker "
+        "cannot be reached; results wait in the outbox), `disk` (a folder is below "
+        "paths.min_free_mb: no new file is claimed). Empty: healthy.")
 
 
 class StatsPayload(Payload):
@@ -433,11 +457,21 @@ class ModelEvent(Payload):
 
     SCHEMA: ClassVar[str] = "terratile.event-model/1"
 
-    action: str = Field(description="adapted | rejected | rollback | activate | reload")
-    model: ModelRef | None
+    action: str = Field(description="adapted | rejected | rollback | activate | reload | "
+                        "install | installed | fallback | refused | seed-differs")
+    model: ModelRef | None = Field(description="The model that runs now.")
     previous: ModelRef | None = None
     detail: AdaptationReport | None = Field(
         default=None, description="The adaptation job's report (adapted, rejected, reset).")
+    target: ModelRef | None = Field(
+        default=None, description="The version the request was about (installed, refused, "
+        "seed-differs), when it is known.")
+    request: str | None = Field(
+        default=None, description="What was asked (install, activate, rollback, reload, "
+        "start) when the action is refused, fallback or seed-differs.")
+    reason: str | None = Field(default=None, description="Why (refused, fallback, seed-differs).")
+    source: str | None = Field(default=None,
+                               description="Where an installed or refused bundle came from.")
 
 
 PAYLOADS: dict[str, type[Payload]] = {

@@ -109,7 +109,7 @@ class Dashboard:
 
     def __init__(self, settings: Settings, telemetry: Telemetry, journal: Journal,
                  host: ModelHost, health: Health, retrieval: RetrievalService | None,
-                 submit: Callable[[Callable[[], None]], None],
+                 commands: ModelCommands,
                  mqtt_connected: Callable[[], bool] | None) -> None:
         self.settings = settings
         self._telemetry = telemetry
@@ -117,8 +117,7 @@ class Dashboard:
         self._host = host
         self._health = health
         self._retrieval = retrieval
-        self._submit = submit
-        self._commands = ModelCommands(host)
+        self._commands = commands
         self._mqtt_connected = mqtt_connected
         self._overlay = lru_cache(maxsize=32)(landuse_overlay)
         self._models_lock = threading.Lock()
@@ -216,15 +215,7 @@ class Dashboard:
         """Queue ``cmd/rollback`` on the main loop, as MQTT does; wait a little for it."""
         before = self._host.bundle.version
         done = threading.Event()
-        task = self._commands.rollback()
-
-        def run() -> None:
-            try:
-                task()
-            finally:
-                done.set()
-
-        self._submit(run)
+        self._commands.rollback(then=done.set)
         finished = done.wait(COMMAND_WAIT_S)
         bundle = self._host.bundle
         return CommandOutcome(done=finished, changed=bundle.version != before,

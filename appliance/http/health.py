@@ -25,7 +25,7 @@ MB = 1024 * 1024
 
 def disk_floor_mb(settings: Settings) -> int:
     """The free space (MB) the results disk must keep; the one place that names the key."""
-    return settings.input.min_free_mb
+    return settings.paths.min_free_mb
 
 
 def free_bytes(path: Path) -> int:

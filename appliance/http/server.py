@@ -34,6 +34,7 @@ from appliance.http.events import Events
 from appliance.http.health import Health
 from appliance.http.metrics import Metrics, Sources
 from appliance.ingest.journal import Journal
+from appliance.model.commands import ModelCommands
 from appliance.model.host import ModelHost
 from appliance.retrieval.index import TileIndex
 from appliance.retrieval.service import RetrievalService
@@ -243,7 +244,7 @@ class HTTPServer:
 
 def node_server(settings: Settings, telemetry: Telemetry, journal: Journal, host: ModelHost,
                 index: TileIndex | None, retrieval: RetrievalService | None,
-                submit: Callable[[Callable[[], None]], None],
+                commands: ModelCommands,
                 mqtt_connected: Callable[[], bool] | None) -> HTTPServer:
     """The node's server, wired to its parts (not started); raises ``ValueError`` or
     ``FileNotFoundError`` for an unusable ``http.token_file``."""
@@ -251,7 +252,7 @@ def node_server(settings: Settings, telemetry: Telemetry, journal: Journal, host
     health = Health(settings, host, journal,
                     lambda: telemetry.state in (State.READY, State.PROCESSING))
     metrics = Metrics(Sources(telemetry, journal, health, index, mqtt_connected))
-    dashboard = Dashboard(settings, telemetry, journal, host, health, retrieval, submit,
+    dashboard = Dashboard(settings, telemetry, journal, host, health, retrieval, commands,
                           mqtt_connected)
     events = Events()
     telemetry.on_change(events.publish)

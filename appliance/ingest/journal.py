@@ -295,6 +295,12 @@ class Journal:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
+    def unsent(self) -> list[tuple[str, float]]:
+        """(topic, enqueued at, epoch s) of every outbox row not yet acknowledged."""
+        with self._lock:
+            rows = self._db.execute("SELECT topic, created FROM outbox ORDER BY seq").fetchall()
+        return [(str(r[0]), float(r[1])) for r in rows]
+
 
 def _insert(db: sqlite3.Connection, m: Message) -> bool:
     cur = db.execute(

@@ -18,6 +18,7 @@ import io
 import logging
 import threading
 from dataclasses import dataclass, replace
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -310,8 +311,31 @@ def probabilities(logits: np.ndarray, multi_label: bool) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+RUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu")
+
+
+def runtime_package_clash() -> str | None:
+    """Why the installed onnxruntime may be broken: both the CPU and the GPU package are
+    installed (they write the same ``onnxruntime`` module over each other). None: fine."""
+    found = []
+    for name in RUNTIME_PACKAGES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    if len(found) < 2:
+        return None
+    return (f"both {' and '.join(found)} are installed and overwrite each other's files; "
+            "keep one: pip uninstall -y onnxruntime && pip install --force-reinstall "
+            "--no-deps onnxruntime-gpu (GPU) or pip uninstall -y onnxruntime-gpu && "
+            "pip install --force-reinstall onnxruntime (CPU)")
+
+
 def open_runtime(bundle: Bundle, settings: Settings) -> ModelRuntime:
     """A runtime on the configured providers, warmed up so the first scene is not slow."""
+    clash = runtime_package_clash()
+    if clash is not None:
+        log.error("onnxruntime: %s", clash)
     runtime = ModelRuntime(bundle, ProviderPlan.from_settings(settings))
     if settings.model.warmup:
         runtime.warmup(batch=settings.tiling.batch_size)

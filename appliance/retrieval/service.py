@@ -49,8 +49,11 @@ class RetrievalService:
 
     def __init__(self, index: TileIndex, cfg: RetrievalConfig,
                  runtime: Callable[[], ModelRuntime | None], node_id: str,
-                 input_cfg: InputConfig) -> None:
+                 input_cfg: InputConfig, results_dir: Path | None = None) -> None:
+        """``results_dir``: where scene outputs live; each hit then says whether its
+        scene's outputs are still there (retention may have removed them)."""
         self.index = index
+        self.results_dir = results_dir
         self.cfg = cfg
         self.runtime = runtime
         self.node_id = node_id
@@ -144,9 +147,13 @@ class RetrievalService:
 
     def _reply(self, t0: float, request_id: str | None = None, query: Query | None = None,
                hits: list[Hit] | None = None, error: RequestError | None = None) -> Reply:
+        swept = None
+        if self.results_dir is not None and hits:
+            swept = frozenset(h.entry.scene_id for h in hits
+                              if not (self.results_dir / h.entry.scene_id).is_dir())
         return Reply(node_id=self.node_id, request_id=request_id, query=query,
                      hits=hits or [], error=error,
-                     took_ms=(time.perf_counter() - t0) * 1000)
+                     took_ms=(time.perf_counter() - t0) * 1000, swept=swept)
 
     def _check_path(self, path: Path) -> None:
         """Refuse any path that, resolved, is not inside one of ``allowed_dirs``."""

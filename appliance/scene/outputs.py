@@ -15,7 +15,7 @@ input exactly: the map covers the scene and nothing past it.
   class, colour, ellipsoidal ``area_ha`` and ``mean_confidence`` (0..1).
 - Maps are built by GDAL entirely in memory (``/vsimem/``) and written to disk by Python,
   so a full disk is an ordinary ``OSError`` (``ENOSPC``), never a crash inside GDAL;
-  ``disk_full_guard`` turns it, and a results disk below ``input.min_free_mb`` free, into
+  ``disk_full_guard`` turns it, and a results disk below ``paths.min_free_mb`` free, into
   ``SceneError("disk-full")``.
 - Areas are ellipsoidal: each cell's corners are transformed to WGS84 and the cell's area
   is computed on the WGS84 ellipsoid through authalic latitudes, so EPSG:4326 and
@@ -214,7 +214,7 @@ def disk_full_guard(out_dir: Path, min_free_mb: int) -> Iterator[None]:
     free_mb = st.f_bavail * st.f_frsize / (1 << 20)
     if free_mb < min_free_mb:
         raise SceneError("disk-full", f"{out_dir}: {free_mb:.1f} MB free, less than "
-                         f"input.min_free_mb ({min_free_mb})")
+                         f"paths.min_free_mb ({min_free_mb})")
     try:
         yield
     except OSError as exc:

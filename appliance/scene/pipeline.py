@@ -308,7 +308,7 @@ def _process(
 
     t_write0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    with disk_full_guard(out_dir, settings.input.min_free_mb):
+    with disk_full_guard(out_dir, settings.paths.min_free_mb):
         outcome = _write_outputs(scene, path, scene_id, out_dir, runtime, settings, grid, valid,
                                  acc, tiles, band_sample, domain, signature[2], plan)
         t_end = time.perf_counter()

@@ -53,7 +53,7 @@ class SceneError(Exception):
     georeferenced, so no map can be placed), ``format`` (a file format outside
     ``input.drivers``, or a VRT with network or out-of-tree sources), ``too-large`` (a
     declared size above ``input.max_pixels``, checked before any pixel is read),
-    ``disk-full`` (the results disk has less than ``input.min_free_mb`` free, or ran out),
+    ``disk-full`` (the results disk has less than ``paths.min_free_mb`` free, or ran out),
     ``resolution`` (the scene's GSD is too far from the bundle's and
     ``input.gsd_policy`` is ``refuse``).
     """

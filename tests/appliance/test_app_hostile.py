@@ -209,7 +209,7 @@ def test_a_full_results_disk_fails_the_scene_and_the_box_goes_on(
         if disk is None:
             pytest.skip("cannot mount a tmpfs here (needs root)")
         daemon = DaemonProc(box, colour_bundle, broker.port,
-                            paths={"results": str(disk)}, input={"min_free_mb": 0})
+                            paths={"results": str(disk), "min_free_mb": 0})
         listener = Listener(broker.port, f"{P}/#")
         daemon.start()
         try:

@@ -190,6 +190,8 @@ def test_a_refused_subscription_is_logged_with_its_reason(
         refused = [r.getMessage() for r in caplog.records if "refused the sub" in r.message]
         assert refused == [f"MQTT: broker refused the subscription to {P}/retrieval/query: "
                            "Not authorized"]
+        link = comms.connection()  # the status shows it: degraded mqtt while connected
+        assert link.connected and link.refused_subscriptions == [f"{P}/retrieval/query"]
     finally:
         comms.stop()
         journal.close()
@@ -210,11 +212,12 @@ def test_a_refused_publish_is_logged_and_retried_without_a_restart(
         wait_until(comms.connected.is_set)
         comms.send("scene/s1/result", "{}", msg_id="denied-1")
         wait_until(lambda: caplog.text.count("broker refused denied-1 (Not authorized)") >= 2)
-        assert journal.outbox_depth() == 1
+        assert journal.outbox_depth() == 1 and comms.connection().refused_messages == 1
         (tmp_path / "acl").write_text(BASE_ACL + f"topic write {P}/scene/#\n")
         assert broker.proc is not None
         broker.proc.send_signal(signal.SIGHUP)  # mosquitto re-reads its ACL file
         wait_until(lambda: journal.outbox_depth() == 0)
+        assert comms.connection().refused_messages == 0
     finally:
         comms.stop()
         journal.close()

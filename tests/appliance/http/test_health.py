@@ -31,8 +31,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def test_readyz_follows_the_disk_floor(tmp_path: Path, colour_bundle: Path, broker: Broker,
                                        small_disk: Path) -> None:
     box = start_box(tmp_path / "box", colour_bundle, broker,
-                    paths={"results": str(small_disk / "results")},
-                    input={"min_free_mb": FLOOR_MB})
+                    paths={"results": str(small_disk / "results"), "min_free_mb": FLOOR_MB})
     try:
         assert box.get("/healthz").json() == {"alive": True}
         ready = box.get("/readyz")
