@@ -109,12 +109,16 @@ def evaluate_cmd(
     split: Optional[str] = typer.Option(None, help="train or val (with --run)."),  # noqa: UP045
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     batch_size: int = typer.Option(64, min=1),
+    gallery: Optional[Path] = typer.Option(  # noqa: UP045
+        None, help="Multi-label: labels CSV of the archive that retrieval queries are ranked "
+        "against (default: the evaluated chips among themselves)."),
 ) -> None:
     """Evaluate BUNDLE through the appliance's onnxruntime code on labelled chips."""
     from export.evaluate import evaluate, format_report
 
     try:
-        report = evaluate(bundle, data=data, run=run, split=split, batch_size=batch_size)
+        report = evaluate(bundle, data=data, run=run, split=split, batch_size=batch_size,
+                          gallery=gallery)
     except (DataError, BundleError) as exc:
         raise _fail(str(exc)) from exc
     if as_json:

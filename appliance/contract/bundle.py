@@ -58,10 +58,16 @@ class _Frozen(BaseModel):
 
 
 class ClassSpec(_Frozen):
-    """One output class and the colour it gets in maps and legends."""
+    """One output class and the colour it gets in maps and legends.
+
+    ``threshold`` is a multi-label bundle's presence threshold on this label's sigmoid
+    probability, calibrated at export on the validation split to maximise the label's F1
+    (None: not calibrated, 0.5 applies; single-label bundles have none).
+    """
 
     name: str
     colour: tuple[int, int, int]
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class InputSpec(_Frozen):
@@ -144,6 +150,12 @@ class Manifest(_Frozen):
     @property
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """[K] per-label presence thresholds (0.5 where none was calibrated)."""
+        return np.asarray([0.5 if c.threshold is None else c.threshold for c in self.classes],
+                          np.float64)
 
     def expert(self, name: str | None) -> Expert | None:
         """The adapted expert called ``name``; None for the source (``name`` None)."""

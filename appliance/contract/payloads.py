@@ -326,6 +326,9 @@ class SceneResult(Payload):
     timings: dict[str, float] = Field(description="Seconds per stage.")
     tiles: int = Field(description="Model inputs run (cells × scales).")
     drift: DriftReport | None = Field(default=None, description="Null: drift detection is off.")
+    labels: dict[str, ClassShare] | None = Field(
+        default=None, description="Multi-label bundles: per label, the share of the valid "
+        "area where it is present (at its threshold) and hectares; null for single-label.")
 
 
 class SceneFailed(Payload):

@@ -34,6 +34,7 @@ from appliance.contract.raster_open import SAFE_GDAL
 from appliance.contract.signature import Signature, scene_signature
 from appliance.scene.cells import SceneCells
 from appliance.scene.fusion import fuse
+from appliance.scene.labels import write_label_outputs
 from appliance.scene.outputs import (
     NODATA,
     ClassMap,
@@ -111,6 +112,8 @@ class SceneOutcome:
     tiles: int
     cells: SceneCells
     model: ModelRef  # the bundle, and the expert the scene was routed to
+    labels: dict[str, ClassShare] | None = None  # multi-label bundles: presence per label
+    label_thresholds: dict[str, float] | None = None
 
     def result(self, node_id: str, drift: DriftReport | None) -> SceneResult:
         """The ``scene-result`` payload (its msg_id derived from the scene id)."""
@@ -122,7 +125,7 @@ class SceneOutcome:
                                       area_ha=self.areas_ha.get(name, 0.0))
                      for name in self.fractions},
             mean_confidence=self.mean_confidence, outputs=self.outputs, timings=self.timings,
-            tiles=self.tiles, drift=drift)
+            tiles=self.tiles, drift=drift, labels=self.labels)
 
 
 class _Reservoir:
@@ -334,7 +337,12 @@ def _write_outputs(
     write_landuse(files["landuse"], cmap.labels, cmap.transform, cmap.crs, cmap.classes)
     write_confidence(files["confidence"], cmap)
     write_geojson(files["geojson"], cmap)
-    write_quicklook(files["quicklook"], cmap, fractions)
+    labelled = (write_label_outputs(out_dir, acc.probs, valid, areas, cmap.shape, cmap.transform,
+                                    scene.crs, manifest, settings.labels.thresholds)
+                if manifest.task == "multi-label" else None)
+    # A multi-label legend gives each label's presence share, not its arg-max share.
+    legend = ({n: s.fraction for n, s in labelled.shares.items()} if labelled else fractions)
+    write_quicklook(files["quicklook"], cmap, legend)
     if settings.tiling.segments != "none":
         files["hybrid"] = out_dir / "hybrid.tif"
         _write_hybrid(files["hybrid"], scene, grid, cmap, settings)
@@ -349,6 +357,11 @@ def _write_outputs(
         properties={"terratile:model": model.model_dump(),
                     "terratile:fractions": fractions, "terratile:areas_ha": areas_ha},
     )
+    if labelled is not None:
+        item["assets"] |= labelled.stac_assets()
+        item["properties"]["terratile:labels"] = {
+            n: share.model_dump() for n, share in labelled.shares.items()}
+        files |= labelled.files
     write_json(files["stac"], item)
     return SceneOutcome(
         scene_id=scene_id, source=path.name, crs=scene.crs_string, bounds=scene_bounds,
@@ -357,6 +370,8 @@ def _write_outputs(
         mean_confidence=float(confidence[valid].mean()),
         outputs={key: str(f.resolve()) for key, f in files.items()},
         timings={}, tiles=tiles, cells=cells, model=model,
+        labels=labelled.shares if labelled else None,
+        label_thresholds=labelled.thresholds if labelled else None,
     )
 
 
@@ -398,4 +413,6 @@ def _summary(outcome: SceneOutcome, runtime: SceneModel, fusion: str,
         "mean_confidence": outcome.mean_confidence,
         "tiles": outcome.tiles,
         "outputs": {k: Path(v).name for k, v in outcome.outputs.items()},
+        **({"labels": {n: s.model_dump() for n, s in outcome.labels.items()},
+            "label_thresholds": outcome.label_thresholds} if outcome.labels is not None else {}),
     }
