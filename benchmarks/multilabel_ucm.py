@@ -141,7 +141,9 @@ def _train_bundle(name: str, data: Path, task: str, size: int, epochs: int, runs
     if retrain or not done:
         _sh(cmd)
     if retrain or not (bundle / "manifest.json").is_file():
-        _sh([EXE, "bundle", "--run", str(run), "--out", str(bundle), "--name", name])
+        # One window of a whole chip (256 px at 0.3 m): the view the network was trained on.
+        _sh([EXE, "bundle", "--run", str(run), "--out", str(bundle), "--name", name,
+             "--scales", "256"])
     return run, bundle, " ".join(cmd[1:])
 
 
