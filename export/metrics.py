@@ -105,6 +105,7 @@ def overlap_retrieval_report(query: np.ndarray, query_labels: np.ndarray,
     Jaccard@k of the label sets, ACG@k (mean number of shared labels), nDCG@k with gain
     2^shared − 1 (sklearn's ``ndcg_score`` with those gains as relevance; the ideal is the
     best ordering of the whole gallery), and P@k "shares any label" as in the literature.
+    Keys are named by the ``k`` asked for; a gallery smaller than ``k`` ranks all of it.
     """
     from sklearn.metrics import ndcg_score
 
@@ -119,13 +120,13 @@ def overlap_retrieval_report(query: np.ndarray, query_labels: np.ndarray,
         keep = ~np.eye(len(query), dtype=bool)
         n = len(query) - 1
         sims, shared, union = (a[keep].reshape(len(query), n) for a in (sims, shared, union))
-    k = min(k, sims.shape[1])
-    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    depth = min(k, sims.shape[1])
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :depth]
     top_shared = np.take_along_axis(shared, top, axis=1)
     top_union = np.take_along_axis(union, top, axis=1)
     return {
         f"jaccard_at_{k}": float((top_shared / np.maximum(top_union, 1)).mean()),
         f"acg_at_{k}": float(top_shared.mean()),
-        f"ndcg_at_{k}": float(ndcg_score(2.0 ** shared - 1, sims, k=k)),
+        f"ndcg_at_{k}": float(ndcg_score(2.0 ** shared - 1, sims, k=depth)),
         f"shares_any_at_{k}": float((top_shared > 0).mean()),
     }
