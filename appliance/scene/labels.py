@@ -88,8 +88,9 @@ def _safe(name: str) -> str:
 
 def _write_bands(path: Path, bands: np.ndarray, transform: Affine, crs: CRS,
                  names: list[str], tags: dict[str, str]) -> None:
-    """A multi-band uint8 COG (nodata 255), built in memory and written by Python, so a
-    full disk is an ordinary ``OSError`` as for the other maps."""
+    """A multi-band uint8 COG (nodata 255, band ``i`` described as ``names[i]``), built in
+    memory and written by Python, so a full disk is an ordinary ``OSError`` as for the
+    single-band maps of ``outputs``."""
     count, h, w = bands.shape
     profile = {"driver": "GTiff", "width": w, "height": h, "count": count, "dtype": "uint8",
                "crs": crs, "transform": transform, "nodata": NODATA,
@@ -140,11 +141,10 @@ def write_label_outputs(out_dir: Path, probs: np.ndarray, valid: np.ndarray,
     rows, cols = shape
     percent = np.where(valid[:, None], np.round(probs * 100), NODATA).astype(np.uint8)
     flags = np.where(valid[:, None], present, NODATA).astype(np.uint8)
-    to_bands = lambda a: a.T.reshape(len(names), rows, cols)  # noqa: E731
     files = {"labels": out_dir / PROBABILITIES_FILE, "presence": out_dir / PRESENCE_FILE}
-    _write_bands(files["labels"], to_bands(percent), transform, crs, names,
+    _write_bands(files["labels"], percent.T.reshape(-1, rows, cols), transform, crs, names,
                  {"LABELS": json.dumps(names), "UNITS": "percent"})
-    _write_bands(files["presence"], to_bands(flags), transform, crs, names,
+    _write_bands(files["presence"], flags.T.reshape(-1, rows, cols), transform, crs, names,
                  {"LABELS": json.dumps(names),
                   "THRESHOLDS": json.dumps({n: float(t) for n, t in zip(names, th, strict=True)})})
     valid_grid = valid.reshape(rows, cols)
