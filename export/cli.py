@@ -41,6 +41,9 @@ def train_cmd(
     embedding_dim: int = typer.Option(128, min=2),
     warmup_epochs: float = typer.Option(1.0, min=0.0, help="Linear warm-up length (epochs)."),
     threads: int = typer.Option(2, min=1, help="torch CPU threads."),
+    crop_min: Optional[float] = typer.Option(  # noqa: UP045
+        None, min=0.05, max=1.0, help="Smallest crop area of a training view (default 0.35, "
+        "0.8 for multi-label: labels describe the whole chip)."),
 ) -> None:
     """Fine-tune BACKBONE on DATA with a classifier and an embedding head."""
     from export.train import TrainConfig, train
@@ -52,7 +55,7 @@ def train_cmd(
                       val_fraction=val_fraction, seed=seed, init=init, pretrained=pretrained,
                       batch_size=batch_size, lr=lr, freeze_backbone=freeze_backbone,
                       embedding_dim=embedding_dim, warmup_epochs=warmup_epochs,
-                      threads=threads)
+                      threads=threads, crop_min=crop_min)
     try:
         run = train(cfg, console)
     except (DataError, BackboneError) as exc:

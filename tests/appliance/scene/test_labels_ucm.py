@@ -8,7 +8,7 @@ share within ``TOLERANCE`` of that truth (per label: 5 of 64 chips; mean absolut
 below ``MEAN_TOLERANCE``), and write the per-label COG with one named band per label.
 
 Needs ``../shared/data/ucm`` and the bundle that ``benchmarks/multilabel_ucm.py`` trains
-(``TERRATILE_UCM_BUNDLE``, default ``/work/runs/ucm_ml/bundle``); skips without them.
+(``TERRATILE_UCM_BUNDLE``, default ``/work/runs/ucm_ml2/bundle``); skips without them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.scene.pipeline import process_scene
 from tests.conftest import shared_data
 
-BUNDLE = Path(os.environ.get("TERRATILE_UCM_BUNDLE", "/work/runs/ucm_ml/bundle"))
+BUNDLE = Path(os.environ.get("TERRATILE_UCM_BUNDLE", "/work/runs/ucm_ml2/bundle"))
 GRID = 8
 CHIP = 256
 TOLERANCE = 5 / (GRID * GRID)
