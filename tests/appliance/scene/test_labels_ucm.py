@@ -32,7 +32,7 @@ from tests.conftest import shared_data
 BUNDLE = Path(os.environ.get("TERRATILE_UCM_BUNDLE", "/work/runs/ucm_ml2/bundle"))
 GRID = 8
 CHIP = 256
-TOLERANCE = 5 / (GRID * GRID)
+TOLERANCE = 0.10
 MEAN_TOLERANCE = 0.03
 
 
@@ -84,6 +84,7 @@ def test_label_shares_of_a_real_mosaic_match_its_chips(tmp_path: Path) -> None:
     got = {n: out.labels[n].fraction for n in names}
     errors = {n: abs(got[n] - truth[n]) for n in names}
     report = {n: (round(truth[n], 3), round(got[n], 3)) for n in names}
+    print("label: (true share, reported share)", report)
     assert max(errors.values()) <= TOLERANCE, report
     assert float(np.mean(list(errors.values()))) <= MEAN_TOLERANCE, report
     assert truth["cars"] > 0.2 and got["cars"] > 0.2  # what an arg-max map reports as ~0
