@@ -303,7 +303,8 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
 
 
 def _validation(run_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The run's validation chips (value range, native size) and labels; None without any."""
+    """The run's validation chips (value range, at the input size) and labels; None without
+    any."""
     try:
         val = load_split(run_dir, "val")
     except DataError:  # trained with --val-fraction 0: nothing to calibrate on
