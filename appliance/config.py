@@ -532,6 +532,22 @@ class LoggingConfig(Section):
 
     format: Literal["text", "json"] = "text"
 
+class LabelsConfig(Section):
+    """Multi-label bundles: presence thresholds per label (default: the bundle's own,
+    calibrated at export to maximise each label's F1 on the validation split)."""
+
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Label name → presence threshold on its probability (0..1), replacing "
+        "the bundle's for that label.")
+
+    @model_validator(mode="after")
+    def _in_unit_range(self) -> LabelsConfig:
+        bad = {k: v for k, v in self.thresholds.items() if not 0.0 <= v <= 1.0}
+        if bad:
+            raise ValueError(f"thresholds must lie in [0, 1]: {bad}")
+        return self
+
 
 class Settings(BaseSettings):
     """The whole appliance configuration."""
@@ -555,6 +571,7 @@ class Settings(BaseSettings):
     http: HTTPConfig = Field(default_factory=HTTPConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="before")

@@ -52,8 +52,9 @@ from appliance.contract.layer_stats import measure
 from appliance.contract.palette import read_palette, semantic_palette
 from appliance.contract.reference_stats import reference_from_tiles
 from appliance.model.runtime import ProviderPlan, open_session, probabilities
-from export.data import DataSet, Sample, load_chips, load_split
-from export.model import Descriptor
+from export.data import DataError, DataSet, Sample, load_chips, load_split
+from export.metrics import calibrate_thresholds, overlap_retrieval_report
+from export.model import Descriptor, Embedder, TerratileNet
 from export.train import METRICS, load_trained
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ OPSET = 18
 CPU = ProviderPlan(providers=("cpu",))
 BANK_PER_CLASS = 48
 PARITY_CHIPS = 16
+# (embedding, posterior) weights tried for a multi-label descriptor: embedding alone, both
+# with more or less posterior, posterior alone.
+DESCRIPTOR_WEIGHTS: tuple[tuple[float, float], ...] = (
+    (1.0, 0.0), (1.0, 0.5), (1.0, 1.0), (1.0, 2.0), (1.0, 4.0), (0.0, 1.0))
 
 class ParityError(RuntimeError):
     """The exported ONNX disagrees with torch beyond the tolerance."""
@@ -213,7 +218,14 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     exporter = export_onnx(model.backbone, x[:2], out / BACKBONE, IMAGE_INPUT, FEATURES)
     export_onnx(_FeatureToLogits(model.classifier), feats[:2], out / CLASSIFIER, FEATURES, LOGITS)
     embedder = model.embedder if options.descriptor == "trained" else None
-    descriptor = Descriptor(embedder, model.classifier, info.task == "multi-label").eval()
+    multi_label = info.task == "multi-label"
+    val = _validation(run_dir, spec.size) if multi_label else None
+    weights, selection = (1.0, 1.0), None
+    if val is not None and embedder is not None:
+        weights, selection = _pick_descriptor(model, embedder, source, val, out / BACKBONE, spec)
+        console.print(f"descriptor weights (embedding, posterior) {weights}: validation "
+                      f"Jaccard@20 {selection['candidates'][str(weights)]:.3f}")
+    descriptor = Descriptor(embedder, model.classifier, multi_label, weights).eval()
     export_onnx(descriptor, feats[:2], out / EMBEDDER, FEATURES, EMBEDDING)
     console.print(f"exported with the {exporter} exporter (opset {OPSET})")
 
@@ -250,6 +262,16 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
         measure(out / BACKBONE, spec.normalise(chips)).save(out / LAYER_STATS)
         extra[LAYER_STATS] = ""
 
+    calibration: dict[str, Any] = {}
+    if val is not None:  # on the final graphs, after any fp16/int8 conversion
+        val_chips, val_labels = val
+        thresholds = calibrate_thresholds(val_labels, _probs(out, backbone, val_chips, spec))
+        classes = [c.model_copy(update={"threshold": round(float(t), 4)})
+                   for c, t in zip(classes, thresholds, strict=True)]
+        calibration = {"thresholds": {"split": "val", "chips": len(val_labels),
+                                      "objective": "per-label F1"}}
+        if selection is not None:
+            calibration["descriptor"] = selection
     manifest = Manifest(
         name=options.name or Path(run_dir).resolve().name, version=options.version,
         backbone=info.backbone, task=info.task,
@@ -259,10 +281,54 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
         input=spec, scales=list(options.scales), feature_dim=info.feature_dim,
         embedding_dim=(info.embedding_dim + n_classes if embedder is not None
                        else info.feature_dim),
-        metrics=_metrics(run_dir, parity, exporter, options),
+        metrics=_metrics(run_dir, parity, exporter, options) | calibration,
         notes=options.notes or f"precision {options.precision}", files=extra,
     )
     return seal_bundle(out, manifest)
+
+
+def _validation(run_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The run's validation chips (value range, at the input size) and labels; None without
+    any."""
+    try:
+        val = load_split(run_dir, "val")
+    except DataError:  # trained with --val-fraction 0: nothing to calibrate on
+        return None
+    return load_chips(val, size).images, val.label_array()
+
+
+def _features(backbone: Path | ort.InferenceSession, chips: np.ndarray,
+              spec: InputSpec) -> np.ndarray:
+    """Pooled features of value-range chips through an exported backbone, 64 at a time."""
+    return np.concatenate([_run(backbone, IMAGE_INPUT, FEATURES, spec.normalise(chips[i : i + 64]))
+                           for i in range(0, len(chips), 64)])
+
+
+def _probs(out: Path, backbone: ort.InferenceSession, chips: np.ndarray,
+           spec: InputSpec) -> np.ndarray:
+    """Sigmoid probabilities of chips through the bundle's exported graphs."""
+    logits = _run(out / CLASSIFIER, FEATURES, LOGITS, _features(backbone, chips, spec))
+    return probabilities(logits, multi_label=True)
+
+
+def _pick_descriptor(model: TerratileNet, embedder: Embedder, source: DataSet,
+                     val: tuple[np.ndarray, np.ndarray], backbone: Path,
+                     spec: InputSpec) -> tuple[tuple[float, float], dict[str, Any]]:
+    """Descriptor weights with the best mean Jaccard@20 of validation queries against the
+    whole training split (the archive an index would hold), through the exported backbone."""
+    session = open_session(backbone, CPU)
+    gallery = torch.from_numpy(_features(session, load_chips(source, spec.size).images, spec))
+    queries = torch.from_numpy(_features(session, val[0], spec))
+    scores: dict[str, float] = {}
+    for weights in DESCRIPTOR_WEIGHTS:
+        d = Descriptor(embedder, model.classifier, True, weights).eval()
+        with torch.no_grad():
+            q, g = d(queries).numpy(), d(gallery).numpy()
+        scores[str(weights)] = overlap_retrieval_report(
+            q, val[1], g, source.label_array())["jaccard_at_20"]
+    best = max(DESCRIPTOR_WEIGHTS, key=lambda w: scores[str(w)])
+    return best, {"objective": "validation Jaccard@20 against the training split",
+                  "weights": list(best), "candidates": scores}
 
 
 def _parity(model: nn.Module, descriptor: Descriptor, out: Path,

@@ -44,6 +44,9 @@ def train_cmd(
     gsd: Optional[float] = typer.Option(  # noqa: UP045
         None, min=0.0, help="Ground sampling distance of the chips, metres per pixel "
         "(default: measured from georeferenced chips, else unknown)."),
+    crop_min: Optional[float] = typer.Option(  # noqa: UP045
+        None, min=0.05, max=1.0, help="Smallest crop area of a training view (default 0.35, "
+        "0.8 for multi-label: labels describe the whole chip)."),
 ) -> None:
     """Fine-tune BACKBONE on DATA with a classifier and an embedding head."""
     from export.train import TrainConfig, train
@@ -55,7 +58,7 @@ def train_cmd(
                       val_fraction=val_fraction, seed=seed, init=init, pretrained=pretrained,
                       batch_size=batch_size, lr=lr, freeze_backbone=freeze_backbone,
                       embedding_dim=embedding_dim, warmup_epochs=warmup_epochs,
-                      threads=threads, gsd=gsd or None)
+                      threads=threads, gsd=gsd or None, crop_min=crop_min)
     try:
         run = train(cfg, console)
     except (DataError, BackboneError) as exc:
@@ -120,12 +123,16 @@ def evaluate_cmd(
     split: Optional[str] = typer.Option(None, help="train or val (with --run)."),  # noqa: UP045
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     batch_size: int = typer.Option(64, min=1),
+    gallery: Optional[Path] = typer.Option(  # noqa: UP045
+        None, help="Multi-label: labels CSV of the archive that retrieval queries are ranked "
+        "against (default: the evaluated chips among themselves)."),
 ) -> None:
     """Evaluate BUNDLE through the appliance's onnxruntime code on labelled chips."""
     from export.evaluate import evaluate, format_report
 
     try:
-        report = evaluate(bundle, data=data, run=run, split=split, batch_size=batch_size)
+        report = evaluate(bundle, data=data, run=run, split=split, batch_size=batch_size,
+                          gallery=gallery)
     except (DataError, BundleError) as exc:
         raise _fail(str(exc)) from exc
     if as_json:

@@ -49,21 +49,29 @@ class Descriptor(nn.Module):
     classifier weights are copied at export, so the index keeps one descriptor even when the
     appliance later adapts its classifier head. Without an embedder it is the seed papers'
     off-the-shelf baseline: L2-normalised pooled backbone features.
+
+    ``weights`` scale the two unit parts before the final normalisation. A multi-label
+    bundle must order neighbours by how many labels they share; the exporter picks the
+    weights that maximise mean Jaccard@20 on the validation split (``bundler``), which can
+    make the sigmoid posterior the dominant, or only, part.
     """
 
     def __init__(self, embedder: Embedder | None, classifier: nn.Module,
-                 multi_label: bool) -> None:
+                 multi_label: bool, weights: tuple[float, float] = (1.0, 1.0)) -> None:
         super().__init__()
         self.embedder = embedder
         self.classifier = classifier
         self.multi_label = multi_label
+        self.weights = weights
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.embedder is None:  # off-the-shelf: the pooled features themselves
             return F.normalize(features, dim=1)
         logits = self.classifier(features)
         posterior = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
-        both = torch.cat([self.embedder(features), F.normalize(posterior, dim=1)], dim=1)
+        w_embedding, w_posterior = self.weights
+        both = torch.cat([w_embedding * self.embedder(features),
+                          w_posterior * F.normalize(posterior, dim=1)], dim=1)
         return F.normalize(both, dim=1)
 
 

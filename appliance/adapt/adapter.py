@@ -10,6 +10,11 @@
   expert (or the source model's own), unless the reset policy sends the lineage back;
 - ``bundles``: a gated step becomes a sealed candidate bundle (``ModelStore.derive``).
 
+A multi-label (sigmoid) bundle is refused with the reason in the report: every step
+here fits and gates softmax heads (arg-max pseudo-labels, one class per cell, a
+cross-entropy head, a gate on arg-max agreement), which on a sigmoid head would promote a
+model that can no longer report several labels per cell (``MULTI_LABEL_REFUSAL``).
+
 The adapter only proposes. It never installs, activates or prunes a version and never
 reads which version is active: the caller hands it the active bundle and applies the
 report (``AdaptationReport.candidate`` to install, ``reset_to`` to activate).
@@ -39,6 +44,10 @@ from appliance.scene.cells import SceneCells
 log = logging.getLogger(__name__)
 
 ADAPT_DIR = "adapt"
+MULTI_LABEL_REFUSAL = (
+    "refused: multi-label bundle. Adaptation here fits and gates softmax heads (arg-max "
+    "pseudo-labels, cross-entropy, arg-max agreement); on a sigmoid head that would promote a "
+    "model that reports one label per cell. No step was run; the model is unchanged.")
 
 
 class Adapter:
@@ -96,6 +105,9 @@ class Adapter:
     def _job(self, bundle: Bundle, reason: str, deadline: float) -> AdaptationReport:
         """A new expert if the stored scenes need one, else (or when it is refused) a head
         step; a refused expert rides along in ``refused_input``."""
+        if bundle.manifest.task == "multi-label":
+            return AdaptationReport(reason=reason, action="skipped",
+                                    version_before=bundle.version, message=MULTI_LABEL_REFUSAL)
         lineage = Lineage.of(self.models, bundle)
         with tempfile.TemporaryDirectory(dir=self.root) as tmp:
             expert = self.expert_step.run(lineage, reason, deadline, Path(tmp))

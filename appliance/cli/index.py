@@ -111,6 +111,9 @@ def query_command(
     scene_filter: str | None = typer.Option(None, "--scene-filter", help="Only this scene."),
     since: str | None = typer.Option(None, "--since", help="Indexed at or after (ISO 8601)."),
     until: str | None = typer.Option(None, "--until", help="Indexed at or before (ISO 8601)."),
+    label: list[str] | None = typer.Option(
+        None, "--label", help="Multi-label bundles: only cells holding this label (repeat: all "
+        "of them)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Nearest indexed cells / reference images to an image, a cell or a vector."""
@@ -141,7 +144,7 @@ def query_command(
             "pixel": list(pixel) if pixel else None, "lonlat": list(lonlat) if lonlat else None,
             "vector": vector, "k": k,
             "filters": {"class": class_name, "scene_id": scene_filter,
-                        "since": since, "until": until},
+                        "since": since, "until": until, "labels": label or []},
         })
     finally:
         index.close()

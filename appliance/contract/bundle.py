@@ -156,6 +156,12 @@ class Manifest(_Frozen):
             return list(self.classes)
         return semantic_palette(self.class_names)
 
+    @property
+    def thresholds(self) -> np.ndarray:
+        """[K] per-label presence thresholds (0.5 where none was calibrated)."""
+        return np.asarray([0.5 if c.threshold is None else c.threshold for c in self.classes],
+                          np.float64)
+
     def expert(self, name: str | None) -> Expert | None:
         """The adapted expert called ``name``; None for the source (``name`` None)."""
         if name is None:

@@ -17,16 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ClassSpec(BaseModel):
-    """One output class and the colour it gets in maps and legends."""
+    """One output class and the colour it gets in maps and legends.
+
+    ``threshold`` is a multi-label bundle's presence threshold on this label's sigmoid
+    probability, calibrated at export on the validation split to maximise the label's F1
+    (None: not calibrated, 0.5 applies; single-label bundles have none).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     colour: tuple[int, int, int]
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
 
     @property
     def hex(self) -> str:

@@ -378,6 +378,9 @@ class SceneResult(Payload):
     acquired: Acquired
     warnings: list[str] = Field(
         default_factory=list, description="What makes this result less trustworthy.")
+    labels: dict[str, ClassShare] | None = Field(
+        default=None, description="Multi-label bundles: per label, the share of the valid "
+        "area where it is present (at its threshold) and hectares; null for single-label.")
 
 
 class SceneFailed(Payload):

@@ -10,6 +10,11 @@ scene's rows and inserts its new ones in one transaction: a scene is replaced, n
 duplicated, and a crash leaves either the old rows or the new ones. Reference images are
 entries whose scene id starts with ``ref:`` (``REFERENCE_PREFIX``).
 
+A multi-label bundle's rows also carry their label set (``labels``, stored as
+``|a|b|`` so "has every one of these labels" is a substring test per label); the column is
+added to logs written before it existed when they are opened (``_migrate``), and their old
+rows have no label set.
+
 The ``meta`` table keeps the embedding size (a log of other-sized vectors is refused with
 ``IndexStateError``), the last checkpoint and the last recall check. Rows are decoded by
 column name into ``Entry``. The owner (``TileIndex``) serialises access under its lock.
@@ -56,7 +61,7 @@ _WINDOW = ("col", "row", "width", "height")
 _BOUNDS = ("minx", "miny", "maxx", "maxy")
 _BOUNDS_WGS84 = ("lon_min", "lat_min", "lon_max", "lat_max")
 _COLUMNS = ("scene_id", "source", *_WINDOW, "crs", *_BOUNDS, *_BOUNDS_WGS84, "class",
-            "confidence", "label", "ts", "vector")
+            "confidence", "label", "labels", "ts", "vector")
 _METADATA = ", ".join(("id", *_COLUMNS[:-1]))  # every column but the vector
 _INSERT = (f"INSERT INTO entries ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join(':' + c for c in _COLUMNS)})")
@@ -79,22 +84,26 @@ class Entry:
     class_name: str | None = None
     confidence: float | None = None
     label: str | None = None
+    labels: tuple[str, ...] | None = None  # multi-label bundles: labels present in the cell
 
 
 @dataclass(frozen=True)
 class Filters:
-    """Restrictions on results; ``None`` fields do not filter."""
+    """Restrictions on results; ``None`` fields do not filter. ``labels``: entries holding
+    every one of these labels (multi-label bundles)."""
 
     class_name: str | None = None
     scene_id: str | None = None
     since: datetime | None = None
     until: datetime | None = None
     exclude_ids: frozenset[int] = field(default_factory=frozenset)
+    labels: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def restricts(self) -> bool:
         """True when the allowed ids must come from the log (not just an exclusion)."""
-        return any(v is not None for v in (self.class_name, self.scene_id, self.since, self.until))
+        return bool(self.labels) or any(
+            v is not None for v in (self.class_name, self.scene_id, self.since, self.until))
 
     def sql(self) -> tuple[str, list[Any]]:
         """A WHERE clause (without the keyword) and its parameters."""
@@ -111,6 +120,9 @@ class Filters:
         if self.until is not None:
             clauses.append("ts <= ?")
             params.append(_epoch(self.until))
+        for name in sorted(self.labels):
+            clauses.append("instr(labels, ?) > 0")
+            params.append(f"|{name}|")
         return " AND ".join(clauses), params
 
 
@@ -126,6 +138,7 @@ class EntryLog:
             if check != [("ok",)]:
                 raise sqlite3.DatabaseError("; ".join(str(r[0]) for r in check[:5]))
             self._db.executescript(_SCHEMA)
+            _migrate(self._db)
         except sqlite3.DatabaseError:
             self._db.close()
             raise
@@ -271,10 +284,19 @@ class EntryLog:
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a log written by an older version to the current columns (``labels``)."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(entries)")}
+    if "labels" not in columns:
+        with transaction(db):
+            db.execute("ALTER TABLE entries ADD COLUMN labels TEXT")
+
+
 def _encode(e: Entry, ts: float, vector: bytes) -> dict[str, Any]:
+    labels = None if e.labels is None else "|" + "".join(f"{n}|" for n in sorted(e.labels))
     row: dict[str, Any] = {"scene_id": e.scene_id, "source": e.source, "crs": e.crs,
                            "class": e.class_name, "confidence": e.confidence,
-                           "label": e.label, "ts": ts, "vector": vector}
+                           "label": e.label, "labels": labels, "ts": ts, "vector": vector}
     for names, values in ((_WINDOW, e.window), (_BOUNDS, e.bounds),
                           (_BOUNDS_WGS84, e.bounds_wgs84)):
         row.update(zip(names, values or (None,) * 4, strict=True))
@@ -287,7 +309,9 @@ def _decode(r: sqlite3.Row) -> tuple[Entry, datetime]:
     entry = Entry(scene_id=r["scene_id"], source=r["source"], window=window, crs=r["crs"],
                   bounds=as_box([r[n] for n in _BOUNDS]),
                   bounds_wgs84=as_box([r[n] for n in _BOUNDS_WGS84]),
-                  class_name=r["class"], confidence=r["confidence"], label=r["label"])
+                  class_name=r["class"], confidence=r["confidence"], label=r["label"],
+                  labels=None if r["labels"] is None else tuple(
+                      n for n in r["labels"].split("|") if n))
     return entry, datetime.fromtimestamp(r["ts"], timezone.utc)
 
 

@@ -72,6 +72,8 @@ class IndexableScene(Protocol):
     def source(self) -> str: ...
     @property
     def cells(self) -> SceneCells: ...
+    @property
+    def label_thresholds(self) -> dict[str, float] | None: ...
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class Hit:
             "crs": e.crs, "bounds": list(e.bounds) if e.bounds else None,
             "bounds_wgs84": list(e.bounds_wgs84) if e.bounds_wgs84 else None,
             "class": e.class_name, "confidence": e.confidence, "label": e.label,
+            "labels": list(e.labels) if e.labels is not None else None,
             "time": self.time.isoformat(),
         }
 
@@ -160,12 +163,17 @@ class TileIndex:
         """Index the valid cells of a processed scene, replacing its earlier entries.
 
         ``classes`` names the columns of ``cells.probs`` (the bundle's class names); the
-        stored class is the fused argmax. Returns the number of vectors indexed.
+        stored class is the fused argmax. A multi-label scene (``label_thresholds`` set)
+        also stores each cell's label set: the labels at or above their threshold.
+        Returns the number of vectors indexed.
         """
         cells = outcome.cells
         valid = np.flatnonzero(cells.valid)
         names = list(classes) if classes is not None else []
         labels, conf = cells.labels, cells.confidence
+        th = outcome.label_thresholds
+        present = (cells.probs >= np.asarray([th[n] for n in names])[None, :]
+                   if th is not None else None)
         entries = []
         for i in valid:
             k = int(labels[i])
@@ -175,6 +183,8 @@ class TileIndex:
                 crs=cells.crs, bounds=as_box(cells.bounds[i]),
                 bounds_wgs84=as_box(cells.bounds_wgs84[i]),
                 class_name=names[k] if k < len(names) else str(k), confidence=float(conf[i]),
+                labels=(tuple(n for n, on in zip(names, present[i], strict=True) if on)
+                        if present is not None else None),
             ))
         return self.replace([outcome.scene_id], entries, cells.embeddings[valid])
 

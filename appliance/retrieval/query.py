@@ -32,7 +32,7 @@ RESPONSE_SCHEMA = "terratile.retrieval-response/1"
 MAX_REQUEST_ID = 128
 REQUEST_KEYS = frozenset({"request_id", "image", "scene_id", "pixel", "lonlat", "vector", "k",
                           "filters", "schema"})
-FILTER_KEYS = frozenset({"class", "scene_id", "since", "until"})
+FILTER_KEYS = frozenset({"class", "scene_id", "since", "until", "labels"})
 DEFAULT_K = 20
 
 
@@ -212,6 +212,14 @@ def _filters(raw: Any) -> Filters:
             if not isinstance(raw[key], str):
                 raise RequestError("bad-request", f"filters.{key} must be a string")
             _check_text(raw[key], f"filters.{key}")
+    labels = raw.get("labels") or []
+    if not isinstance(labels, list) or not all(isinstance(n, str) and n for n in labels):
+        raise RequestError("bad-request", "filters.labels must be a list of label names "
+                           "(results hold every one of them)")
+    for n in labels:
+        _check_text(n, "filters.labels")
+        if "|" in n:
+            raise RequestError("bad-request", f"filters.labels: {n!r} is not a label name")
     return Filters(class_name=raw.get("class"), scene_id=raw.get("scene_id"),
                    since=parse_time(raw.get("since"), "since"),
-                   until=parse_time(raw.get("until"), "until"))
+                   until=parse_time(raw.get("until"), "until"), labels=frozenset(labels))

@@ -4,7 +4,8 @@ Each image file under the folder becomes one entry of its own: ``scene_id =
 "ref:<sha256 of the file>"`` (``REFERENCE_PREFIX``; re-adding a file replaces its entry),
 ``source`` = its path relative to the folder, ``label`` = its parent folder's name, and
 ``class`` = that name when it is one of the model's classes (case-insensitive), the
-predicted class otherwise. Files are read as image queries are (``retrieval.image``).
+predicted class otherwise; with a multi-label bundle ``labels`` = the labels predicted
+present at the bundle's thresholds. Files are read as image queries are (``retrieval.image``).
 Unreadable files are reported and skipped; the rest are indexed.
 """
 
@@ -43,6 +44,8 @@ def add_reference_images(root: Path, index: TileIndex, runtime: ModelRuntime,
             return 0
         inference = runtime.infer(np.stack([t for _, _, t in batch]))
         entries = []
+        multi = runtime.manifest.task == "multi-label"
+        th = runtime.manifest.thresholds
         for (path, sid, _), p in zip(batch, inference.probs, strict=True):
             folder = path.parent.name if path.parent != root else None
             predicted = names[int(p.argmax())]
@@ -50,6 +53,8 @@ def add_reference_images(root: Path, index: TileIndex, runtime: ModelRuntime,
                 scene_id=sid, source=str(path.relative_to(root)), label=folder,
                 class_name=by_lower.get(folder.lower(), predicted) if folder else predicted,
                 confidence=float(p.max()),
+                labels=tuple(n for n, q, t in zip(names, p, th, strict=True) if q >= t)
+                if multi else None,
             ))
         n = index.replace([e.scene_id for e in entries], entries, inference.embedding)
         batch.clear()

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ from appliance.comms.mqtt import REFUSAL_MESSAGES, Refusal
 from appliance.config import InputConfig, RetrievalConfig
 from appliance.contract.image_files import IMAGE_SUFFIXES, is_image
 from appliance.model.runtime import ModelRuntime
-from appliance.retrieval.entry_log import Filters
 from appliance.retrieval.image import read_tile
 from appliance.retrieval.index import Hit, TileIndex
 from appliance.retrieval.query import Query, Reply, RequestError, decode, parse_request, request_id
@@ -123,8 +123,7 @@ class RetrievalService:
             except KeyError as exc:  # the scene was re-indexed between the two look-ups
                 raise RequestError("no-cell", f"cell of {query.scene_id} was replaced; "
                                    "ask again") from exc
-            filters = Filters(filters.class_name, filters.scene_id, filters.since,
-                              filters.until, filters.exclude_ids | {cell})
+            filters = replace(filters, exclude_ids=filters.exclude_ids | {cell})
         if vector.shape != (self.index.dim,):
             raise RequestError("bad-request",
                                f"vector has {vector.size} values, the index holds {self.index.dim}")

@@ -43,6 +43,7 @@ from appliance.scene.bands import scene_band_labels
 from appliance.scene.cells import SceneCells
 from appliance.scene.fusion import fuse
 from appliance.scene.gsd import WindowPlan, plan_windows
+from appliance.scene.labels import write_label_outputs
 from appliance.scene.outputs import (
     NODATA,
     ClassMap,
@@ -135,6 +136,8 @@ class SceneOutcome:
     input: SceneInput  # bands, rescale and resolution the scene was run with
     acquired: Acquired
     warnings: list[str]
+    labels: dict[str, ClassShare] | None = None  # multi-label bundles: presence per label
+    label_thresholds: dict[str, float] | None = None
 
     def result(self, node_id: str, drift: DriftReport | None) -> SceneResult:
         """The ``scene-result`` payload (its msg_id derived from the scene id)."""
@@ -147,7 +150,7 @@ class SceneOutcome:
                      for name in self.fractions},
             mean_confidence=self.mean_confidence, outputs=self.outputs, timings=self.timings,
             tiles=self.tiles, drift=drift, input=self.input, acquired=self.acquired,
-            warnings=self.warnings)
+            warnings=self.warnings, labels=self.labels)
 
 
 class _Reservoir:
@@ -385,6 +388,12 @@ def _write_outputs(
                                    cmap.classes)
     write_confidence(files["confidence"], cmap)
     write_geojson(files["geojson"], cmap, all_areas.reshape(grid.rows, grid.cols))
+    labelled = (write_label_outputs(out_dir, acc.probs, valid, areas, cmap.shape,
+                                    cmap.transform, scene.crs, manifest,
+                                    settings.labels.thresholds)
+                if manifest.task == "multi-label" else None)
+    if labelled is not None:
+        files |= labelled.files
     if settings.tiling.segments != "none":
         files["hybrid"] = out_dir / "hybrid.tif"
         _write_hybrid(files["hybrid"], scene, grid, cmap, settings)
@@ -396,7 +405,10 @@ def _write_outputs(
                                 datetime.now(timezone.utc))
     ground_w = None if plan.scene_gsd is None else plan.scene_gsd * scene.width
     write_quicklook(files["quicklook"], Quicklook(
-        labels=cmap.labels, classes=cmap.classes, fractions=fractions,
+        labels=cmap.labels, classes=cmap.classes,
+        # a multi-label legend gives each label's presence share, not its arg-max share
+        fractions=({n: v.fraction for n, v in labelled.shares.items()} if labelled
+                   else fractions),
         backdrop=backdrop_rgb(scene.overview, scene.overview_valid, scene.spec.bands),
         title=f"{path.name}  ·  {acquired.datetime.date().isoformat()}"
               + (" (processed)" if acquired.source == "processing" else ""),
@@ -417,6 +429,8 @@ def _write_outputs(
         input=_scene_input(scene, plan),
         acquired=Acquired(datetime=acquired.iso, source=acquired.source),
         warnings=list(plan.warnings),
+        labels=labelled.shares if labelled else None,
+        label_thresholds=labelled.thresholds if labelled else None,
     )
 
 
@@ -442,6 +456,8 @@ def _write_stac(scene: Scene, out_dir: Path, outcome: SceneOutcome, grid: CellGr
         "terratile:mean_confidence": outcome.mean_confidence,
         "terratile:input": outcome.input.model_dump(mode="json"),
         "terratile:warnings": outcome.warnings}
+    if outcome.labels is not None:
+        properties["terratile:labels"] = {n: v.model_dump() for n, v in outcome.labels.items()}
     if plan.scene_gsd is not None:
         properties["gsd"] = plan.scene_gsd
     item = build_item(ItemInputs(
@@ -498,4 +514,6 @@ def _summary(outcome: SceneOutcome, runtime: SceneModel, fusion: str,
         "warnings": outcome.warnings,
         "timings": outcome.timings,
         "outputs": {k: Path(v).name for k, v in outcome.outputs.items()},
+        **({"labels": {n: s.model_dump() for n, s in outcome.labels.items()},
+            "label_thresholds": outcome.label_thresholds} if outcome.labels is not None else {}),
     }

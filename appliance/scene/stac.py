@@ -141,7 +141,16 @@ _ASSETS: dict[str, tuple[str, list[str], str]] = {
     "quicklook": (pystac.MediaType.PNG, ["overview"], "Map over the scene, with legend"),
     "style": ("text/xml", ["style"], "QGIS style of landuse.tif"),
     "source_item": (pystac.MediaType.JSON, ["metadata"], "The scene's own STAC item"),
+    "labels": (COG_TYPE, ["data"], "Multi-label: probability per label and cell, percent"),
+    "presence": (COG_TYPE, ["data"], "Multi-label: presence per label at its threshold"),
 }
+LABEL_REGIONS = ("application/geo+json", ["data"],
+                 "Multi-label: regions where one label is present")
+
+
+def _asset_kind(key: str) -> tuple[str, list[str], str]:
+    """Media type, roles and title of an output (``label-<name>`` polygons per label)."""
+    return LABEL_REGIONS if key.startswith("label-") else _ASSETS[key]
 
 
 def _classes(classes: Sequence[ClassSpec]) -> list[Classification]:
@@ -164,7 +173,7 @@ def build_item(inputs: ItemInputs, item_path: Path, catalog_path: Path) -> pysta
                shape=list(inputs.scene_shape), transform=list(inputs.scene_transform)[:6])
     classes = _classes(inputs.classes)
     for key, file in inputs.outputs.items():
-        media, roles, title = _ASSETS[key]
+        media, roles, title = _asset_kind(key)
         asset = pystac.Asset(href=file.name, media_type=media, roles=roles, title=title)
         item.add_asset(key, asset)
         FileExtension.ext(asset, add_if_missing=True).apply(

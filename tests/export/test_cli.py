@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from appliance.contract.bundle import load_bundle
+from export.bundler import DESCRIPTOR_WEIGHTS
 from export.cli import app
 from tests.helpers.chips import write_geotiff_chips
 from tests.helpers.torch_bundle import write_colour_chips
@@ -85,6 +86,22 @@ def test_multi_label_csv_train_bundle_evaluate(tmp_path: Path) -> None:
     report = json.loads(r.stdout)
     assert 0 <= report["micro_f1"] <= 1 and 0 <= report["map_at_20"] <= 1
     assert set(report["per_class_f1"]) == {"dry", "urban", "vegetation", "water", "wet"}
+    # per-label thresholds: calibrated at export, read back from the manifest by evaluate
+    on_disk = json.loads((out / "manifest.json").read_text())["classes"]
+    thresholds = {c["name"]: c["threshold"] for c in on_disk}
+    assert all(0.0 <= t <= 1.0 for t in thresholds.values())
+    assert report["thresholds"] == pytest.approx(thresholds)
+    assert b.manifest.metrics["thresholds"]["split"] == "val"
+    assert b.manifest.metrics["descriptor"]["weights"] in [list(w) for w in DESCRIPTOR_WEIGHTS]
+    for key in ("jaccard_at_20", "acg_at_20", "ndcg_at_20", "shares_any_at_20", "map_labels",
+                "macro_f1", "samples_f1"):
+        assert 0 <= report[key] <= (5 if key == "acg_at_20" else 1), key
+    r = runner.invoke(app, ["evaluate", "--bundle", str(out), "--data", str(data / "labels.csv"),
+                            "--gallery", str(data / "labels.csv"), "--json"])
+    assert r.exit_code == 0, r.output
+    with_gallery = json.loads(r.stdout)
+    assert with_gallery["gallery_chips"] == 18  # each chip finds itself first in the gallery
+    assert with_gallery["gallery_jaccard_at_20"] > with_gallery["jaccard_at_20"] - 1e-9
 
 
 def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ FEATURE_DIM = 8
 EMBED_DIM = 6
 INPUT_SIZE = 32
 SHARPNESS = 8.0
+ML_THRESHOLDS = {"urban": 0.5, "vegetation": 0.4, "water": 0.6}
 
 
 def _mixing() -> np.ndarray:
@@ -117,8 +118,13 @@ def source_colours(n_per_class: int = 60, seed: int = 0) -> tuple[np.ndarray, np
     return np.concatenate(rows).astype(np.float32), np.concatenate(labels)
 
 
-def build_colour_bundle(out: Path, version: int = 1, name: str = "colour-test") -> Path:
-    """Write and seal a complete, valid bundle into ``out``; returns ``out``."""
+def build_colour_bundle(out: Path, version: int = 1, name: str = "colour-test",
+                        multi_label: bool = False) -> Path:
+    """Write and seal a complete, valid bundle into ``out``; returns ``out``.
+
+    ``multi_label``: the same graphs as a multi-label bundle (sigmoid per colour channel, so
+    a yellow tile is urban AND vegetation), per-label thresholds ``ML_THRESHOLDS``.
+    """
     out.mkdir(parents=True, exist_ok=True)
     _save(backbone_graph(), out / BACKBONE)
     w, b = classifier_weights()
@@ -129,15 +135,19 @@ def build_colour_bundle(out: Path, version: int = 1, name: str = "colour-test") 
     features = (norm @ _mixing()).astype(np.float32)
     logits = features @ w + b
     z = np.exp(logits - logits.max(1, keepdims=True))
-    probs = z / z.sum(1, keepdims=True)
-    SourceBank(features, labels.astype(np.int64), holdout_rows(labels)).save(out / SOURCE_BANK)
+    probs = 1 / (1 + np.exp(-logits)) if multi_label else z / z.sum(1, keepdims=True)
+    bank_labels = (np.eye(3, dtype=np.uint8)[labels] if multi_label
+                   else labels.astype(np.int64))
+    SourceBank(features, bank_labels, holdout_rows(bank_labels)).save(out / SOURCE_BANK)
     reference = build_reference(["red", "green", "blue"], colours, features, probs)
     (out / REFERENCE).write_text(reference.model_dump_json(by_alias=True))
     tiles = np.broadcast_to(norm[:, :, None, None], (len(norm), 3, 4, 4)).astype(np.float32)
     measure(out / BACKBONE, tiles).save(out / LAYER_STATS)
     manifest = Manifest(
-        name=name, version=version, backbone="colour-gap", task="single-label",
-        classes=[ClassSpec(name=n, colour=c) for n, c in CLASSES],
+        name=name, version=version, backbone="colour-gap",
+        task="multi-label" if multi_label else "single-label",
+        classes=[ClassSpec(name=n, colour=c, threshold=ML_THRESHOLDS[n] if multi_label else None)
+                 for n, c in CLASSES],
         input=InputSpec(bands=["red", "green", "blue"], value_range=(0, 255), scale=1.0,
                         mean=[127.5] * 3, std=[127.5] * 3, size=INPUT_SIZE),
         scales=[16, 32], feature_dim=FEATURE_DIM, embedding_dim=EMBED_DIM,

@@ -67,7 +67,7 @@ def test_a_reply_with_results_has_the_published_shape() -> None:
         "id": 7, "score": 0.987654, "scene_id": "s", "source": "s.tif",
         "window": [0, 16, 16, 16], "crs": "EPSG:32633", "bounds": [0.0, 1.0, 2.0, 3.0],
         "bounds_wgs84": [10.0, 45.0, 10.1, 45.1], "class": "water", "confidence": 0.9,
-        "label": None, "time": T.isoformat()}
+        "label": None, "labels": None, "time": T.isoformat()}
     assert out["results"][1]["window"] is None and out["results"][1]["bounds"] is None
 
 
