@@ -373,13 +373,14 @@ class Comms:
             self._link_changed(False, f"refused: {reason_code}")
             return
         log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
-        self.connected.set()
-        self._link_changed(True, None)
-        # Subscribe first: the broker handles one connection's packets in order, so once a
-        # client sees ``online`` the box is already listening for its commands and queries.
+        # Subscribe before anything is published (here or, once ``connected`` is set, by
+        # other threads): the broker handles one connection's packets in order, so once a
+        # client sees ``online`` or a status the box is already listening for its commands.
         self._subscribe(client, self.topics.commands)
         for suffix in self._requests:
             self._subscribe(client, self.topics.node(suffix))
+        self.connected.set()
+        self._link_changed(True, None)
         client.publish(self.topics.node(AVAILABLE), "online", qos=1, retain=True)
         client.publish(self.topics.node(STATUS), self._status(), qos=1, retain=True)
         self._wake.set()
