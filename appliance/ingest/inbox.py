@@ -48,10 +48,15 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-try:  # Linux: report a file moved in from outside the inbox as a move, not a creation
-    from watchdog.observers.inotify import InotifyObserver
-except ImportError:  # pragma: no cover - other platforms
-    InotifyObserver = None
+
+def _observer() -> BaseObserver:
+    """On Linux, an inotify observer that reports a file moved in from outside the inbox as
+    a move (not a creation); elsewhere the platform's default."""
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except ImportError:  # pragma: no cover - other platforms
+        return Observer()
+    return InotifyObserver(generate_full_events=True)
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +147,7 @@ class Inbox:
     def start(self) -> None:
         """Start watching (events are a speed-up; rescans are the guarantee)."""
         if self._watch and self._observer is None:
-            observer = (InotifyObserver(generate_full_events=True) if InotifyObserver
-                        else Observer())
+            observer = _observer()
             observer.schedule(_Events(self), str(self.dir), recursive=False)
             observer.daemon = True
             observer.start()
