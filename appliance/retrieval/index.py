@@ -57,7 +57,7 @@ from appliance.retrieval.vector_index import (
     build,
     desired_kind,
     exact_search,
-    nlist_for,
+    train_size,
     use_threads,
 )
 from appliance.scene.cells import SceneCells
@@ -341,7 +341,7 @@ class TileIndex:
         n = self._log.count()
         train = probe = None
         if kind in ("ivfpq", "ivfsq"):
-            train = self._log.vectors(self._log.sample_ids(max(256, 64 * nlist_for(self.cfg, n))))
+            train = self._log.vectors(self._log.sample_ids(train_size(self.cfg, n)))
         if check_recall and not self.read_only:
             probe = RecallProbe(self._log.vectors(self._log.sample_ids(RECALL_QUERIES)),
                                 self._log.vectors)

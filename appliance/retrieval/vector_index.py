@@ -11,10 +11,10 @@ keyed by the entry log's ids (``retrieval.entry_log``); IVF-SQ keeps the ids in 
 inverted lists (an id map would cost more than its 4-bit codes).
 
 The quantised kinds (``ivfpq``, ``ivfsq``) only *shortlist*: ``search`` asks faiss for
-``rerank`` × k candidates and re-scores them exactly from the stored vectors (``exact``:
-the entry log's float16 vectors, read per query), so recall is set by the inverted lists
-probed (``ivf_nprobe``), not by the coarse codes. IVF-SQ pads vectors with zeros to a
-multiple of 16 dimensions (inner products are unchanged) because faiss' SIMD code for
+``rerank`` × k candidates (40 at least) and re-scores them exactly from the stored vectors
+(``exact``: the entry log's float16 vectors, read per query), so recall is set by the
+inverted lists probed (``ivf_nprobe``), not by the coarse codes. IVF-SQ pads vectors with
+zeros to a multiple of 16 dimensions (inner products are unchanged) because faiss' SIMD code for
 scalar quantisers needs it: 158-d codes are scanned five times slower than 160-d ones.
 With ``ivf_nlist`` unset the lists follow the size, 2·√n; an index whose size outgrew its
 lists fourfold (``outgrown``) is rebuilt by its owner, so rebuild work stays linear.
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 Kind = Literal["flat", "hnsw", "ivfpq", "ivfsq"]
 QUANTISED: frozenset[Kind] = frozenset({"ivfpq", "ivfsq"})
 SIMD_WIDTH = 16  # IVF-SQ dimensions are padded to a multiple of this
+SHORTLIST_MIN = 40  # re-ranked candidates at least, so a top-1 query is not left to the codes
 RECALL_K = 10
 RECALL_QUERIES = 200
 # faiss 1.15 switches flat search from its per-query SIMD loop to BLAS when nq * d reaches
@@ -93,6 +94,17 @@ def desired_kind(cfg: RetrievalConfig, n: int, current: Kind) -> Kind:
 def nlist_for(cfg: RetrievalConfig, n: int) -> int:
     """Inverted lists for an IVF index of ``n`` vectors: ``ivf_nlist``, or 2·√n unset."""
     return cfg.ivf_nlist if cfg.ivf_nlist is not None else max(1, round(2 * np.sqrt(n)))
+
+
+def train_size(cfg: RetrievalConfig, n: int) -> int:
+    """Training vectors to draw for an IVF index of ``n`` (64 per list, 256 at least)."""
+    return max(256, 64 * nlist_for(cfg, n))
+
+
+def ivf_lists(cfg: RetrievalConfig, n: int) -> int:
+    """The lists an IVF index of ``n`` vectors gets: ``nlist_for`` it, capped by faiss'
+    minimum of 39 training points per list."""
+    return max(1, min(nlist_for(cfg, n), min(n, train_size(cfg, n)) // 39))
 
 
 def faiss_dim(kind: Kind, dim: int) -> int:
@@ -150,10 +162,11 @@ class VectorIndex:
         return int(self._ivf().nlist) if self.kind in QUANTISED else 0
 
     def outgrown(self, n: int) -> bool:
-        """True when an IVF index sized by ``n`` (``ivf_nlist`` unset) would have at least
-        twice its lists: ``n`` grew fourfold since it was trained."""
+        """True when an IVF index built now for ``n`` vectors (``ivf_nlist`` unset) would
+        have at least twice its lists: ``n`` grew fourfold since it was trained (twofold
+        while the training set caps the lists)."""
         return (self.kind in QUANTISED and self.cfg.ivf_nlist is None
-                and nlist_for(self.cfg, n) >= 2 * self.nlist)
+                and ivf_lists(self.cfg, n) >= 2 * self.nlist)
 
     @property
     def overdue(self) -> bool:
@@ -186,9 +199,10 @@ class VectorIndex:
         """[n,k] scores and ids (-1: none) among ``allowed`` ids, or all but tombstones.
 
         A quantised kind given ``exact`` (ids -> their stored vectors) shortlists
-        ``rerank`` × k candidates and returns them re-scored exactly (see the module)."""
+        ``rerank`` × k candidates (``SHORTLIST_MIN`` at least) and returns them re-scored
+        exactly (see the module)."""
         if exact is not None and self.kind in QUANTISED:
-            _, ids = self._search(q, k * self.cfg.rerank, allowed)
+            _, ids = self._search(q, max(k * self.cfg.rerank, SHORTLIST_MIN), allowed)
             return rerank(q, ids, exact, k)
         return self._search(q, k, allowed)
 
