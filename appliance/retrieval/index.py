@@ -19,13 +19,13 @@ crash-safety invariants:
   (``terratile index add`` beside the daemon) and, if so, reconciles again.
 
 A change of size across a threshold of ``desired_kind`` (or an IVF index that outgrew its
-lists) rebuilds faiss from the log in the new structure and records its recall against
-exact search. The quantised kinds re-score their shortlist exactly from the log's vectors
-(``VectorIndex.search`` with ``exact``), so the faiss index holds only compact codes.
-Filtered queries (class, scene, time range) resolve the allowed ids in the log first; an
-exact index searches them with a selector, an approximate one searches them exactly when
-there are at most ``filter_exact_max`` of them (graph search with a very selective filter
-misses results), with a selector otherwise.
+lists or whose code size changed: ``VectorIndex.stale``) rebuilds faiss from the log in the
+new structure and records its recall against exact search. The quantised kinds re-score
+their shortlist exactly from the log's vectors (``VectorIndex.search`` with ``exact``), so
+the faiss index holds only compact codes. Filtered queries (class, scene, time range)
+resolve the allowed ids in the log first; an exact index searches them with a selector, an
+approximate one searches them exactly when there are at most ``filter_exact_max`` of them
+(graph search with a very selective filter misses results), with a selector otherwise.
 
 All public methods take one lock: the daemon adds from its main loop while MQTT queries
 arrive on the comms thread.
@@ -301,7 +301,7 @@ class TileIndex:
                  self.kind, recorded.get("max_id"), replayed, dropped)
         n = self._log.count()
         kind = desired_kind(self.cfg, n, self.kind)
-        if kind != self.kind or self._faiss.outgrown(n):
+        if kind != self.kind or self._faiss.stale(n):
             self._rebuild(kind, check_recall=True)
         elif self._since_checkpoint:
             self.checkpoint()
@@ -330,7 +330,7 @@ class TileIndex:
     def _maybe_transition(self) -> None:
         n = self._log.count()
         kind = desired_kind(self.cfg, n, self.kind)
-        if kind != self.kind or self._faiss.outgrown(n):
+        if kind != self.kind or self._faiss.stale(n):
             log.info("index: %s (%d lists) -> %s at %d vectors", self.kind, self._faiss.nlist,
                      kind, n)
             self._rebuild(kind, check_recall=True)

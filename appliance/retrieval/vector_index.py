@@ -14,10 +14,11 @@ The quantised kinds (``ivfpq``, ``ivfsq``) only *shortlist*: ``search`` asks fai
 ``rerank`` × k candidates (40 at least) and re-scores them exactly from the stored vectors
 (``exact``: the entry log's float16 vectors, read per query), so recall is set by the
 inverted lists probed (``ivf_nprobe``), not by the coarse codes. IVF-SQ pads vectors with
-zeros to a multiple of 16 dimensions (inner products are unchanged) because faiss' SIMD code for
-scalar quantisers needs it: 158-d codes are scanned five times slower than 160-d ones.
+zeros to a multiple of 16 dimensions (inner products are unchanged) because faiss' SIMD code
+for scalar quantisers needs it: 158-d codes are scanned five times slower than 160-d ones.
 With ``ivf_nlist`` unset the lists follow the size, 2·√n; an index whose size outgrew its
-lists fourfold (``outgrown``) is rebuilt by its owner, so rebuild work stays linear.
+lists fourfold, or whose ``sq_bits`` changed (``stale``), is rebuilt by its owner, so
+rebuild work stays linear.
 
 ``build`` makes a new index from every vector of the log and, when asked, measures its
 recall@10 (re-ranked as searches are) against exact search for a sample of the stored
@@ -161,12 +162,16 @@ class VectorIndex:
         """Inverted lists of an IVF kind (0 for the others)."""
         return int(self._ivf().nlist) if self.kind in QUANTISED else 0
 
-    def outgrown(self, n: int) -> bool:
-        """True when an IVF index built now for ``n`` vectors (``ivf_nlist`` unset) would
-        have at least twice its lists: ``n`` grew fourfold since it was trained (twofold
-        while the training set caps the lists)."""
-        return (self.kind in QUANTISED and self.cfg.ivf_nlist is None
-                and ivf_lists(self.cfg, n) >= 2 * self.nlist)
+    def stale(self, n: int) -> bool:
+        """True when an IVF index no longer fits the settings or ``n``: other ``sq_bits``,
+        or (``ivf_nlist`` unset) built now it would have at least twice its lists, i.e.
+        ``n`` grew fourfold since it was trained (twofold while the training set caps the
+        lists). Its owner rebuilds it."""
+        if self.kind not in QUANTISED:
+            return False
+        if self.kind == "ivfsq" and self._ivf().sq.qtype != _SQ_TYPES[self.cfg.sq_bits]:
+            return True
+        return self.cfg.ivf_nlist is None and ivf_lists(self.cfg, n) >= 2 * self.nlist
 
     @property
     def overdue(self) -> bool:
@@ -227,8 +232,7 @@ class VectorIndex:
 
     def _pad(self, x: np.ndarray) -> np.ndarray:
         """``x`` with the zero columns faiss' dimension adds (none for most kinds)."""
-        extra = int(self._index.d) - x.shape[1]
-        return np.ascontiguousarray(np.pad(x, ((0, 0), (0, extra))) if extra else x)
+        return _padded(x, int(self._index.d))
 
     def _ivf(self) -> Any:
         """The IVF index itself (inside the id map, if there is one)."""
@@ -242,6 +246,15 @@ class VectorIndex:
         parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
                  for i in range(lists.nlist) if lists.list_size(i)]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def _padded(x: np.ndarray, d: int) -> np.ndarray:
+    """``x`` as a contiguous float32 [n, d] array, zero columns added on the right."""
+    if x.shape[1] == d:
+        return np.ascontiguousarray(x, np.float32)
+    out = np.zeros((len(x), d), np.float32)
+    out[:, :x.shape[1]] = x
+    return out
 
 
 def rerank(q: np.ndarray, candidates: np.ndarray, exact: Callable[[np.ndarray], np.ndarray],
@@ -353,8 +366,7 @@ def make_index(kind: Kind, dim: int, cfg: RetrievalConfig,
                                              faiss.METRIC_INNER_PRODUCT)
     base.own_fields = True
     quantizer.this.disown()
-    padded = np.ascontiguousarray(np.pad(train, ((0, 0), (0, d - train.shape[1]))))
-    base.train(padded)
+    base.train(_padded(train, d))
     base.nprobe = cfg.ivf_nprobe
     return faiss.IndexIDMap2(base) if kind == "ivfpq" else base
 

@@ -183,8 +183,9 @@ def test_deleting_the_faiss_file_rebuilds_the_same_index_from_the_log(tmp_path: 
     again.close()
 
 
-def test_lists_grow_with_the_index(tmp_path: Path) -> None:
-    """``ivf_nlist`` unset: 2·√n lists; four times the vectors rebuild with twice as many."""
+def test_lists_grow_with_the_index_and_codes_follow_the_settings(tmp_path: Path) -> None:
+    """``ivf_nlist`` unset: 2·√n lists; four times the vectors rebuild with twice as many.
+    Reopened with other ``sq_bits``, the checkpoint is rebuilt with codes of that size."""
     rng = np.random.default_rng(5)
     index = TileIndex(tmp_path, cfg(exact_max=100, index_type="ivfsq"), DIM)
     fill(index, clustered(rng, 1000))
@@ -197,3 +198,7 @@ def test_lists_grow_with_the_index(tmp_path: Path) -> None:
     assert index._faiss.nlist == ivf_lists(index.cfg, 4500) >= 2 * first
     assert index.stats()["faiss_ntotal"] == index.count() == 4500
     index.close()
+    eight = TileIndex(tmp_path, cfg(exact_max=100, index_type="ivfsq", sq_bits=8), DIM)
+    assert eight.stats()["faiss_ntotal"] == 4500  # other codes: rebuilt from the log
+    assert (tmp_path / FAISS_NAME).stat().st_size > 4500 * 32  # a byte per padded dimension
+    eight.close()
