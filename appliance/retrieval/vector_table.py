@@ -79,20 +79,23 @@ def one(db: sqlite3.Connection, entry_id: int) -> np.ndarray | None:
 def many(db: sqlite3.Connection, ids: np.ndarray, dim: int) -> np.ndarray:
     """[len(ids), dim] float32 vectors of ``ids`` in the order given; ``KeyError`` names
     the ids that have none."""
-    out = np.empty((len(ids), dim), np.float32)
-    order = [int(i) for i in ids]
-    pos = {i: n for n, i in enumerate(order)}
-    seen: set[int] = set()
+    want = np.asarray(ids, np.int64)
+    order = want.tolist()
+    rows: list[tuple[int, bytes]] = []
     for start in range(0, len(order), SQL_CHUNK):
         part = order[start:start + SQL_CHUNK]
         marks = ",".join("?" * len(part))
-        for i, blob in db.execute(f"SELECT id, vector FROM vectors WHERE id IN ({marks})",
-                                  part):
-            out[pos[i]] = np.frombuffer(blob, DTYPE)
-            seen.add(i)
-    if len(seen) != len(pos):
-        raise KeyError(sorted(set(pos) - seen)[:10])
-    return out
+        rows += db.execute(f"SELECT id, vector FROM vectors WHERE id IN ({marks})",
+                           part).fetchall()
+    got = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+    half = np.frombuffer(b"".join(r[1] for r in rows), DTYPE).reshape(-1, dim)
+    sorter = np.argsort(got, kind="stable")
+    at = sorter[np.minimum(np.searchsorted(got, want, sorter=sorter), max(0, len(got) - 1))] \
+        if len(got) else np.zeros(len(want), np.int64)
+    missing = want[got[at] != want] if len(got) else want
+    if len(missing):
+        raise KeyError(sorted(set(missing.tolist()))[:10])
+    return half[at].astype(np.float32)
 
 
 def iterate(db: sqlite3.Connection, dim: int,
