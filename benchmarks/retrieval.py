@@ -38,6 +38,7 @@ import logging
 import os
 import platform
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -140,11 +141,15 @@ def merge_top(best: tuple[np.ndarray, np.ndarray], queries: np.ndarray, vecs: np
     return np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
 
 
-def disk(state: Path) -> dict[str, int]:
+def disk(state: Path) -> dict[str, Any]:
+    """Bytes on disk: SQLite (+ WAL), the faiss checkpoint, and SQLite's tables and indexes
+    one by one (its ``dbstat`` table), the vectors apart from the metadata."""
     sizes = {p.name: p.stat().st_size for p in state.iterdir() if p.is_file()}
     sqlite = sum(v for k, v in sizes.items() if k.startswith(DB_NAME))
+    with sqlite3.connect(f"file:{state / DB_NAME}?mode=ro", uri=True) as db:
+        parts = dict(db.execute("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name"))
     return {"sqlite_bytes": sqlite, "faiss_bytes": sizes.get(FAISS_NAME, 0),
-            "total_bytes": sqlite + sizes.get(FAISS_NAME, 0)}
+            "total_bytes": sqlite + sizes.get(FAISS_NAME, 0), "sqlite_parts": parts}
 
 
 def probe(state: Path, cfg: dict[str, Any], dim: int, nprobes: list[int]) -> dict[str, Any]:

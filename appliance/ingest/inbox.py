@@ -58,6 +58,7 @@ def _observer() -> BaseObserver:
         return Observer()
     return InotifyObserver(generate_full_events=True)
 
+
 log = logging.getLogger(__name__)
 
 WRITER_GRACE = 600.0

@@ -331,8 +331,7 @@ class TileIndex:
         n = self._log.count()
         kind = desired_kind(self.cfg, n, self.kind)
         if kind != self.kind or self._faiss.stale(n):
-            log.info("index: %s (%d lists) -> %s at %d vectors", self.kind, self._faiss.nlist,
-                     kind, n)
+            log.info("index: %s -> %s at %d vectors", self.kind, kind, n)
             self._rebuild(kind, check_recall=True)
 
     def _rebuild(self, kind: Kind, check_recall: bool) -> None:
