@@ -261,15 +261,13 @@ def rerank(q: np.ndarray, candidates: np.ndarray, exact: Callable[[np.ndarray], 
            k: int) -> tuple[np.ndarray, np.ndarray]:
     """The top ``k`` of each query's ``candidates`` ([n,m] ids, -1: none) by exact inner
     product with their vectors from ``exact``; [n,k] scores and ids, padded with -1."""
-    unique = np.unique(candidates[candidates >= 0])
-    vectors = exact(unique) if len(unique) else np.zeros((0, q.shape[1]), np.float32)
     scores = np.full((len(q), k), -np.inf, np.float32)
     ids = np.full((len(q), k), -1, np.int64)
     for qi, row in enumerate(candidates):
         row = row[row >= 0]
         if not len(row):
             continue
-        sims = vectors[np.searchsorted(unique, row)] @ q[qi]
+        sims = exact(row) @ q[qi]
         top = np.argsort(-sims, kind="stable")[:k]
         scores[qi, :len(top)], ids[qi, :len(top)] = sims[top], row[top]
     return scores, ids
