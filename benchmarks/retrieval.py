@@ -23,7 +23,9 @@ fresh process* that opens the state folder as the daemon would (checkpoint + log
 peak resident memory (VmHWM: faiss, SQLite's page cache, Python, numpy and faiss
 themselves), single-query latency through ``TileIndex.search`` (k=10, one faiss thread,
 ``LATENCY_QUERIES`` queries one at a time, p50/p99) and recall@10 of ``search_batch``
-against the exact top-10, for each ``ivf_nprobe`` given. Disk: the SQLite file (+ WAL)
+against the exact top-10, for each ``ivf_nprobe`` given; then the faiss shortlist alone
+(``faiss_only_p50_ms``), the part of a query that grows with the index (√n for IVF with
+2·√n lists), from which the 10M figures are projected. Disk: the SQLite file (+ WAL)
 and the faiss checkpoint. The machine is shared: its load average is recorded.
 
     .venv/bin/python benchmarks/retrieval.py [--sizes 200000 1000000] [--out FILE]
@@ -52,6 +54,7 @@ from appliance.config import RetrievalConfig
 from appliance.contract.bundle import load_bundle
 from appliance.retrieval.entry_log import Entry
 from appliance.retrieval.index import DB_NAME, FAISS_NAME, TileIndex
+from appliance.retrieval.vector_index import QUANTISED, SHORTLIST_MIN, VectorIndex
 
 QUERIES = 1000
 LATENCY_QUERIES = 300
@@ -184,6 +187,19 @@ def probe(state: Path, cfg: dict[str, Any], dim: int, nprobes: list[int]) -> dic
     out["peak_rss_bytes"] = next(int(line.split()[1]) * 1024 for line in status.splitlines()
                                  if line.startswith("VmHWM"))
     index.close()
+    # faiss alone (the shortlist: no re-ranking, no row join), the part that grows with n.
+    alone = VectorIndex.read(state / FAISS_NAME, dim, index.cfg)
+    assert alone is not None
+    shortlist = max(K * index.cfg.rerank, SHORTLIST_MIN) if alone.kind in QUANTISED else K
+    for row in rows:
+        if row["nprobe"] is not None:
+            alone.cfg.ivf_nprobe = row["nprobe"]
+        times = []
+        for q in queries[:LATENCY_QUERIES]:
+            t = time.perf_counter()
+            alone.search(q[None], shortlist)
+            times.append((time.perf_counter() - t) * 1000)
+        row["faiss_only_p50_ms"] = round(float(np.percentile(times, 50)), 3)
     return out
 
 
