@@ -288,7 +288,7 @@ class RetrievalConfig(Section):
     index_type: Literal["auto", "flat", "hnsw", "ivfpq", "ivfsq"] = "auto"
     hnsw_max: int = Field(
         default=200_000, ge=0,
-        description="auto: HNSW up to this many vectors, IVF over 4-bit codes beyond.",
+        description="auto: HNSW up to this many vectors, IVF over scalar codes beyond.",
     )
     hnsw_m: int = Field(default=32, ge=4)
     hnsw_ef_search: int = Field(
@@ -310,7 +310,7 @@ class RetrievalConfig(Section):
     ivf_nlist: int | None = Field(
         default=None, ge=1, description="IVF lists; unset: 2·√n, rebuilt as the index grows.")
     ivf_nprobe: int = Field(default=32, ge=1)
-    sq_bits: Literal[4, 6, 8] = Field(default=4, description="IVF-SQ bits per dimension.")
+    sq_bits: Literal[4, 6, 8] = Field(default=8, description="IVF-SQ bits per dimension.")
     rerank: int = Field(
         default=4, ge=1,
         description="Quantised kinds: shortlist rerank × k, re-scored exactly from the log.",

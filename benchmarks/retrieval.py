@@ -23,7 +23,10 @@ fresh process* that opens the state folder as the daemon would (checkpoint + log
 peak resident memory (VmHWM: faiss, SQLite's page cache, Python, numpy and faiss
 themselves), single-query latency through ``TileIndex.search`` (k=10, one faiss thread,
 ``LATENCY_QUERIES`` queries one at a time, p50/p99) and recall@10 of ``search_batch``
-against the exact top-10, for each ``ivf_nprobe`` given; then the faiss shortlist alone
+against the exact top-10, for each ``ivf_nprobe`` and ``rerank`` given: ``recall_at_10``
+against exact search over the vectors as the log keeps them (float16, what a flat index
+of this log returns) and ``recall_at_10_vs_float32`` against the float32 originals (which
+adds what float16 storage moves among near-ties); then the faiss shortlist alone
 (``faiss_only_p50_ms``), the part of a query that grows with the index (√n for IVF with
 2·√n lists), from which the 10M figures are projected. Disk: the SQLite file (+ WAL)
 and the faiss checkpoint. The machine is shared: its load average is recorded.
@@ -155,21 +158,25 @@ def disk(state: Path) -> dict[str, Any]:
             "total_bytes": sqlite + sizes.get(FAISS_NAME, 0), "sqlite_parts": parts}
 
 
-def probe(state: Path, cfg: dict[str, Any], dim: int, nprobes: list[int]) -> dict[str, Any]:
+def probe(state: Path, cfg: dict[str, Any], dim: int, nprobes: list[int],
+          reranks: list[int]) -> dict[str, Any]:
     """In this (fresh) process: open the index as the daemon would and measure it."""
     import faiss
 
     queries = np.load(state.parent / "queries.npy")
     truth = np.load(state.parent / "truth.npy")
+    truth16 = np.load(state.parent / "truth16.npy")
     t0 = time.perf_counter()
     index = TileIndex(state, RetrievalConfig.model_validate(cfg), dim, read_only=True)
     out: dict[str, Any] = {"open_s": round(time.perf_counter() - t0, 2), "type": index.kind,
                            "n": index.count()}
     faiss.omp_set_num_threads(1)
     rows = []
-    for nprobe in nprobes if index.kind in ("ivfsq", "ivfpq") else [None]:
-        if nprobe is not None:
-            index.cfg.ivf_nprobe = nprobe
+    quantised = index.kind in QUANTISED
+    for nprobe, rerank in [(p, r) for p in nprobes for r in reranks] if quantised else [
+            (None, None)]:
+        if nprobe is not None and rerank is not None:
+            index.cfg.ivf_nprobe, index.cfg.rerank = nprobe, rerank
         index.search(queries[0], K)  # warm the code path
         times = []
         for q in queries[:LATENCY_QUERIES]:
@@ -177,11 +184,11 @@ def probe(state: Path, cfg: dict[str, Any], dim: int, nprobes: list[int]) -> dic
             index.search(q, K)
             times.append((time.perf_counter() - t) * 1000)
         hits = index.search_batch(queries, K)
-        recall = np.mean([len({h.id for h in got} & set(t.tolist())) / K
-                          for got, t in zip(hits, truth, strict=True)])
-        rows.append({"nprobe": nprobe, "p50_ms": round(float(np.percentile(times, 50)), 3),
+        rows.append({"nprobe": nprobe, "rerank": rerank,
+                     "p50_ms": round(float(np.percentile(times, 50)), 3),
                      "p99_ms": round(float(np.percentile(times, 99)), 3),
-                     "recall_at_10": round(float(recall), 4)})
+                     "recall_at_10": recall(hits, truth16),
+                     "recall_at_10_vs_float32": recall(hits, truth)})
     out["queries"] = rows
     status = Path("/proc/self/status").read_text()
     out["peak_rss_bytes"] = next(int(line.split()[1]) * 1024 for line in status.splitlines()
@@ -190,10 +197,11 @@ def probe(state: Path, cfg: dict[str, Any], dim: int, nprobes: list[int]) -> dic
     # faiss alone (the shortlist: no re-ranking, no row join), the part that grows with n.
     alone = VectorIndex.read(state / FAISS_NAME, dim, index.cfg)
     assert alone is not None
-    shortlist = max(K * index.cfg.rerank, SHORTLIST_MIN) if alone.kind in QUANTISED else K
     for row in rows:
+        shortlist = K
         if row["nprobe"] is not None:
             alone.cfg.ivf_nprobe = row["nprobe"]
+            shortlist = max(K * row["rerank"], SHORTLIST_MIN)
         times = []
         for q in queries[:LATENCY_QUERIES]:
             t = time.perf_counter()
@@ -203,22 +211,29 @@ def probe(state: Path, cfg: dict[str, Any], dim: int, nprobes: list[int]) -> dic
     return out
 
 
-def measure(state: Path, cfg: dict[str, Any], dim: int, nprobes: list[int]) -> dict[str, Any]:
+def recall(hits: list[list[Any]], truth: np.ndarray) -> float:
+    return round(float(np.mean([len({h.id for h in got} & set(t.tolist())) / K
+                                for got, t in zip(hits, truth, strict=True)])), 4)
+
+
+def measure(state: Path, cfg: dict[str, Any], dim: int, nprobes: list[int],
+            reranks: list[int]) -> dict[str, Any]:
     """``probe`` in a child process, so its memory is the index's, not this script's data."""
     cmd = [sys.executable, __file__, "probe", "--state", str(state), "--cfg", json.dumps(cfg),
-           "--dim", str(dim), "--nprobe", *map(str, nprobes)]
+           "--dim", str(dim), "--nprobe", *map(str, nprobes), "--rerank", *map(str, reranks)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def run_size(n: int, gen: Generator, work: Path, kinds: list[dict[str, Any]],
-             nprobes: list[int], threads: int) -> dict[str, Any]:
+             nprobes: list[int], reranks: list[int], threads: int) -> dict[str, Any]:
     state = work / f"n{n}" / "state"
     shutil.rmtree(state.parent, ignore_errors=True)
     state.mkdir(parents=True)
     queries = gen.queries(QUERIES)
     best = (np.full((QUERIES, K), -np.inf, np.float32), np.full((QUERIES, K), -1, np.int64))
+    best16 = best  # exact over the vectors as the log stores them (float16)
     auto = {"index_type": "auto", "faiss_threads": threads}
     index = TileIndex(state, RetrievalConfig.model_validate(auto), gen.dim)
     t0 = time.perf_counter()
@@ -227,12 +242,15 @@ def run_size(n: int, gen: Generator, work: Path, kinds: list[dict[str, Any]],
         vecs, classes = gen.chunk(scene, min(SCENE_CELLS, n - start))
         rows = entries(scene, classes, gen.class_names)
         index.replace([rows[0].scene_id], rows, vecs)
-        best = merge_top(best, queries, vecs, np.arange(next_id, next_id + len(vecs)))
+        ids = np.arange(next_id, next_id + len(vecs))
+        best = merge_top(best, queries, vecs, ids)
+        best16 = merge_top(best16, queries, vecs.astype(np.float16).astype(np.float32), ids)
         next_id += len(vecs)
     index.close()
     fill_s = time.perf_counter() - t0
     np.save(state.parent / "queries.npy", queries)
     np.save(state.parent / "truth.npy", best[1])
+    np.save(state.parent / "truth16.npy", best16[1])
     out: dict[str, Any] = {"n": n, "dim": gen.dim, "fill": {
         "seconds": round(fill_s, 1), "cells_per_s": round(n / fill_s, 1),
         "recall_check": TileIndex(state, RetrievalConfig.model_validate(auto), gen.dim,
@@ -246,7 +264,7 @@ def run_size(n: int, gen: Generator, work: Path, kinds: list[dict[str, Any]],
         row: dict[str, Any] = {"config": kind or {"index_type": "auto (default)"},
                                "rebuild_s": round(time.perf_counter() - t0, 1) if kind else None,
                                **disk(state)}
-        row.update(measure(state, cfg, gen.dim, nprobes))
+        row.update(measure(state, cfg, gen.dim, nprobes, reranks))
         results.append(row)
         logging.info("n=%d %s", n, json.dumps(row))
     out["kinds"] = results
@@ -259,8 +277,9 @@ def main() -> None:
     parser.add_argument("mode", nargs="?", default="run", choices=["run", "probe"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200_000, 1_000_000])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--rerank", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--kinds", default=json.dumps([{"index_type": "ivfsq"},
-        {"index_type": "ivfsq", "sq_bits": 8}, {"index_type": "ivfpq", "ivf_nlist": None},
+        {"index_type": "ivfsq", "sq_bits": 4}, {"index_type": "ivfpq", "ivf_nlist": None},
         {"index_type": "flat"}]), help="JSON list of retrieval settings to rebuild as")
     parser.add_argument("--bundle", type=Path, default=BUNDLE)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -272,7 +291,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if args.mode == "probe":
-        print(json.dumps(probe(args.state, json.loads(args.cfg), args.dim, args.nprobe)))
+        print(json.dumps(probe(args.state, json.loads(args.cfg), args.dim, args.nprobe,
+                                args.rerank)))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not (args.bundle / "embedder.onnx").is_file():
@@ -292,7 +312,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for n in args.sizes:
         result["sizes"].append(run_size(n, gen, work, json.loads(args.kinds), args.nprobe,
-                                        args.build_threads))
+                                        args.rerank, args.build_threads))
         result["load_average"] = os.getloadavg()
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
     print(json.dumps(result, indent=2))

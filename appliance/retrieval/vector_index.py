@@ -3,12 +3,12 @@
 Embeddings are L2-normalised, so inner product is cosine. The structure follows the size of
 the log and ``retrieval.index_type`` (``desired_kind``). With ``auto``: exact
 ``IndexFlatIP`` up to ``exact_max`` vectors, HNSW up to ``hnsw_max``, then IVF over
-scalar-quantised codes (``ivfsq``: ``sq_bits`` per dimension, 4 by default, i.e. half a
-byte). ``hnsw``, ``ivfpq`` or ``ivfsq`` fix the kind above ``exact_max``. A larger kind
+scalar-quantised codes (``ivfsq``: ``sq_bits`` per dimension, 8 by default, a byte).
+``hnsw``, ``ivfpq`` or ``ivfsq`` fix the kind above ``exact_max``. A larger kind
 stays until the log shrinks to half the threshold below it, so a size near a threshold does
 not make the index flip back and forth. Flat, HNSW and IVF-PQ sit in an ``IndexIDMap2``
 keyed by the entry log's ids (``retrieval.entry_log``); IVF-SQ keeps the ids in its own
-inverted lists (an id map would cost more than its 4-bit codes).
+inverted lists (an id map would cost a third of its codes again).
 
 The quantised kinds (``ivfpq``, ``ivfsq``) only *shortlist*: ``search`` asks faiss for
 ``rerank`` × k candidates (40 at least) and re-scores them exactly from the stored vectors
