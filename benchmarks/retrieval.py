@@ -272,9 +272,50 @@ def run_size(n: int, gen: Generator, work: Path, kinds: list[dict[str, Any]],
     return out
 
 
+def project(sizes: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """Figures at ``n`` vectors per kind, from the two largest sizes measured: memory and
+    disk grow by the measured bytes per vector between them; single-query p50 by the faiss
+    shortlist's share growing as √n (IVF with 2·√n lists scans √n/2 codes per list probed;
+    re-ranking and the row join stay flat)."""
+    out: dict[str, Any] = {"n": n}
+    kinds: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for size in sizes:
+        for row in size["kinds"]:
+            kinds.setdefault(json.dumps(row["config"], sort_keys=True), []).append(
+                (size["n"], row))
+    for name, rows in kinds.items():
+        rows.sort(key=lambda r: r[0])
+        if len(rows) < 2:
+            continue
+        (n1, a), (n2, b) = rows[-2], rows[-1]
+
+        def grow(key: str, a: dict[str, Any] = a, b: dict[str, Any] = b,
+                 n1: int = n1, n2: int = n2) -> float:
+            per = (b[key] - a[key]) / (n2 - n1)
+            return float(b[key] + per * (n - n2))
+
+        queries = [{"nprobe": q["nprobe"], "rerank": q["rerank"],
+                    "p50_ms": round(q["p50_ms"] + q["faiss_only_p50_ms"]
+                                    * (np.sqrt(n / n2) - 1), 2),
+                    "recall_at_10_measured_at_largest": q["recall_at_10"]}
+                   for q in b["queries"] if q["nprobe"] is not None]
+        out[name] = {
+            "from_sizes": [n1, n2],
+            "bytes_per_vector": {k: round((b[k] - a[k]) / (n2 - n1), 1) for k in (
+                "peak_rss_bytes", "faiss_bytes", "sqlite_bytes")},
+            "memory_gb": round(grow("peak_rss_bytes") / 1e9, 2),
+            "faiss_gb": round(grow("faiss_bytes") / 1e9, 2),
+            "disk_gb": round(grow("total_bytes") / 1e9, 2),
+            "sqlite_gb": round(grow("sqlite_bytes") / 1e9, 2),
+            "queries": queries}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", default="run", choices=["run", "probe"])
+    parser.add_argument("mode", nargs="?", default="run", choices=["run", "probe", "project"],
+                        help="run: measure --sizes (appended to --out with --append); "
+                        "project: add the 10M projection to --out")
     parser.add_argument("--sizes", type=int, nargs="+", default=[200_000, 1_000_000])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--rerank", type=int, nargs="+", default=[4, 16])
@@ -285,6 +326,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--build-threads", type=int, default=2, help="faiss threads to build")
     parser.add_argument("--work", type=Path, default=None, help="Scratch folder (big).")
+    parser.add_argument("--append", action="store_true", help="Add to the sizes in --out.")
     parser.add_argument("--state", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cfg", help=argparse.SUPPRESS)
     parser.add_argument("--dim", type=int, help=argparse.SUPPRESS)
@@ -293,6 +335,12 @@ def main() -> None:
     if args.mode == "probe":
         print(json.dumps(probe(args.state, json.loads(args.cfg), args.dim, args.nprobe,
                                 args.rerank)))
+        return
+    if args.mode == "project":
+        done = json.loads(args.out.read_text())
+        done["projection_10M"] = project(done["sizes"], 10_000_000)
+        args.out.write_text(json.dumps(done, indent=2) + "\n")
+        print(json.dumps(done["projection_10M"], indent=2))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not (args.bundle / "embedder.onnx").is_file():
@@ -310,10 +358,13 @@ def main() -> None:
         "sizes": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and args.out.is_file():
+        result["sizes"] = json.loads(args.out.read_text())["sizes"]
     for n in args.sizes:
-        result["sizes"].append(run_size(n, gen, work, json.loads(args.kinds), args.nprobe,
-                                        args.rerank, args.build_threads))
-        result["load_average"] = os.getloadavg()
+        size = run_size(n, gen, work, json.loads(args.kinds), args.nprobe, args.rerank,
+                        args.build_threads)
+        size["load_average"] = os.getloadavg()
+        result["sizes"].append(size)
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive
     print(json.dumps(result, indent=2))
 
