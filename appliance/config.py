@@ -310,7 +310,7 @@ class RetrievalConfig(Section):
     ivf_nlist: int | None = Field(
         default=None, ge=1, description="IVF lists; unset: 2·√n, rebuilt as the index grows.")
     ivf_nprobe: int = Field(
-        default=16, ge=1, description="IVF lists searched per query (benchmarks/retrieval.py).")
+        default=8, ge=1, description="IVF lists searched per query (benchmarks/retrieval.py).")
     sq_bits: Literal[4, 6, 8] = Field(default=8, description="IVF-SQ bits per dimension.")
     rerank: int = Field(
         default=4, ge=1,
