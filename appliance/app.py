@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,8 +27,8 @@ from appliance.adapt.drift import DriftMonitor
 from appliance.adapt.job import AdaptationJobs
 from appliance.comms.mqtt import Comms
 from appliance.comms.topics import DRIFT_EVENTS, MODEL_EVENTS, RETRIEVAL_QUERY, Topics
-from appliance.config import EX_CONFIG, Settings
-from appliance.contract.bundle import Bundle, BundleError
+from appliance.config import EX_CONFIG, ConfigError, Settings, load_settings
+from appliance.contract.bundle import BundleError
 from appliance.contract.durable import StateLock
 from appliance.contract.payloads import (
     AdaptationReport,
@@ -35,13 +37,17 @@ from appliance.contract.payloads import (
     ModelEvent,
     ModelRef,
 )
+from appliance.http.server import HTTPServer, node_server
 from appliance.ingest.inbox import Inbox
 from appliance.ingest.journal import Journal, JournalCorrupt
 from appliance.ingest.lifecycle import SceneLifecycle
+from appliance.ingest.retention import DiskGuard, Sweeper
+from appliance.logs import setup_logging
 from appliance.loop import MainLoop
-from appliance.model.commands import ModelCommands
+from appliance.model.commands import ModelCommands, ModelNotice
 from appliance.model.host import ModelHost, Switch
-from appliance.retrieval.index import IndexStateError, TileIndex
+from appliance.model.install import Installer, InstallRequest, check_seed
+from appliance.retrieval.index import IndexStateError, TileIndex, stored_dim
 from appliance.retrieval.service import RetrievalService
 from appliance.scene.pipeline import SceneOutcome, process_scene
 from appliance.systemd import Notifier
@@ -50,6 +56,8 @@ from appliance.telemetry import State, Telemetry
 log = logging.getLogger(__name__)
 
 UMASK = 0o027
+ADAPTATION_STOP_WAIT = 30.0  # seconds a stop waits for a running adaptation job
+LIVE_SECTIONS = frozenset({"log_level", "logging", "retention"})  # + paths.min_free_mb
 
 
 class StartError(RuntimeError):
@@ -59,14 +67,22 @@ class StartError(RuntimeError):
 class App:
     """The appliance process: build, start, run until SIGTERM, stop."""
 
-    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
+    def __init__(self, settings: Settings, notifier: Notifier | None = None,
+                 config_path: Path | None = None) -> None:
         self.settings = settings
+        self.config_path = config_path  # re-read on SIGHUP
         self.notifier = notifier or Notifier()
         self.comms: Comms | None = None
         self.index: TileIndex | None = None
         self.drift: DriftMonitor | None = None
         self.jobs: AdaptationJobs | None = None
+        self.job_left_running = False  # an adaptation job outlived stop (see run_daemon)
+        self.retrieval: RetrievalService | None = None
+        self.http: HTTPServer | None = None
+        self.model_commands: ModelCommands | None = None
         self._drifting = False
+        self._start_news: list[Switch | ModelNotice] = []  # announced once MQTT is up
+        self._retention_stop = threading.Event()
 
     # -- the table of contents --------------------------------------------------------------
 
@@ -84,6 +100,8 @@ class App:
         self.init_telemetry()
         self.init_comms()
         self.init_scene_lifecycle()
+        self.init_model_commands()
+        self.init_http()
         self.wire_model_switches()
         self.register_commands()
         self.register_requests()
@@ -92,10 +110,13 @@ class App:
         """Connect, settle what a crash left behind, watch the inbox, declare READY."""
         self.notifier.status("reconciling journal")
         self.start_comms()
-        if self.host.fallback is not None:  # the active version did not verify
-            self._publish_switch(self.host.fallback)
+        if self.http is not None:
+            self.http.start()
+        for news in self._start_news:  # fallback, seed bundle installed or reported
+            self._announce(news)
         self.lifecycle.reconcile(lambda: self.loop.stopping)
         self.inbox.start()
+        self.start_retention()
         self.telemetry.set_state(State.READY)
         self.notifier.ready(self.telemetry.status_line())
         log.info("ready: watching %s", self.settings.paths.inbox)
@@ -105,6 +126,13 @@ class App:
         self.notifier.stopping()
         self.telemetry.set_state(State.STOPPING)
         self.inbox.stop()
+        self._retention_stop.set()
+        if self.jobs is not None:
+            self.job_left_running = not self.jobs.stop(timeout=ADAPTATION_STOP_WAIT)
+        if self.model_commands is not None:
+            self.model_commands.close()
+        if self.http is not None:
+            self.http.stop()
         if self.comms is not None:
             self.comms.stop()
         if self.index is not None:
@@ -135,22 +163,58 @@ class App:
             raise StartError(str(exc)) from exc
 
     def init_inbox(self) -> None:
-        """The watched drop zone, and the loop that takes its files one after another."""
+        """The watched drop zone, claiming only while every folder has
+        ``paths.min_free_mb`` free, and the loop that takes its files one after another."""
         s = self.settings
         self.inbox = Inbox(s.paths.inbox, s.paths.work_dir, s.input.settle_seconds,
                            s.input.rescan_seconds)
+        p = s.paths
+        self.disk = DiskGuard([p.inbox, p.work_dir, p.results, p.failed, p.processed_dir,
+                               p.state], p.min_free_mb)
+        self.inbox.gate_claims(self.disk.may_claim)
+        self.sweeper = Sweeper(p, s.retention, self.journal, s.input.keep_processed)
         self.loop = MainLoop(self.notifier, self.inbox, s.mqtt.stats_interval,
                              s.input.max_scene_seconds)
 
     def init_model_host(self) -> None:
-        """The store (seeded from ``model.bundle`` on first start) and a warmed runtime."""
-        self.host = ModelHost.open(self.settings)
-        try:
-            self.settings.tiling.for_bundle(self.host.bundle.manifest.scales)
-        except ValueError as exc:
-            raise StartError(str(exc)) from exc
+        """The store (seeded from ``model.bundle`` on first start) and a warmed runtime of
+        a version that verifies and fits (band count, tiling, the index's embedding size);
+        then ``model.bundle`` compared with what is installed."""
+        s = self.settings
+        index_dim = stored_dim(s.paths.state) if s.retrieval.enabled else None
+        self.host = ModelHost.open(s, index_dim=index_dim)
+        if self.host.fallback is not None:
+            self._start_news.append(self.host.fallback)
+        self._start_news.extend(self.adopt_seed())
         log.info("model %s v%d on %s", self.host.bundle.manifest.name, self.host.bundle.version,
                  self.host.runtime.providers)
+
+    def adopt_seed(self) -> list[Switch | ModelNotice]:
+        """A ``model.bundle`` unlike every installed version is reported loudly (it does
+        not run), or installed and run when ``model.install_newer`` and it is newer.
+        Returns what to announce."""
+        s = self.settings
+        seed = check_seed(self.host, s.model.bundle)
+        if seed is None or seed.installed:
+            return []
+        source = str(seed.bundle)
+        if seed.problem is None and seed.newer and s.model.install_newer:
+            try:
+                installed = Installer(self.host, s.model, confined=False).install(
+                    InstallRequest(source))
+                return [self.host.switch(self.host.stage(installed.bundle.version), "install",
+                                         source=source)]
+            except BundleError as exc:
+                log.error("model.bundle %s (model.install_newer) not installed: %s", source, exc)
+                return [ModelNotice("refused", "start", str(exc), source=source)]
+        why = seed.problem or (
+            f"model.bundle {source} (v{seed.version}) differs from every installed version "
+            f"and does not run; v{self.host.bundle.version} runs. Install it with "
+            "`terratile models install` or cmd/install"
+            + (", or set model.install_newer: true" if seed.newer else
+               " under a new version number"))
+        log.warning("%s", why)
+        return [ModelNotice("seed-differs", "start", why, source=source)]
 
     def init_retrieval_index(self) -> None:
         """The retrieval index, unless retrieval is off or its files do not fit the model."""
@@ -162,10 +226,12 @@ class App:
         except IndexStateError as exc:  # e.g. a model with another embedding size
             log.error("retrieval disabled: %s", exc)
             return
-        index = self.index
-        self.host.require(lambda bundle: None if bundle.manifest.embedding_dim == index.dim else
-                          f"its embeddings have {bundle.manifest.embedding_dim} dimensions, "
-                          f"the retrieval index {index.dim}")
+        self.host.bind_index(self.index.dim)
+        host = self.host
+        self.retrieval = RetrievalService(self.index, self.settings.retrieval,
+                                          lambda: host.runtime, self.settings.node_id,
+                                          self.settings.input,
+                                          results_dir=self.settings.paths.results)
 
     def init_drift_monitor(self) -> None:
         s = self.settings
@@ -186,7 +252,9 @@ class App:
         jobs = self.jobs
         self.telemetry = Telemetry(self.settings.node_id, self.notifier, self.host, self.inbox,
                                    self.journal, self.drift,
-                                   lambda: jobs is not None and jobs.running)
+                                   lambda: jobs is not None and jobs.running,
+                                   state_dir=self.settings.paths.state)
+        self.telemetry.watch_disks(self.disk.check)
 
     def init_comms(self) -> None:
         mqtt = self.settings.mqtt
@@ -195,6 +263,8 @@ class App:
             self.comms = Comms(mqtt, self.settings.node_id, self.journal,
                                self.telemetry.status_json)
             self.telemetry.on_change(self.comms.publish_status)
+            self.telemetry.watch_mqtt(self.comms.connection)
+            self.comms.on_connection_change(self.telemetry.refresh)
 
     def init_scene_lifecycle(self) -> None:
         s = self.settings
@@ -212,32 +282,60 @@ class App:
         self.host.on_switch(lambda _change: self.telemetry.set_state(self.telemetry.state,
                                                                      force=True))
 
+    def init_model_commands(self) -> None:
+        """Reload, rollback, activate and install, for MQTT and the dashboard alike."""
+        self.model_commands = ModelCommands(self.host, self.submit, self._announce,
+                                            Installer(self.host, self.settings.model))
+
     def register_commands(self) -> None:
         """``<p>/cmd/<verb>``: each handler only queues its work for the main loop."""
-        if self.comms is None:
+        model = self.model_commands
+        if self.comms is None or model is None:
             return
-        model = ModelCommands(self.host)
         for verb, command in (("reload", model.reload), ("rollback", model.rollback),
-                              ("activate", model.activate)):
-            self.comms.on_command(verb, self._queued(command))
+                              ("activate", model.activate), ("install", model.install)):
+            self.comms.on_command(verb, command)
         self.comms.on_command("rescan", lambda _payload: self.submit(self.inbox.rescan))
         self.comms.on_command("adapt", lambda _payload: self.submit(
             lambda: self._start_adaptation("command")))
 
-    def _queued(self, command: Callable[[bytes], Callable[[], None]]
-                ) -> Callable[[bytes], None]:
-        """A command handler that queues the task ``command`` makes of the payload."""
-        return lambda payload: self.submit(command(payload))
-
     def register_requests(self) -> None:
         """``<p>/retrieval/query``, answered on the comms request thread (``busy`` beyond
         ``mqtt.max_pending_requests``)."""
-        if self.comms is None or self.index is None:
+        if self.comms is None or self.retrieval is None:
             return
-        host = self.host
-        service = RetrievalService(self.index, self.settings.retrieval, lambda: host.runtime,
-                                   self.settings.node_id, self.settings.input)
-        self.comms.on_request(RETRIEVAL_QUERY, service.handle_request, busy=service.busy_reply)
+        service = self.retrieval
+        self.comms.on_request(RETRIEVAL_QUERY, service.handle_request,
+                              refusal=service.refusal_reply)
+
+    def init_http(self) -> None:
+        """The dashboard, ``/metrics`` and the health probes (``http``)."""
+        if not self.settings.http.enabled:
+            return
+        comms = self.comms
+        try:
+            assert self.model_commands is not None
+            self.http = node_server(self.settings, self.telemetry, self.journal, self.host,
+                                    self.index, self.retrieval, self.model_commands,
+                                    (lambda: comms.connected.is_set()) if comms else None)
+        except (OSError, ValueError) as exc:
+            raise StartError(str(exc)) from exc
+
+    def start_retention(self) -> None:
+        """Sweep now and every ``retention.sweep_seconds``, on the main loop (between
+        scenes, so a sweep never races a scene's own files)."""
+        stop = self._retention_stop = threading.Event()
+        every = self.settings.retention.sweep_seconds
+
+        def sweep() -> None:
+            self.sweeper.sweep()
+
+        def tick() -> None:
+            while True:
+                self.submit(sweep)
+                if stop.wait(every):
+                    return
+        threading.Thread(target=tick, name="retention", daemon=True).start()
 
     def start_comms(self) -> None:
         if self.comms is not None:
@@ -255,6 +353,8 @@ class App:
     def _after_scene(self, outcome: SceneOutcome) -> DriftReport | None:
         """Index the cells, keep adaptation candidates, score drift; publish a drift change
         and start a job when one is due."""
+        if self.http is not None:
+            self.http.metrics.scene_processed(outcome)
         if self.index is not None:
             self.index.add_scene(outcome, self.host.bundle.manifest.class_names)
         if self.jobs is not None:
@@ -284,19 +384,32 @@ class App:
         self.drift.switch_model(change.bundle)
 
     def _publish_switch(self, change: Switch) -> None:
-        self._publish_model_event(change.action, change.previous, change.detail)
+        self._publish_model_event(ModelEvent(
+            node_id=self.settings.node_id, action=change.action,
+            model=ModelRef.of(self.host.bundle.manifest),
+            previous=ModelRef.of(change.previous.manifest), detail=change.detail,
+            reason=change.reason, source=change.source,
+            request="start" if change.action == "fallback" else None))
 
     def _publish_refusal(self, report: AdaptationReport) -> None:
         """A job's proposal that was refused (by its gate, or when it came to run)."""
-        self._publish_model_event("rejected", None, report)
+        self._publish_model_event(ModelEvent(
+            node_id=self.settings.node_id, action="rejected",
+            model=ModelRef.of(self.host.bundle.manifest), detail=report))
 
-    def _publish_model_event(self, action: str, previous: Bundle | None,
-                             detail: AdaptationReport | None) -> None:
+    def _announce(self, news: Switch | ModelNotice) -> None:
+        """A model switch or notice on ``events/model``."""
+        if isinstance(news, Switch):
+            self._publish_switch(news)
+            return
+        self._publish_model_event(ModelEvent(
+            node_id=self.settings.node_id, action=news.action,
+            model=ModelRef.of(self.host.bundle.manifest),
+            target=ModelRef.of(news.target) if news.target is not None else None,
+            request=news.request, reason=news.reason, source=news.source))
+
+    def _publish_model_event(self, event: ModelEvent) -> None:
         if self.comms is not None:
-            event = ModelEvent(node_id=self.settings.node_id, action=action,
-                               model=ModelRef.of(self.host.bundle.manifest),
-                               previous=ModelRef.of(previous.manifest) if previous else None,
-                               detail=detail)
             self.comms.send(MODEL_EVENTS, event.to_json(), event.msg_id)
 
     # -- running ------------------------------------------------------------------------------
@@ -309,11 +422,12 @@ class App:
         """Start, run the main loop until SIGTERM, stop. Returns the exit code."""
         signal.signal(signal.SIGTERM, self.loop.request_stop)
         signal.signal(signal.SIGINT, self.loop.request_stop)
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: self.submit(self.reload))
         keeper = self.loop.keep_watchdog(lambda: self.telemetry.busy_since)
         try:
             self.start()
             self.loop.run(handle=self.lifecycle.handle_guarded,
-                          idle=lambda: self.telemetry.set_state(State.READY),
+                          idle=self.telemetry.idle,
                           stats=self._publish_stats, retry=self.lifecycle.retry_stuck)
         finally:
             self.stop()
@@ -321,12 +435,62 @@ class App:
                 keeper.set()
         return 0
 
+    def reload(self) -> None:
+        """SIGHUP (``systemctl reload``): re-read the config file and the model.
+
+        A config that does not validate is refused whole (logged with every bad key; the
+        node keeps running as it was). Of a valid one, the log level and format, retention
+        and ``paths.min_free_mb`` take effect now; any other changed section is named in a
+        WARNING and takes effect at the next restart. Then the store's active pointer is
+        followed (as ``cmd/reload``) and ``model.bundle`` compared with what is installed.
+        """
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            self._reload_config()
+            try:
+                self.host.reload()
+            except BundleError as exc:
+                log.error("reload: the model stays v%d: %s", self.host.bundle.version, exc)
+                self._announce(ModelNotice("refused", "reload", str(exc)))
+            for news in self.adopt_seed():
+                if isinstance(news, ModelNotice):  # a switch is announced by the listeners
+                    self._announce(news)
+        finally:
+            self.notifier.ready(self.telemetry.status_line())
+
+    def _reload_config(self) -> None:
+        if self.config_path is None:
+            log.warning("reload: no config file to re-read (started without one)")
+            return
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as exc:
+            log.error("reload: %s is not valid; keeping the running configuration:\n%s",
+                      self.config_path, exc)
+            return
+        old = self.settings
+        later = sorted(name for name in Settings.model_fields
+                       if name not in LIVE_SECTIONS and name != "paths"
+                       and getattr(new, name) != getattr(old, name))
+        if new.paths.model_copy(update={"min_free_mb": old.paths.min_free_mb}) != old.paths:
+            later.append("paths")
+        self.settings = old.model_copy(update={
+            "log_level": new.log_level, "logging": new.logging, "retention": new.retention,
+            "paths": old.paths.model_copy(update={"min_free_mb": new.paths.min_free_mb})})
+        setup_logging(self.settings)
+        self.sweeper.cfg = new.retention
+        self.disk.min_free_mb = new.paths.min_free_mb
+        log.info("reload: %s re-read", self.config_path)
+        if later:
+            log.warning("reload: %s changed; that takes effect after a restart "
+                        "(systemctl restart terratile)", ", ".join(later))
+
     def _publish_stats(self) -> None:
         if self.comms is not None:
             self.comms.publish_stats(self.telemetry.stats().to_json())
 
 
-def run_daemon(settings: Settings) -> int:
+def run_daemon(settings: Settings, config_path: Path | None = None) -> int:
     """``terratile run``: build the node and run it until SIGTERM.
 
     A node that cannot start (no usable model, unreadable bundle, another daemon on the
@@ -334,10 +498,16 @@ def run_daemon(settings: Settings) -> int:
     pointless restart loop.
     """
     os.umask(UMASK)  # journal, index, models and results are not world-readable
-    app = App(settings)
+    app = App(settings, config_path=config_path)
     try:
         app.build()
     except (StartError, BundleError, FileNotFoundError) as exc:
         log.error("cannot start: %s", exc)
         return EX_CONFIG
-    return app.run()
+    code = app.run()
+    if app.job_left_running:
+        # Everything durable is closed; a thread still inside onnxruntime would make the
+        # interpreter's exit abort the process, so leave without running C++ destructors.
+        logging.shutdown()
+        os._exit(code)
+    return code

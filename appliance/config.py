@@ -9,8 +9,10 @@ to a default. ``explain_errors`` turns a ``ValidationError`` into one line per k
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -45,6 +47,13 @@ class PathsConfig(Section):
     failed: Path = Path("/var/lib/terratile/failed")
     processed: Path | None = None
     state: Path = Path("/var/lib/terratile/state")
+    min_free_mb: int = Field(
+        default=64, ge=0,
+        description="Free space (MB) every folder of the box (inbox, work, results, failed, "
+        "state) must keep: below it no new file is claimed and status says `degraded: disk` "
+        "until space returns, and a scene's outputs are not written (`disk-full`). Formerly "
+        "input.min_free_mb (still read, with a warning).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -96,6 +105,20 @@ class ModelConfig(Section):
     )
     intra_op_threads: int = Field(default=0, ge=0, description="0 lets onnxruntime decide.")
     warmup: bool = True
+    install_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Folders `cmd/install` may install a bundle (directory or .tar[.gz]) "
+        "from; http(s) URLs are always allowed. Empty: only URLs.",
+    )
+    install_newer: bool = Field(
+        default=False,
+        description="At start, install and activate `model.bundle` when it is newer than "
+        "every installed version (otherwise such a bundle is only reported, loudly).",
+    )
+    install_max_mb: int = Field(default=2048, ge=1,
+                                description="Largest bundle archive an install downloads.")
+    install_timeout: float = Field(default=60.0, gt=0,
+                                   description="Seconds without data before a download fails.")
 
 
 class RescaleConfig(Section):
@@ -105,6 +128,13 @@ class RescaleConfig(Section):
     """
 
     mode: Literal["auto", "none", "linear", "percentile"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        """``rescale: percentile`` is short for ``rescale: {mode: percentile}``."""
+        return {"mode": data} if isinstance(data, str) else data
+
     factor: float = Field(default=1.0, gt=0, description="linear: value * factor + offset")
     offset: float = 0.0
     percentiles: tuple[float, float] = (2.0, 98.0)
@@ -124,9 +154,21 @@ INPUT_DRIVERS = frozenset({"GTiff", "COG", "VRT", "PNG", "JPEG"})
 class InputConfig(Section):
     """Band mapping and value rescaling from a scene to the model's input."""
 
-    bands: list[int] | None = Field(
+    bands: list[int | str] | None = Field(
         default=None,
-        description="1-based scene band indexes in model band order; default: the first N.",
+        description="Scene bands in model band order: 1-based numbers or band names (`red`, "
+        "`B04`…). Default: matched by the scene's band descriptions and colour "
+        "interpretation, else the first N when the scene has exactly N bands.",
+    )
+    gsd_tolerance: float = Field(
+        default=2.0, ge=1,
+        description="A scene whose ground windows differ from the bundle's training ground "
+        "extent by more than this factor (either way) gets a warning or is refused.",
+    )
+    gsd_policy: Literal["warn", "refuse"] = Field(
+        default="warn",
+        description="warn: process it with a warning in the log, result, summary and STAC; "
+        "refuse: fail it with reason `resolution`.",
     )
     rescale: RescaleConfig = Field(default_factory=RescaleConfig)
     nodata: float | None = Field(default=None, description="Overrides the scene's nodata.")
@@ -154,11 +196,6 @@ class InputConfig(Section):
         description="Largest declared width x height of a scene or chip (a 10980² Sentinel-2 "
         "tile is 1.2e8); larger fails with reason `too-large` before any pixel is read.",
     )
-    min_free_mb: int = Field(
-        default=64, ge=0,
-        description="Free space the results disk must have before a scene's outputs are "
-        "written; less fails the scene with reason `disk-full`.",
-    )
 
     @model_validator(mode="after")
     def _known_drivers(self) -> InputConfig:
@@ -167,17 +204,29 @@ class InputConfig(Section):
         unknown = sorted(set(self.drivers) - INPUT_DRIVERS)
         if unknown:
             raise ValueError(f"input.drivers: {unknown} not among {sorted(INPUT_DRIVERS)}")
+        if self.bands is not None and any(isinstance(b, int) and b < 1 for b in self.bands):
+            raise ValueError("input.bands: band numbers are 1-based")
         return self
 
 
 class TilingConfig(Section):
     """The GID multi-scale grid: co-centred windows at every scale around each cell centre."""
 
-    scales: list[int] | None = Field(
+    units: Literal["pixels", "metres"] = Field(
+        default="pixels",
+        description="Unit of scales and cell: scene pixels, or metres on the ground (each "
+        "window then covers that extent whatever the scene's resolution).")
+    scales: list[float] | None = Field(
         default=None,
-        description="Window sizes, px; default: the bundle's (set at export with "
-        "`terratile-export bundle --scales`).")
-    cell: int | None = Field(default=None, gt=0, description="Grid step, px; default min(scales).")
+        description="Window sizes in `units`; default: the bundle's (set at export with "
+        "`terratile-export bundle --scales`), scaled to the scene's GSD when the bundle "
+        "records its training GSD.")
+    cell: float | None = Field(
+        default=None, gt=0, description="Grid step in `units`; default min(scales).")
+    match_gsd: bool = Field(
+        default=True,
+        description="With the bundle's scales and both GSDs known, scale the windows so "
+        "each covers the ground extent it covered in training.")
     batch_size: int = Field(default=32, ge=1)
     fusion: Literal["mean", "max", "weighted"] = "mean"
     weights: list[float] | None = None
@@ -200,19 +249,25 @@ class TilingConfig(Section):
             raise ValueError("weights need one weight per scale")
         return self
 
-    def for_bundle(self, bundle_scales: list[int]) -> ResolvedTiling:
-        """This tiling with the bundle's scales where none are configured."""
-        scales = list(self.scales or bundle_scales)
+    def for_bundle(self, bundle_scales: list[int], pixels: list[int] | None = None,
+                   cell: int | None = None) -> ResolvedTiling:
+        """This tiling in scene pixels: ``pixels`` (and ``cell``) where the caller converted
+        the windows to the scene (metres, GSD matching), else the configured scales or the
+        bundle's."""
+        scales = pixels or [round(s) for s in (self.scales or bundle_scales)]
         if self.weights is not None and len(self.weights) != len(scales):
             raise ValueError(f"tiling.weights has {len(self.weights)} weights for the "
                              f"{len(scales)} scales {scales} (the bundle's)")
-        return ResolvedTiling(**{**self.model_dump(), "scales": scales})
+        step = cell if cell is not None else (round(self.cell) if self.cell else None)
+        return ResolvedTiling(**{**self.model_dump(), "scales": scales, "cell": step,
+                                 "units": "pixels"})
 
 
 class ResolvedTiling(TilingConfig):
-    """A tiling whose scales are known (configured, or the bundle's)."""
+    """A tiling whose scales are known (configured, or the bundle's), in scene pixels."""
 
-    scales: list[int]
+    scales: list[int]  # type: ignore[assignment]
+    cell: int | None = None
 
     @property
     def cell_size(self) -> int:
@@ -250,6 +305,13 @@ class MQTTConfig(Section):
         description="Requests queued or running at once; beyond it a request is answered "
         "`busy` at once instead of queueing.",
     )
+    client_rate: float = Field(
+        default=20.0, ge=0,
+        description="Requests per second one client (named by its reply topic) may send; "
+        "beyond it a request is answered `rate-limited`. 0 turns the limit off.",
+    )
+    client_burst: int = Field(default=40, ge=1,
+                              description="Requests one client may send at once.")
     max_response_topic_length: int = Field(
         default=256, ge=1, le=65535,
         description="Longest MQTT 5 response topic (UTF-8 bytes) a reply is sent to.",
@@ -416,6 +478,72 @@ class AdaptConfig(Section):
     )
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class HTTPConfig(Section):
+    """The local dashboard, Prometheus ``/metrics`` and the ``/healthz``, ``/readyz`` probes.
+
+    Bound to the loopback address by default; bound anywhere else, every page but the two
+    probes needs the token of ``token_file`` (sent as ``Authorization: Bearer …``), and
+    the dashboard's write actions (rollback) always need it.
+    """
+
+    enabled: bool = True
+    host: str = Field(default="127.0.0.1", description="Address to bind; 0.0.0.0 for all.")
+    port: int = Field(default=8780, ge=1, le=65535)
+    token_file: Path | None = Field(
+        default=None, description="File holding the access token (one line, ≥ 16 characters).")
+
+    @property
+    def loopback(self) -> bool:
+        """True when only this machine can reach the server."""
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> HTTPConfig:
+        if self.enabled and not self.loopback and self.token_file is None:
+            raise ValueError(f"http.host {self.host} is reachable from other machines: "
+                             "set http.token_file")
+        return self
+
+    def token(self) -> str | None:
+        """The token from ``token_file`` (None when none is configured)."""
+        if self.token_file is None:
+            return None
+        if not self.token_file.is_file():
+            raise FileNotFoundError(f"http.token_file: {self.token_file} does not exist")
+        token = self.token_file.read_text().strip()
+        if len(token) < 16:
+            raise ValueError(f"http.token_file: {self.token_file} holds fewer than 16 "
+                             "characters")
+        return token
+
+
+class FolderRetention(Section):
+    """How long one folder keeps what it holds: by age and by total size (None: no limit)."""
+
+    max_age_days: float | None = Field(default=None, gt=0)
+    max_total_mb: float | None = Field(default=None, gt=0)
+
+
+class RetentionConfig(Section):
+    """What the sweeper removes, per folder; never what is not yet published (a result
+    waiting in the outbox) or not yet indexed (a scene still being processed)."""
+
+    results: FolderRetention = Field(default_factory=lambda: FolderRetention(max_age_days=30))
+    processed: FolderRetention = Field(default_factory=lambda: FolderRetention(max_age_days=7))
+    failed: FolderRetention = Field(default_factory=lambda: FolderRetention(max_age_days=30))
+    sweep_seconds: float = Field(default=600.0, gt=0, description="Time between sweeps.")
+
+
+class LoggingConfig(Section):
+    """How log lines look: ``text`` (no timestamp under journald, which adds its own) or
+    ``json`` (one object per line)."""
+
+    format: Literal["text", "json"] = "text"
+
+
 class Settings(BaseSettings):
     """The whole appliance configuration."""
 
@@ -435,24 +563,77 @@ class Settings(BaseSettings):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _input_min_free_mb(cls, data: Any) -> Any:
+        """``input.min_free_mb`` is the old name of ``paths.min_free_mb``: still read, with
+        a warning (one setting for the scene writer and the claim guard)."""
+        if not isinstance(data, dict) or not isinstance(data.get("input"), dict) or (
+                "min_free_mb" not in data["input"]):
+            return data
+        data = {**data, "input": dict(data["input"])}
+        old = data["input"].pop("min_free_mb")
+        paths = data.get("paths")
+        paths = dict(paths) if isinstance(paths, dict) else {}
+        if "min_free_mb" in paths:
+            raise ValueError("input.min_free_mb is the deprecated name of paths.min_free_mb: "
+                             "give only paths.min_free_mb")
+        log.warning("input.min_free_mb is deprecated: call it paths.min_free_mb")
+        data["paths"] = {**paths, "min_free_mb": old}
+        return data
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names every bad key."""
 
 
-def explain_errors(exc: ValidationError) -> list[str]:
-    """One human line per error: ``key.path: message (got value)``."""
+def _fields_at(loc: tuple[str | int, ...]) -> list[str]:
+    """The keys the section at ``loc`` accepts (empty when ``loc`` is not a section)."""
+    model: type[BaseModel] = Settings
+    for part in loc:
+        info = model.model_fields.get(str(part))
+        kind = info.annotation if info is not None else None
+        if not (isinstance(kind, type) and issubclass(kind, BaseModel)):
+            return []
+        model = kind
+    return list(model.model_fields)
+
+
+def _in(tree: dict[str, Any], loc: tuple[str | int, ...]) -> bool:
+    node: Any = tree
+    for part in loc:
+        if not isinstance(node, dict) or str(part) not in node:
+            return False
+        node = node[str(part)]
+    return True
+
+
+def _env_name(loc: tuple[str | int, ...]) -> str:
+    return "TERRATILE_" + "__".join(str(p).upper() for p in loc if isinstance(p, str))
+
+
+def explain_errors(exc: ValidationError,
+                   origin: Callable[[tuple[str | int, ...]], str] | None = None) -> list[str]:
+    """One human line per error: ``key.path: message (got value)``, a suggestion for an
+    unknown key close to a known one, and ``origin(loc)`` (where the value came from)."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(root)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+            close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1)
+            if close:
+                msg += f" (did you mean `{close[0]}`?)"
         got = err.get("input")
         shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-        lines.append(f"{key}: {msg}{shown}")
+        lines.append(f"{key}: {msg}{shown}{origin(loc) if origin else ''}")
     return lines
 
 
@@ -474,12 +655,21 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(f"{path}: top level must be a mapping of keys")
         data = _resolve_relative(loaded, path.parent.resolve())
     try:
-        env = _EnvOnly()  # environment values alone, merged above the YAML file
-        merged = _deep_merge(data, env.model_dump(exclude_unset=True))
-        merged = _deep_merge(merged, overrides)
+        env_values = _EnvOnly().model_dump(exclude_unset=True)  # above the YAML file
+    except ValidationError as exc:
+        raise ConfigError("\n".join(explain_errors(
+            exc, lambda loc: f" [from environment variable {_env_name(loc)}]"))) from exc
+
+    def origin(loc: tuple[str | int, ...]) -> str:
+        if _in(env_values, loc):
+            return f" [from environment variable {_env_name(loc)}]"
+        return f" [from {path}]" if path is not None and _in(data, loc) else ""
+
+    try:
+        merged = _deep_merge(_deep_merge(data, env_values), overrides)
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError("\n".join(explain_errors(exc))) from exc
+        raise ConfigError("\n".join(explain_errors(exc, origin))) from exc
 
 
 class _EnvOnly(Settings):

@@ -1,14 +1,18 @@
-"""Query flood benchmark: does a flood of retrieval queries delay commands or grow memory?
+"""Query flood benchmark: does a flood of retrieval queries delay commands, starve other
+clients or grow memory?
 
 Against a real mosquitto on 127.0.0.1 (started here on a free port), a client floods
 ``<p>/retrieval/query`` at ``--rate`` queries/s for ``--seconds`` (QoS 0, MQTT 5 response
 topic + correlation data carrying the send time) while it sends ``cmd/reload`` every
-0.25 s. ``Comms`` answers with a stand-in handler that costs ``--query-ms`` per query
-(roughly one faiss search plus the envelope), so the box can serve far fewer than it gets.
+0.25 s, and a second, calm client sends one query every 0.25 s on its own response topic.
+``Comms`` answers with a stand-in handler that costs ``--query-ms`` per query (roughly one
+faiss search plus the envelope), so the box can serve far fewer than it gets.
 
-Recorded: replies answered and refused ``busy``, their latencies, each command's latency
-(publish → handler running), and the process RSS (flood client and box in one process)
-before and at its peak: the flood client runs in a child process, so that is the box's.
+The same flood runs twice in one process: without the per-client rate limit
+(``mqtt.client_rate: 0``) and with the default limit. Recorded for each: replies answered,
+refused ``busy`` and refused ``rate-limited``, their latencies, the calm client's
+latency, each command's latency (publish → handler running), and the box's RSS before and
+at its peak (the clients run in a child process).
 
     .venv/bin/python benchmarks/query_flood.py [--rate 3000] [--seconds 5] \
         [--out benchmarks/results/query_flood.json]
@@ -66,66 +70,73 @@ def pct(values: list[float], q: float) -> float | None:
 
 def flood(port: int, rate: int, seconds: float,
           out: multiprocessing.Queue[dict[str, Any]]) -> None:
-    """The hostile client, in its own process so the box's RSS is the box's alone."""
-    ok_lat: list[float] = []
-    busy_lat: list[float] = []
+    """The hostile client and a calm one, in their own process so the box's RSS is the
+    box's alone."""
+    lat: dict[str, list[float]] = {"ok": [], "busy": [], "rate-limited": [], "calm": [],
+                                   "calm-refused": []}
     lock = threading.Lock()
 
     def on_reply(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         sent = struct.unpack("d", msg.properties.CorrelationData)[0]
         ms = (time.time() - sent) * 1000
+        if msg.topic == "bench/calm":
+            kind = "calm-refused" if b'"error"' in msg.payload else "calm"
+        elif b'"rate-limited"' in msg.payload:
+            kind = "rate-limited"
+        else:
+            kind = "busy" if b'"busy"' in msg.payload else "ok"
         with lock:
-            (busy_lat if b'"busy"' in msg.payload else ok_lat).append(ms)
+            lat[kind].append(ms)
 
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     sub.on_message = on_reply
     sub.connect("127.0.0.1", port)
-    sub.subscribe("bench/replies", qos=0)
+    sub.subscribe("bench/#", qos=0)
     sub.loop_start()
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     pub.connect("127.0.0.1", port)
     pub.loop_start()
     time.sleep(0.5)
-    sent = commands = 0
+
+    def query(reply_to: str) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = reply_to
+        props.CorrelationData = struct.pack("d", time.time())
+        pub.publish(f"{P}/retrieval/query", '{"vector": [1, 0]}', qos=0, properties=props)
+
+    sent = ticks = 0
     t0 = time.monotonic()
-    next_cmd = t0
+    next_tick = t0
     while (now := time.monotonic()) - t0 < seconds:
         due = int((now - t0) * rate)
         while sent < due:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = "bench/replies"
-            props.CorrelationData = struct.pack("d", time.time())
-            pub.publish(f"{P}/retrieval/query", '{"vector": [1, 0]}', qos=0, properties=props)
+            query("bench/replies")
             sent += 1
-        if now >= next_cmd:
+        if now >= next_tick:  # an operator's command and a calm client's query
             pub.publish(f"{P}/cmd/reload", struct.pack("d", time.time()), qos=1)
-            commands += 1
-            next_cmd += 0.25
+            query("bench/calm")
+            ticks += 1
+            next_tick += 0.25
         time.sleep(0.001)
     flood_s = time.monotonic() - t0
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with lock:
-            if len(ok_lat) + len(busy_lat) >= sent:
+            if sum(len(v) for v in lat.values()) >= sent + ticks:
                 break
         time.sleep(0.1)
     pub.loop_stop()
     sub.loop_stop()
     with lock:
-        out.put({"ok": ok_lat, "busy": busy_lat, "sent": sent, "seconds": flood_s,
-                 "commands_sent": commands})
+        out.put({"lat": lat, "sent": sent, "seconds": flood_s, "ticks": ticks})
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rate", type=int, default=3000)
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--query-ms", type=float, default=2.0)
-    ap.add_argument("--max-pending", type=int, default=MQTTConfig().max_pending_requests)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/query_flood.json"))
-    args = ap.parse_args()
+def latency(values: list[float]) -> dict[str, float | int | None]:
+    return {"n": len(values), "median": pct(values, 0.5), "p95": pct(values, 0.95),
+            "max": pct(values, 1.0)}
 
-    tmp = Path(tempfile.mkdtemp(prefix="query-flood-"))
+
+def start_broker(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     conf = tmp / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
@@ -139,9 +150,14 @@ def main() -> None:
             break
         except OSError:
             time.sleep(0.05)
+    return broker, port
 
+
+def scenario(args: argparse.Namespace, client_rate: float) -> dict[str, Any]:
+    """One flood against a fresh broker and box with ``mqtt.client_rate = client_rate``."""
+    tmp = Path(tempfile.mkdtemp(prefix="query-flood-"))
+    broker, port = start_broker(tmp)
     journal = Journal(tmp / "j.sqlite")
-    command_sent: list[float] = []
     command_lat: list[float] = []
 
     def handler(payload: bytes) -> dict[str, Any]:
@@ -149,10 +165,10 @@ def main() -> None:
         return {"request_id": None, "results": []}
 
     def reload(payload: bytes) -> None:
-        sent = struct.unpack("d", payload)[0]
-        command_lat.append((time.time() - sent) * 1000)
+        command_lat.append((time.time() - struct.unpack("d", payload)[0]) * 1000)
 
-    cfg = MQTTConfig(port=port, topic_prefix="terratile", max_pending_requests=args.max_pending)
+    cfg = MQTTConfig(port=port, topic_prefix="terratile", max_pending_requests=args.max_pending,
+                     client_rate=client_rate)
     comms = Comms(cfg, NODE, journal, lambda: "{}")
     comms.on_request("retrieval/query", handler)
     comms.on_command("reload", reload)
@@ -176,32 +192,53 @@ def main() -> None:
     stats = results.get(timeout=args.seconds + 60)
     client.join(10)
     deadline = time.monotonic() + 10
-    while len(command_lat) < stats["commands_sent"] and time.monotonic() < deadline:
+    while len(command_lat) < stats["ticks"] and time.monotonic() < deadline:
         time.sleep(0.05)
     stop.set()
-    ok_lat, busy_lat, sent, flood_s = (stats["ok"], stats["busy"], stats["sent"],
-                                       stats["seconds"])
-    command_sent = [0.0] * stats["commands_sent"]
-
+    lat, sent = stats["lat"], stats["sent"]
+    flooded = len(lat["ok"]) + len(lat["busy"]) + len(lat["rate-limited"])
     result = {
-        "flood": {"rate_per_s": args.rate, "seconds": round(flood_s, 2), "sent": sent,
-                  "query_cost_ms": args.query_ms, "max_pending_requests": args.max_pending},
-        "replies": {"answered": len(ok_lat), "busy": len(busy_lat),
-                    "lost": sent - len(ok_lat) - len(busy_lat)},
-        "answered_latency_ms": {"median": pct(ok_lat, 0.5), "p95": pct(ok_lat, 0.95),
-                                "max": pct(ok_lat, 1.0)},
-        "busy_latency_ms": {"median": pct(busy_lat, 0.5), "p95": pct(busy_lat, 0.95)},
-        "command_latency_ms": {"n": len(command_lat), "sent": len(command_sent),
-                               "median": pct(command_lat, 0.5), "max": pct(command_lat, 1.0)},
+        "mqtt": {"client_rate": client_rate, "client_burst": cfg.client_burst,
+                 "max_pending_requests": args.max_pending},
+        "flood": {"rate_per_s": args.rate, "seconds": round(stats["seconds"], 2),
+                  "sent": sent, "query_cost_ms": args.query_ms},
+        "replies": {"answered": len(lat["ok"]), "busy": len(lat["busy"]),
+                    "rate_limited": len(lat["rate-limited"]), "lost": sent - flooded},
+        "answered_latency_ms": latency(lat["ok"]),
+        "refused_latency_ms": latency(lat["busy"] + lat["rate-limited"]),
+        "calm_client": {"sent": stats["ticks"], "answered": len(lat["calm"]),
+                        "refused": len(lat["calm-refused"]),
+                        "latency_ms": latency(lat["calm"] + lat["calm-refused"])},
+        "command_latency_ms": {**latency(command_lat), "sent": stats["ticks"]},
         "rss_mb": {"before": round(rss_before, 1), "peak": round(peak[0], 1),
                    "growth": round(peak[0] - rss_before, 1)},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "load_avg_1m": round(os.getloadavg()[0], 2)},
     }
     comms.stop()
     journal.close()
     broker.terminate()
     broker.wait(10)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rate", type=int, default=3000)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--query-ms", type=float, default=2.0)
+    ap.add_argument("--max-pending", type=int, default=MQTTConfig().max_pending_requests)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/query_flood.json"))
+    args = ap.parse_args()
+    without = scenario(args, client_rate=0.0)
+    with_limit = scenario(args, client_rate=MQTTConfig().client_rate)
+    calm = [r["calm_client"]["latency_ms"]["median"] for r in (without, with_limit)]
+    result = {
+        "without_client_limit": without,
+        "with_client_limit": with_limit,
+        "calm_client_median_ratio": (round(calm[1] / calm[0], 3)
+                                     if calm[0] and calm[1] is not None else None),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "load_avg_1m": round(os.getloadavg()[0], 2)},
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -3,12 +3,14 @@
 #
 #   data (generated textured classes, or 3 AID classes from DATA) → terratile-export train →
 #   terratile-export bundle → mosquitto → terratile run → drop a GeoTIFF into the inbox →
-#   print the MQTT result → stop everything.
+#   print the MQTT result → point at the dashboard → stop everything (KEEP=1: keep the
+#   daemon and the dashboard up until Ctrl-C).
 #
 # Everything lives in .demo/. Training and bundling are skipped when their outputs exist
 # (delete .demo/ to redo them); the appliance state is fresh on every run so the scene is
 # really processed. Env: DATA (ImageFolder root, e.g. ../shared/data/aid), SCENE (a
-# GeoTIFF to drop instead of the generated one), DEMO_CLASSES (AID classes to use).
+# GeoTIFF to drop instead of the generated one), DEMO_CLASSES (AID classes to use),
+# HTTP_PORT (the dashboard's port, default 8780), KEEP (1: stay up at the end).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,6 +23,8 @@ NODE=demo
 DATA="${DATA:-}"
 SCENE="${SCENE:-}"
 DEMO_CLASSES="${DEMO_CLASSES:-DenseResidential Forest River}"
+HTTP_PORT="${HTTP_PORT:-8780}"
+KEEP="${KEEP:-}"
 PIDS=()
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -108,6 +112,10 @@ done
 
 # -- 5. the appliance -----------------------------------------------------------------------
 rm -rf "$BOX" && mkdir -p "$BOX"
+# the dashboard's token (the rollback button asks for it); readable by this user only
+( umask 077 && "$PY" -c 'import secrets; print(secrets.token_urlsafe(24))' > "$DEMO/http-token" )
+"$PY" -c "import socket; socket.create_server(('127.0.0.1', $HTTP_PORT)).close()" 2>/dev/null \
+    || die "port $HTTP_PORT is taken: run with HTTP_PORT=<another port>"
 cat > "$DEMO/appliance.yaml" <<EOF
 node_id: $NODE
 paths: {inbox: box/inbox, results: box/results, failed: box/failed, state: box/state}
@@ -115,6 +123,7 @@ model: {bundle: $BUNDLE, providers: [${DEMO_PROVIDERS:-cpu}]}
 tiling: {batch_size: 64}  # scales: the bundle's (--scales at export)
 input: {settle_seconds: 0.5, rescan_seconds: 2}
 mqtt: {port: $PORT, stats_interval: 30}
+http: {port: $HTTP_PORT, token_file: http-token}
 EOF
 "$BIN/terratile" config validate "$DEMO/appliance.yaml"
 
@@ -149,4 +158,15 @@ echo "$GOT_JSON" | "$PY" -m json.tool
 say "terratile status"
 "$BIN/terratile" status --config "$DEMO/appliance.yaml"
 [[ "$GOT_TOPIC" == */result ]] || die "the scene failed (see the payload above)"
-say "demo finished: outputs in $BOX/results/"
+URL="http://127.0.0.1:$HTTP_PORT/"
+say "dashboard: $URL"
+echo "  the map, the scene list, drift, model versions; metrics at ${URL}metrics"
+echo "  rollback token: $(cat "$DEMO/http-token")  (in .demo/http-token)"
+echo "  outputs in .demo/box/results/"
+if [[ -n "$KEEP" ]]; then
+    echo "  kept up (KEEP=1): drop more GeoTIFFs into .demo/box/inbox/; Ctrl-C stops"
+    trap 'printf "\nstopping\n"; exit 0' INT TERM   # a wanted stop, not a failure
+    wait "$DAEMON" || true
+else
+    echo "  run 'make demo KEEP=1' to keep the dashboard up"
+fi

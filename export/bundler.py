@@ -40,7 +40,6 @@ from appliance.contract.bundle import (
     LOGITS,
     REFERENCE,
     SOURCE_BANK,
-    ClassSpec,
     InputSpec,
     Manifest,
     SourceBank,
@@ -50,6 +49,7 @@ from appliance.contract.bundle import (
 from appliance.contract.durable import atomic_write_text
 from appliance.contract.image_files import is_image
 from appliance.contract.layer_stats import measure
+from appliance.contract.palette import read_palette, semantic_palette
 from appliance.contract.reference_stats import reference_from_tiles
 from appliance.model.runtime import ProviderPlan, open_session, probabilities
 from export.data import DataSet, Sample, load_chips, load_split
@@ -64,17 +64,6 @@ OPSET = 18
 CPU = ProviderPlan(providers=("cpu",))
 BANK_PER_CLASS = 48
 PARITY_CHIPS = 16
-
-# Distinct, colour-blind-friendly-ish colours for up to 30 classes (then cycled, darkened).
-PALETTE = [
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
-    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
-    (255, 255, 255), (0, 0, 0), (100, 60, 160), (40, 100, 40), (200, 120, 120),
-    (90, 160, 220), (180, 180, 60), (60, 60, 90), (230, 160, 30), (110, 200, 140),
-]
-
 
 class ParityError(RuntimeError):
     """The exported ONNX disagrees with torch beyond the tolerance."""
@@ -91,16 +80,8 @@ class BundleOptions:
     scales: tuple[int, ...] = DEFAULT_SCALES
     notes: str = ""
     descriptor: Literal["trained", "pooled"] = "trained"
-
-
-def class_colours(names: list[str]) -> list[ClassSpec]:
-    """Every class gets a distinct colour (palette, darkened on each wrap-around)."""
-    specs = []
-    for i, name in enumerate(names):
-        r, g, b = PALETTE[i % len(PALETTE)]
-        f = 0.6 ** (i // len(PALETTE))
-        specs.append(ClassSpec(name=name, colour=(int(r * f), int(g * f), int(b * f))))
-    return specs
+    gsd: float | None = None  # metres per pixel of the training chips (None: the run's)
+    palette: Path | None = None  # class colours file (None: the semantic palette)
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str,
@@ -216,6 +197,8 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     console = console or Console(stderr=True)
     torch.set_num_threads(2)
     info, model = load_trained(run_dir)
+    classes = (read_palette(options.palette, info.classes) if options.palette is not None
+               else semantic_palette(info.classes))  # a bad palette file fails before export
     spec = info.input_spec
     source = load_split(run_dir, "train")  # the run's own training chips
     labels_all = source.label_array()
@@ -269,7 +252,10 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
 
     manifest = Manifest(
         name=options.name or Path(run_dir).resolve().name, version=options.version,
-        backbone=info.backbone, task=info.task, classes=class_colours(info.classes),
+        backbone=info.backbone, task=info.task,
+        classes=classes,
+        palette="custom" if options.palette is not None else "semantic",
+        gsd=options.gsd if options.gsd is not None else info.gsd,
         input=spec, scales=list(options.scales), feature_dim=info.feature_dim,
         embedding_dim=(info.embedding_dim + n_classes if embedder is not None
                        else info.feature_dim),

@@ -41,6 +41,9 @@ def train_cmd(
     embedding_dim: int = typer.Option(128, min=2),
     warmup_epochs: float = typer.Option(1.0, min=0.0, help="Linear warm-up length (epochs)."),
     threads: int = typer.Option(2, min=1, help="torch CPU threads."),
+    gsd: Optional[float] = typer.Option(  # noqa: UP045
+        None, min=0.0, help="Ground sampling distance of the chips, metres per pixel "
+        "(default: measured from georeferenced chips, else unknown)."),
 ) -> None:
     """Fine-tune BACKBONE on DATA with a classifier and an embedding head."""
     from export.train import TrainConfig, train
@@ -52,7 +55,7 @@ def train_cmd(
                       val_fraction=val_fraction, seed=seed, init=init, pretrained=pretrained,
                       batch_size=batch_size, lr=lr, freeze_backbone=freeze_backbone,
                       embedding_dim=embedding_dim, warmup_epochs=warmup_epochs,
-                      threads=threads)
+                      threads=threads, gsd=gsd or None)
     try:
         run = train(cfg, console)
     except (DataError, BackboneError) as exc:
@@ -74,6 +77,13 @@ def bundle_cmd(
     descriptor: str = typer.Option(
         "trained", help="Retrieval descriptor: 'trained' (embedding ⊕ posterior) or 'pooled' "
         "(L2-normalised backbone features, the off-the-shelf baseline)."),
+    gsd: Optional[float] = typer.Option(  # noqa: UP045
+        None, min=0.0, help="Training GSD, metres per pixel, recorded in the manifest "
+        "(default: the run's, from `train --gsd` or its georeferenced chips)."),
+    palette: Optional[Path] = typer.Option(  # noqa: UP045
+        None, exists=True, dir_okay=False,
+        help="Class colours: JSON/YAML mapping class name to #rrggbb or [r, g, b] "
+        "(default: the semantic palette)."),
 ) -> None:
     """Export RUN as a sealed bundle: ONNX graphs, source bank, reference, manifest."""
     from export.bundler import BundleOptions, ParityError, Precision, bundle
@@ -86,7 +96,8 @@ def bundle_cmd(
     try:
         options = BundleOptions(precision=precision, calibration=calibration, version=version,
                                 name=name, scales=tuple(int(s) for s in scales.split(",")),
-                                descriptor=_descriptor(descriptor))
+                                descriptor=_descriptor(descriptor), gsd=gsd or None,
+                                palette=palette)
         manifest = bundle(run, out, options, console)
     except (DataError, BundleError, ParityError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc

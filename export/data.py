@@ -206,3 +206,28 @@ def load_split(run_dir: Path, split: str) -> DataSet:
     if not samples:
         raise DataError(f"{path}: the {split} split is empty")
     return DataSet(Path(doc["root"]), classes, samples, doc["task"])
+
+
+def measured_gsd(dataset: DataSet, sample: int = 16) -> float | None:
+    """The median ground sampling distance (m) of up to ``sample`` georeferenced chips of
+    ``dataset``; None when its chips carry no georeferencing (JPEG/PNG, plain TIFFs)."""
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    from appliance.contract.gsd import scene_gsd
+
+    step = max(1, len(dataset.samples) // sample)
+    values = []
+    for s in dataset.samples[::step][:sample]:
+        if s.path.suffix.lower() not in (".tif", ".tiff"):
+            continue
+        try:
+            with rasterio.open(s.path) as ds:
+                if ds.crs is None or ds.transform.is_identity:
+                    continue
+                gsd = scene_gsd(ds.transform, ds.crs, ds.width, ds.height)
+        except RasterioError:
+            continue
+        if gsd is not None:
+            values.append(gsd)
+    return float(np.median(values)) if values else None

@@ -31,6 +31,7 @@ from export.data import (
     DataError,
     DataSet,
     load_chips,
+    measured_gsd,
     read_chip,
     save_split,
     scan,
@@ -64,6 +65,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     proxy_weight: float = 1.0
     threads: int = 2
+    gsd: float | None = None  # metres per pixel of the chips; None: measured if georeferenced
 
 
 @dataclass
@@ -77,6 +79,7 @@ class RunInfo:
     feature_dim: int
     embedding_dim: int
     config: dict[str, Any] = field(default_factory=dict)
+    gsd: float | None = None  # training chips' ground sampling distance, metres
 
     @property
     def input_spec(self) -> InputSpec:
@@ -199,7 +202,8 @@ def train(cfg: TrainConfig, console: Console | None = None) -> Path:
     spec = input_spec(chips, bb.mean, bb.std, cfg.image_size)
     info = RunInfo(cfg.backbone, dataset.task, dataset.classes, spec.model_dump(mode="json"),
                    bb.feature_dim, cfg.embedding_dim,
-                   {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
+                   {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+                   gsd=cfg.gsd if cfg.gsd is not None else measured_gsd(dataset))
     model = TerratileNet(bb.module, bb.feature_dim, len(dataset.classes), cfg.embedding_dim)
     if cfg.init is not None:
         _init_from(model, cfg.init, console)

@@ -78,6 +78,8 @@ class AdaptationJobs:
         self.host = host
         self.keep_versions = keep_versions
         self._on_report = on_report  # a job whose proposal was refused
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def running(self) -> bool:
@@ -98,14 +100,37 @@ class AdaptationJobs:
         bundle = self.host.bundle
 
         def job() -> None:
-            staged, report = stage(self.host, self.adapter.run(bundle, reason))
+            report = self.adapter.run(bundle, reason)
+            if self._stopping.is_set():  # no install or warm-up while the daemon stops
+                if report.candidate:
+                    self.host.store.discard(Path(report.candidate))
+                log.info("adaptation (%s): dropped, the daemon is stopping", reason)
+                return
+            staged, report = stage(self.host, report)
 
             def finish() -> None:
                 self._finish(report, staged)
 
             submit(finish)
 
-        threading.Thread(target=job, name="adaptation", daemon=True).start()
+        self._thread = threading.Thread(target=job, name="adaptation", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float) -> bool:
+        """Let a running job end before the process does (a thread left inside
+        onnxruntime when the interpreter exits aborts the process): its proposal is dropped
+        rather than installed, and drift proposes it again after the restart. Waits at most
+        ``timeout`` seconds; false if the job is still running then."""
+        self._stopping.set()
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return True
+        log.info("stopping: waiting up to %.0f s for the adaptation job", timeout)
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("stopping: the adaptation job is still running; leaving it")
+            return False
+        return True
 
     def run_here(self, reason: str) -> AdaptationReport:
         """Run a job to the end on this thread (``terratile models adapt``)."""

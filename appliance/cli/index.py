@@ -9,20 +9,24 @@ The model is the store's active bundle, else ``model.bundle``; nothing is instal
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from appliance.cli.options import CONFIG_OPTION, settings_or_exit
 from appliance.config import Settings
 from appliance.contract.bundle import BundleError
+from appliance.ingest.journal import Journal
 from appliance.model.runtime import ModelRuntime, open_runtime
 from appliance.model.store import serving_bundle
 from appliance.retrieval.entry_log import IndexStateError
 from appliance.retrieval.index import TileIndex
 from appliance.retrieval.query import Reply, RequestError
-from appliance.retrieval.references import add_reference_images
+from appliance.retrieval.references import add_reference_images, reference_files
 from appliance.retrieval.service import RetrievalService
 
 index_app = typer.Typer(no_args_is_help=True, help="The local retrieval index.")
@@ -46,8 +50,16 @@ def add(directory: Path = typer.Argument(..., exists=True, file_okay=False),
     except (BundleError, IndexStateError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
+    total = sum(1 for _ in reference_files(directory))
+    console = Console(stderr=True)
     try:
-        added, skipped = add_reference_images(directory, index, runtime, settings.input)
+        with Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.description}"), console=console, transient=True,
+                      disable=not console.is_terminal) as bar:
+            task = bar.add_task("", total=total)
+            added, skipped = add_reference_images(
+                directory, index, runtime, settings.input,
+                lambda path: bar.update(task, advance=1, description=path.name))
     finally:
         index.close()
     for line in skipped:
@@ -87,7 +99,9 @@ def _read_vector(path: Path) -> np.ndarray:
 def query_command(
     config: Path = CONFIG_OPTION,
     image: Path | None = typer.Option(None, "--image", help="Query by an image file."),
-    scene: str | None = typer.Option(None, "--scene", help="Query by a cell of this scene."),
+    scene: str | None = typer.Option(
+        None, "--scene", help="Query by a cell of this scene: its id, a unique id prefix or "
+        "its file name."),
     pixel: tuple[float, float] | None = typer.Option(None, "--pixel", help="COL ROW"),
     lonlat: tuple[float, float] | None = typer.Option(None, "--lonlat", help="LON LAT"),
     vector_file: Path | None = typer.Option(None, "--vector-file",
@@ -102,6 +116,11 @@ def query_command(
     """Nearest indexed cells / reference images to an image, a cell or a vector."""
     settings = settings_or_exit(config)
     runtime: ModelRuntime | None = None
+    try:
+        scene, scene_filter = resolve_scene(settings, scene), resolve_scene(settings, scene_filter)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
     try:
         if image is not None:
             runtime = open_runtime(serving_bundle(settings), settings)
@@ -129,6 +148,26 @@ def query_command(
     _print(reply, as_json)
     if reply.error is not None:
         raise typer.Exit(1)
+
+
+def resolve_scene(settings: Settings, given: str | None) -> str | None:
+    """The scene id ``given`` names: a full id, a unique prefix of one, or the file name it
+    was dropped as (among the scenes the daemon's journal lists as done). Anything else
+    is passed on as it is (the query then answers ``unknown-scene``)."""
+    db = settings.paths.state / "journal.sqlite"
+    if given is None or re.fullmatch(r"[0-9a-f]{64}", given) or not db.is_file():
+        return given
+    journal = Journal(db)
+    try:
+        done = journal.scenes("done")
+    finally:
+        journal.close()
+    matches = sorted({r.scene_id for r in done if r.scene_id.startswith(given)
+                      or r.source == given or Path(r.source).name == given})
+    if len(matches) > 1:
+        raise ValueError(f"{given!r} matches {len(matches)} scenes "
+                         f"({', '.join(m[:12] for m in matches[:5])}…): give more of the id")
+    return matches[0] if matches else given
 
 
 def _print(reply: Reply, as_json: bool) -> None:

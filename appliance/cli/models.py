@@ -1,9 +1,10 @@
-"""``terratile models``: list, roll back, activate and adapt the installed bundle versions.
+"""``terratile models``: list, install, roll back, activate and adapt the bundle versions.
 
-These go through the same model host and adaptation job as the daemon (same fusion, same
-gate, same switch), on this process. While a daemon runs on the same state folder they
-refuse, naming the MQTT command that asks the daemon to do it: the daemon alone changes
-what it serves.
+These go through the same model host, installer and adaptation job as the daemon (same
+verification, same compatibility check, same gate, same switch), on this process. While
+a daemon runs on the same state folder they refuse, naming the MQTT command that asks the
+daemon to do it: the daemon alone changes what it serves. ``install`` sends that command
+itself (``cmd/install``) and prints the daemon's answer from ``events/model``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from appliance.adapt.job import AdaptationJobs
 from appliance.cli.options import CONFIG_OPTION, refuse_while_daemon_runs, settings_or_exit
 from appliance.config import Settings
 from appliance.contract.bundle import BundleError
+from appliance.contract.durable import StateLock
 from appliance.model.host import ModelHost
+from appliance.model.install import Installer, InstallRequest
 from appliance.model.store import ModelStore
+from appliance.retrieval.index import stored_dim
 
 models_app = typer.Typer(no_args_is_help=True, help="Installed model versions.")
 
@@ -44,8 +48,9 @@ def list_versions(config: Path = CONFIG_OPTION,
 def _host(settings: Settings, verb: str, payload: str = "{}") -> ModelHost:
     """The node's model host without sessions, once no daemon holds the state."""
     refuse_while_daemon_runs(settings, verb, payload)
+    index_dim = stored_dim(settings.paths.state) if settings.retrieval.enabled else None
     try:
-        return ModelHost.open(settings, serve=False)
+        return ModelHost.open(settings, serve=False, index_dim=index_dim)
     except (BundleError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -75,6 +80,63 @@ def activate(version: int = typer.Argument(..., help="Installed version number."
              config: Path = CONFIG_OPTION) -> None:
     """Activate an installed VERSION (verified first)."""
     _switch(config, version)
+
+
+@models_app.command("install")
+def install(source: str = typer.Argument(..., help="Bundle directory, .tar[.gz] archive or "
+                                         "http(s) URL of one."),
+            sha256: str | None = typer.Option(None, "--sha256",
+                                              help="Expected sha256 of its manifest.json."),
+            activate_it: bool = typer.Option(False, "--activate", help="Run it once installed."),
+            timeout: float = typer.Option(600.0, help="Seconds to wait for a running daemon."),
+            config: Path = CONFIG_OPTION) -> None:
+    """Verify SOURCE (every sha256, schema, fit to this box) and install it beside the other
+    versions; with --activate run it. A running daemon is asked over MQTT (cmd/install)."""
+    settings = settings_or_exit(config)
+    if "://" not in source:
+        source = str(Path(source).resolve())
+    try:
+        request = InstallRequest(source, sha256, activate_it).validated()
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if StateLock(settings.paths.state).held_elsewhere():
+        _install_via_daemon(settings, request, timeout)
+        return
+    host = _host(settings, "install")
+    before = host.bundle.version
+    try:
+        installed = Installer(host, settings.model, confined=False).install(request)
+        if installed.staged is not None:
+            host.switch(installed.staged, "install", source=request.source)
+    except BundleError as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    bundle = installed.bundle
+    typer.echo(f"installed v{bundle.version} ({bundle.manifest.name}) at {bundle.path}")
+    typer.echo(f"active model: v{before} → v{host.bundle.version}" if activate_it else
+               f"active model: v{before} (activate with `terratile models activate "
+               f"{bundle.version}`)")
+
+
+def _install_via_daemon(settings: Settings, request: InstallRequest, timeout: float) -> None:
+    """Send ``cmd/install`` to the daemon on this state folder; print its model event."""
+    from appliance.cli.remote import command_and_wait
+
+    payload = {"source": request.source, "sha256": request.sha256, "activate": request.activate}
+
+    def answers(event: dict[str, object]) -> bool:
+        return event.get("source") == request.source or (
+            event.get("action") == "refused" and event.get("request") == "install")
+
+    try:
+        event = command_and_wait(settings, "install", payload, answers, timeout)
+    except (OSError, TimeoutError) as exc:
+        typer.echo(f"error: the daemon did not answer: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps(event, indent=2))
+    if event.get("action") == "refused":
+        raise typer.Exit(1)
 
 
 @models_app.command("adapt")

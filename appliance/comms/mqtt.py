@@ -2,7 +2,8 @@
 
 What it guarantees:
 
-* ``<p>/available`` is retained ``online`` while connected; the broker publishes the LWT
+* ``<p>/available`` is retained ``online`` while connected, published after the box's
+  subscriptions (so a client that sees it can send commands); the broker publishes the LWT
   ``offline`` if the box vanishes, and ``stop`` publishes it on a clean shutdown.
 * ``<p>/status`` is retained and republished after every (re)connect, from a callable that
   always builds the current status, so a broker restart never leaves stale state behind.
@@ -28,14 +29,19 @@ What it guarantees:
   ``<prefix>/`` tree, wildcards, control characters, ``$``, too long) is logged with the
   reason and the reply goes to that safe default topic instead.
 * Every MQTT failure is logged: connect failures with the exception (TLS, refused,
-  unreachable), refused CONNACKs, SUBACK failure reason codes, refused PUBACKs.
+  unreachable), refused CONNACKs, SUBACK failure reason codes, refused PUBACKs. While the
+  broker cannot be reached a WARNING says for how long, after how many attempts, and how
+  many messages wait in the outbox, repeated with backoff (``FIRST_DOWN_WARNING`` s,
+  doubling up to ``MAX_DOWN_WARNING`` s); ``connection()`` is that state for the status.
 
 Handlers never run on paho's network thread, so a slow handler does not stall
 keep-alives. Commands have their own worker and are never queued behind requests. At most
 ``mqtt.max_pending_requests`` requests wait or run at once; beyond that a request is
 answered ``busy`` (QoS 0) straight from the network thread (the ``busy`` callable given to
-``on_request``, cheap by contract) instead of growing a queue. The password is read from
-a file and never logged.
+``on_request``, cheap by contract) instead of growing a queue. Before that, each client
+(named by its reply topic, ``comms.rate_limit``) is held to ``mqtt.client_rate`` requests
+per second and answered ``rate-limited`` beyond it, so one noisy client cannot take every
+slot. The password is read from a file and never logged.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -57,21 +64,54 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from appliance.comms.message import Message, Outbox
+from appliance.comms.rate_limit import ClientRateLimit
 from appliance.comms.topics import AVAILABLE, STATS, STATUS, Topics
 from appliance.config import MQTTConfig
+from appliance.contract.payloads import MqttStatus
 
 log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[bytes], None]
 RequestHandler = Callable[[bytes], dict[str, Any]]
-BusyReply = Callable[[bytes], dict[str, Any]]
+Refusal = Literal["busy", "rate-limited"]
+RefusalReply = Callable[[bytes, Refusal], dict[str, Any]]
+MQTT311_CLIENTS = ""  # the one rate-limit bucket of clients without a response topic
 FIRST_RETRY_DELAY = 1.0  # seconds before re-sending a refused outbox row, doubled each time
+FIRST_DOWN_WARNING = 10.0  # seconds between "broker unreachable" warnings, doubled each time
+MAX_DOWN_WARNING = 600.0
 
 
-def busy_reply(payload: bytes) -> dict[str, Any]:
-    """The default ``busy`` answer: Comms does not read the payload, so no request_id."""
-    return {"request_id": None,
-            "error": {"code": "busy", "message": "too many pending requests; retry later"}}
+REFUSAL_MESSAGES: dict[Refusal, str] = {
+    "busy": "too many pending requests; retry later",
+    "rate-limited": "this client sends requests faster than mqtt.client_rate; slow down",
+}
+
+
+def refusal_reply(payload: bytes, code: Refusal) -> dict[str, Any]:
+    """The default refusal: Comms does not read the payload, so no request_id."""
+    return {"request_id": None, "error": {"code": code, "message": REFUSAL_MESSAGES[code]}}
+
+
+def broker_client(cfg: MQTTConfig, client_id: str) -> mqtt.Client:
+    """An MQTT 5 client with ``cfg``'s credentials and TLS, not connected yet."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5)
+    if cfg.username:
+        secret = cfg.password()
+        client.username_pw_set(cfg.username,
+                               secret.get_secret_value() if secret is not None else None)
+    if cfg.tls.enabled:
+        for key in ("ca_certs", "certfile", "keyfile"):
+            path = getattr(cfg.tls, key)
+            if path is not None and not path.is_file():
+                raise FileNotFoundError(f"mqtt.tls.{key}: {path} is not a readable file")
+        client.tls_set(
+            ca_certs=str(cfg.tls.ca_certs) if cfg.tls.ca_certs else None,
+            certfile=str(cfg.tls.certfile) if cfg.tls.certfile else None,
+            keyfile=str(cfg.tls.keyfile) if cfg.tls.keyfile else None,
+        )
+        client.tls_insecure_set(cfg.tls.insecure)
+    return client
 
 
 class Comms:
@@ -93,7 +133,8 @@ class Comms:
         self._retry: dict[str, float] = {}  # refused msg_id → last delay; publisher thread
         self._retry_due: dict[str, float] = {}  # refused msg_id → when to re-send it
         self._commands: dict[str, CommandHandler] = {}
-        self._requests: dict[str, tuple[RequestHandler, BusyReply]] = {}
+        self._requests: dict[str, tuple[RequestHandler, RefusalReply]] = {}
+        self._rate = ClientRateLimit(cfg.client_rate, cfg.client_burst)
         self._subscriptions: dict[int, str] = {}  # SUBSCRIBE mid → topic, for SUBACK logs
         self._command_worker = ThreadPoolExecutor(max_workers=1,
                                                   thread_name_prefix="mqtt-command")
@@ -102,6 +143,12 @@ class Comms:
         self._pending = 0  # requests queued or running; guarded by _pending_lock
         self._pending_lock = threading.Lock()
         self._publisher: threading.Thread | None = None
+        self._link_lock = threading.Lock()
+        self._link = MqttStatus(connected=False, since=_now())
+        self._link_listeners: list[Callable[[], None]] = []
+        self._refused_subscriptions: set[str] = set()  # network thread
+        self._next_down_warning = 0.0  # publisher thread
+        self._down_warning_every = FIRST_DOWN_WARNING
         self.client_id = cfg.client_id or f"terratile-{node_id}"
         self.client = self._make_client()
 
@@ -112,41 +159,77 @@ class Comms:
         self._commands[verb] = handler
 
     def on_request(self, topic_suffix: str, handler: RequestHandler,
-                   busy: BusyReply = busy_reply) -> None:
+                   refusal: RefusalReply = refusal_reply) -> None:
         """Answer requests on ``<p>/<topic_suffix>`` with ``handler(payload)`` as JSON.
 
         ``handler`` gets the raw payload and owns its parsing and validation. Its reply's
         ``request_id``, when a string, must already be a valid single topic level: without
-        an MQTT 5 response topic the reply is published under it. ``busy(payload)`` is the
-        reply when ``mqtt.max_pending_requests`` are already pending; it runs on the network
+        an MQTT 5 response topic the reply is published under it. ``refusal(payload, code)`` is
+        the reply when the client is over its rate (``rate-limited``) or
+        ``mqtt.max_pending_requests`` are already pending (``busy``); it runs on the network
         thread, so it must be cheap and must not raise.
         """
-        self._requests[topic_suffix] = (handler, busy)
+        self._requests[topic_suffix] = (handler, refusal)
         if self.connected.is_set():
             self._subscribe(self.client, self.topics.node(topic_suffix))
+
+    def on_connection_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (on paho's thread) when the broker connection is made or lost."""
+        self._link_listeners.append(listener)
+
+    def connection(self) -> MqttStatus:
+        """The broker connection now: connected or not, failed attempts, last error, and
+        what the broker refuses (subscriptions, messages)."""
+        with self._link_lock:
+            link = self._link
+        return link.model_copy(update={
+            "refused_subscriptions": sorted(self._refused_subscriptions),
+            "refused_messages": len(self._retry)})
+
+    def _tell_link_listeners(self) -> None:
+        for listener in self._link_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("MQTT: connection listener failed")
+
+    def _link_changed(self, connected: bool, error: str | None) -> None:
+        with self._link_lock:
+            old = self._link
+            if connected:
+                self._link = MqttStatus(connected=True, since=_now())
+            else:
+                failed = error is not None
+                self._link = MqttStatus(
+                    connected=False, attempts=old.attempts + failed,
+                    since=old.since if not old.connected else _now(),
+                    error=error if failed else old.error)
+        if old.connected != connected or not connected:
+            self._tell_link_listeners()
+
+    def _warn_while_down(self) -> None:
+        """Publisher thread: the repeated WARNING while the broker cannot be reached."""
+        link = self.connection()
+        now = time.monotonic()
+        if link.connected:
+            self._down_warning_every = FIRST_DOWN_WARNING
+            self._next_down_warning = 0.0
+            return
+        if link.attempts == 0 or now < self._next_down_warning:
+            return
+        down = (_now() - link.since).total_seconds() if link.since is not None else 0.0
+        log.warning("MQTT: broker %s:%d unreachable for %.0f s (%d failed attempts, last: "
+                    "%s); %d message(s) waiting in the outbox", self.cfg.host, self.cfg.port,
+                    down, link.attempts, link.error, self.outbox.outbox_depth())
+        self._next_down_warning = now + self._down_warning_every
+        self._down_warning_every = min(self._down_warning_every * 2, MAX_DOWN_WARNING)
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def _make_client(self) -> mqtt.Client:
         cfg = self.cfg
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=mqtt.MQTTv5)
+        client = broker_client(cfg, self.client_id)
         client.will_set(self.topics.node(AVAILABLE), "offline", qos=1, retain=True)
-        if cfg.username:
-            secret = cfg.password()
-            client.username_pw_set(cfg.username,
-                                   secret.get_secret_value() if secret is not None else None)
-        if cfg.tls.enabled:
-            for key in ("ca_certs", "certfile", "keyfile"):
-                path = getattr(cfg.tls, key)
-                if path is not None and not path.is_file():
-                    raise FileNotFoundError(f"mqtt.tls.{key}: {path} is not a readable file")
-            client.tls_set(
-                ca_certs=str(cfg.tls.ca_certs) if cfg.tls.ca_certs else None,
-                certfile=str(cfg.tls.certfile) if cfg.tls.certfile else None,
-                keyfile=str(cfg.tls.keyfile) if cfg.tls.keyfile else None,
-            )
-            client.tls_insecure_set(cfg.tls.insecure)
         client.reconnect_delay_set(min_delay=1, max_delay=cfg.reconnect_max_delay)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -232,6 +315,8 @@ class Comms:
             self._wake.clear()
             self._settle_acks()
             if not self.connected.is_set():
+                if not self._stopping.is_set():
+                    self._warn_while_down()
                 continue
             self._release_due_retries()
             for m in self.outbox.pending(limit=100, exclude=self._handed):
@@ -247,6 +332,7 @@ class Comms:
     def _settle_acks(self) -> None:
         """Delete the rows of every PUBACK received so far, in one transaction."""
         acked = []
+        refused = False
         while True:
             try:
                 mid, reason = self._acks.get_nowait()
@@ -265,8 +351,11 @@ class Comms:
                 self._retry_due[msg_id] = time.monotonic() + delay
                 log.error("MQTT: broker refused %s (%s); re-sending in %.0f s",
                           msg_id, reason, delay)
+                refused = True
         self.outbox.acknowledge(*acked)
         self._handed.difference_update(acked)
+        if refused or (acked and self._retry):
+            self._tell_link_listeners()
 
     def _release_due_retries(self) -> None:
         """Refused rows whose backoff has passed become publishable again (once each)."""
@@ -281,14 +370,18 @@ class Comms:
                     reason_code: ReasonCode, properties: Properties | None) -> None:
         if reason_code.is_failure:
             log.error("MQTT: connection refused: %s", reason_code)
+            self._link_changed(False, f"refused: {reason_code}")
             return
         log.info("MQTT: connected to %s:%d", self.cfg.host, self.cfg.port)
         self.connected.set()
-        client.publish(self.topics.node(AVAILABLE), "online", qos=1, retain=True)
-        client.publish(self.topics.node(STATUS), self._status(), qos=1, retain=True)
+        self._link_changed(True, None)
+        # Subscribe first: the broker handles one connection's packets in order, so once a
+        # client sees ``online`` the box is already listening for its commands and queries.
         self._subscribe(client, self.topics.commands)
         for suffix in self._requests:
             self._subscribe(client, self.topics.node(suffix))
+        client.publish(self.topics.node(AVAILABLE), "online", qos=1, retain=True)
+        client.publish(self.topics.node(STATUS), self._status(), qos=1, retain=True)
         self._wake.set()
 
     def _subscribe(self, client: mqtt.Client, topic: str) -> None:
@@ -304,19 +397,28 @@ class Comms:
         why = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
         log.error("MQTT: cannot connect to %s:%d (tls=%s): %s; retrying with backoff",
                   self.cfg.host, self.cfg.port, self.cfg.tls.enabled, why)
+        self._link_changed(False, why)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       reason_codes: list[ReasonCode], properties: Properties | None) -> None:
         topic = self._subscriptions.pop(mid, "?")
+        failed = any(code.is_failure for code in reason_codes)
         for code in reason_codes:
             if code.is_failure:
                 log.error("MQTT: broker refused the subscription to %s: %s", topic, code)
+        if failed != (topic in self._refused_subscriptions):
+            if failed:
+                self._refused_subscriptions.add(topic)
+            else:
+                self._refused_subscriptions.discard(topic)
+            self._tell_link_listeners()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any,
                        reason_code: ReasonCode, properties: Properties | None) -> None:
         self.connected.clear()
         if not self._stopping.is_set():
             log.warning("MQTT: disconnected (%s); reconnecting with backoff", reason_code)
+            self._link_changed(False, None)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
@@ -336,22 +438,32 @@ class Comms:
             log.info("MQTT: command %s", verb)
             self._command_worker.submit(_guarded, command, bytes(msg.payload))
             return
-        for suffix, (request, busy) in self._requests.items():
+        for suffix, (request, refusal) in self._requests.items():
             if msg.topic == self.topics.node(suffix):
                 if msg.retain:
                     log.warning("MQTT: ignoring retained request on %s", msg.topic)
                     return
-                with self._pending_lock:
-                    full = self._pending >= self.cfg.max_pending_requests
-                    if not full:
-                        self._pending += 1
-                if full:
+                code = self._admit(msg)
+                if code is not None:
                     # QoS 0: paho keeps no copy awaiting a PUBACK, so a flood costs no memory;
-                    # a lost busy reply reads to the client like a timeout, the same advice.
-                    self._reply(suffix, msg, _busy(busy, bytes(msg.payload)), qos=0)
+                    # a lost refusal reads to the client like a timeout, the same advice.
+                    self._reply(suffix, msg, _refusal(refusal, bytes(msg.payload), code),
+                                qos=0)
                     return
                 self._request_worker.submit(self._answer, suffix, request, msg)
                 return
+
+    def _admit(self, msg: mqtt.MQTTMessage) -> Refusal | None:
+        """Take a pending slot for ``msg``, or say why not (its client's rate, or busy)."""
+        if self.cfg.client_rate > 0:
+            client = getattr(getattr(msg, "properties", None), "ResponseTopic", None)
+            if not self._rate.allow(client if isinstance(client, str) else MQTT311_CLIENTS):
+                return "rate-limited"
+        with self._pending_lock:
+            if self._pending >= self.cfg.max_pending_requests:
+                return "busy"
+            self._pending += 1
+        return None
 
     def _answer(self, suffix: str, handler: RequestHandler, msg: mqtt.MQTTMessage) -> None:
         """Run a request handler and publish its reply (see ``on_request`` for the topic)."""
@@ -393,12 +505,16 @@ class Comms:
                         mqtt.error_string(info.rc))
 
 
-def _busy(busy: BusyReply, payload: bytes) -> dict[str, Any]:
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _refusal(refusal: RefusalReply, payload: bytes, code: Refusal) -> dict[str, Any]:
     try:
-        return busy(payload)
+        return refusal(payload, code)
     except Exception:  # the contract says it must not raise; fall back, never stall paho
-        log.exception("MQTT: busy reply builder failed")
-        return busy_reply(payload)
+        log.exception("MQTT: refusal reply builder failed")
+        return refusal_reply(payload, code)
 
 
 def _guarded(handler: CommandHandler, payload: bytes) -> None:

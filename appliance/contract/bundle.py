@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.contract.durable import atomic_write_text
+from appliance.contract.palette import ClassSpec, semantic_palette
 
 SCHEMA = "terratile.bundle/2"
 SCHEMA_V1 = "terratile.bundle/1"  # read through ``upgrade_manifest``
@@ -55,13 +56,6 @@ class BundleError(RuntimeError):
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ClassSpec(_Frozen):
-    """One output class and the colour it gets in maps and legends."""
-
-    name: str
-    colour: tuple[int, int, int]
 
 
 class InputSpec(_Frozen):
@@ -134,6 +128,15 @@ class Manifest(_Frozen):
     scales: list[int] = Field(
         default_factory=lambda: list(DEFAULT_SCALES),
         description="Window sizes (px) the box tiles with unless its config sets tiling.scales.")
+    gsd: float | None = Field(
+        default=None, gt=0,
+        description="Ground sampling distance of the training chips, metres per pixel "
+        "(null: unknown). The box scales its windows to a scene's GSD with it.")
+    palette: Literal["semantic", "custom"] | None = Field(
+        default=None,
+        description="Where the class colours come from: the semantic default palette or a "
+        "file given at export (null: a bundle from before palettes; the box then colours "
+        "its maps with the semantic palette).")
     feature_dim: int = Field(gt=0)
     embedding_dim: int = Field(gt=0)
     files: dict[str, str] = Field(default_factory=dict)
@@ -144,6 +147,14 @@ class Manifest(_Frozen):
     @property
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    @property
+    def map_classes(self) -> list[ClassSpec]:
+        """The classes with the colours maps and legends use: the bundle's own, or the
+        semantic palette for a bundle exported before palettes were recorded."""
+        if self.palette is not None:
+            return list(self.classes)
+        return semantic_palette(self.class_names)
 
     def expert(self, name: str | None) -> Expert | None:
         """The adapted expert called ``name``; None for the source (``name`` None)."""

@@ -50,7 +50,15 @@ GREY_BAND = "grey"
 
 
 class ChipError(ValueError):
-    """A chip that cannot be read as asked; the message starts with its path."""
+    """A chip that cannot be read as asked; the message starts with its path.
+
+    ``reason`` is the slug a scene refused for the same cause would get: ``format``,
+    ``too-large``, ``bands`` or ``unreadable``.
+    """
+
+    def __init__(self, message: str, reason: str = "unreadable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,7 @@ def read_chip(path: Path, bands: Sequence[int] | None = None, size: int | None =
         return _read_picture(path, bands, size, max_pixels)
     except RasterRefused as exc:
         what = "unreadable image" if exc.reason == "unreadable" else f"refused ({exc.reason})"
-        raise ChipError(f"{path}: {what}: {exc.message}") from exc
+        raise ChipError(f"{path}: {what}: {exc.message}", exc.reason) from exc
     except (OSError, UnidentifiedImageError, RasterioIOError, Image.DecompressionBombError
             ) as exc:
         raise ChipError(f"{path}: unreadable image: {exc}") from exc
@@ -88,7 +96,8 @@ def _read_raster(path: Path, bands: Sequence[int] | None, size: int | None,
     with rasterio.Env(**SAFE_GDAL), open_raster(path, drivers, max_pixels) as src:
         idx = list(bands) if bands is not None else list(range(1, src.count + 1))
         if not idx or min(idx) < 1 or max(idx) > src.count:
-            raise ChipError(f"{path}: has {src.count} band(s), cannot read bands {idx}")
+            raise ChipError(f"{path}: has {src.count} band(s), cannot read bands {idx}",
+                            "bands")
         if size is None:
             data = src.read(idx)
         else:
@@ -103,7 +112,7 @@ def _read_picture(path: Path, bands: Sequence[int] | None, size: int | None,
     n = 3 if bands is None else len(bands)
     if n not in (1, 3):
         raise ChipError(f"{path}: a JPEG/PNG chip gives 3 bands (RGB) or 1 (grey), not {n}; "
-                        "use a GeoTIFF chip")
+                        "use a GeoTIFF chip", "bands")
     with Image.open(check_local_file(path), formats=PICTURE_FORMATS) as img:
         if max_pixels is not None:  # the header only: nothing is decoded yet
             check_size(path.name, img.width, img.height, max_pixels)

@@ -307,10 +307,58 @@ class ClassShare(BaseModel):
     area_ha: float = Field(ge=0)
 
 
+class BandUse(Record):
+    """One model input band and the scene band that fed it."""
+
+    band: str = Field(description="The model's band (manifest input.bands).")
+    index: int = Field(ge=1, description="1-based scene band number.")
+    label: str | None = Field(description="What the scene calls that band (null: nothing).")
+
+
+class RescaleUse(Record):
+    """The value mapping applied: ``raw * gain + bias`` per band, into the model's range."""
+
+    mode: str
+    gain: list[float]
+    bias: list[float]
+
+
+class Resolution(Record):
+    """Ground sampling distances and the windows the scene was tiled with."""
+
+    scene_gsd: float | None = Field(description="Metres per pixel at the scene centre.")
+    bundle_gsd: float | None = Field(description="The training GSD (null: unknown).")
+    matched: bool = Field(description="Windows were scaled to the scene's GSD.")
+    ratio: float | None = Field(
+        description="Ground extent of the windows / the training one (1: matched).")
+    windows: list[int] = Field(description="Window sizes used, scene pixels.")
+    cell: int = Field(description="Grid step, scene pixels.")
+
+
+class SceneInput(Record):
+    """How the scene was fed to the model: bands, value mapping, resolution."""
+
+    bands: list[BandUse]
+    band_selection: Literal["config", "metadata", "order"] = Field(
+        description="config: input.bands; metadata: matched by band names; order: the "
+        "first N bands of an N-band scene that names none.")
+    rescale: RescaleUse
+    resolution: Resolution
+
+
+class Acquired(Record):
+    """When the scene was acquired."""
+
+    datetime: str = Field(description="UTC, ISO 8601.")
+    source: Literal["tag", "sidecar", "processing"] = Field(
+        description="tag: the scene's own tags; sidecar: its STAC item; processing: none "
+        "known, the processing time.")
+
+
 class SceneResult(Payload):
     """``<p>/scene/<scene_id>/result``: a scene was classified; where its outputs are."""
 
-    SCHEMA: ClassVar[str] = "terratile.scene-result/1"
+    SCHEMA: ClassVar[str] = "terratile.scene-result/2"
 
     scene_id: str
     source: str = Field(description="File name as dropped into the inbox.")
@@ -326,6 +374,10 @@ class SceneResult(Payload):
     timings: dict[str, float] = Field(description="Seconds per stage.")
     tiles: int = Field(description="Model inputs run (cells × scales).")
     drift: DriftReport | None = Field(default=None, description="Null: drift detection is off.")
+    input: SceneInput
+    acquired: Acquired
+    warnings: list[str] = Field(
+        default_factory=list, description="What makes this result less trustworthy.")
 
 
 class SceneFailed(Payload):
@@ -341,6 +393,23 @@ class SceneFailed(Payload):
     attempts: int
 
 
+class MqttStatus(Record):
+    """The broker connection as the node sees it."""
+
+    connected: bool
+    attempts: int = Field(default=0, description="Failed connection attempts since the "
+                          "last successful connection.")
+    since: datetime | None = Field(default=None, description="When the connection was "
+                                   "made or lost (UTC).")
+    error: str | None = Field(default=None, description="The last connection error.")
+    refused_subscriptions: list[str] = Field(
+        default_factory=list, description="Topics the broker refused to subscribe (an ACL): "
+        "commands or requests on them never arrive.")
+    refused_messages: int = Field(
+        default=0, description="Outbox messages the broker refused (an ACL), re-sent with "
+        "backoff.")
+
+
 class StatusPayload(Payload):
     """``<p>/status`` (retained): what the node is doing now."""
 
@@ -353,6 +422,13 @@ class StatusPayload(Payload):
     counts: dict[str, int] = Field(default_factory=dict, description="Journal scenes per state.")
     version: str = Field(description="terratile software version.")
     drift: DriftStatus | None = Field(default=None, description="Null: drift detection is off.")
+    mqtt: MqttStatus | None = Field(default=None, description="Null: MQTT is off.")
+    outbox_depth: int = Field(default=0, description="Results and events waiting to be sent.")
+    degraded: list[str] = Field(
+        default_factory=list,
+        description="Why the node is not fully working although it runs: `mqtt` (the broker "
+        "cannot be reached; results wait in the outbox), `disk` (a folder is below "
+        "paths.min_free_mb: no new file is claimed). Empty: healthy.")
 
 
 class StatsPayload(Payload):
@@ -381,11 +457,21 @@ class ModelEvent(Payload):
 
     SCHEMA: ClassVar[str] = "terratile.event-model/1"
 
-    action: str = Field(description="adapted | rejected | rollback | activate | reload")
-    model: ModelRef | None
+    action: str = Field(description="adapted | rejected | rollback | activate | reload | "
+                        "install | installed | fallback | refused | seed-differs")
+    model: ModelRef | None = Field(description="The model that runs now.")
     previous: ModelRef | None = None
     detail: AdaptationReport | None = Field(
         default=None, description="The adaptation job's report (adapted, rejected, reset).")
+    target: ModelRef | None = Field(
+        default=None, description="The version the request was about (installed, refused, "
+        "seed-differs), when it is known.")
+    request: str | None = Field(
+        default=None, description="What was asked (install, activate, rollback, reload, "
+        "start) when the action is refused, fallback or seed-differs.")
+    reason: str | None = Field(default=None, description="Why (refused, fallback, seed-differs).")
+    source: str | None = Field(default=None,
+                               description="Where an installed or refused bundle came from.")
 
 
 PAYLOADS: dict[str, type[Payload]] = {

@@ -35,6 +35,7 @@ import stat
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,7 @@ class Inbox:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._last_scan = float("-inf")
+        self._may_claim: Callable[[], bool] = lambda: True
         self._observer: BaseObserver | None = None
         self._watch = watch
 
@@ -249,8 +251,15 @@ class Inbox:
                 return max(0.0, self._last_scan + self.rescan_every - time.monotonic())
         return min(self.settle / 2 or 0.05, 0.5)
 
+    def gate_claims(self, may_claim: Callable[[], bool]) -> None:
+        """Claim only while ``may_claim()`` (the low-disk guard); a refused file waits."""
+        self._may_claim = may_claim
+
     def claim(self, path: Path) -> Path | None:
-        """Atomically move a ready file into ``work/<token>/``; None if that failed."""
+        """Atomically move a ready file into ``work/<token>/``; None if that failed or the
+        claim gate is closed (the file then stays a candidate)."""
+        if not self._may_claim():
+            return None
         with self._lock:
             self._candidates.pop(path, None)
         folder = self.work / uuid.uuid4().hex[:12]

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS scenes (
     created    REAL NOT NULL,
     updated    REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS scenes_updated ON scenes(updated);
 CREATE TABLE IF NOT EXISTS claims (
     work_path  BLOB PRIMARY KEY,
     attempts   INTEGER NOT NULL DEFAULT 0
@@ -238,6 +239,33 @@ class Journal:
         out.update({str(s): int(n) for s, n in rows})
         return out
 
+    def recent(self, limit: int) -> list[tuple[SceneRecord, float]]:
+        """The ``limit`` scenes that changed last, newest first, each with that time (epoch
+        seconds): what the dashboard lists."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT scene_id, source, state, attempts, work_path, reason, message, result,"
+                " updated FROM scenes ORDER BY updated DESC LIMIT ?", (limit,)).fetchall()
+        return [(_scene(r[:8]), float(r[8])) for r in rows]
+
+    def failure_reasons(self) -> dict[str, int]:
+        """Failed scenes per reason slug (``failed/<reason>/``)."""
+        with self._lock:
+            rows = self._db.execute("SELECT reason, COUNT(*) FROM scenes WHERE state = 'failed'"
+                                    " GROUP BY reason").fetchall()
+        return {str(r or "unknown"): int(n) for r, n in rows}
+
+    def writable(self) -> bool:
+        """True when the journal can take a write now: a write transaction opens (the file,
+        its folder and the disk allow it) and is rolled back at once."""
+        try:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            return False
+        return True
+
     # -- outbox -----------------------------------------------------------------------
 
     def enqueue(self, message: Message) -> bool:
@@ -266,6 +294,12 @@ class Journal:
     def outbox_depth(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def unsent(self) -> list[tuple[str, float]]:
+        """(topic, enqueued at, epoch s) of every outbox row not yet acknowledged."""
+        with self._lock:
+            rows = self._db.execute("SELECT topic, created FROM outbox ORDER BY seq").fetchall()
+        return [(str(r[0]), float(r[1])) for r in rows]
 
 
 def _insert(db: sqlite3.Connection, m: Message) -> bool:

@@ -10,20 +10,22 @@ never stalls scene processing and no two parts disagree about what runs:
    order and in this one place.
 
 Installing a bundle, adopting an adaptation, rolling back, activating a version and
-reloading are all ``stage`` then ``switch``. ``stage`` refuses (``BundleError``) a version
-that does not fit the node: another embedding size than the retrieval index, or another
-band count than ``input.bands`` maps (``require`` adds such checks), before anything
-switches. Without sessions (``serve=False``: the CLI while no daemon runs) the same code
+reloading are all ``stage`` then ``switch``. ``stage`` and ``switch`` refuse
+(``BundleError``) a version that does not fit the node (``appliance.model.compat``: band
+count, tiling, embedding size vs the retrieval index) before anything switches. Without
+sessions (``serve=False``: the CLI while no daemon runs) the same code
 only moves the pointer, so ``terratile models rollback`` and ``cmd/rollback`` are one code
 path.
 
-At start a serving host whose ``ACTIVE`` version does not verify (damaged, tampered) falls
-back to the newest installed version that does, loudly: ``fallback`` holds that change as
-a ``Switch`` with action ``fallback`` for the composition root to announce.
+At start a serving host whose ``ACTIVE`` version does not verify (damaged, tampered) or
+does not fit the node falls back to the newest installed version that verifies and fits,
+loudly: ``fallback`` holds that change as a ``Switch`` with action ``fallback`` (and the
+reason) for the composition root to announce.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from pathlib import Path
 from appliance.config import Settings
 from appliance.contract.bundle import Bundle, BundleError, load_bundle
 from appliance.contract.payloads import AdaptationReport
+from appliance.model.compat import NodeFit, problems, require_fit
 from appliance.model.runtime import Experts, ModelRuntime, open_runtime
 from appliance.model.store import ModelStore, open_store
 
@@ -55,62 +58,68 @@ class Switch:
     bundle: Bundle
     previous: Bundle
     detail: AdaptationReport | None = None  # what the adaptation job that proposed it did
+    reason: str | None = None  # why (a fallback: what was wrong with the active version)
+    source: str | None = None  # where an installed version came from
 
 
 SwitchListener = Callable[[Switch], None]
-Requirement = Callable[[Bundle], str | None]
-"""A check a bundle must pass to run here: None, or why it does not fit."""
 
 
 class ModelHost:
     """Holds the store, the running bundle and its runtime; the only code that changes them."""
 
-    def __init__(self, store: ModelStore, settings: Settings, serve: bool = True) -> None:
+    def __init__(self, store: ModelStore, settings: Settings, serve: bool = True,
+                 index_dim: int | None = None) -> None:
         self.store = store
         self._settings = settings
+        self.fit = NodeFit.of(settings, index_dim)
         self.fallback: Switch | None = None
-        self._requirements: list[Requirement] = [self._fits_input]
         self._bundle = self._active_or_fallback() if serve else store.active()
         self._runtime = open_runtime(self._bundle, settings) if serve else None
         self._listeners: list[SwitchListener] = []
 
     def _active_or_fallback(self) -> Bundle:
-        """The active version; if it does not verify, the newest one that does (loudly)."""
-        try:
-            return self.store.active()
-        except BundleError as exc:
-            bundle = self.store.newest_verified()
-            if bundle is None:
-                raise
-            log.error("the active model does not verify (%s): falling back to v%d, the newest "
-                      "installed version that does", exc, bundle.version)
-            self.store.activate(bundle.version)
-            self.fallback = Switch("fallback", bundle, bundle)
-            return bundle
+        """The active version if it verifies and fits; else the newest one that does
+        (loudly). When no version gives the retrieval index's embedding size, the same
+        choice without that requirement (the index is then switched off, loudly)."""
+        fits = [self.fit] if self.fit.index_dim is None else [
+            self.fit, NodeFit(self.fit.mapped_bands, None)]
+        why = "no installed version fits this node"
+        for fit in fits:
+            try:
+                bundle = self.store.active()
+                require_fit(bundle, fit, self._settings)
+                return bundle
+            except BundleError as exc:
+                why = str(exc)
+            fallback = self.store.newest_verified(functools.partial(self._fits, fit))
+            if fallback is not None:
+                log.error("the active model cannot run (%s): falling back to v%d, the newest "
+                          "installed version that verifies and fits this node", why,
+                          fallback.version)
+                self.store.activate(fallback.version)
+                self.fallback = Switch("fallback", fallback, fallback, reason=why)
+                return fallback
+        raise BundleError(why)
 
-    def require(self, check: Requirement) -> None:
-        """Refuse to stage a bundle for which ``check`` gives a reason."""
-        self._requirements.append(check)
+    def bind_index(self, dim: int) -> None:
+        """From now on a version must give ``dim``-d embeddings (the retrieval index's)."""
+        self.fit = NodeFit(self.fit.mapped_bands, dim)
 
-    def _fits_input(self, bundle: Bundle) -> str | None:
-        mapped = self._settings.input.bands
-        wanted = len(bundle.manifest.input.bands)
-        if mapped is not None and len(mapped) != wanted:
-            return (f"it takes {wanted} bands but input.bands maps {len(mapped)}")
-        return None
+    def _fits(self, fit: NodeFit, bundle: Bundle) -> bool:
+        return not problems(bundle.manifest, fit, self._settings)
 
     def check(self, bundle: Bundle) -> None:
-        """``BundleError`` if ``bundle`` does not fit this node (see ``require``)."""
-        for requirement in self._requirements:
-            reason = requirement(bundle)
-            if reason is not None:
-                raise BundleError(f"model v{bundle.version} does not fit this node: {reason}")
+        """``BundleError`` if ``bundle`` does not fit this node (``compat.problems``)."""
+        require_fit(bundle, self.fit, self._settings)
 
     @classmethod
-    def open(cls, settings: Settings, serve: bool = True) -> ModelHost:
+    def open(cls, settings: Settings, serve: bool = True,
+             index_dim: int | None = None) -> ModelHost:
         """The node's host: its store (seeded from ``model.bundle`` on first start) and,
-        with ``serve``, a warmed runtime of the active version."""
-        return cls(open_store(settings), settings, serve)
+        with ``serve``, a warmed runtime of the active version. ``index_dim``: the
+        embedding size the retrieval index already holds, if any."""
+        return cls(open_store(settings), settings, serve, index_dim)
 
     @property
     def bundle(self) -> Bundle:
@@ -152,8 +161,8 @@ class ModelHost:
 
     # -- step 2: the main loop -------------------------------------------------------------
 
-    def switch(self, staged: Staged, action: str, detail: AdaptationReport | None = None
-               ) -> Switch:
+    def switch(self, staged: Staged, action: str, detail: AdaptationReport | None = None,
+               source: str | None = None) -> Switch:
         """Make ``staged`` the running model: pointer, sessions, then the listeners."""
         previous = self._bundle
         self.check(staged.bundle)
@@ -164,7 +173,7 @@ class ModelHost:
             elif not self._runtime.adopt(staged.bundle, staged.experts):
                 self._runtime = open_runtime(staged.bundle, self._settings)
         self._bundle = staged.bundle
-        change = Switch(action, staged.bundle, previous, detail)
+        change = Switch(action, staged.bundle, previous, detail, source=source)
         log.info("model v%d → v%d (%s)", previous.version, staged.bundle.version, action)
         for listener in self._listeners:
             listener(change)

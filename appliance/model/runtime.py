@@ -12,10 +12,13 @@ every expert of a bundle (``bundle.Expert``: its own input spec and head per dom
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 import threading
 from dataclasses import dataclass, replace
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +112,13 @@ def load_gpu_libraries() -> None:
         preload()
 
 
+@functools.cache
+def quiet_onnxruntime() -> None:
+    """Raise onnxruntime's own logger to FATAL, once, before any session exists: its
+    warnings about providers it cannot load duplicate the FALLBACK warning logged here."""
+    ort.set_default_logger_severity(4)
+
+
 def open_session(model: Path | bytes, plan: ProviderPlan) -> ort.InferenceSession:
     """An InferenceSession on the best available provider, falling back loudly."""
     if GPU_PROVIDERS.intersection(plan.providers):
@@ -129,7 +139,15 @@ def open_session(model: Path | bytes, plan: ProviderPlan) -> ort.InferenceSessio
         if name not in available:
             log.warning("provider %s requested but not in this onnxruntime build", name)
     source = model if isinstance(model, bytes) else str(model)
-    session = ort.InferenceSession(source, sess_options=opts, providers=requested)
+    quiet_onnxruntime()
+    # onnxruntime print()s a provider that fails to load ("EP Error ... Falling back") on
+    # stdout, which must carry only data (`terratile process > result.json`): captured
+    # here and logged; the fallback itself is reported below as a WARNING.
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        session = ort.InferenceSession(source, sess_options=opts, providers=requested)
+    if captured.getvalue().strip():
+        log.debug("onnxruntime: %s", captured.getvalue().strip())
     active = session.get_providers()
     first_wanted = requested[0][0] if isinstance(requested[0], tuple) else requested[0]
     if active[0] != first_wanted:
@@ -293,8 +311,31 @@ def probabilities(logits: np.ndarray, multi_label: bool) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+RUNTIME_PACKAGES = ("onnxruntime", "onnxruntime-gpu")
+
+
+def runtime_package_clash() -> str | None:
+    """Why the installed onnxruntime may be broken: both the CPU and the GPU package are
+    installed (they write the same ``onnxruntime`` module over each other). None: fine."""
+    found = []
+    for name in RUNTIME_PACKAGES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    if len(found) < 2:
+        return None
+    return (f"both {' and '.join(found)} are installed and overwrite each other's files; "
+            "keep one: pip uninstall -y onnxruntime && pip install --force-reinstall "
+            "--no-deps onnxruntime-gpu (GPU) or pip uninstall -y onnxruntime-gpu && "
+            "pip install --force-reinstall onnxruntime (CPU)")
+
+
 def open_runtime(bundle: Bundle, settings: Settings) -> ModelRuntime:
     """A runtime on the configured providers, warmed up so the first scene is not slow."""
+    clash = runtime_package_clash()
+    if clash is not None:
+        log.error("onnxruntime: %s", clash)
     runtime = ModelRuntime(bundle, ProviderPlan.from_settings(settings))
     if settings.model.warmup:
         runtime.warmup(batch=settings.tiling.batch_size)

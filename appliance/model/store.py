@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -101,25 +101,28 @@ class ModelStore:
             raise BundleError(f"{self.root}: no active model (install a bundle first)")
         return load_bundle(self.dir_for(version))
 
-    def newest_verified(self) -> Bundle | None:
-        """The newest installed version that verifies (None: none does)."""
-        for version in reversed(self._installed()):
+    def newest_verified(self, accept: Callable[[Bundle], bool] = lambda _b: True
+                        ) -> Bundle | None:
+        """The newest installed version that verifies and that ``accept``s (None: none)."""
+        for version in reversed(self.installed()):
             try:
-                return load_bundle(self.dir_for(version))
+                bundle = load_bundle(self.dir_for(version))
             except BundleError:
                 continue
+            if accept(bundle):
+                return bundle
         return None
 
     def load(self, version: int) -> Bundle:
         """An installed version, verified, whether active or not."""
         return load_bundle(self.dir_for(version))
 
-    def _installed(self) -> list[int]:
+    def installed(self) -> list[int]:
         """Version numbers of the version directories, oldest first (not verified)."""
         return sorted(int(p.name[1:]) for p in self.root.glob("v[0-9][0-9][0-9][0-9]"))
 
     def next_version(self) -> int:
-        return max(self._installed(), default=0) + 1
+        return max(self.installed(), default=0) + 1
 
     def install(self, source: Path, activate: bool = True) -> Bundle:
         """Copy a verified bundle in under its manifest version; activate it if asked.
@@ -228,7 +231,7 @@ class ModelStore:
         """
         active = self.active_version()
         protected = set(self.lineage(active)) if active is not None else set()
-        others = [v for v in self._installed() if v not in protected]
+        others = [v for v in self.installed() if v not in protected]
         doomed = others[: max(len(others) - keep, 0)]
         for version in doomed:
             shutil.rmtree(self.dir_for(version), ignore_errors=True)

@@ -102,6 +102,23 @@ class Hit:
         }
 
 
+def stored_dim(state_dir: Path) -> int | None:
+    """The embedding size an existing index under ``state_dir`` holds (None: no index, or
+    one that cannot be read: opening it decides what to do then). Read-only, no lock."""
+    path = Path(state_dir) / DB_NAME
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'dim'").fetchone()
+        finally:
+            db.close()
+        return int(row[0]) if row is not None else None
+    except (sqlite3.Error, ValueError, TypeError):
+        return None
+
+
 class TileIndex:
     """Persistent, crash-safe nearest-neighbour index of L2-normalised embeddings."""
 

@@ -80,6 +80,7 @@ class Reply:
     hits: list[Hit] = field(default_factory=list)
     error: RequestError | None = None
     took_ms: float = 0.0
+    swept: frozenset[str] | None = None  # scenes whose outputs retention removed (None: unknown)
     msg_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     ts: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
@@ -92,6 +93,9 @@ class Reply:
         else:
             out["query"] = self.query.describe() if self.query is not None else {}
             out["results"] = [h.as_dict() for h in self.hits]
+            if self.swept is not None:
+                for hit, row in zip(self.hits, out["results"], strict=True):
+                    row["outputs_present"] = hit.entry.scene_id not in self.swept
         out["took_ms"] = round(self.took_ms, 2)
         out["ts"] = self.ts.isoformat()
         return out

@@ -10,7 +10,7 @@ Unreadable files are reported and skipped; the rest are indexed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,11 @@ BATCH = 32
 
 
 def add_reference_images(root: Path, index: TileIndex, runtime: ModelRuntime,
-                         input_cfg: InputConfig) -> tuple[int, list[str]]:
-    """Index every image under ``root``; returns (entries added, one line per skipped file)."""
+                         input_cfg: InputConfig,
+                         progress: Callable[[Path], None] | None = None
+                         ) -> tuple[int, list[str]]:
+    """Index every image under ``root``; returns (entries added, one line per skipped file).
+    ``progress`` is told of each file once it has been read (or skipped)."""
     names = runtime.manifest.class_names
     by_lower = {n.lower(): n for n in names}
     added, skipped, seen = 0, [], set()
@@ -52,7 +55,9 @@ def add_reference_images(root: Path, index: TileIndex, runtime: ModelRuntime,
         batch.clear()
         return n
 
-    for path in _images(root):
+    for path in reference_files(root):
+        if progress is not None:
+            progress(path)
         try:
             sid = REFERENCE_PREFIX + sha256_file(path)
         except OSError as exc:
@@ -73,7 +78,8 @@ def add_reference_images(root: Path, index: TileIndex, runtime: ModelRuntime,
     return added, skipped
 
 
-def _images(root: Path) -> Iterator[Path]:
+def reference_files(root: Path) -> Iterator[Path]:
+    """The image files under ``root``, in a stable order."""
     for path in sorted(root.rglob("*")):
         if path.is_file() and is_image(path):
             yield path

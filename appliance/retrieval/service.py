@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from appliance.comms.mqtt import REFUSAL_MESSAGES, Refusal
 from appliance.config import InputConfig, RetrievalConfig
 from appliance.contract.image_files import IMAGE_SUFFIXES, is_image
 from appliance.model.runtime import ModelRuntime
@@ -35,7 +36,7 @@ from appliance.retrieval.query import Query, Reply, RequestError, decode, parse_
 
 log = logging.getLogger(__name__)
 
-BUSY_PARSE_MAX = 4096  # bytes: larger payloads get a busy reply without their request_id
+REFUSAL_PARSE_MAX = 4096  # bytes: larger payloads are refused without their request_id
 
 
 class RetrievalService:
@@ -48,8 +49,11 @@ class RetrievalService:
 
     def __init__(self, index: TileIndex, cfg: RetrievalConfig,
                  runtime: Callable[[], ModelRuntime | None], node_id: str,
-                 input_cfg: InputConfig) -> None:
+                 input_cfg: InputConfig, results_dir: Path | None = None) -> None:
+        """``results_dir``: where scene outputs live; each hit then says whether its
+        scene's outputs are still there (retention may have removed them)."""
         self.index = index
+        self.results_dir = results_dir
         self.cfg = cfg
         self.runtime = runtime
         self.node_id = node_id
@@ -79,19 +83,20 @@ class RetrievalService:
             return self._reply(t0, request_id=rid, error=failure)
         return self._reply(t0, request_id=rid, query=query, hits=hits)
 
-    def busy_reply(self, payload: bytes) -> dict[str, Any]:
-        """The ``busy`` reply Comms sends when too many requests are pending.
+    def refusal_reply(self, payload: bytes, code: Refusal) -> dict[str, Any]:
+        """The reply Comms sends when a request is not queued: ``busy`` (too many pending)
+        or ``rate-limited`` (its client is over ``mqtt.client_rate``).
 
         It runs on the MQTT network thread, so it reads the ``request_id`` (for a 3.1.1
         client's reply topic) only from a small payload and never raises.
         """
         rid: str | None = None
-        if len(payload) <= BUSY_PARSE_MAX:
+        if len(payload) <= REFUSAL_PARSE_MAX:
             try:
                 rid = request_id(decode(payload))
             except (RequestError, RecursionError):
                 rid = None
-        error = RequestError("busy", "too many pending requests; retry later")
+        error = RequestError(code, REFUSAL_MESSAGES[code])
         return self._reply(time.perf_counter(), request_id=rid, error=error).as_dict()
 
     def refuse(self, error: RequestError) -> Reply:
@@ -142,9 +147,13 @@ class RetrievalService:
 
     def _reply(self, t0: float, request_id: str | None = None, query: Query | None = None,
                hits: list[Hit] | None = None, error: RequestError | None = None) -> Reply:
+        swept = None
+        if self.results_dir is not None and hits:
+            swept = frozenset(h.entry.scene_id for h in hits
+                              if not (self.results_dir / h.entry.scene_id).is_dir())
         return Reply(node_id=self.node_id, request_id=request_id, query=query,
                      hits=hits or [], error=error,
-                     took_ms=(time.perf_counter() - t0) * 1000)
+                     took_ms=(time.perf_counter() - t0) * 1000, swept=swept)
 
     def _check_path(self, path: Path) -> None:
         """Refuse any path that, resolved, is not inside one of ``allowed_dirs``."""

@@ -1,18 +1,21 @@
-"""Scene outputs, all in the scene's CRS: maps (COG), summary, GeoJSON, STAC Item, quicklook.
+"""Scene outputs, all in the scene's CRS: maps (COG) with their GIS sidecars, GeoJSON.
 
 The maps are written at cell resolution on a grid whose geotransform is the scene's
-scaled by the cell size, so CRS and origin match the input exactly and the far edges
-match within one cell (the last partial row/column of cells is a whole map pixel).
+scaled by the grid step (``tiling.CellGrid``), so CRS, origin and far edges match the
+input exactly: the map covers the scene and nothing past it.
 
 - ``landuse.tif``: COG (GDAL's COG driver, or a tiled GTiff with internal overviews on
-  a GDAL without it), uint8 class index, nodata 255, a colour table from the bundle's
-  classes, class names as tags ``CLASS_<i>=name`` (plus ``CLASSES`` as JSON) and as the
-  band description.
-- ``confidence.tif``: COG, uint8 fused max probability in percent (0..100), nodata 255;
-  uint8 keeps it small and is precise enough for a confidence map.
+  a GDAL without it), uint8 class index, nodata 255, a colour table from the classes'
+  colours, class names as tags ``CLASS_<i>=name`` (plus ``CLASSES`` as JSON), as GDAL
+  category names and a raster attribute table (``landuse.tif.aux.xml``) and as a QGIS
+  style (``landuse.qml``, see ``style``). Maps of at most one block get no overviews.
+- ``confidence.tif``: COG, uint8 fused max probability in percent (0..100, band unit
+  ``%``), nodata 255; uint8 keeps it small and is precise enough for a confidence map.
+- ``landuse.geojson``: one polygon per connected region of a class (EPSG:4326) with its
+  class, colour, ellipsoidal ``area_ha`` and ``mean_confidence`` (0..1).
 - Maps are built by GDAL entirely in memory (``/vsimem/``) and written to disk by Python,
   so a full disk is an ordinary ``OSError`` (``ENOSPC``), never a crash inside GDAL;
-  ``disk_full_guard`` turns it, and a results disk below ``input.min_free_mb`` free, into
+  ``disk_full_guard`` turns it, and a results disk below ``paths.min_free_mb`` free, into
   ``SceneError("disk-full")``.
 - Areas are ellipsoidal: each cell's corners are transformed to WGS84 and the cell's area
   is computed on the WGS84 ellipsoid through authalic latitudes, so EPSG:4326 and
@@ -28,7 +31,6 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ import numpy as np
 import rasterio
 import rasterio.features
 import rasterio.warp
-from PIL import Image, ImageDraw, ImageFont
+import scipy.ndimage
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.io import MemoryFile
@@ -45,19 +47,13 @@ from rasterio.shutil import copy as raster_copy
 from rasterio.transform import Affine
 
 from appliance.contract.bundle import ClassSpec
-from appliance.contract.durable import atomic_path, atomic_write_bytes, atomic_write_text
+from appliance.contract.durable import atomic_write_bytes, atomic_write_text
 from appliance.scene.raster import SceneError
+from appliance.scene.style import write_class_sidecars
 
 NODATA = 255
 WGS84 = CRS.from_epsg(4326)
-STAC_VERSION = "1.0.0"
-STAC_EXTENSIONS = [
-    "https://stac-extensions.github.io/projection/v1.1.0/schema.json",
-    "https://stac-extensions.github.io/classification/v1.1.0/schema.json",
-]
-COG_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
-QUICKLOOK_SIZE = 512
-NODATA_RGB = (220, 220, 220)
+BLOCK = 256
 
 # WGS84 ellipsoid, for authalic-latitude (equal-area) cell areas.
 _A = 6378137.0
@@ -159,7 +155,8 @@ def bbox_wgs84(bounds: Sequence[float], crs: CRS) -> tuple[float, float, float, 
 
 
 def _overview_count(shape: tuple[int, int]) -> int:
-    return max(1, min(6, int(math.log2(max(max(shape), 2))) - 2))
+    """Overview levels until the smallest fits one block; none for a one-block map."""
+    return max(0, min(6, math.ceil(math.log2(max(max(shape), 1) / BLOCK))))
 
 
 @lru_cache(maxsize=1)
@@ -170,7 +167,8 @@ def has_cog_driver() -> bool:
 
 
 def _write_cog(path: Path, data: np.ndarray, transform: Affine, crs: CRS, tags: dict[str, str],
-               description: str, colours: dict[int, tuple[int, int, int, int]] | None) -> None:
+               description: str, colours: dict[int, tuple[int, int, int, int]] | None,
+               unit: str | None = None) -> None:
     """Write a one-band uint8 COG (nodata 255) through an in-memory GTiff.
 
     GDAL's COG driver where available; otherwise a tiled GTiff with internal overviews
@@ -185,17 +183,21 @@ def _write_cog(path: Path, data: np.ndarray, transform: Affine, crs: CRS, tags: 
             if colours is not None:  # before the pixels: GTiff fixes photometric on write
                 dst.write_colormap(1, colours)
             dst.set_band_description(1, description)
+            if unit is not None:
+                dst.set_band_unit(1, unit)
             dst.update_tags(1, **tags)
             dst.write(data.astype(np.uint8), 1)
-            if not has_cog_driver():
+            if not has_cog_driver() and levels:
                 dst.build_overviews(levels, Resampling.nearest)
         with mem.open() as src:  # into memory too: GDAL never writes to the disk itself
             if has_cog_driver():
-                raster_copy(src, out.name, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=256,
-                            OVERVIEW_RESAMPLING="NEAREST", OVERVIEW_COUNT=len(levels))
+                extra = ({"OVERVIEW_COUNT": len(levels)} if levels
+                         else {"OVERVIEWS": "NONE"})
+                raster_copy(src, out.name, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=BLOCK,
+                            OVERVIEW_RESAMPLING="NEAREST", **extra)
             else:
-                raster_copy(src, out.name, driver="GTiff", TILED="YES", BLOCKXSIZE=256,
-                            BLOCKYSIZE=256, COMPRESS="DEFLATE", COPY_SRC_OVERVIEWS="YES")
+                raster_copy(src, out.name, driver="GTiff", TILED="YES", BLOCKXSIZE=BLOCK,
+                            BLOCKYSIZE=BLOCK, COMPRESS="DEFLATE", COPY_SRC_OVERVIEWS="YES")
         encoded = out.read()
     atomic_write_bytes(path, encoded)
 
@@ -212,7 +214,7 @@ def disk_full_guard(out_dir: Path, min_free_mb: int) -> Iterator[None]:
     free_mb = st.f_bavail * st.f_frsize / (1 << 20)
     if free_mb < min_free_mb:
         raise SceneError("disk-full", f"{out_dir}: {free_mb:.1f} MB free, less than "
-                         f"input.min_free_mb ({min_free_mb})")
+                         f"paths.min_free_mb ({min_free_mb})")
     try:
         yield
     except OSError as exc:
@@ -224,123 +226,57 @@ def disk_full_guard(out_dir: Path, min_free_mb: int) -> Iterator[None]:
 
 def write_landuse(
     path: Path, labels: np.ndarray, transform: Affine, crs: CRS, classes: list[ClassSpec]
-) -> None:
-    """A class map (``landuse.tif``, ``hybrid.tif``) with colour table and class names."""
+) -> Path:
+    """A class map (``landuse.tif``, ``hybrid.tif``) with colour table, class names and its
+    GIS sidecars; returns the QGIS style written beside it."""
     colours = {i: (*c.colour, 255) for i, c in enumerate(classes)}
     colours[NODATA] = (0, 0, 0, 0)
     tags = {f"CLASS_{i}": c.name for i, c in enumerate(classes)}
     tags["CLASSES"] = json.dumps([c.name for c in classes])
-    _write_cog(path, labels, transform, crs, tags, "landuse", colours)
+    _write_cog(path, labels, transform, crs, tags, path.stem, colours)
+    return write_class_sidecars(path, classes, path.stem)
 
 
 def write_confidence(path: Path, cmap: ClassMap) -> None:
     """``confidence.tif``: fused max probability in percent, uint8 0..100, nodata 255."""
     _write_cog(path, cmap.confidence, cmap.transform, cmap.crs, {"UNITS": "percent"},
-               "confidence", None)
+               "confidence (percent)", None, unit="%")
 
 
-def write_geojson(path: Path, cmap: ClassMap) -> int:
-    """``landuse.geojson``: one polygon per connected region of a class, EPSG:4326.
-
-    Returns the number of features written.
-    """
+def write_geojson(path: Path, cmap: ClassMap, cell_area_m2: np.ndarray) -> int:
+    """``landuse.geojson``: one polygon per connected region of a class, EPSG:4326, with
+    its ``area_ha`` (from the cells' ellipsoidal areas ``cell_area_m2`` [rows,cols]) and
+    ``mean_confidence`` (0..1, area-weighted). Returns the number of features written."""
+    valid = cmap.labels != NODATA
+    regions = np.zeros(cmap.labels.shape, np.int32)
+    count = 0
+    for k in np.unique(cmap.labels[valid]):
+        lab, n = scipy.ndimage.label(cmap.labels == k)  # 4-connected, as shapes() below
+        regions[lab > 0] = lab[lab > 0] + count
+        count += n
+    conf = np.where(valid, cmap.confidence, 0).astype(np.float64) / 100
+    area = np.bincount(regions.ravel(), cell_area_m2.ravel(), count + 1)
+    weighted = np.bincount(regions.ravel(), (cell_area_m2 * conf).ravel(), count + 1)
+    klass = np.zeros(count + 1, np.int64)
+    klass[regions[valid]] = cmap.labels[valid]
     features = []
-    shapes = rasterio.features.shapes(cmap.labels, mask=cmap.labels != NODATA,
-                                      transform=cmap.transform, connectivity=4)
+    shapes = rasterio.features.shapes(regions, mask=valid, transform=cmap.transform,
+                                      connectivity=4)
     for geom, value in shapes:
-        k = int(value)
-        spec = cmap.classes[k]
+        r = int(value)
+        spec = cmap.classes[int(klass[r])]
         features.append({
             "type": "Feature",
             "geometry": rasterio.warp.transform_geom(cmap.crs, WGS84, geom, precision=7),
-            "properties": {"class_id": k, "class": spec.name,
-                           "colour": "#{:02x}{:02x}{:02x}".format(*spec.colour)},
+            "properties": {"class_id": int(klass[r]), "class": spec.name, "colour": spec.hex,
+                           "area_ha": round(float(area[r]) / 1e4, 4),
+                           "mean_confidence": round(float(weighted[r] / max(area[r], 1e-9)),
+                                                    4)},
         })
     atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": features}))
     return len(features)
 
 
-def write_quicklook(path: Path, cmap: ClassMap, fractions: dict[str, float]) -> None:
-    """``quicklook.png``: the colourised map (nodata light grey) with a legend beside it."""
-    palette = np.full((256, 3), NODATA_RGB, np.uint8)
-    for i, c in enumerate(cmap.classes):
-        palette[i] = c.colour
-    rgb = palette[cmap.labels]
-    h, w = cmap.shape
-    k = QUICKLOOK_SIZE / max(h, w)
-    size = (max(1, round(w * k)), max(1, round(h * k)))
-    image = Image.fromarray(rgb, "RGB").resize(size, Image.Resampling.NEAREST)
-    font = ImageFont.load_default()
-    row = 20
-    legend_w = 220
-    canvas = Image.new("RGB", (size[0] + legend_w, max(size[1], row * (len(cmap.classes) + 2))),
-                       (255, 255, 255))
-    canvas.paste(image, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    x = size[0] + 10
-    entries = [(c.colour, f"{c.name}  {100 * fractions.get(c.name, 0.0):.1f}%")
-               for c in cmap.classes]
-    entries.append((NODATA_RGB, "nodata"))
-    for i, (colour, text) in enumerate(entries):
-        y = 10 + i * row
-        draw.rectangle([x, y, x + 14, y + 14], fill=tuple(colour), outline=(0, 0, 0))
-        draw.text((x + 22, y + 1), text, fill=(0, 0, 0), font=font)
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
-
-
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Any JSON document, written atomically."""
     atomic_write_text(path, json.dumps(payload, indent=2))
-
-
-def stac_item(
-    *,
-    scene_id: str,
-    source: str,
-    crs: CRS,
-    bounds: Sequence[float],
-    scene_shape: tuple[int, int],
-    cmap: ClassMap,
-    outputs: dict[str, Path],
-    properties: dict[str, Any],
-) -> dict[str, Any]:
-    """A STAC 1.0.0 Item for one processed scene, with the projection extension.
-
-    Asset hrefs are relative to the item (all outputs sit in one folder).
-    """
-    geometry = footprint_wgs84(bounds, crs)
-    epsg = crs.to_epsg()
-    now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-    proj: dict[str, Any] = {"proj:epsg": epsg, "proj:bbox": list(bounds),
-                            "proj:shape": list(scene_shape)}
-    if epsg is None:
-        proj["proj:wkt2"] = crs.to_wkt()
-    map_proj = {"proj:shape": list(cmap.shape), "proj:transform": list(cmap.transform)[:6]}
-    classes = [{"value": i, "name": c.name, "color_hint": "{:02X}{:02X}{:02X}".format(*c.colour)}
-               for i, c in enumerate(cmap.classes)]
-    kinds = {
-        "landuse": (COG_TYPE, ["data"], {**map_proj, "classification:classes": classes,
-                                         "nodata": NODATA}),
-        "confidence": (COG_TYPE, ["data"], {**map_proj, "nodata": NODATA}),
-        "summary": ("application/json", ["metadata"], {}),
-        "geojson": ("application/geo+json", ["data"], {}),
-        "quicklook": ("image/png", ["overview"], {}),
-        "hybrid": (COG_TYPE, ["data"], {"classification:classes": classes, "nodata": NODATA}),
-    }
-    assets = {}
-    for key, file in outputs.items():
-        media, roles, extra = kinds[key]
-        assets[key] = {"href": file.name, "type": media, "roles": roles, **extra}
-    return {
-        "type": "Feature",
-        "stac_version": STAC_VERSION,
-        "stac_extensions": STAC_EXTENSIONS,
-        "id": scene_id,
-        "geometry": geometry,
-        "bbox": list(bbox_wgs84(bounds, crs)),
-        "properties": {"datetime": now, "created": now, "title": source, **proj, **properties},
-        "links": [],
-        "assets": assets,
-    }
-

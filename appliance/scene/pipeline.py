@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,18 +23,26 @@ import numpy as np
 import rasterio
 
 from appliance.config import Settings
-from appliance.contract.bundle import Bundle, Manifest
+from appliance.contract.bundle import Bundle, ClassSpec, Manifest
+from appliance.contract.gsd import scene_gsd
 from appliance.contract.payloads import (
+    Acquired,
+    BandUse,
     ClassShare,
     DriftReport,
     ModelRef,
+    RescaleUse,
+    Resolution,
+    SceneInput,
     SceneResult,
     result_msg_id,
 )
 from appliance.contract.raster_open import SAFE_GDAL
 from appliance.contract.signature import Signature, scene_signature
+from appliance.scene.bands import scene_band_labels
 from appliance.scene.cells import SceneCells
 from appliance.scene.fusion import fuse
+from appliance.scene.gsd import WindowPlan, plan_windows
 from appliance.scene.outputs import (
     NODATA,
     ClassMap,
@@ -41,16 +50,28 @@ from appliance.scene.outputs import (
     bounds_to_wgs84,
     cell_areas_m2,
     disk_full_guard,
-    stac_item,
+    footprint_wgs84,
     windows_bounds,
     write_confidence,
     write_geojson,
     write_json,
     write_landuse,
-    write_quicklook,
 )
+from appliance.scene.quicklook import Quicklook, backdrop_rgb, write_quicklook
 from appliance.scene.raster import Scene, SceneError, open_scene
 from appliance.scene.segments import cell_labels_on, hybrid_map, segment
+from appliance.scene.stac import (
+    ITEM,
+    SOURCE_ITEM,
+    Acquisition,
+    ItemInputs,
+    MapGrid,
+    acquisition_time,
+    build_item,
+    item_dict,
+    sidecar_item,
+    update_catalog,
+)
 from appliance.scene.tiling import CellGrid, iter_batches, read_ahead
 
 __all__ = ["SceneError", "SceneInterrupted", "SceneModel", "SceneOutcome", "process_scene"]
@@ -61,7 +82,7 @@ log = logging.getLogger(__name__)
 class SceneInterrupted(Exception):
     """A stop was requested between two batches; the scene is not finished."""
 
-SUMMARY_SCHEMA = "terratile.scene-summary/1"
+SUMMARY_SCHEMA = "terratile.scene-summary/2"
 FEATURE_SAMPLE = 512  # cells whose per-scale features are kept for adaptation/drift
 TILE_SAMPLE = 8  # cells whose model-input tiles are kept for layer re-normalisation
 PROBE_CELLS = 16  # cells read ahead of inference to measure a scene's sharpness for routing
@@ -111,6 +132,9 @@ class SceneOutcome:
     tiles: int
     cells: SceneCells
     model: ModelRef  # the bundle, and the expert the scene was routed to
+    input: SceneInput  # bands, rescale and resolution the scene was run with
+    acquired: Acquired
+    warnings: list[str]
 
     def result(self, node_id: str, drift: DriftReport | None) -> SceneResult:
         """The ``scene-result`` payload (its msg_id derived from the scene id)."""
@@ -122,7 +146,8 @@ class SceneOutcome:
                                       area_ha=self.areas_ha.get(name, 0.0))
                      for name in self.fractions},
             mean_confidence=self.mean_confidence, outputs=self.outputs, timings=self.timings,
-            tiles=self.tiles, drift=drift)
+            tiles=self.tiles, drift=drift, input=self.input, acquired=self.acquired,
+            warnings=self.warnings)
 
 
 class _Reservoir:
@@ -226,7 +251,10 @@ def _process(
     should_stop: Callable[[], bool],
 ) -> SceneOutcome:
     manifest = runtime.manifest
-    tiling = settings.tiling.for_bundle(manifest.scales)
+    gsd = scene_gsd(scene.ds.transform, scene.crs, scene.width, scene.height)
+    plan = plan_windows(settings.tiling, settings.input, manifest.scales, manifest.gsd, gsd,
+                        path.name)
+    tiling = plan.tiling
     grid = CellGrid(scene.width, scene.height, tiling.cell_size, tuple(tiling.scales))
     valid = grid.valid(scene, tiling.nodata_fraction)
     if not valid.any():
@@ -251,7 +279,10 @@ def _process(
                        np.zeros((n, len(manifest.input.bands)), np.float32),
                        _Reservoir(FEATURE_SAMPLE, rng), _Reservoir(TILE_SAMPLE, rng))
     own_scale = int(np.argmin(grid.scales))  # the window that is the cell itself
-    r_index = _embedding_scale_index(tiling.scales, embedding_scale)
+    # retrieval.scale names one of the nominal scales (configured, or the bundle's), not
+    # the scene-pixel sizes they became for this scene's GSD.
+    nominal = [round(x) for x in (settings.tiling.scales or manifest.scales)]
+    r_index = _embedding_scale_index(nominal, embedding_scale)
     multi_label = manifest.task == "multi-label"
     todo = np.flatnonzero(valid)
     t_read, t_infer = time.perf_counter() - t_start, 0.0  # opening: statistics and mask reads
@@ -277,28 +308,46 @@ def _process(
 
     t_write0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    with disk_full_guard(out_dir, settings.input.min_free_mb):
+    with disk_full_guard(out_dir, settings.paths.min_free_mb):
         outcome = _write_outputs(scene, path, scene_id, out_dir, runtime, settings, grid, valid,
-                                 acc, tiles, band_sample, domain, signature[2])
+                                 acc, tiles, band_sample, domain, signature[2], plan)
         t_end = time.perf_counter()
         timings = {"read": round(t_read, 4), "infer": round(t_infer, 4),
                    "write": round(t_end - t_write0, 4), "total": round(t_end - t_start, 4)}
+        outcome = replace(outcome, timings=timings)
         write_json(Path(outcome.outputs["summary"]),
-                   {**_summary(outcome, runtime, tiling.fusion, grid),
-                    "rescale": scene.rescale.as_dict(),
-                    "timings": timings})
+                   _summary(outcome, runtime, tiling.fusion, grid))
+        _write_stac(scene, out_dir, outcome, grid, plan, runtime.manifest.map_classes,
+                    settings.node_id)
     log.info("scene %s: %d cells (%d valid), %d tiles, %.2fs", scene_id[:12], n,
              int(valid.sum()), tiles, timings["total"])
-    return replace(outcome, timings=timings)
+    return outcome
+
+
+def _scene_input(scene: Scene, plan: WindowPlan) -> SceneInput:
+    """How ``scene`` was fed to the model, for the result, summary and STAC item."""
+    choice = scene.band_choice
+    labels = scene_band_labels(scene.ds)
+    r = scene.rescale
+    return SceneInput(
+        bands=[BandUse(band=b, index=i, label=labels[i - 1])
+               for b, i in zip(choice.names, choice.indexes, strict=True)],
+        band_selection=choice.how,
+        rescale=RescaleUse(mode=r.mode, gain=[float(g) for g in r.gain],
+                           bias=[float(b) for b in r.bias]),
+        resolution=Resolution(
+            scene_gsd=plan.scene_gsd, bundle_gsd=plan.bundle_gsd, matched=plan.matched,
+            ratio=None if plan.ratio is None else round(plan.ratio, 4),
+            windows=list(plan.tiling.scales), cell=plan.tiling.cell_size))
 
 
 def _write_outputs(
     scene: Scene, path: Path, scene_id: str, out_dir: Path, runtime: SceneModel,
     settings: Settings, grid: CellGrid, valid: np.ndarray, acc: _Accumulator, tiles: int,
-    band_sample: np.ndarray, domain: str | None, sharp: np.ndarray | None,
+    band_sample: np.ndarray, domain: str | None, sharp: np.ndarray | None, plan: WindowPlan,
 ) -> SceneOutcome:
     manifest = runtime.manifest
-    classes = manifest.classes
+    classes = manifest.map_classes
     model = ModelRef.of(manifest, domain)
     out_dir.mkdir(parents=True, exist_ok=True)
     windows = grid.windows()
@@ -321,7 +370,8 @@ def _write_outputs(
     cmap = ClassMap(map_labels, map_conf.reshape(grid.rows, grid.cols),
                     grid.map_transform(scene.ds.transform), scene.crs, list(classes))
 
-    areas = cell_areas_m2(windows[valid], scene.ds.transform, scene.crs)
+    all_areas = cell_areas_m2(windows, scene.ds.transform, scene.crs)
+    areas = all_areas[valid]
     valid_labels = labels[valid]
     total = float(areas.sum())
     areas_ha = {c.name: float(areas[valid_labels == i].sum() / 1e4) for i, c in enumerate(classes)}
@@ -330,34 +380,79 @@ def _write_outputs(
     files = {name: out_dir / f for name, f in (
         ("landuse", "landuse.tif"), ("confidence", "confidence.tif"),
         ("summary", "summary.json"), ("geojson", "landuse.geojson"),
-        ("quicklook", "quicklook.png"), ("stac", "item.json"))}
-    write_landuse(files["landuse"], cmap.labels, cmap.transform, cmap.crs, cmap.classes)
+        ("quicklook", "quicklook.png"), ("stac", ITEM))}
+    files["style"] = write_landuse(files["landuse"], cmap.labels, cmap.transform, cmap.crs,
+                                   cmap.classes)
     write_confidence(files["confidence"], cmap)
-    write_geojson(files["geojson"], cmap)
-    write_quicklook(files["quicklook"], cmap, fractions)
+    write_geojson(files["geojson"], cmap, all_areas.reshape(grid.rows, grid.cols))
     if settings.tiling.segments != "none":
         files["hybrid"] = out_dir / "hybrid.tif"
         _write_hybrid(files["hybrid"], scene, grid, cmap, settings)
+    sidecar = sidecar_item(path)
+    if sidecar is not None:
+        files["source_item"] = out_dir / SOURCE_ITEM
+        write_json(files["source_item"], sidecar)
+    acquired = acquisition_time({**scene.ds.tags(), **scene.ds.tags(ns="IMAGERY")}, sidecar,
+                                datetime.now(timezone.utc))
+    ground_w = None if plan.scene_gsd is None else plan.scene_gsd * scene.width
+    write_quicklook(files["quicklook"], Quicklook(
+        labels=cmap.labels, classes=cmap.classes, fractions=fractions,
+        backdrop=backdrop_rgb(scene.overview, scene.overview_valid, scene.spec.bands),
+        title=f"{path.name}  ·  {acquired.datetime.date().isoformat()}"
+              + (" (processed)" if acquired.source == "processing" else ""),
+        subtitle=f"{manifest.name} v{manifest.version}"
+                 + (f" ({domain})" if domain else "")
+                 + f"  ·  {grid.rows}x{grid.cols} cells  ·  windows {list(grid.scales)} px",
+        ground_width_m=ground_w))
 
     b = scene.ds.bounds
     scene_bounds = (float(b.left), float(b.bottom), float(b.right), float(b.top))
-    wgs = bbox_wgs84(scene_bounds, scene.crs)
-    assets = {key: f for key, f in files.items() if key != "stac"}
-    item = stac_item(
-        scene_id=scene_id, source=path.name, crs=scene.crs, bounds=scene_bounds,
-        scene_shape=(scene.height, scene.width), cmap=cmap, outputs=assets,
-        properties={"terratile:model": model.model_dump(),
-                    "terratile:fractions": fractions, "terratile:areas_ha": areas_ha},
-    )
-    write_json(files["stac"], item)
     return SceneOutcome(
         scene_id=scene_id, source=path.name, crs=scene.crs_string, bounds=scene_bounds,
-        bounds_wgs84=wgs,
+        bounds_wgs84=bbox_wgs84(scene_bounds, scene.crs),
         width=scene.width, height=scene.height, fractions=fractions, areas_ha=areas_ha,
         mean_confidence=float(confidence[valid].mean()),
         outputs={key: str(f.resolve()) for key, f in files.items()},
         timings={}, tiles=tiles, cells=cells, model=model,
+        input=_scene_input(scene, plan),
+        acquired=Acquired(datetime=acquired.iso, source=acquired.source),
+        warnings=list(plan.warnings),
     )
+
+
+def _write_stac(scene: Scene, out_dir: Path, outcome: SceneOutcome, grid: CellGrid,
+                plan: WindowPlan, classes: list[ClassSpec], node_id: str) -> None:
+    """The scene's STAC item (after every other output: it carries their checksums), then
+    the results catalog that links it."""
+    files = {k: Path(v) for k, v in outcome.outputs.items() if k != "stac"}
+    step = None if plan.scene_gsd is None else plan.scene_gsd * scene.width / grid.cols
+    maps = {"landuse": MapGrid((grid.rows, grid.cols), grid.map_transform(scene.ds.transform),
+                               step),
+            "confidence": MapGrid((grid.rows, grid.cols),
+                                  grid.map_transform(scene.ds.transform), step)}
+    if "hybrid" in files:
+        with rasterio.open(files["hybrid"]) as ds:
+            maps["hybrid"] = MapGrid((ds.height, ds.width), ds.transform, None)
+    acq = Acquisition(datetime.fromisoformat(outcome.acquired.datetime.replace("Z", "+00:00")),
+                      outcome.acquired.source)
+    item_path = Path(outcome.outputs["stac"])
+    properties: dict[str, Any] = {
+        "terratile:model": outcome.model.model_dump(),
+        "terratile:fractions": outcome.fractions, "terratile:areas_ha": outcome.areas_ha,
+        "terratile:mean_confidence": outcome.mean_confidence,
+        "terratile:input": outcome.input.model_dump(mode="json"),
+        "terratile:warnings": outcome.warnings}
+    if plan.scene_gsd is not None:
+        properties["gsd"] = plan.scene_gsd
+    item = build_item(ItemInputs(
+        scene_id=outcome.scene_id, source=outcome.source, crs=scene.crs,
+        bounds=outcome.bounds, scene_shape=(scene.height, scene.width),
+        scene_transform=scene.ds.transform, geometry=footprint_wgs84(outcome.bounds, scene.crs),
+        bbox=outcome.bounds_wgs84, acquisition=acq, classes=classes,
+        nodata=NODATA, maps=maps, outputs=files, properties=properties,
+    ), item_path, out_dir.parent / "catalog.json")
+    write_json(item_path, item_dict(item))
+    update_catalog(out_dir.parent, node_id, out_dir, outcome.source)
 
 
 def _write_hybrid(path: Path, scene: Scene, grid: CellGrid, cmap: ClassMap,
@@ -366,7 +461,7 @@ def _write_hybrid(path: Path, scene: Scene, grid: CellGrid, cmap: ClassMap,
     image = scene.overview_rescaled()
     seg = segment(image, scene.overview_valid, settings.tiling.segments,
                   settings.tiling.segment_scale)
-    under = cell_labels_on(seg.shape, (scene.height, scene.width), grid.cell, cmap.labels)
+    under = cell_labels_on(seg.shape, cmap.labels)
     hybrid = hybrid_map(seg, under, len(cmap.classes))
     h, w = seg.shape
     transform = scene.ds.transform @ rasterio.Affine.scale(scene.width / w, scene.height / h)
@@ -388,7 +483,8 @@ def _summary(outcome: SceneOutcome, runtime: SceneModel, fusion: str,
         "bounds_wgs84": list(outcome.bounds_wgs84),
         "width": outcome.width,
         "height": outcome.height,
-        "grid": {"cell": grid.cell, "rows": grid.rows, "cols": grid.cols,
+        "grid": {"cell": grid.cell, "step": [grid.width / grid.cols, grid.height / grid.rows],
+                 "rows": grid.rows, "cols": grid.cols,
                  "scales": list(grid.scales), "fusion": fusion},
         "cells": {"total": len(valid), "valid": int(valid.sum()),
                   "nodata": int((~valid).sum())},
@@ -397,5 +493,9 @@ def _summary(outcome: SceneOutcome, runtime: SceneModel, fusion: str,
         "area_ha_total": sum(outcome.areas_ha.values()),
         "mean_confidence": outcome.mean_confidence,
         "tiles": outcome.tiles,
+        "input": outcome.input.model_dump(mode="json"),
+        "acquired": outcome.acquired.model_dump(mode="json"),
+        "warnings": outcome.warnings,
+        "timings": outcome.timings,
         "outputs": {k: Path(v).name for k, v in outcome.outputs.items()},
     }

@@ -35,6 +35,7 @@ from appliance.contract.raster_open import (
     check_local_file,
     open_raster,
 )
+from appliance.scene.bands import BandError, choose_bands
 
 DRIFT_SAMPLE = 20_000
 STATS_SAMPLE = 1 << 18  # overview pixels behind the percentile stretch
@@ -46,12 +47,15 @@ class SceneError(Exception):
     """A scene that cannot be processed; ``reason`` is the slug used for ``failed/<reason>/``.
 
     Reasons: ``unreadable`` (corrupt, truncated, not a raster), ``empty`` (no pixels),
-    ``bands`` (fewer bands than the model needs), ``nodata`` (nothing valid),
+    ``bands`` (the scene's bands cannot be mapped to the model's: see ``bands``),
+    ``nodata`` (nothing valid),
     ``too-small`` (smaller than the smallest window, nothing valid), ``no-crs`` (not
     georeferenced, so no map can be placed), ``format`` (a file format outside
     ``input.drivers``, or a VRT with network or out-of-tree sources), ``too-large`` (a
     declared size above ``input.max_pixels``, checked before any pixel is read),
-    ``disk-full`` (the results disk has less than ``input.min_free_mb`` free, or ran out).
+    ``disk-full`` (the results disk has less than ``paths.min_free_mb`` free, or ran out),
+    ``resolution`` (the scene's GSD is too far from the bundle's and
+    ``input.gsd_policy`` is ``refuse``).
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -151,16 +155,11 @@ class Scene:
         ds = self.ds
         if ds.width == 0 or ds.height == 0 or ds.count == 0:
             raise SceneError("empty", f"{self.path.name}: {ds.width}x{ds.height}, {ds.count} bands")
-        need = len(self.spec.bands)
-        bands = cfg.bands or list(range(1, need + 1))
-        if len(bands) != need:
-            raise SceneError(
-                "bands", f"input.bands lists {len(bands)} bands, the model needs {need}"
-            )
-        if max(bands) > ds.count or min(bands) < 1:
-            raise SceneError(
-                "bands", f"{self.path.name} has {ds.count} band(s); the model needs bands {bands}"
-            )
+        try:
+            self.band_choice = choose_bands(ds, self.spec.bands, cfg.bands, self.path.name)
+        except BandError as exc:
+            raise SceneError("bands", str(exc)) from exc
+        bands = self.band_choice.indexes
         bw, bh = ds.block_shapes[0]
         block = bw * bh * len(bands) * max(np.dtype(t).itemsize for t in ds.dtypes)
         if block > MAX_BLOCK_BYTES:

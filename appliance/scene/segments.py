@@ -37,13 +37,12 @@ def segment(image: np.ndarray, valid: np.ndarray, method: str, scale: float) -> 
     return seg
 
 
-def cell_labels_on(shape: tuple[int, int], scene_shape: tuple[int, int], cell: int,
-                   labels: np.ndarray) -> np.ndarray:
-    """The cell map [rows,cols] sampled at the centres of a [h,w] grid over the scene."""
+def cell_labels_on(shape: tuple[int, int], labels: np.ndarray) -> np.ndarray:
+    """The cell map [rows,cols] (cells tiling the scene evenly) sampled at the centres of
+    a [h,w] grid over the same scene."""
     h, w = shape
-    height, width = scene_shape
-    rows = ((np.arange(h) + 0.5) * height / h // cell).astype(np.int64)
-    cols = ((np.arange(w) + 0.5) * width / w // cell).astype(np.int64)
+    rows = ((np.arange(h) + 0.5) * labels.shape[0] / h).astype(np.int64)
+    cols = ((np.arange(w) + 0.5) * labels.shape[1] / w).astype(np.int64)
     return labels[np.ix_(rows, cols)]
 
 

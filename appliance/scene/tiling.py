@@ -1,10 +1,15 @@
 """The GID multi-scale grid: cells, co-centred windows at every scale, batches, read-ahead.
 
-A scene is cut into cells of ``cell`` px (the last row and column may be partial). Around
-each cell centre sits one square window per scale (e.g. 56, 112, 224 px of the scene),
-each resized to the model input; windows reaching past the scene edge are padded (see
-``raster.Scene.read_window``). A cell is *valid* when at most ``nodata_fraction`` of its
-window at the smallest scale is nodata or outside the scene; invalid cells are never
+A scene is cut into ``rows`` x ``cols`` cells of about ``cell`` px: the grid step is
+``width / cols`` by ``height / rows`` (cell edges rounded to whole pixels), so the cells
+tile the scene exactly, the map they make covers the scene and nothing past it, and
+there is no sliver of a last row or column left unclassified. Around each cell centre sits
+one square window per scale (e.g. 56, 112, 224 px of the scene), each resized to the
+model input. A window is kept inside the scene when it fits (an edge cell's windows are
+shifted inward, so they still hold the cell and see real context rather than padding);
+only a window larger than the scene reaches past its edges, padded as
+``raster.Scene.read_window`` does. A cell is *valid* when at most ``nodata_fraction`` of
+its window at the smallest scale is nodata or outside the scene; invalid cells are never
 sent to the model.
 
 Reading runs in a thread that fills a bounded queue of ``read_ahead`` batches while the
@@ -31,7 +36,7 @@ MASK_SAMPLES_PER_WINDOW = 4  # validity is sampled 4x4 times per smallest window
 
 @dataclass(frozen=True)
 class CellGrid:
-    """Cells of ``cell`` px over a ``width`` x ``height`` scene, and their scale windows."""
+    """Cells of about ``cell`` px tiling a ``width`` x ``height`` scene, and their windows."""
 
     width: int
     height: int
@@ -40,38 +45,45 @@ class CellGrid:
 
     @property
     def rows(self) -> int:
-        return math.ceil(self.height / self.cell)
+        return max(1, int(self.height / self.cell + 0.5))
 
     @property
     def cols(self) -> int:
-        return math.ceil(self.width / self.cell)
+        return max(1, int(self.width / self.cell + 0.5))
 
     def __len__(self) -> int:
         return self.rows * self.cols
 
-    def windows(self) -> np.ndarray:
-        """[n,4] ``col_off, row_off, width, height`` of every cell, clipped to the scene."""
-        r, c = np.divmod(np.arange(len(self)), self.cols)
-        col, row = c * self.cell, r * self.cell
-        w = np.minimum(self.cell, self.width - col)
-        h = np.minimum(self.cell, self.height - row)
-        return np.stack([col, row, w, h], axis=1).astype(np.int64)
+    def _edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel edges of the cell columns [cols+1] and rows [rows+1]."""
+        cols = np.floor(np.arange(self.cols + 1) * self.width / self.cols + 0.5)
+        rows = np.floor(np.arange(self.rows + 1) * self.height / self.rows + 0.5)
+        return cols.astype(np.int64), rows.astype(np.int64)
 
-    def origin(self, index: int, scale: int) -> tuple[int, int]:
-        """Top-left (col, row) of the ``scale`` window co-centred on cell ``index``."""
-        r, c = divmod(index, self.cols)
-        shift = (self.cell - scale) // 2
-        return c * self.cell + shift, r * self.cell + shift
+    def windows(self) -> np.ndarray:
+        """[n,4] ``col_off, row_off, width, height`` of every cell; they tile the scene."""
+        ce, re_ = self._edges()
+        r, c = np.divmod(np.arange(len(self)), self.cols)
+        return np.stack([ce[c], re_[r], ce[c + 1] - ce[c], re_[r + 1] - re_[r]],
+                        axis=1).astype(np.int64)
 
     def origins(self, scale: int) -> tuple[np.ndarray, np.ndarray]:
-        """``origin`` of every cell at once: ([n] cols, [n] rows)."""
+        """Top-left ([n] cols, [n] rows) of every cell's ``scale`` window: centred on the
+        cell, shifted inside the scene when it fits, centred on the scene when not."""
+        ce, re_ = self._edges()
         r, c = np.divmod(np.arange(len(self)), self.cols)
-        shift = (self.cell - scale) // 2
-        return c * self.cell + shift, r * self.cell + shift
+        return (_place(ce[c] + ce[c + 1], scale, self.width),
+                _place(re_[r] + re_[r + 1], scale, self.height))
+
+    def origin(self, index: int, scale: int) -> tuple[int, int]:
+        """Top-left (col, row) of the ``scale`` window of cell ``index``."""
+        cols, rows = self.origins(scale)
+        return int(cols[index]), int(rows[index])
 
     def map_transform(self, transform: Affine) -> Affine:
-        """Geotransform of the cell map: the scene's, scaled by the cell size."""
-        return transform @ Affine.scale(self.cell)
+        """Geotransform of the cell map: the scene's, scaled by the grid step, so the map
+        covers exactly the scene."""
+        return transform @ Affine.scale(self.width / self.cols, self.height / self.rows)
 
     def valid(self, scene: Scene, max_nodata: float) -> np.ndarray:
         """[n] bool: cells whose smallest-scale window is at most ``max_nodata`` nodata.
@@ -97,6 +109,14 @@ class CellGrid:
             good = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
             frac_inside = frac_inside * good / np.maximum((x1 - x0) * (y1 - y0), 1)
         return np.asarray(1.0 - frac_inside <= max_nodata + 1e-9)
+
+
+def _place(twice_centre: np.ndarray, scale: int, n: int) -> np.ndarray:
+    """Window starts for centres ``twice_centre / 2`` in a scene ``n`` px long."""
+    start = (twice_centre - scale) // 2
+    if scale > n:
+        return np.full_like(start, (n - scale) // 2)
+    return np.clip(start, 0, n - scale)
 
 
 def _overlap(start: np.ndarray, size: int, n: int) -> np.ndarray:
@@ -128,15 +148,17 @@ def iter_batches(
     """Batches of up to ``batch_size`` tiles (whole cells, every scale) for sorted ``cells``.
 
     Per row of cells and per scale whose windows overlap (scale ≥ cell, the default),
-    GDAL reads and resizes *one strip* (the window height, spanning the row's cells)
+    GDAL reads and resizes *one strip* (the window height, spanning the row's windows)
     straight to the model's resolution, and each tile is a slice of it: one read per row
     and scale instead of one per tile, and overlapping pixels are resampled once. Tile
     offsets in a strip are rounded to whole output pixels, a shift of at most half an
-    output pixel (exact when ``cell * size`` is a multiple of the scale, as with GID's
-    56/112/224 and any input size divisible by 4). Scales smaller than the cell, whose
-    windows leave gaps, are read window by window.
+    output pixel (exact when the offsets times ``size`` are multiples of the scale, as
+    with GID's 56/112/224 on a scene a multiple of 56 px wide and any input size divisible
+    by 4). Scales smaller than the cell, whose windows leave gaps, are read window by
+    window.
     """
     per_batch = max(1, batch_size // len(grid.scales))
+    origins = {s: grid.origins(s) for s in grid.scales}
     rows = cells // grid.cols
     pending: list[int] = []
     tiles: list[np.ndarray] = []
@@ -144,23 +166,23 @@ def iter_batches(
     for r in np.unique(rows):
         t0 = time.perf_counter()
         row_cells = cells[rows == r]
-        c_lo, c_hi = int(row_cells[0] % grid.cols), int(row_cells[-1] % grid.cols)
-        strips: dict[int, np.ndarray] = {}
+        strips: dict[int, tuple[int, np.ndarray]] = {}
         for s in grid.scales:
             if s >= grid.cell:
-                col, row = grid.origin(int(r) * grid.cols + c_lo, s)
-                width_out = round((c_hi - c_lo) * grid.cell * size / s) + size
-                span = (c_hi - c_lo) * grid.cell + s
-                strips[s] = scene.read_window(col, row, span, s, width_out, size)
+                starts = origins[s][0][row_cells]
+                col0, col1 = int(starts.min()), int(starts.max())
+                width_out = round((col1 - col0) * size / s) + size
+                strips[s] = (col0, scene.read_window(col0, int(origins[s][1][row_cells[0]]),
+                                                     col1 - col0 + s, s, width_out, size))
         for cell in row_cells:
-            offset = (int(cell) % grid.cols - c_lo) * grid.cell
             for s in grid.scales:
                 if s in strips:
-                    x = round(offset * size / s)
-                    tiles.append(strips[s][:, :, x : x + size])
+                    col0, strip = strips[s]
+                    x = round((int(origins[s][0][cell]) - col0) * size / s)
+                    tiles.append(strip[:, :, x : x + size])
                 else:
-                    col, row = grid.origin(int(cell), s)
-                    tiles.append(scene.read_window(col, row, s, s, size, size))
+                    tiles.append(scene.read_window(int(origins[s][0][cell]),
+                                                   int(origins[s][1][cell]), s, s, size, size))
             pending.append(int(cell))
             if len(pending) == per_batch:
                 seconds += time.perf_counter() - t0

@@ -79,8 +79,9 @@ def test_password_file_and_systemd_credential(tmp_path: Path,
 
 def test_validate_command_output(tmp_path: Path) -> None:
     runner = CliRunner()
-    ok = runner.invoke(app, ["config", "validate", str(EXAMPLE)])
-    assert ok.exit_code == 0 and "OK" in ok.output
+    # the example is a valid configuration, but its seed bundle is not on this machine
+    example = runner.invoke(app, ["config", "validate", str(EXAMPLE)])
+    assert example.exit_code == 1 and "model.bundle:" in example.output
     bad = write(tmp_path, {"mqtt": {"prot": 1}, "tiling": {"scales": []}})
     res = runner.invoke(app, ["config", "validate", str(bad)])
     assert res.exit_code == 1
@@ -112,3 +113,27 @@ def test_scales_default_to_the_bundles_and_weights_must_match(tmp_path: Path) ->
         weighted.for_bundle([56, 112, 224])
     with pytest.raises(ConfigError, match="one weight per scale"):
         load_settings(write(tmp_path, {"tiling": {"fusion": "weighted"}}))
+
+
+def test_errors_suggest_the_nearest_key_and_say_where_a_value_came_from(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, {"model": {"provders": ["cpu"]}, "mqtt": {"port": 70000}})
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    text = str(err.value)
+    assert "model.provders: unknown key (did you mean `providers`?)" in text
+    assert ("mqtt.port: Input should be less than or equal to 65535 (got 70000) "
+            f"[from {path}]") in text
+    monkeypatch.setenv("TERRATILE_INPUT__SETTLE_SECONDS", "-3")
+    with pytest.raises(ConfigError, match=r"\[from environment variable "
+                       r"TERRATILE_INPUT__SETTLE_SECONDS\]"):
+        load_settings(write(tmp_path, {}))
+
+
+def test_rescale_shorthand_and_band_names(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, {"input": {"rescale": "percentile",
+                                                        "bands": ["red", 3, "B02"]}}))
+    assert settings.input.rescale.mode == "percentile"
+    assert settings.input.bands == ["red", 3, "B02"]
+    with pytest.raises(ConfigError, match=r"input\.rescale\.mode"):
+        load_settings(write(tmp_path, {"input": {"rescale": "stretchy"}}))

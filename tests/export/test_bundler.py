@@ -25,7 +25,7 @@ from appliance.contract.bundle import (
     load_bundle,
 )
 from appliance.model.runtime import ModelRuntime, ProviderPlan
-from export.bundler import BundleOptions, bundle, class_colours
+from export.bundler import BundleOptions, bundle
 from export.data import SPLIT_FILE, load_chips, load_split
 from export.model import Descriptor
 from export.train import METRICS, RUN_FILE, load_trained, predict
@@ -136,8 +136,3 @@ def test_pooled_descriptor_is_the_normalised_backbone_feature(tiny_run: Path,
         np.random.default_rng(0).uniform(0, 255, (3, 3, 32, 32)).astype(np.float32))
     expected = out.features / np.linalg.norm(out.features, axis=1, keepdims=True)
     np.testing.assert_allclose(out.embedding, expected, atol=1e-5)
-
-
-def test_class_colours_are_distinct_beyond_the_palette() -> None:
-    specs = class_colours([f"c{i}" for i in range(45)])
-    assert len({s.colour for s in specs}) == 45

@@ -46,9 +46,25 @@ def test_four_band_geotiffs_train_bundle_evaluate(tmp_path: Path) -> None:
     assert manifest.input.bands == ["band0", "band1", "band2", "band3"]
     assert manifest.name == "geo" and manifest.version == 3 and manifest.scales == [16, 32]
     assert manifest.metrics["parity"]["fp32"]["max_abs_diff"] < 1e-4
+    # 1 m pixels on UTM 33N's central meridian: the training GSD measured from the chips
+    assert manifest.gsd == pytest.approx(1 / 0.9996, rel=1e-4)
+    assert manifest.palette == "semantic"
     r = runner.invoke(app, ["evaluate", "--bundle", str(out), "--data", str(data), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["chips"] == 18
+    palette = tmp_path / "palette.yaml"
+    palette.write_text("bright: '#f0d020'\ndark: [20, 40, 60]\n")
+    r = runner.invoke(app, ["bundle", "--run", str(run), "--out", str(tmp_path / "b2"),
+                            "--gsd", "0.5", "--palette", str(palette)])
+    assert r.exit_code == 0, r.output
+    own = load_bundle(tmp_path / "b2").manifest
+    assert own.gsd == 0.5 and own.palette == "custom"
+    assert {c.name: c.colour for c in own.map_classes}["bright"] == (240, 208, 32)
+    assert {c.name: c.colour for c in own.classes}["dark"] == (20, 40, 60)
+    palette.write_text("lava: '#ff0000'\n")
+    r = runner.invoke(app, ["bundle", "--run", str(run), "--out", str(tmp_path / "b3"),
+                            "--palette", str(palette)])
+    assert r.exit_code == 2 and "lava" in r.output
 
 
 def test_multi_label_csv_train_bundle_evaluate(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ class DaemonProc:
             "tiling": {"scales": [16, 32], "batch_size": 64},
             "input": {"settle_seconds": 0.2, "rescan_seconds": 0.5},
             "mqtt": {"port": port, "reconnect_max_delay": 1, "stats_interval": 1.0},
+            "http": {"enabled": False},  # tests that want the web server turn it on
             "log_level": "INFO",
         }
         for section, values in overrides.items():

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from appliance.contract.payloads import ModelRef
+from appliance.contract.payloads import (
+    Acquired,
+    BandUse,
+    ModelRef,
+    RescaleUse,
+    Resolution,
+    SceneInput,
+)
 from appliance.scene.cells import SceneCells
 from appliance.scene.pipeline import SceneOutcome
 
@@ -46,4 +53,14 @@ def outcome(scene_id: str, seed: int, n: int = 12, invalid: tuple[int, ...] = ()
     return SceneOutcome(scene_id=scene_id, source=f"{scene_id}.tif", crs="EPSG:32633",
                         bounds=(0, 0, 1, 1), bounds_wgs84=(0, 0, 1, 1), width=64, height=48,
                         fractions={}, areas_ha={}, mean_confidence=0.9, outputs={}, timings={},
-                        tiles=n, cells=cells, model=ModelRef(name="synthetic", version=1))
+                        tiles=n, cells=cells, model=ModelRef(name="synthetic", version=1),
+                        input=SYNTHETIC_INPUT,
+                        acquired=Acquired(datetime="2026-01-01T00:00:00Z", source="processing"),
+                        warnings=[])
+
+
+SYNTHETIC_INPUT = SceneInput(
+    bands=[BandUse(band=b, index=i, label=b) for i, b in enumerate(["red", "green", "blue"], 1)],
+    band_selection="metadata", rescale=RescaleUse(mode="none", gain=[1.0] * 3, bias=[0.0] * 3),
+    resolution=Resolution(scene_gsd=10.0, bundle_gsd=None, matched=False, ratio=None,
+                          windows=[16, 32], cell=16))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.enums import ColorInterp
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
@@ -62,12 +63,17 @@ def write_scene(
     tiled: bool = True,
     noise: float = 0.0,
     seed: int = 0,
+    colorinterp: list[ColorInterp] | None = None,
+    descriptions: list[str] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Path:
     """Write a GeoTIFF of ``size`` (height, width) painted by ``layout``.
 
     Colour channel ``i`` (r, g, b) goes to band ``band_order[i]`` (0-based), other bands
     get mid-grey; values are ``colour * gain + offset`` cast to ``dtype``. A ``border`` of
-    that many pixels is set to ``nodata`` (which must then be given).
+    that many pixels is set to ``nodata`` (which must then be given). ``colorinterp``,
+    ``descriptions`` and ``tags`` are written into the file as GDAL does (band metadata in
+    the TIFF itself, no sidecar).
     """
     height, width = size
     layout = layout or halves(height, width)
@@ -83,6 +89,12 @@ def write_scene(
     rng = np.random.default_rng(seed)
     strip = 256
     with rasterio.open(path, "w", **profile) as dst:
+        if colorinterp is not None:
+            dst.colorinterp = colorinterp
+        for i, text in enumerate(descriptions or [], 1):
+            dst.set_band_description(i, text)
+        if tags:
+            dst.update_tags(**tags)
         for row0 in range(0, height, strip):
             h = min(strip, height - row0)
             rows = np.arange(row0, row0 + h)[:, None]

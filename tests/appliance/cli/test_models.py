@@ -134,3 +134,20 @@ def test_cli_and_daemon_adapt_alike(colour_bundle: Path, tmp_path: Path) -> None
     assert cli["action"] == daemon["action"] == "promoted"
     assert cli["gate"] == daemon["gate"] and cli["counts"] == daemon["counts"]
     assert cli["domain"] == daemon["domain"] == "adapted"
+
+
+def test_a_stop_waits_for_a_running_job_and_installs_nothing(colour_bundle: Path,
+                                                             tmp_path: Path) -> None:
+    """A job still training when the daemon stops is joined, and its proposal dropped
+    (no install, no switch handed to the loop); drift proposes it again later."""
+    config, store = _seeded(colour_bundle, tmp_path, fusion="max")
+    node = App(load_settings(config))
+    node.build()
+    handed: list[object] = []
+    assert node.jobs is not None
+    node.jobs.start("drift", handed.append)
+    assert node.jobs.running
+    node.stop()
+    assert not node.job_left_running and not node.jobs.running
+    assert handed == [] and [v.version for v in store.versions()] == [1]
+    assert not any((store.root / ".candidates").iterdir())

@@ -112,6 +112,29 @@ def test_a_flood_of_requests_gets_busy_and_commands_still_run_at_once(
         listener.close()
 
 
+def test_a_client_over_its_rate_is_refused_while_another_is_answered(
+        broker: Broker, journal: Journal) -> None:
+    comms = make_comms(broker, journal, client_rate=0.01, client_burst=3)
+    comms.on_request("retrieval/query", echo)
+    comms.start()
+    listener = Listener(broker.port, "replies/#")
+    try:
+        wait_until(comms.connected.is_set)
+        time.sleep(0.2)
+        for i in range(10):
+            ask(listener, json.dumps({"request_id": f"n{i}"}), response_topic="replies/noisy")
+        ask(listener, json.dumps({"request_id": "q1"}), response_topic="replies/quiet")
+        noisy = listener.wait_for(topic_is("replies/noisy"), count=10)
+        codes = [json.loads(m.payload).get("error", {}).get("code") for m in noisy]
+        assert codes.count("rate-limited") == 7 and codes.count(None) == 3, codes
+        quiet = listener.wait_for(topic_is("replies/quiet"))
+        assert json.loads(quiet[0].payload) == {"request_id": "q1",
+                                                "echo": {"request_id": "q1"}}
+    finally:
+        comms.stop()
+        listener.close()
+
+
 def test_retained_requests_are_ignored(broker: Broker, journal: Journal,
                                        caplog: pytest.LogCaptureFixture) -> None:
     listener = Listener(broker.port, f"{P}/retrieval/response/#")
@@ -167,6 +190,8 @@ def test_a_refused_subscription_is_logged_with_its_reason(
         refused = [r.getMessage() for r in caplog.records if "refused the sub" in r.message]
         assert refused == [f"MQTT: broker refused the subscription to {P}/retrieval/query: "
                            "Not authorized"]
+        link = comms.connection()  # the status shows it: degraded mqtt while connected
+        assert link.connected and link.refused_subscriptions == [f"{P}/retrieval/query"]
     finally:
         comms.stop()
         journal.close()
@@ -187,11 +212,12 @@ def test_a_refused_publish_is_logged_and_retried_without_a_restart(
         wait_until(comms.connected.is_set)
         comms.send("scene/s1/result", "{}", msg_id="denied-1")
         wait_until(lambda: caplog.text.count("broker refused denied-1 (Not authorized)") >= 2)
-        assert journal.outbox_depth() == 1
+        assert journal.outbox_depth() == 1 and comms.connection().refused_messages == 1
         (tmp_path / "acl").write_text(BASE_ACL + f"topic write {P}/scene/#\n")
         assert broker.proc is not None
         broker.proc.send_signal(signal.SIGHUP)  # mosquitto re-reads its ACL file
         wait_until(lambda: journal.outbox_depth() == 0)
+        assert comms.connection().refused_messages == 0
     finally:
         comms.stop()
         journal.close()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from appliance.config import Settings
-from appliance.contract.bundle import BundleError
+from appliance.contract.bundle import BundleError, read_manifest, seal_bundle
 from appliance.model.host import ModelHost, Switch
 from appliance.model.store import ModelStore
 from tests.helpers.colour_bundle import versioned_copy
@@ -116,16 +116,36 @@ def test_a_tampered_active_version_falls_back_to_the_newest_that_verifies(
 
 
 def test_an_incompatible_bundle_is_refused_before_any_switch(
-        store_with_v2: tuple[Settings, ModelStore]) -> None:
+        store_with_v2: tuple[Settings, ModelStore], tmp_path: Path) -> None:
     settings, store = store_with_v2
-    host = ModelHost(store, settings)
-    dim = host.bundle.manifest.embedding_dim
-    host.require(lambda b: None if b.version == 1 else f"embeddings {dim + 1} vs {dim}")
-    with pytest.raises(BundleError, match="does not fit this node: embeddings"):
-        host.activate(2)
+    dim = 6  # the colour bundle's embedding size
+    wide = versioned_copy(store.dir_for(1), tmp_path / "v3", 3, None)
+    seal_bundle(wide, read_manifest(wide).model_copy(update={"embedding_dim": dim + 1}))
+    store.install(wide, activate=False)
+    host = ModelHost(store, settings, index_dim=dim)
+    with pytest.raises(BundleError, match="does not fit this node: its embeddings have 7"):
+        host.activate(3)
     assert store.active_version() == 1 and host.bundle.version == 1
     bands = len(host.bundle.manifest.input.bands)
     narrow = settings.model_copy(update={"input": settings.input.model_copy(
         update={"bands": list(range(1, bands))})})
     with pytest.raises(BundleError, match="bands"):
         ModelHost(store, narrow).stage(2)
+
+
+def test_the_start_fallback_skips_versions_that_do_not_fit(
+        store_with_v2: tuple[Settings, ModelStore], tmp_path: Path) -> None:
+    """A tampered ACTIVE falls back past a newer version of another embedding size."""
+    settings, store = store_with_v2
+    wide = versioned_copy(store.dir_for(1), tmp_path / "v3", 3, None)
+    seal_bundle(wide, read_manifest(wide).model_copy(update={"embedding_dim": 7}))
+    store.install(wide, activate=False)
+    store.activate(2)
+    (store.dir_for(2) / "classifier.onnx").write_bytes(b"garbage")
+    host = ModelHost(store, settings, index_dim=6)
+    assert host.bundle.version == 1 and host.fallback is not None
+    assert "sha256 mismatch" in (host.fallback.reason or "")
+    # Without an index every verified version fits: the newest (v3) is chosen.
+    store.activate(1)
+    (store.root / "ACTIVE").write_text('{"version": 2}')
+    assert ModelHost(store, settings).bundle.version == 3

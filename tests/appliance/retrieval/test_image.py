@@ -127,7 +127,10 @@ def test_input_bands_choose_geotiff_bands(tmp_path: Path, runtime: ModelRuntime)
     assert read_tile(path, spec, InputConfig())[:, 0, 0].tolist() == list(PURE["urban"][::-1])
     with pytest.raises(RequestError, match=r"input\.bands lists 2 bands") as wrong:
         read_tile(path, spec, InputConfig(bands=[1, 2]))
-    assert wrong.value.code == "bad-image"
+    assert wrong.value.code == "bands"
+    with pytest.raises(RequestError, match="cannot read bands") as missing:
+        read_tile(path, spec, InputConfig(bands=[1, 2, 9]))
+    assert missing.value.code == "bands"
 
 
 def test_unreadable_and_non_finite_chips_are_bad_images(tmp_path: Path,
@@ -152,7 +155,7 @@ def test_every_suffix_is_classified_by_its_colour(suffix: str, tmp_path: Path,
     assert runtime.manifest.class_names[int(probs.argmax())] == "water"
 
 
-def test_hostile_query_images_are_bad_images_without_a_request(
+def test_hostile_query_images_are_refused_with_their_reason_and_no_request(
     tmp_path: Path, runtime: ModelRuntime
 ) -> None:
     spec = runtime.manifest.input
@@ -162,12 +165,12 @@ def test_hostile_query_images_are_bad_images_without_a_request(
         for conf in (InputConfig(), InputConfig(drivers=["GTiff", "VRT"])):
             with pytest.raises(RequestError, match="format") as err:
                 read_tile(vrt, spec, conf)
-            assert err.value.code == "bad-image"
+            assert err.value.code == "format"
         assert canary.requests == []
     big = textured(tmp_path / "big.tif")
     with pytest.raises(RequestError, match="too-large") as err:
         read_tile(big, spec, InputConfig(max_pixels=70 * 50 - 1))
-    assert err.value.code == "bad-image"
+    assert err.value.code == "too-large"
 
 
 def test_a_constant_band_query_maps_to_mid_range(tmp_path: Path,

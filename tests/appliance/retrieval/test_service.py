@@ -239,10 +239,11 @@ def test_hostile_strings_and_nesting_are_bad_requests_not_internal(
         assert reply["error"]["code"] == "bad-request", (raw[:40], reply)
 
 
-def test_busy_reply_keeps_a_small_requests_id(service: RetrievalService) -> None:
-    busy = service.busy_reply(b'{"request_id": "q9", "vector": [1]}')
-    assert busy["request_id"] == "q9" and busy["error"]["code"] == "busy"
-    assert busy["schema"] == RESPONSE_SCHEMA
+@pytest.mark.parametrize("code", ["busy", "rate-limited"])
+def test_refusal_reply_keeps_a_small_requests_id(service: RetrievalService, code: Any) -> None:
+    refused = service.refusal_reply(b'{"request_id": "q9", "vector": [1]}', code)
+    assert refused["request_id"] == "q9" and refused["error"]["code"] == code
+    assert refused["schema"] == RESPONSE_SCHEMA
     for raw in (b"{not json", b'{"request_id": "a/b"}', b"[" * 10_000,
                 b'{"request_id": "big", "pad": "' + b"x" * 5000 + b'"}'):
-        assert service.busy_reply(raw)["request_id"] is None
+        assert service.refusal_reply(raw, code)["request_id"] is None

@@ -112,7 +112,7 @@ def test_bad_inputs_are_rejected_with_reason(
 
 def test_band_index_beyond_count(tmp_path: Path) -> None:
     path = write_scene(tmp_path / "s.tif", bands=3)
-    with pytest.raises(SceneError, match="needs bands") as err:
+    with pytest.raises(SceneError, match="asks for band 4") as err:
         open_scene(path, cfg(bands=[4, 2, 1]), SPEC)
     assert err.value.reason == "bands"
 

@@ -38,7 +38,7 @@ def test_unknown_method() -> None:
 def test_hybrid_map_refines_cell_boundaries() -> None:
     seg = np.broadcast_to(np.arange(64) >= 37, (64, 64)).astype(np.int64)  # two segments
     cells = np.array([[0, 0, 1, 1]] * 4, np.uint8)  # the cell map puts the edge at x=32
-    under = cell_labels_on((64, 64), (64, 64), 16, cells)
+    under = cell_labels_on((64, 64), cells)
     out = hybrid_map(seg, under, 2)
     assert (out[:, :37] == 0).all() and (out[:, 37:] == 1).all()  # edge moved to x=37
 
@@ -47,3 +47,11 @@ def test_segment_without_valid_cells_is_nodata() -> None:
     seg = np.array([[0, 0, 1, 1]])
     under = np.array([[1, 1, NODATA, NODATA]], np.uint8)
     assert hybrid_map(seg, under, 2).tolist() == [[1, 1, NODATA, NODATA]]
+
+
+def test_cell_labels_cover_a_grid_that_is_not_a_multiple_of_the_overview() -> None:
+    cells = np.arange(9, dtype=np.uint8).reshape(3, 3)  # 100 px scene, 33.3 px cells
+    under = cell_labels_on((50, 50), cells)  # a 50 px overview
+    assert under.shape == (50, 50)
+    assert under[0, 0] == 0 and under[-1, -1] == 8 and under[25, 25] == 4
+    assert sorted(np.unique(under).tolist()) == list(range(9))

@@ -15,29 +15,38 @@ from appliance.scene.tiling import Batch, CellGrid, iter_batches, read_ahead
 from tests.helpers.scenes import SPEC, write_scene
 
 
-def test_grid_covers_the_scene_with_partial_last_cells() -> None:
+def test_grid_tiles_the_scene_exactly_with_no_partial_cells() -> None:
     grid = CellGrid(width=100, height=70, cell=32, scales=(32, 64))
-    assert (grid.rows, grid.cols, len(grid)) == (3, 4, 12)
+    assert (grid.rows, grid.cols, len(grid)) == (2, 3, 6)
     w = grid.windows()
-    assert w[:, 2].max() == 32 and w[3].tolist() == [96, 0, 4, 32]  # last column: 4 px wide
-    assert w[-1].tolist() == [96, 64, 4, 6]
-    # clipped windows tile the scene exactly
-    assert int((w[:, 2] * w[:, 3]).sum()) == 100 * 70
+    assert w[:3, 0].tolist() == [0, 33, 67] and w[:3, 2].tolist() == [33, 34, 33]
+    assert w[-1].tolist() == [67, 35, 33, 35]
+    assert int((w[:, 2] * w[:, 3]).sum()) == 100 * 70  # no overhang, no sliver
 
 
-def test_scale_windows_are_co_centred() -> None:
+def test_scale_windows_are_co_centred_inside_and_kept_in_the_scene_at_edges() -> None:
     grid = CellGrid(width=500, height=500, cell=56, scales=(56, 112, 224))
-    for index in (0, 7, 50):
+    for index in (40, 50):  # interior cells: one centre for every scale
         centres = {(c + s / 2, r + s / 2) for s in grid.scales for c, r in [grid.origin(index, s)]}
         assert len(centres) == 1
+    for s in grid.scales:  # every window fits inside the scene, edge cells included
+        cols, rows = grid.origins(s)
+        assert cols.min() >= 0 and rows.min() >= 0
+        assert (cols + s).max() <= 500 and (rows + s).max() <= 500
+    win = grid.windows()
+    c, r = grid.origin(len(grid) - 1, 224)  # the corner cell still lies in its window
+    assert c <= win[-1, 0] and win[-1, 0] + win[-1, 2] <= c + 224
+    assert r <= win[-1, 1] and win[-1, 1] + win[-1, 3] <= r + 224
     cols, rows = grid.origins(224)
     assert (cols[7], rows[7]) == grid.origin(7, 224)
 
 
-def test_map_transform_is_scene_transform_scaled_by_cell() -> None:
-    grid = CellGrid(width=100, height=100, cell=16, scales=(16,))
-    t = grid.map_transform(from_origin(500000, 5000000, 10, 10))
-    assert (t.a, t.e, t.c, t.f) == (160, -160, 500000, 5000000)
+def test_map_transform_covers_exactly_the_scene() -> None:
+    grid = CellGrid(width=100, height=90, cell=16, scales=(16,))
+    scene = from_origin(500000, 5000000, 10, 10)
+    t = grid.map_transform(scene)
+    assert (t.c, t.f) == (500000, 5000000)
+    assert t @ (grid.cols, grid.rows) == pytest.approx(scene @ (100, 90))
 
 
 def test_validity_marks_nodata_border_and_outside(tmp_path: Path) -> None:
@@ -49,15 +58,19 @@ def test_validity_marks_nodata_border_and_outside(tmp_path: Path) -> None:
     assert valid[1:-1, 1:-1].all()
 
 
-def test_validity_counts_outside_the_scene_as_nodata(tmp_path: Path) -> None:
-    path = write_scene(tmp_path / "s.tif", size=(40, 40))  # last cells only 8 px of 16
+def test_edge_windows_stay_inside_so_edge_cells_are_valid(tmp_path: Path) -> None:
+    path = write_scene(tmp_path / "s.tif", size=(40, 40))
     grid = CellGrid(width=40, height=40, cell=16, scales=(16,))
     with open_scene(path, InputConfig(), SPEC) as scene:
-        assert grid.valid(scene, 0.8).all()
-        # edge cells are 50 % outside, the corner cell 75 %
-        assert grid.valid(scene, 0.6).tolist() == [True] * 8 + [False]
-        strict = grid.valid(scene, 0.4).reshape(3, 3)
-    assert strict[:2, :2].all() and not strict[2].any() and not strict[:, 2].any()
+        assert grid.valid(scene, 0.0).all()
+
+
+def test_validity_counts_outside_the_scene_as_nodata(tmp_path: Path) -> None:
+    path = write_scene(tmp_path / "s.tif", size=(24, 24))  # smaller than the 32 px window
+    grid = CellGrid(width=24, height=24, cell=32, scales=(32,))
+    with open_scene(path, InputConfig(), SPEC) as scene:
+        assert grid.valid(scene, 0.5).all()  # 24² of 32²: 44 % outside
+        assert not grid.valid(scene, 0.4).any()
 
 
 def test_batches_hold_whole_cells_at_every_scale(tmp_path: Path) -> None:
@@ -108,9 +121,9 @@ def test_read_ahead_stops_reader_when_consumer_stops() -> None:
 
 
 def test_strip_tiles_equal_window_reads(tmp_path: Path) -> None:
-    path = write_scene(tmp_path / "s.tif", size=(80, 72), noise=40)
-    grid = CellGrid(width=72, height=80, cell=16, scales=(16, 32, 64))
-    cells = np.array([0, 3, 6, 9, 20, 24, 29])
+    path = write_scene(tmp_path / "s.tif", size=(80, 64), noise=40)
+    grid = CellGrid(width=64, height=80, cell=16, scales=(16, 32, 64))
+    cells = np.array([0, 3, 6, 9, 13, 16, 19])
     with open_scene(path, InputConfig(), SPEC) as scene:
         batches = list(iter_batches(scene, grid, cells, size=32, batch_size=9))
         tiles = np.concatenate([b.tiles for b in batches])
@@ -134,15 +147,16 @@ def test_validity_with_cells_larger_than_the_smallest_window(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("nodata", [None, 0], ids=["no-mask", "nodata-value"])
-def test_edge_cells_when_the_scene_is_not_a_multiple_of_the_sample_step(
+def test_the_last_column_is_classified_when_the_scene_is_not_a_multiple_of_the_cell(
     tmp_path: Path, nodata: int | None
 ) -> None:
-    # 968 px, cell 56: the last column's 56 px window is 40 px outside (71 % nodata)
+    # 968 px, cell 56: 17 cells of 56.9 px; the old grid left a 16 px column unclassified
     path = write_scene(tmp_path / "s.tif", size=(56, 968), nodata=nodata)
     grid = CellGrid(width=968, height=56, cell=56, scales=(56, 112))
     with open_scene(path, InputConfig(), SPEC) as scene:
-        assert grid.valid(scene, 0.5).tolist() == [True] * 17 + [False]
-        assert grid.valid(scene, 0.75).all()
+        assert grid.valid(scene, 0.0).tolist() == [True] * 17
+    w = grid.windows()
+    assert w[-1, 0] + w[-1, 2] == 968
 
 
 def test_scales_smaller_than_the_cell_are_read_per_window(tmp_path: Path) -> None:
