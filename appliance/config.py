@@ -347,7 +347,11 @@ class RetrievalConfig(Section):
     enabled: bool = True
     scale: int | None = Field(default=None, description="Scale whose embedding is indexed.")
     exact_max: int = Field(default=50_000, ge=0, description="Flat index up to this many vectors.")
-    index_type: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
+    index_type: Literal["auto", "flat", "hnsw", "ivfpq", "ivfsq"] = "auto"
+    hnsw_max: int = Field(
+        default=200_000, ge=0,
+        description="auto: HNSW up to this many vectors, IVF over scalar codes beyond.",
+    )
     hnsw_m: int = Field(default=32, ge=4)
     hnsw_ef_search: int = Field(
         default=128, ge=8,
@@ -365,8 +369,15 @@ class RetrievalConfig(Section):
         description="OpenMP threads for faiss (0: its default). 1 keeps single-query latency "
         "flat on a busy box; more only speeds up rebuilds and batch queries.",
     )
-    ivf_nlist: int = Field(default=1024, ge=1)
-    ivf_nprobe: int = Field(default=32, ge=1)
+    ivf_nlist: int | None = Field(
+        default=None, ge=1, description="IVF lists; unset: 2·√n, rebuilt as the index grows.")
+    ivf_nprobe: int = Field(
+        default=8, ge=1, description="IVF lists searched per query (benchmarks/retrieval.py).")
+    sq_bits: Literal[4, 6, 8] = Field(default=8, description="IVF-SQ bits per dimension.")
+    rerank: int = Field(
+        default=4, ge=1,
+        description="Quantised kinds: shortlist rerank × k, re-scored exactly from the log.",
+    )
     pq_m: int = Field(default=16, ge=1)
     checkpoint_every: int = Field(default=5000, ge=1, description="Vectors between saves.")
     allowed_dirs: list[Path] = Field(

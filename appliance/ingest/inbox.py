@@ -2,7 +2,10 @@
 
 Writers either write ``name.part`` and rename it (the clean way), or write in place; the
 inbox therefore ignores ``*.part`` and dotfiles and only hands out a file whose size and
-mtime have not changed for ``settle_seconds``. watchdog events make this fast, and a
+mtime have not changed for ``settle_seconds``. A file *renamed* into the inbox (from
+``name.part``, or moved in from elsewhere on the same filesystem) is complete by
+construction, so a rename event makes it ready at once, without the settle wait (unless a
+write to it is seen afterwards). watchdog events make this fast, and a
 periodic rescan catches what events miss (network mounts, events lost under load, files
 present at start). A ready file is claimed by an atomic ``rename`` into its own folder
 ``work/<token>/<name>``: the name stays what the user dropped (outputs and messages use
@@ -39,11 +42,23 @@ from pathlib import Path
 from watchdog.events import (
     FileClosedEvent,
     FileModifiedEvent,
+    FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
+
+
+def _observer() -> BaseObserver:
+    """On Linux, an inotify observer that reports a file moved in from outside the inbox as
+    a move (not a creation); elsewhere the platform's default."""
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except ImportError:  # pragma: no cover - other platforms
+        return Observer()
+    return InotifyObserver(generate_full_events=True)
+
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +106,11 @@ class _Candidate:
     mtime_ns: int
     stable_since: float
     writing: bool = False  # inotify saw a write and no close-after-write yet
+    renamed: bool = False  # renamed into the inbox and not written since: ready at once
 
 
 class _Events(FileSystemEventHandler):
-    """Forwards created/modified/moved paths to the inbox."""
+    """Forwards created/modified/moved/closed paths to the inbox."""
 
     def __init__(self, inbox: Inbox) -> None:
         self.inbox = inbox
@@ -108,7 +124,8 @@ class _Events(FileSystemEventHandler):
             writing = True
         elif isinstance(event, FileClosedEvent):
             writing = False
-        self.inbox.notice(Path(os.fsdecode(target)), writing)
+        renamed = isinstance(event, FileMovedEvent) and bool(event.dest_path)
+        self.inbox.notice(Path(os.fsdecode(target)), writing, renamed)
 
 
 class Inbox:
@@ -133,7 +150,7 @@ class Inbox:
     def start(self) -> None:
         """Start watching (events are a speed-up; rescans are the guarantee)."""
         if self._watch and self._observer is None:
-            observer = Observer()
+            observer = _observer()
             observer.schedule(_Events(self), str(self.dir), recursive=False)
             observer.daemon = True
             observer.start()
@@ -146,15 +163,19 @@ class Inbox:
             self._observer.join(timeout=5)
             self._observer = None
 
-    def notice(self, path: Path, writing: bool | None = None) -> None:
+    def notice(self, path: Path, writing: bool | None = None, renamed: bool = False) -> None:
         """A file may have appeared or changed (called from the watchdog thread);
-        ``writing``: True on a write event, False on close-after-write, None: unknown."""
+        ``writing``: True on a write event, False on close-after-write, None: unknown;
+        ``renamed``: it was renamed into the inbox (complete, ready without settling)."""
         if path.parent != self.dir or ignored(path.name):
             return
         with self._lock:
             cand = self._candidates.setdefault(path, _Candidate(-1, -1, time.monotonic()))
+            if renamed:
+                cand.renamed, cand.writing = True, False
             if writing is not None:
                 cand.writing = writing
+                cand.renamed = cand.renamed and not writing  # written after the rename
                 if not writing:  # closed: the settle starts now
                     cand.stable_since = time.monotonic()
         self._wake.set()
@@ -201,7 +222,8 @@ class Inbox:
         return self.waiting() + self.in_work()
 
     def ready(self) -> list[Path]:
-        """Candidates whose size and mtime held still for ``settle_seconds``, oldest first."""
+        """Candidates renamed into the inbox, or whose size and mtime held still for
+        ``settle_seconds``; oldest first."""
         now = time.monotonic()
         if now - self._last_scan >= self.rescan_every:
             self.rescan()
@@ -213,7 +235,9 @@ class Inbox:
                 except OSError:
                     del self._candidates[path]
                     continue
-                if (st.st_size, st.st_mtime_ns) != (cand.size, cand.mtime_ns):
+                if cand.renamed and not cand.writing:
+                    out.append((st.st_mtime_ns, path))
+                elif (st.st_size, st.st_mtime_ns) != (cand.size, cand.mtime_ns):
                     self._candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now,
                                                         cand.writing)
                 elif now - cand.stable_since >= (WRITER_GRACE if cand.writing else self.settle):

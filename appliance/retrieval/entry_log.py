@@ -1,8 +1,10 @@
 """The durable entry log of the retrieval index: one SQLite row per indexed vector.
 
 ``state/index.sqlite`` (WAL, full synchronous commits) holds one row per indexed scene cell
-or reference image: its metadata *and* its vector as a BLOB. It is the index's source of
-truth; the faiss index is only a checkpoint of it (``retrieval.index``).
+or reference image: its metadata in ``entries`` and its vector, as float16, in the
+``vectors`` table written in the same transaction (``retrieval.vector_table``, which also
+migrates a log of the earlier float32 layout when it is opened). It is the index's source
+of truth; the faiss index is only a checkpoint of it (``retrieval.index``).
 
 Ids are SQLite ``AUTOINCREMENT`` rowids: never reused, so an id names the same entry in the
 log and in faiss forever, and reconciling the two is a set difference. ``replace`` deletes a
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from appliance.contract.durable import open_sqlite, transaction
+from appliance.retrieval import vector_table
 
 REFERENCE_PREFIX = "ref:"
 SQL_CHUNK = 900  # ids per ``IN (...)``: below SQLite's default limit of 999 variables
@@ -49,8 +52,7 @@ CREATE TABLE IF NOT EXISTS entries (
     minx REAL, miny REAL, maxx REAL, maxy REAL,
     lon_min REAL, lat_min REAL, lon_max REAL, lat_max REAL,
     class TEXT, confidence REAL, label TEXT,
-    ts REAL NOT NULL,
-    vector BLOB NOT NULL
+    ts REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_scene ON entries(scene_id);
 CREATE INDEX IF NOT EXISTS entries_class ON entries(class);
@@ -61,8 +63,8 @@ _WINDOW = ("col", "row", "width", "height")
 _BOUNDS = ("minx", "miny", "maxx", "maxy")
 _BOUNDS_WGS84 = ("lon_min", "lat_min", "lon_max", "lat_max")
 _COLUMNS = ("scene_id", "source", *_WINDOW, "crs", *_BOUNDS, *_BOUNDS_WGS84, "class",
-            "confidence", "label", "labels", "ts", "vector")
-_METADATA = ", ".join(("id", *_COLUMNS[:-1]))  # every column but the vector
+            "confidence", "label", "labels", "ts")
+_METADATA = ", ".join(("id", *_COLUMNS))
 _INSERT = (f"INSERT INTO entries ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join(':' + c for c in _COLUMNS)})")
 
@@ -139,6 +141,8 @@ class EntryLog:
                 raise sqlite3.DatabaseError("; ".join(str(r[0]) for r in check[:5]))
             self._db.executescript(_SCHEMA)
             _migrate(self._db)
+            vector_table.create(self._db)
+            vector_table.migrate(self._db)
         except sqlite3.DatabaseError:
             self._db.close()
             raise
@@ -164,10 +168,11 @@ class EntryLog:
                 old += [r[0] for r in db.execute("SELECT id FROM entries WHERE scene_id = ?",
                                                  (sid,))]
                 db.execute("DELETE FROM entries WHERE scene_id = ?", (sid,))
-            for e, v in zip(entries, vectors, strict=True):
-                row = db.execute(_INSERT, _encode(e, ts, v.tobytes()))
+            for e, _ in zip(entries, vectors, strict=True):
+                row = db.execute(_INSERT, _encode(e, ts))
                 assert row.lastrowid is not None  # set by every INSERT
                 new.append(row.lastrowid)
+            vector_table.insert(db, new, vectors)
         return np.asarray(old, np.int64), np.asarray(new, np.int64)
 
     def meta(self, key: str) -> Any:
@@ -206,31 +211,20 @@ class EntryLog:
             "SELECT id FROM entries ORDER BY RANDOM() LIMIT ?", (n,))), np.int64)
 
     def vector(self, entry_id: int) -> np.ndarray:
-        """The stored vector of one entry; ``KeyError`` if it does not exist (any more)."""
-        row = self._db.execute("SELECT vector FROM entries WHERE id = ?",
-                               (entry_id,)).fetchone()
-        if row is None:
+        """The stored vector of one entry (float32 from its float16 copy); ``KeyError`` if
+        it does not exist (any more)."""
+        vector = vector_table.one(self._db, entry_id)
+        if vector is None:
             raise KeyError(entry_id)
-        return np.frombuffer(row[0], np.float32).copy()
+        return vector
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """[len(ids), dim] vectors of ``ids``, in the order given (all must exist)."""
-        out = np.empty((len(ids), self.dim), np.float32)
-        pos = {int(i): n for n, i in enumerate(ids)}
-        for part in _chunks([int(i) for i in ids]):
-            marks = ",".join("?" * len(part))
-            for i, blob in self._db.execute(
-                    f"SELECT id, vector FROM entries WHERE id IN ({marks})", part):
-                out[pos[i]] = np.frombuffer(blob, np.float32)
-        return out
+        """[len(ids), dim] vectors of ``ids``, in the order given (``KeyError``: one is gone)."""
+        return vector_table.many(self._db, ids, self.dim)
 
     def iter_vectors(self, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, [n,dim] vectors) of every entry in id order, ``chunk`` rows at a time."""
-        cur = self._db.execute("SELECT id, vector FROM entries ORDER BY id")
-        while rows := cur.fetchmany(chunk):
-            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-            vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(-1, self.dim)
-            yield ids, vecs
+        return vector_table.iterate(self._db, self.dim, chunk)
 
     def entries(self, ids: Iterable[int]) -> dict[int, tuple[Entry, datetime]]:
         """Entry and time indexed of each of ``ids`` that still exists."""
@@ -292,11 +286,11 @@ def _migrate(db: sqlite3.Connection) -> None:
             db.execute("ALTER TABLE entries ADD COLUMN labels TEXT")
 
 
-def _encode(e: Entry, ts: float, vector: bytes) -> dict[str, Any]:
+def _encode(e: Entry, ts: float) -> dict[str, Any]:
     labels = None if e.labels is None else "|" + "".join(f"{n}|" for n in sorted(e.labels))
     row: dict[str, Any] = {"scene_id": e.scene_id, "source": e.source, "crs": e.crs,
                            "class": e.class_name, "confidence": e.confidence,
-                           "label": e.label, "labels": labels, "ts": ts, "vector": vector}
+                           "label": e.label, "labels": labels, "ts": ts}
     for names, values in ((_WINDOW, e.window), (_BOUNDS, e.bounds),
                           (_BOUNDS_WGS84, e.bounds_wgs84)):
         row.update(zip(names, values or (None,) * 4, strict=True))

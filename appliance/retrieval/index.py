@@ -1,8 +1,9 @@
 """The local retrieval index: the entry log and the faiss index kept equal, and searched.
 
 Two stores, one truth. The entry log (``retrieval.entry_log``: SQLite, ``state/index.sqlite``)
-is durable: metadata and vector of every entry. The faiss index (``retrieval.vector_index``)
-is only a checkpoint of it, ``state/index.faiss``. The crash-safety invariants:
+is durable: metadata and (float16) vector of every entry. The faiss index
+(``retrieval.vector_index``) is only a checkpoint of it, ``state/index.faiss``. The
+crash-safety invariants:
 
 * Every change is committed to the log first, in one transaction, and applied to faiss
   after; a crash between the two is repaired at the next start.
@@ -17,11 +18,14 @@ is only a checkpoint of it, ``state/index.faiss``. The crash-safety invariants:
 * Before every operation the index checks whether another process committed to the log
   (``terratile index add`` beside the daemon) and, if so, reconciles again.
 
-A change of size across ``exact_max`` rebuilds faiss from the log in the new structure and
-records its recall against exact search. Filtered queries (class, scene, time range)
-resolve the allowed ids in the log first; an exact index searches them with a selector,
-an approximate one searches them exactly when there are at most ``filter_exact_max`` of
-them (graph search with a very selective filter misses results), with a selector otherwise.
+A change of size across a threshold of ``desired_kind`` (or an IVF index that outgrew its
+lists or whose code size changed: ``VectorIndex.stale``) rebuilds faiss from the log in the
+new structure and records its recall against exact search. The quantised kinds re-score
+their shortlist exactly from the log's vectors (``VectorIndex.search`` with ``exact``), so
+the faiss index holds only compact codes. Filtered queries (class, scene, time range)
+resolve the allowed ids in the log first; an exact index searches them with a selector, an
+approximate one searches them exactly when there are at most ``filter_exact_max`` of them
+(graph search with a very selective filter misses results), with a selector otherwise.
 
 All public methods take one lock: the daemon adds from its main loop while MQTT queries
 arrive on the comms thread.
@@ -48,10 +52,12 @@ from appliance.retrieval.vector_index import (
     RECALL_K,
     RECALL_QUERIES,
     Kind,
+    RecallProbe,
     VectorIndex,
     build,
     desired_kind,
     exact_search,
+    train_size,
     use_threads,
 )
 from appliance.scene.cells import SceneCells
@@ -154,7 +160,7 @@ class TileIndex:
 
     @property
     def kind(self) -> Kind:
-        """The faiss structure in use: flat, hnsw or ivfpq."""
+        """The faiss structure in use: flat, hnsw, ivfpq or ivfsq."""
         return self._faiss.kind
 
     # ---------------------------------------------------------------- writing
@@ -320,8 +326,9 @@ class TileIndex:
         recorded = self._log.meta("checkpoint") or {}
         log.info("index: loaded %s checkpoint (recorded max id %s), replayed %d, dropped %d",
                  self.kind, recorded.get("max_id"), replayed, dropped)
-        kind = desired_kind(self.cfg, self._log.count(), self.kind)
-        if kind != self.kind:
+        n = self._log.count()
+        kind = desired_kind(self.cfg, n, self.kind)
+        if kind != self.kind or self._faiss.stale(n):
             self._rebuild(kind, check_recall=True)
         elif self._since_checkpoint:
             self.checkpoint()
@@ -350,18 +357,22 @@ class TileIndex:
     def _maybe_transition(self) -> None:
         n = self._log.count()
         kind = desired_kind(self.cfg, n, self.kind)
-        if kind != self.kind:
+        if kind != self.kind or self._faiss.stale(n):
             log.info("index: %s -> %s at %d vectors", self.kind, kind, n)
             self._rebuild(kind, check_recall=True)
 
     def _rebuild(self, kind: Kind, check_recall: bool) -> None:
         """A new faiss index of ``kind`` from every vector in the log, then a checkpoint;
         its recall is measured and recorded when asked (never by a read-only index)."""
-        train = None
-        if kind == "ivfpq":
-            train = self._log.vectors(self._log.sample_ids(max(256, 64 * self.cfg.ivf_nlist)))
+        n = self._log.count()
+        train = probe = None
+        if kind in ("ivfpq", "ivfsq"):
+            train = self._log.vectors(self._log.sample_ids(train_size(self.cfg, n)))
+        if check_recall and not self.read_only:
+            probe = RecallProbe(self._log.vectors(self._log.sample_ids(RECALL_QUERIES)),
+                                self._log.vectors)
         built = build(kind, self.dim, self.cfg, self._log.iter_vectors(REPLAY_CHUNK), train,
-                      check_recall=check_recall and not self.read_only)
+                      probe, size=n)
         self._faiss = built.index
         if built.recall is not None:
             n = built.index.ntotal
@@ -375,10 +386,10 @@ class TileIndex:
         """faiss search honouring tombstones and filters; [n,k] scores and ids (-1 = none)."""
         k = max(1, min(k, max(1, self._faiss.ntotal)))
         if not filters.restricts:
-            return self._faiss.search(q, k)
+            return self._faiss.search(q, k, exact=self._log.vectors)
         allowed = self._log.ids(filters)
         if not len(allowed):
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         if self.kind != "flat" and len(allowed) <= self.cfg.filter_exact_max:
             return exact_search(q, self._log.vectors(allowed), allowed, k)
-        return self._faiss.search(q, k, allowed)
+        return self._faiss.search(q, k, allowed, exact=self._log.vectors)

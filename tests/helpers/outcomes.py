@@ -17,6 +17,9 @@ from appliance.scene.pipeline import SceneOutcome
 
 CLASSES = ["urban", "vegetation", "water"]
 DIM = 8
+SELF_SCORE_TOL = 1e-3
+"""How far a stored vector's score against its own float32 original may be from 1: the
+entry log keeps vectors as float16 (a relative error of about 5e-4 per component)."""
 
 
 def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:

@@ -124,3 +124,36 @@ def test_a_name_that_is_not_utf8_is_claimed_under_a_safe_name(tmp_path: Path) ->
     work.unlink()
     box.release(work)
     assert list(box.work.iterdir()) == []
+
+
+def test_a_file_renamed_in_is_ready_at_once_one_written_in_place_settles(tmp_path: Path) -> None:
+    """A rename (from ``.part`` or from elsewhere on the filesystem) is complete by
+    construction: it is ready on its event, with a minute's settle still pending for a file
+    written in place, and for a renamed file written again afterwards."""
+    box = Inbox(tmp_path / "inbox", tmp_path / "work", settle_seconds=60, rescan_seconds=60)
+    box.start()
+    try:
+        in_place = box.dir / "in_place.tif"
+        in_place.write_bytes(b"w" * 100)
+        part = box.dir / "renamed.tif.part"
+        part.write_bytes(b"r" * 100)
+        part.rename(box.dir / "renamed.tif")
+        outside = tmp_path / "moved.tif"
+        outside.write_bytes(b"m" * 100)
+        outside.rename(box.dir / "moved.tif")
+        rewritten = tmp_path / "rewritten.tif"
+        rewritten.write_bytes(b"x" * 100)
+        rewritten.rename(box.dir / "rewritten.tif")
+        with (box.dir / "rewritten.tif").open("ab") as fh:
+            fh.write(b"more")
+        ready = set(ready_within(box))
+        deadline = time.monotonic() + 5
+        while len(ready) < 2 and time.monotonic() < deadline:
+            box.wait(0.05)
+            ready |= set(box.ready())
+        assert ready == {box.dir / "renamed.tif", box.dir / "moved.tif"}
+        assert box.waiting() == 4  # the in-place and the rewritten file still settle
+        work = box.claim(box.dir / "moved.tif")
+        assert work is not None and work.read_bytes() == b"m" * 100
+    finally:
+        box.stop()

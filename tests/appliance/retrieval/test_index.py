@@ -20,13 +20,16 @@ from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.retrieval.entry_log import Entry, Filters, IndexStateError
 from appliance.retrieval.index import TileIndex
 from appliance.scene.pipeline import process_scene
-from tests.helpers.outcomes import CLASSES, DIM, outcome, unit
+from tests.helpers.outcomes import CLASSES, DIM, SELF_SCORE_TOL, outcome, unit
 from tests.helpers.paths import REPO
 from tests.helpers.scenes import quarters, write_scene
 
 
 def cfg(**kw: object) -> RetrievalConfig:
     return RetrievalConfig.model_validate(kw)
+
+
+near_one = pytest.approx(1.0, abs=SELF_SCORE_TOL)  # a vector's score against its stored copy
 
 
 def window_of(index: TileIndex, entry_id: int) -> tuple[int, int, int, int] | None:
@@ -41,7 +44,7 @@ def test_add_and_search_return_cell_metadata(tmp_path: Path) -> None:
     assert index.add_scene(out, CLASSES) == 11  # the nodata cell is not indexed
     hits = index.search(out.cells.embeddings[7], 3)
     top = hits[0]
-    assert top.score == pytest.approx(1.0, abs=1e-5)
+    assert top.score == near_one
     assert top.entry.scene_id == "s1" and top.entry.source == "s1.tif"
     assert top.entry.window == (48, 16, 16, 16)
     assert top.entry.class_name == "vegetation"  # cell 7 → class 7 % 3
@@ -124,7 +127,7 @@ def test_filters(tmp_path: Path) -> None:
     assert index.search(q, 5, Filters(until=now - timedelta(hours=1))) == []
     assert len(index.search(q, 5, Filters(since=now - timedelta(hours=1)))) == 5
     top = index.search(q, 1)[0]
-    assert top.score == pytest.approx(1.0, abs=1e-5)
+    assert top.score == near_one
     assert top.id not in {h.id for h in index.search(q, 5, Filters(exclude_ids=frozenset({
         top.id})))}
 
@@ -171,7 +174,7 @@ def test_restart_replays_entries_added_after_the_checkpoint(tmp_path: Path) -> N
     reopened = TileIndex(tmp_path, cfg(), DIM)
     assert reopened.count() == 24 and reopened.stats()["faiss_ntotal"] == 24
     for v in late.cells.embeddings:
-        assert reopened.search(v, 1)[0].score == pytest.approx(1.0, abs=1e-5)
+        assert reopened.search(v, 1)[0].score == near_one
     assert all(h.entry.scene_id in {"s0", "s1"} for h in reopened.search(late.cells.embeddings[0],
                                                                          24))
 
@@ -183,7 +186,7 @@ def test_corrupt_checkpoint_is_rebuilt_from_the_log(tmp_path: Path) -> None:
     index.close()
     (tmp_path / "index.faiss").write_bytes(b"not a faiss index")
     reopened = TileIndex(tmp_path, cfg(), DIM)
-    assert reopened.search(out.cells.embeddings[3], 1)[0].score == pytest.approx(1.0, abs=1e-5)
+    assert reopened.search(out.cells.embeddings[3], 1)[0].score == near_one
 
 
 ADDER = textwrap.dedent("""
@@ -226,7 +229,7 @@ def test_index_survives_sigkill(tmp_path: Path) -> None:
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         for row in v:
             hits = index.search(row, 1, Filters(scene_id=f"s{s}"))
-            assert hits and hits[0].score == pytest.approx(1.0, abs=1e-5)
+            assert hits and hits[0].score == near_one
         assert index.search(v[0], 1)[0].entry.scene_id == f"s{s}"
     assert index.stats()["faiss_ntotal"] - index.stats()["tombstones"] == index.count()
 
@@ -264,7 +267,7 @@ def test_hnsw_tombstones_are_compacted_by_a_rebuild(tmp_path: Path) -> None:
     stats = index.stats()
     assert stats["type"] == "hnsw"
     assert stats["tombstones"] == 0 and stats["faiss_ntotal"] == stats["entries"] == 24
-    assert index.search(again.cells.embeddings[0], 1)[0].score == pytest.approx(1.0, abs=1e-5)
+    assert index.search(again.cells.embeddings[0], 1)[0].score == near_one
 
 
 def test_commits_of_another_process_are_seen(tmp_path: Path) -> None:
@@ -276,7 +279,7 @@ def test_commits_of_another_process_are_seen(tmp_path: Path) -> None:
     cli.add_scene(added, CLASSES)
     cli.add_scene(outcome("s0", seed=2), CLASSES)  # replaces rows the daemon holds
     hit = daemon.search(added.cells.embeddings[4], 1)[0]
-    assert hit.entry.scene_id == "s1" and hit.score == pytest.approx(1.0, abs=1e-5)
+    assert hit.entry.scene_id == "s1" and hit.score == near_one
     stats = daemon.stats()
     assert stats["entries"] == 24 and stats["faiss_ntotal"] - stats["tombstones"] == 24
     assert len({h.id for h in daemon.search(added.cells.embeddings[0], 30)}) == 24
@@ -288,7 +291,7 @@ def test_a_read_only_index_replays_in_memory_and_never_writes(tmp_path: Path) ->
     writer.add_scene(out, CLASSES)
     (tmp_path / "index.faiss").unlink()  # as if the writer died before its first checkpoint
     reader = TileIndex(tmp_path, cfg(), DIM, read_only=True)
-    assert reader.search(out.cells.embeddings[2], 1)[0].score == pytest.approx(1.0, abs=1e-5)
+    assert reader.search(out.cells.embeddings[2], 1)[0].score == near_one
     reader.checkpoint()
     reader.close()
     assert not (tmp_path / "index.faiss").exists()

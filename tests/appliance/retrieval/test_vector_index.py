@@ -10,6 +10,7 @@ import pytest
 
 from appliance.config import RetrievalConfig
 from appliance.retrieval.vector_index import (
+    RecallProbe,
     VectorIndex,
     build,
     desired_kind,
@@ -94,9 +95,10 @@ def test_search_among_allowed_ids_and_exact_search_agree() -> None:
 
 def test_build_measures_recall_of_approximate_kinds() -> None:
     vectors = unit(np.random.default_rng(4), 500)
-    hnsw = build("hnsw", DIM, cfg(), chunks(vectors), check_recall=True)
+    probe = RecallProbe(vectors[:200], lambda ids: vectors[ids - 1])
+    hnsw = build("hnsw", DIM, cfg(), chunks(vectors), probe=probe)
     assert hnsw.recall is not None and 0.9 <= hnsw.recall <= 1.0
-    assert build("flat", DIM, cfg(), chunks(vectors), check_recall=True).recall is None
+    assert build("flat", DIM, cfg(), chunks(vectors), probe=probe).recall is None
 
 
 def test_ivfpq_needs_training_vectors_and_fits_its_lists() -> None:
