@@ -37,7 +37,8 @@ from appliance.fleet.nodes import NodeView, read_fleet
 from appliance.fleet.rollout import RolloutReport, roll_out
 from appliance.fleet.scatter import FleetAnswer, scatter_query
 
-fleet_app = typer.Typer(no_args_is_help=True, help=__doc__.split("\n\n")[0])
+fleet_app = typer.Typer(no_args_is_help=True,
+                        help="Every box that shares the broker, from one shell.")
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object.")
 T = TypeVar("T")
 
@@ -62,7 +63,7 @@ def _model(ref: ModelRef | None) -> str:
 
 @fleet_app.command("status")
 def status(config: Path = CONFIG_OPTION, as_json: bool = JSON_OPTION) -> None:
-    """Every node under the prefix from its retained availability and status."""
+    """Every node under the prefix, from its retained availability and status."""
     nodes = _on_fleet(config, read_fleet)
     if as_json:
         typer.echo(json.dumps({"nodes": [n.as_dict() for n in nodes]}))
@@ -101,9 +102,10 @@ def query(
                                   help="Seconds to wait for the nodes' answers."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """One retrieval request to every online node; the k best results of all, each
-    naming its node. An --image path is read on each node (retrieval.allowed_dirs).
-    Nodes that stay silent or answer with an error are named; exit 1 when none answered."""
+    """Ask every online node; the k best results of all, each naming its node.
+
+    An --image path is read on each node (inside its retrieval.allowed_dirs). Nodes that
+    stay silent or answer with an error are named on stderr; exit 1 when none answered."""
     try:
         vector = read_vector(vector_file).tolist() if vector_file else None
     except (OSError, ValueError) as exc:
@@ -146,8 +148,8 @@ def install(
         None, "--sha256", help="sha256 of the bundle's manifest.json (pins every file); "
         "without it a node installs whatever the URL serves."),
     nodes_option: str | None = typer.Option(
-        None, "--nodes", help="Comma-separated node ids, in rollout order [default: every "
-        "online node]."),
+        None, "--nodes", help="Comma-separated node ids, in rollout order (default: every "
+        "online node)."),
     canary: int = typer.Option(1, "--canary", min=0,
                                help="Nodes installed one at a time before all the others."),
     timeout: float = typer.Option(600.0, "--timeout", min=1.0,
@@ -156,9 +158,11 @@ def install(
     config: Path = CONFIG_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Roll the bundle at BUNDLE_URL out to the fleet through each node's cmd/install:
-    canary nodes first, then the rest together; stop at the first refusal or silence.
-    Prints which node runs which model; exit 1 unless every node installed it."""
+    """Roll the bundle at BUNDLE_URL out through each node's cmd/install.
+
+    Canary nodes go first, one at a time, then the rest together; the rollout stops at
+    the first refusal or silence. Prints which node runs which model; exit 1 unless
+    every node installed it."""
     if not bundle_url.startswith(("http://", "https://")):
         typer.echo(f"error: {bundle_url}: the nodes fetch the bundle themselves, so give "
                    "an http(s) URL they can reach", err=True)

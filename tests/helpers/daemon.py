@@ -27,7 +27,6 @@ class DaemonProc:
                  **overrides: Any) -> None:
         self.root = root
         self.node_id = node_id
-        self.topics = f"terratile/{node_id}"
         root.mkdir(parents=True, exist_ok=True)
         self.config = root / "appliance.yaml"
         cfg: dict[str, Any] = {

@@ -161,6 +161,15 @@ def test_query_merges_three_nodes_by_score_and_names_a_silent_one(
     assert [s for s, _, _ in top] == [s for s, _, _ in union[:5]]
     assert set(top) <= set(union)
 
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps([1.0] * (EMBED_DIM + 1)))
+    out = run_cli(fleet, "query", "--vector-file", str(wrong), "--json")
+    assert out.exit_code == 1  # every node answered, none with results
+    answer = json.loads(out.stdout)
+    assert sorted(answer["errors"]) == list(NODES) and answer["results"] == []
+    assert {e["code"] for e in answer["errors"].values()} == {"bad-request"}
+    assert "error from edge-b (bad-request)" in out.stderr
+
     stopped = fleet.boxes["edge-c"]
     assert stopped.proc is not None
     os.kill(stopped.proc.pid, signal.SIGSTOP)  # connected (still "online"), but silent
@@ -243,3 +252,33 @@ def test_install_rolls_out_to_three_nodes_and_stops_at_a_canary_refusal(
     refusals = fleet.listener.matching(lambda m: m.topic.endswith("/events/model")
                                        and json.loads(m.payload)["action"] == "refused")
     assert [m.topic.split("/")[1] for m in refusals] == ["edge-b"]
+
+
+def broker_config(tmp_path: Path, port: int) -> Path:
+    """A config for the fleet commands alone: the broker, nothing local."""
+    path = tmp_path / "fleet.yaml"
+    path.write_text(f"mqtt:\n  port: {port}\n")
+    return path
+
+
+def test_unreadable_status_and_unreachable_broker_are_reported(
+        tmp_path: Path, broker: Broker) -> None:
+    config = broker_config(tmp_path, broker.port)
+    writer = Listener(broker.port, "unused/#")
+    try:
+        writer.publish("terratile/odd/status", '{"schema": "terratile.status/9"}', retain=True)
+        writer.publish("terratile/odd/available", "online", retain=True)
+    finally:
+        writer.close()
+    out = CliRunner().invoke(cli, ["fleet", "status", "--json", "--config", str(config)])
+    assert out.exit_code == 0, out.output
+    [node] = json.loads(out.stdout)["nodes"]
+    assert node["node_id"] == "odd" and node["available"] == "online"
+    assert node["state"] is None and "unreadable status" in node["status_error"]
+
+    broker.stop()
+    for args in (["status"], ["query", "--vector-file", str(vector_file(tmp_path))],
+                 ["install", "http://127.0.0.1:9/b.tar.gz"]):
+        out = CliRunner().invoke(cli, ["fleet", *args, "--config", str(config)])
+        assert out.exit_code == 1, args
+        assert f"cannot connect to the broker 127.0.0.1:{broker.port}" in out.stderr, args
