@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
@@ -88,7 +89,8 @@ def stats(config: Path = CONFIG_OPTION,
         typer.echo(f"{key:>17}: {json.dumps(value) if isinstance(value, dict) else value}")
 
 
-def _read_vector(path: Path) -> np.ndarray:
+def read_vector(path: Path) -> np.ndarray:
+    """A query vector from ``path``: ``.npy``, a JSON list or whitespace/comma numbers."""
     if path.suffix == ".npy":
         return np.load(path).astype(np.float32).ravel()
     text = path.read_text().strip()
@@ -96,24 +98,49 @@ def _read_vector(path: Path) -> np.ndarray:
     return np.asarray(values, np.float32).ravel()
 
 
+IMAGE_OPTION = typer.Option(None, "--image", help="Query by an image file.")
+PIXEL_OPTION = typer.Option(None, "--pixel", help="COL ROW")
+LONLAT_OPTION = typer.Option(None, "--lonlat", help="LON LAT")
+VECTOR_OPTION = typer.Option(None, "--vector-file", help=".npy, JSON list or whitespace numbers")
+K_OPTION = typer.Option(20, "-k", "--k", help="Number of results.")
+CLASS_OPTION = typer.Option(None, "--class", help="Only this class.")
+SCENE_FILTER_OPTION = typer.Option(None, "--scene-filter", help="Only this scene.")
+SINCE_OPTION = typer.Option(None, "--since", help="Indexed at or after (ISO 8601).")
+UNTIL_OPTION = typer.Option(None, "--until", help="Indexed at or before (ISO 8601).")
+LABEL_OPTION = typer.Option(None, "--label", help="Multi-label bundles: only cells holding "
+                            "this label (repeat: all of them).")
+
+
+def query_request(image: Path | None, scene: str | None, pixel: tuple[float, float] | None,
+                  lonlat: tuple[float, float] | None, vector: list[float] | None, k: int,
+                  class_name: str | None, scene_filter: str | None, since: str | None,
+                  until: str | None, labels: list[str]) -> dict[str, Any]:
+    """The retrieval request object the query options make (``terratile query`` answers
+    it locally, ``terratile fleet query`` sends it to every node)."""
+    return {
+        "image": str(image) if image else None, "scene_id": scene,
+        "pixel": list(pixel) if pixel else None, "lonlat": list(lonlat) if lonlat else None,
+        "vector": vector, "k": k,
+        "filters": {"class": class_name, "scene_id": scene_filter,
+                    "since": since, "until": until, "labels": labels},
+    }
+
+
 def query_command(
     config: Path = CONFIG_OPTION,
-    image: Path | None = typer.Option(None, "--image", help="Query by an image file."),
+    image: Path | None = IMAGE_OPTION,
     scene: str | None = typer.Option(
         None, "--scene", help="Query by a cell of this scene: its id, a unique id prefix or "
         "its file name."),
-    pixel: tuple[float, float] | None = typer.Option(None, "--pixel", help="COL ROW"),
-    lonlat: tuple[float, float] | None = typer.Option(None, "--lonlat", help="LON LAT"),
-    vector_file: Path | None = typer.Option(None, "--vector-file",
-                                            help=".npy, JSON list or whitespace numbers"),
-    k: int = typer.Option(20, "-k", "--k", help="Number of results."),
-    class_name: str | None = typer.Option(None, "--class", help="Only this class."),
-    scene_filter: str | None = typer.Option(None, "--scene-filter", help="Only this scene."),
-    since: str | None = typer.Option(None, "--since", help="Indexed at or after (ISO 8601)."),
-    until: str | None = typer.Option(None, "--until", help="Indexed at or before (ISO 8601)."),
-    label: list[str] | None = typer.Option(
-        None, "--label", help="Multi-label bundles: only cells holding this label (repeat: all "
-        "of them)."),
+    pixel: tuple[float, float] | None = PIXEL_OPTION,
+    lonlat: tuple[float, float] | None = LONLAT_OPTION,
+    vector_file: Path | None = VECTOR_OPTION,
+    k: int = K_OPTION,
+    class_name: str | None = CLASS_OPTION,
+    scene_filter: str | None = SCENE_FILTER_OPTION,
+    since: str | None = SINCE_OPTION,
+    until: str | None = UNTIL_OPTION,
+    label: list[str] | None = LABEL_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Nearest indexed cells / reference images to an image, a cell or a vector."""
@@ -135,17 +162,13 @@ def query_command(
     service = RetrievalService(index, settings.retrieval, lambda: runtime, settings.node_id,
                                settings.input)
     try:
-        vector = _read_vector(vector_file).tolist() if vector_file else None
+        vector = read_vector(vector_file).tolist() if vector_file else None
     except (OSError, ValueError) as exc:
         reply = service.refuse(RequestError("bad-request", f"{vector_file}: {exc}"))
     else:
-        reply = service.answer({
-            "image": str(image) if image else None, "scene_id": scene,
-            "pixel": list(pixel) if pixel else None, "lonlat": list(lonlat) if lonlat else None,
-            "vector": vector, "k": k,
-            "filters": {"class": class_name, "scene_id": scene_filter,
-                        "since": since, "until": until, "labels": label or []},
-        })
+        reply = service.answer(query_request(image, scene, pixel, lonlat, vector, k,
+                                             class_name, scene_filter, since, until,
+                                             label or []))
     finally:
         index.close()
     _print(reply, as_json)

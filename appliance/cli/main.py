@@ -8,6 +8,7 @@ import typer
 
 from appliance.cli import scene
 from appliance.cli.checks import problems
+from appliance.cli.fleet import fleet_app
 from appliance.cli.index import index_app, query_command
 from appliance.cli.models import models_app
 from appliance.cli.options import DEFAULT_CONFIG, config_path, show_config_error
@@ -63,3 +64,4 @@ scene.register(app)  # run, process, status
 app.add_typer(models_app, name="models")  # list, rollback, activate, adapt
 app.add_typer(index_app, name="index")  # add, stats
 app.command("query")(query_command)
+app.add_typer(fleet_app, name="fleet")  # status, query, install

@@ -17,7 +17,7 @@ from appliance.contract.durable import StateLock
 DEFAULT_CONFIG = Path("/etc/terratile/appliance.yaml")
 CONFIG_OPTION = typer.Option(
     None, "--config", "-c", envvar="TERRATILE_CONFIG", show_envvar=True, dir_okay=False,
-    help=f"Appliance YAML config file [default: {DEFAULT_CONFIG}].")
+    help=f"Appliance YAML config file (default: {DEFAULT_CONFIG}).")
 
 
 def show_config_error(config: Path, exc: ConfigError) -> None:

@@ -86,3 +86,36 @@ class Topics:
         if topic == self.prefix or topic.startswith(f"{self.prefix}/"):
             return f"inside the appliance tree {self.prefix}/"
         return None
+
+
+@dataclass(frozen=True)
+class FleetTopics:
+    """The topic names across every node that shares ``prefix``: the fleet's view.
+
+    A client that speaks to the whole fleet subscribes to one wildcard per kind of
+    message (``<prefix>/+/<suffix>``) and reads the node back from each topic. Its own
+    replies go under ``<prefix>-fleet/<client_id>``: outside the ``<prefix>/`` tree, where
+    ``Topics.response_topic_problem`` lets a node answer.
+    """
+
+    prefix: str
+
+    def of(self, node_id: str) -> Topics:
+        """The topics of one node."""
+        return Topics(self.prefix, node_id)
+
+    def every(self, suffix: str) -> str:
+        """The subscription to ``suffix`` of every node, ``<prefix>/+/<suffix>``."""
+        return f"{self.prefix}/+/{suffix}"
+
+    def sender(self, topic: str, suffix: str) -> str | None:
+        """The node that published ``topic`` as its ``<prefix>/<node>/<suffix>``, else None."""
+        head, tail = f"{self.prefix}/", f"/{suffix}"
+        if not (topic.startswith(head) and topic.endswith(tail)):
+            return None
+        node = topic[len(head):len(topic) - len(tail)]
+        return node if node and "/" not in node else None
+
+    def replies(self, client_id: str) -> str:
+        """Where the nodes answer this fleet client, ``<prefix>-fleet/<client_id>/reply``."""
+        return f"{self.prefix}-fleet/{client_id}/reply"

@@ -23,12 +23,14 @@ P = f"terratile/{NODE}"
 class DaemonProc:
     """``terratile run`` in a subprocess with a generated config under ``root``."""
 
-    def __init__(self, root: Path, bundle: Path, port: int, **overrides: Any) -> None:
+    def __init__(self, root: Path, bundle: Path, port: int, node_id: str = NODE,
+                 **overrides: Any) -> None:
         self.root = root
+        self.node_id = node_id
         root.mkdir(parents=True, exist_ok=True)
         self.config = root / "appliance.yaml"
         cfg: dict[str, Any] = {
-            "node_id": NODE,
+            "node_id": node_id,
             "paths": {"inbox": "inbox", "results": "results", "failed": "failed",
                       "state": "state"},
             "model": {"bundle": str(bundle), "providers": ["cpu"]},

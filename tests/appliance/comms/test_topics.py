@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance.comms.topics import RETRIEVAL_QUERY, Topics
+from appliance.comms.topics import RETRIEVAL_QUERY, FleetTopics, Topics
 
 T = Topics("terratile", "edge-01")
 
@@ -33,3 +33,16 @@ def test_response_topics_that_would_aim_a_reply_at_the_appliance_are_refused() -
     for topic, why in bad.items():
         problem = T.response_topic_problem(topic, 256)
         assert problem is not None and why in problem, (topic[:20], problem)
+
+
+def test_fleet_topics_span_every_node_and_reply_outside_the_tree() -> None:
+    fleet = FleetTopics("terratile")
+    assert fleet.every("status") == "terratile/+/status"
+    assert fleet.of("edge-01") == T
+    assert fleet.sender("terratile/edge-01/status", "status") == "edge-01"
+    assert fleet.sender("terratile/edge-01/events/model", "events/model") == "edge-01"
+    for other in ("terratile/a/b/status", "terratile//status", "elsewhere/edge-01/status",
+                  "terratile/edge-01/available"):
+        assert fleet.sender(other, "status") is None, other
+    reply = fleet.replies("cli-1")
+    assert T.response_topic_problem(reply, 256) is None  # a node will answer there
