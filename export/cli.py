@@ -58,6 +58,7 @@ def train_cmd(
     ``torchrun --nproc-per-node 2 -m export.cli train ...`` (DDP; --batch-size is global).
     """
     from export.device import DeviceError
+    from export.distributed import from_env
     from export.train import TrainConfig, train
 
     if task not in TASKS:
@@ -73,7 +74,8 @@ def train_cmd(
         run = train(cfg, console)
     except (DataError, BackboneError, DeviceError) as exc:
         raise _fail(str(exc)) from exc
-    console.print(f"run written to {run}")
+    if from_env().is_main:
+        console.print(f"run written to {run}")
 
 
 @app.command("bundle")

@@ -75,9 +75,14 @@ def _read(path: Any, n_bands: int | None) -> np.ndarray:
 
 def loader(stream: ChipStream, batch_size: int, workers: int,
            sampler: Sampler[Any] | None = None, pin_memory: bool = False) -> DataLoader[Any]:
-    """Batches of ``stream`` decoded by ``workers`` processes (0: in this process)."""
+    """Batches of ``stream`` decoded by ``workers`` processes (0: in this process).
+
+    A training loader drops the short last batch once there is at least one full one (a
+    batch of one chip breaks BatchNorm; shuffling shows the dropped chips next epoch)."""
+    shard = len(sampler) if sampler is not None and hasattr(sampler, "__len__") \
+        else len(stream)
     return DataLoader(stream, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, drop_last=False,
+                      pin_memory=pin_memory, drop_last=stream.train and shard >= batch_size,
                       prefetch_factor=2 if workers else None)
 
 
