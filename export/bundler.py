@@ -356,7 +356,7 @@ def _metrics(run_dir: Path, parity: dict[str, dict[str, float]], exporter: str,
     metrics_file = Path(run_dir) / METRICS
     if metrics_file.is_file():
         train = json.loads(metrics_file.read_text())
-        last = train["epochs"][-1] if train.get("epochs") else {}
+        last = train.get("best") or (train["epochs"][-1] if train.get("epochs") else {})
         doc |= {"train_seconds": train.get("train_seconds"), "epochs": last.get("epoch"),
                 "val_score": last.get("val_score")}
     return doc

@@ -29,7 +29,8 @@ def train_cmd(
     backbone: str = typer.Option(..., help=f"One of {', '.join(BACKBONES)}."),
     out: Path = typer.Option(..., help="Run directory (checkpoint, metrics.json, split.json)."),
     epochs: int = typer.Option(8, min=1),
-    image_size: int = typer.Option(128, min=16, help="Network input size in pixels."),
+    image_size: int = typer.Option(
+        128, min=0, help="Network input size in pixels (0: the backbone's native size)."),
     task: str = typer.Option("single-label", help="single-label or multi-label."),
     val_fraction: float = typer.Option(0.2, help="Held-out fraction of every class."),
     seed: int = typer.Option(0),
@@ -47,23 +48,38 @@ def train_cmd(
     crop_min: Optional[float] = typer.Option(  # noqa: UP045
         None, min=0.05, max=1.0, help="Smallest crop area of a training view (default 0.35, "
         "0.8 for multi-label: labels describe the whole chip)."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda[:N] or mps."),
+    precision: str = typer.Option("32", help="32, 16-mixed (GPU) or bf16-mixed (autocast)."),
+    workers: int = typer.Option(2, min=0, help="Data-loader processes decoding chips."),
+    resume: bool = typer.Option(False, help="Continue OUT from its last epoch (last.pt)."),
+    patience: int = typer.Option(
+        0, min=0, help="Stop after this many epochs without a better val score (0: never)."),
 ) -> None:
-    """Fine-tune BACKBONE on DATA with a classifier and an embedding head."""
+    """Fine-tune BACKBONE on DATA with a classifier and an embedding head.
+
+    Several GPUs or machines: launch it with torchrun, e.g.
+    ``torchrun --nproc-per-node 2 -m export.cli train ...`` (DDP; --batch-size is global).
+    """
+    from export.device import DeviceError
+    from export.distributed import from_env
     from export.train import TrainConfig, train
 
     if task not in TASKS:
         raise _fail(f"--task must be one of {TASKS}, got {task!r}")
     cfg = TrainConfig(data=data, backbone=backbone, out=out, epochs=epochs,
-                      image_size=image_size, task=task,  # type: ignore[arg-type]
+                      image_size=image_size or None, task=task,  # type: ignore[arg-type]
                       val_fraction=val_fraction, seed=seed, init=init, pretrained=pretrained,
                       batch_size=batch_size, lr=lr, freeze_backbone=freeze_backbone,
                       embedding_dim=embedding_dim, warmup_epochs=warmup_epochs,
-                      threads=threads, gsd=gsd or None, crop_min=crop_min)
+                      threads=threads, gsd=gsd or None, device=device, precision=precision,
+                      workers=workers, resume=resume, patience=patience,
+                      crop_min=crop_min)
     try:
         run = train(cfg, console)
-    except (DataError, BackboneError) as exc:
+    except (DataError, BackboneError, DeviceError) as exc:
         raise _fail(str(exc)) from exc
-    console.print(f"run written to {run}")
+    if from_env().is_main:
+        console.print(f"run written to {run}")
 
 
 @app.command("bundle")
@@ -139,3 +155,7 @@ def evaluate_cmd(
         typer.echo(json.dumps(report))
     else:
         typer.echo(format_report(report))
+
+
+if __name__ == "__main__":  # torchrun -m export.cli train ...
+    app()

@@ -1,8 +1,8 @@
-"""Training data: an ImageFolder tree or a multi-label CSV, read into memory, split by class.
+"""Training data: an ImageFolder tree or a multi-label CSV, split by class.
 
-Chips are small (AID: 150 px), so a whole data set is decoded once into uint8/float arrays
-and augmented on tensors; that keeps a 2-core CPU busy with the network, not with JPEG
-decoding. Chips are decoded by the appliance's chip reader (``appliance.contract.chips``:
+Training streams chips from disk (``export.streaming``); ``load_chips`` decodes a bounded
+set into memory for the steps that need arrays (bundle parity and calibration chips,
+evaluation). Chips are decoded by the appliance's chip reader (``appliance.contract.chips``:
 JPEG/PNG through Pillow, GeoTIFF chips of any band count through rasterio), the one the box
 reads its reference images and image queries with. Every problem with the data (missing
 folder, empty class, unreadable file, a single class, mixed band counts) raises
