@@ -32,10 +32,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from benchmarks.outbox import free_port, start_broker
 from tests.helpers.colour_bundle import build_colour_bundle

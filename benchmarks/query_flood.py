@@ -25,15 +25,17 @@ import json
 import multiprocessing
 import os
 import platform
-import shutil
-import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -43,15 +45,10 @@ from paho.mqtt.properties import Properties
 from appliance.comms.mqtt import Comms
 from appliance.config import MQTTConfig
 from appliance.ingest.journal import Journal
+from benchmarks.outbox import free_port, start_broker
 
 NODE = "flood"
 P = f"terratile/{NODE}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mb() -> float:
@@ -136,27 +133,18 @@ def latency(values: list[float]) -> dict[str, float | int | None]:
             "max": pct(values, 1.0)}
 
 
-def start_broker(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_mosquitto(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     conf = tmp / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                     "max_queued_messages 1000000\n")
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    broker = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return broker, port
+    return start_broker(conf), port
 
 
 def scenario(args: argparse.Namespace, client_rate: float) -> dict[str, Any]:
     """One flood against a fresh broker and box with ``mqtt.client_rate = client_rate``."""
     tmp = Path(tempfile.mkdtemp(prefix="query-flood-"))
-    broker, port = start_broker(tmp)
+    broker, port = start_mosquitto(tmp)
     journal = Journal(tmp / "j.sqlite")
     command_lat: list[float] = []
 

@@ -28,42 +28,32 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from benchmarks.outbox import free_port, start_broker
+
 TOPIC = "terratile/jobs"
 SHARED = f"$share/boxes/{TOPIC}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_broker(tmp: Path, port: int) -> subprocess.Popen[bytes]:
+def start_mosquitto(tmp: Path, port: int) -> subprocess.Popen[bytes]:
     conf = tmp / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
                     f"persistence_location {tmp}/\nmax_queued_messages 100000\n")
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("mosquitto did not start")
+    return start_broker(conf)
 
 
 def member(port: int, client_id: str, ack: bool, expiry: int, log: Any) -> None:
@@ -114,7 +104,7 @@ def scenario(back: bool) -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")
     tmp = Path(tempfile.mkdtemp(prefix="share-"))
     port = free_port()
-    broker = start_broker(tmp, port)
+    broker = start_mosquitto(tmp, port)
     log = ctx.Queue()
     expiry = 300 if back else 3
     a = ctx.Process(target=member, args=(port, "box-a", False, expiry, log))

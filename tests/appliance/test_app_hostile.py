@@ -24,7 +24,7 @@ from paho.mqtt.properties import Properties
 from tests.conftest import Broker
 from tests.helpers.colour_bundle import EMBED_DIM
 from tests.helpers.daemon import DaemonProc, P
-from tests.helpers.hostile import Canary, tmpfs, vrt_xml, wms_xml, write_sparse
+from tests.helpers.hostile import Canary, fill, tmpfs, vrt_xml, wms_xml, write_sparse
 from tests.helpers.mqtt_listener import Listener, Received, topic_is
 from tests.helpers.paths import REPO
 from tests.helpers.scenes import quarters, write_scene
@@ -213,14 +213,7 @@ def test_a_full_results_disk_fails_the_scene_and_the_box_goes_on(
         listener = Listener(broker.port, f"{P}/#")
         daemon.start()
         try:
-            filler = disk / "filler"
-            with open(filler, "wb", buffering=0) as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 4096)
-                except OSError:
-                    pass
-            os.truncate(filler, filler.stat().st_size - 4096)
+            filler = fill(disk)
             daemon.drop(write_scene(tmp_path / "a.tif", size=(128, 128)))
             failed = by_source(listener.wait_for(failures, timeout=120))
             assert failed["a.tif"]["reason"] == "disk-full"

@@ -3,6 +3,7 @@ a sparse GeoTIFF of enormous declared size, a tiny real filesystem (tmpfs) to fi
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
@@ -94,3 +95,16 @@ def tmpfs(mountpoint: Path, size: str) -> Iterator[Path | None]:
         yield mountpoint
     finally:
         subprocess.run(["umount", str(mountpoint)], check=False)
+
+
+def fill(disk: Path, leave: int = 4096) -> Path:
+    """Fill the filesystem of ``disk`` with one file, then free ``leave`` bytes of it."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    os.truncate(filler, filler.stat().st_size - leave)
+    return filler

@@ -19,7 +19,7 @@ from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.scene import raster
 from appliance.scene.pipeline import SceneError, process_scene
 from appliance.scene.raster import open_scene
-from tests.helpers.hostile import Canary, tmpfs, vrt_xml, wms_xml, write_sparse
+from tests.helpers.hostile import Canary, fill, tmpfs, vrt_xml, wms_xml, write_sparse
 from tests.helpers.scenes import SPEC, halves, write_scene
 
 VRT_ON = {"drivers": ["GTiff", "COG", "VRT"]}
@@ -174,14 +174,7 @@ def test_a_nearly_full_real_disk_is_disk_full_not_a_crash(
     with tmpfs(tmp_path / "small", "256k") as disk:
         if disk is None:
             pytest.skip("cannot mount a tmpfs here (not root)")
-        filler = disk / "filler"
-        with open(filler, "wb", buffering=0) as f:  # fill it, then free about 4 KB
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError:
-                pass
-        os.truncate(filler, filler.stat().st_size - 4096)
+        fill(disk)  # then about 4 KB free
         st = os.statvfs(disk)
         assert st.f_bavail * st.f_frsize <= 16 << 10
         with pytest.raises(SceneError) as err:
