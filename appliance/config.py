@@ -320,6 +320,11 @@ class MQTTConfig(Section):
         default=300.0, gt=0,
         description="Backoff ceiling (s) for re-sending an outbox row the broker refused.",
     )
+    down_warning_seconds: float = Field(
+        default=10.0, gt=0,
+        description="Seconds between the first 'broker unreachable' WARNINGs; doubled each "
+        "time up to 600 s.",
+    )
 
     @model_validator(mode="after")
     def _prefix(self) -> MQTTConfig:

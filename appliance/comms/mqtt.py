@@ -31,7 +31,7 @@ What it guarantees:
 * Every MQTT failure is logged: connect failures with the exception (TLS, refused,
   unreachable), refused CONNACKs, SUBACK failure reason codes, refused PUBACKs. While the
   broker cannot be reached a WARNING says for how long, after how many attempts, and how
-  many messages wait in the outbox, repeated with backoff (``FIRST_DOWN_WARNING`` s,
+  many messages wait in the outbox, repeated with backoff (``mqtt.down_warning_seconds``,
   doubling up to ``MAX_DOWN_WARNING`` s); ``connection()`` is that state for the status.
 
 Handlers never run on paho's network thread, so a slow handler does not stall
@@ -77,7 +77,6 @@ Refusal = Literal["busy", "rate-limited"]
 RefusalReply = Callable[[bytes, Refusal], dict[str, Any]]
 MQTT311_CLIENTS = ""  # the one rate-limit bucket of clients without a response topic
 FIRST_RETRY_DELAY = 1.0  # seconds before re-sending a refused outbox row, doubled each time
-FIRST_DOWN_WARNING = 10.0  # seconds between "broker unreachable" warnings, doubled each time
 MAX_DOWN_WARNING = 600.0
 
 
@@ -148,7 +147,7 @@ class Comms:
         self._link_listeners: list[Callable[[], None]] = []
         self._refused_subscriptions: set[str] = set()  # network thread
         self._next_down_warning = 0.0  # publisher thread
-        self._down_warning_every = FIRST_DOWN_WARNING
+        self._down_warning_every = self.cfg.down_warning_seconds
         self.client_id = cfg.client_id or f"terratile-{node_id}"
         self.client = self._make_client()
 
@@ -212,7 +211,7 @@ class Comms:
         link = self.connection()
         now = time.monotonic()
         if link.connected:
-            self._down_warning_every = FIRST_DOWN_WARNING
+            self._down_warning_every = self.cfg.down_warning_seconds
             self._next_down_warning = 0.0
             return
         if link.attempts == 0 or now < self._next_down_warning:

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import appliance.comms.mqtt as mqtt_module
 from appliance.cli.main import app as cli
 from appliance.comms.message import Message
 from appliance.comms.mqtt import Comms
@@ -109,13 +108,11 @@ def test_broker_down_is_a_warning_with_the_count_waiting_and_degraded_status(
 
 
 def test_the_broker_down_warning_repeats_with_backoff(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(mqtt_module, "FIRST_DOWN_WARNING", 0.5)
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     journal = Journal(tmp_path / "journal.sqlite")
     journal.enqueue(Message("m1", f"{P}/scene/x/result", "{}"))
-    comms = Comms(MQTTConfig(port=free_port(), reconnect_max_delay=1), "edge-t", journal,
-                  lambda: "{}")
+    comms = Comms(MQTTConfig(port=free_port(), reconnect_max_delay=1, down_warning_seconds=0.5),
+                  "edge-t", journal, lambda: "{}")
     with caplog.at_level(logging.WARNING, logger="appliance.comms.mqtt"):
         comms.start()
         try:

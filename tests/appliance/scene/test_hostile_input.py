@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import rasterio
 from PIL import Image
+from rasterio.transform import Affine
 
 from appliance.config import InputConfig, Settings
 from appliance.contract.bundle import load_bundle
 from appliance.model.runtime import ModelRuntime, ProviderPlan
-from appliance.scene import raster
 from appliance.scene.pipeline import SceneError, process_scene
 from appliance.scene.raster import open_scene
 from tests.helpers.hostile import Canary, fill, tmpfs, vrt_xml, wms_xml, write_sparse
@@ -147,10 +147,18 @@ def test_max_pixels_is_configurable(tmp_path: Path) -> None:
     open_scene(path, cfg(max_pixels=64 * 64), SPEC).close()
 
 
-def test_a_huge_block_is_too_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = write_scene(tmp_path / "s.tif", size=(64, 64))  # 16² tiles (768 B, 3 bands)
-    monkeypatch.setattr(raster, "MAX_BLOCK_BYTES", 700)
-    assert refused(path, cfg()).reason == "too-large"
+def test_a_huge_block_is_too_large(tmp_path: Path) -> None:
+    """One 16384x8192 tile of 3 bands is 384 MB decoded (above the 256 MB a block may be),
+    though the sparse file is a few hundred bytes and its pixels are within max_pixels."""
+    path = tmp_path / "s.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=16384, height=8192, count=3,
+                       dtype="uint8", tiled=True, blockxsize=16384, blockysize=8192,
+                       sparse_ok=True, crs="EPSG:32633",
+                       transform=Affine(10, 0, 500000, 0, -10, 5000000)):
+        pass
+    assert path.stat().st_size < 4096
+    error = refused(path, cfg())
+    assert error.reason == "too-large" and "block" in error.message
 
 
 # -- finding 3: a full results disk ----------------------------------------------------
