@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +42,7 @@ from appliance.ingest.journal import Journal, JournalCorrupt
 from appliance.ingest.lifecycle import SceneLifecycle
 from appliance.ingest.retention import DiskGuard, Sweeper
 from appliance.logs import setup_logging
-from appliance.loop import MainLoop
+from appliance.loop import MainLoop, Periodic
 from appliance.model.commands import ModelCommands, ModelNotice
 from appliance.model.host import ModelHost, Switch
 from appliance.model.install import Installer, InstallRequest, check_seed
@@ -82,7 +81,6 @@ class App:
         self.model_commands: ModelCommands | None = None
         self._drifting = False
         self._start_news: list[Switch | ModelNotice] = []  # announced once MQTT is up
-        self._retention_stop = threading.Event()
 
     # -- the table of contents --------------------------------------------------------------
 
@@ -116,7 +114,6 @@ class App:
             self._announce(news)
         self.lifecycle.reconcile(lambda: self.loop.stopping)
         self.inbox.start()
-        self.start_retention()
         self.telemetry.set_state(State.READY)
         self.notifier.ready(self.telemetry.status_line())
         log.info("ready: watching %s", self.settings.paths.inbox)
@@ -126,7 +123,6 @@ class App:
         self.notifier.stopping()
         self.telemetry.set_state(State.STOPPING)
         self.inbox.stop()
-        self._retention_stop.set()
         if self.jobs is not None:
             self.job_left_running = not self.jobs.stop(timeout=ADAPTATION_STOP_WAIT)
         if self.model_commands is not None:
@@ -173,7 +169,7 @@ class App:
                                p.state], p.min_free_mb)
         self.inbox.gate_claims(self.disk.may_claim)
         self.sweeper = Sweeper(p, s.retention, self.journal, s.input.keep_processed)
-        self.loop = MainLoop(self.notifier, self.inbox, s.mqtt.stats_interval,
+        self.loop = MainLoop(self.notifier, self.inbox,
                              s.input.max_scene_seconds)
 
     def init_model_host(self) -> None:
@@ -321,22 +317,6 @@ class App:
         except (OSError, ValueError) as exc:
             raise StartError(str(exc)) from exc
 
-    def start_retention(self) -> None:
-        """Sweep now and every ``retention.sweep_seconds``, on the main loop (between
-        scenes, so a sweep never races a scene's own files)."""
-        stop = self._retention_stop = threading.Event()
-        every = self.settings.retention.sweep_seconds
-
-        def sweep() -> None:
-            self.sweeper.sweep()
-
-        def tick() -> None:
-            while True:
-                self.submit(sweep)
-                if stop.wait(every):
-                    return
-        threading.Thread(target=tick, name="retention", daemon=True).start()
-
     def start_comms(self) -> None:
         if self.comms is not None:
             self.comms.start()
@@ -426,9 +406,15 @@ class App:
         keeper = self.loop.keep_watchdog(lambda: self.telemetry.busy_since)
         try:
             self.start()
-            self.loop.run(handle=self.lifecycle.handle_guarded,
-                          idle=self.telemetry.idle,
-                          stats=self._publish_stats, retry=self.lifecycle.retry_stuck)
+            s = self.settings
+            self.loop.run(handle=self.lifecycle.handle_guarded, idle=self.telemetry.idle,
+                          periodic=[
+                              Periodic("retrying files left in work/", self.inbox.rescan_every,
+                                       self.lifecycle.retry_stuck, first=self.inbox.rescan_every),
+                              # between scenes, so a sweep never races a scene's own files
+                              Periodic("retention sweep", s.retention.sweep_seconds,
+                                       self.sweeper.sweep),
+                              Periodic("stats", s.mqtt.stats_interval, self._publish_stats)])
         finally:
             self.stop()
             if keeper is not None:

@@ -1,7 +1,10 @@
-"""The daemon's main loop: scenes, queued tasks and stats, one after another, until SIGTERM.
+"""The daemon's main loop: scenes, queued tasks and periodic work, one after another, until
+SIGTERM.
 
 Everything that changes the node's state runs here, between scenes: MQTT command
-handlers and finished adaptation jobs only ``submit`` a task. The loop feeds the systemd
+handlers and finished adaptation jobs only ``submit`` a task, and periodic work (stats,
+retrying files left in ``work/``, the retention sweep) is a ``Periodic`` the loop runs
+when it is due. The loop feeds the systemd
 watchdog, and a keeper thread feeds it during one long scene for up to
 ``input.max_scene_seconds``: a scene that runs longer is taken as hung, the pings stop,
 systemd restarts the service, and the journal's attempt count turns a repeat into
@@ -14,7 +17,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -24,14 +28,22 @@ from appliance.systemd import Notifier
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Periodic:
+    """``task`` every ``every`` seconds, the first time ``first`` seconds after the start."""
+
+    name: str
+    every: float
+    task: Callable[[], object]
+    first: float = 0.0
+
+
 class MainLoop:
     """Runs the node's work on one thread; see the module docstring."""
 
-    def __init__(self, notifier: Notifier, inbox: Inbox, stats_interval: float,
-                 max_scene_seconds: float) -> None:
+    def __init__(self, notifier: Notifier, inbox: Inbox, max_scene_seconds: float) -> None:
         self.notifier = notifier
         self.inbox = inbox
-        self.stats_interval = stats_interval
         self.max_scene_seconds = max_scene_seconds
         self._stop = threading.Event()
         self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -52,13 +64,12 @@ class MainLoop:
         self.inbox.wake()
 
     def run(self, handle: Callable[[Path], None], idle: Callable[[], None],
-            stats: Callable[[], None], retry: Callable[[], None] = lambda: None) -> None:
+            periodic: Sequence[Periodic] = ()) -> None:
         """Until stopped: tasks, then each settled inbox file claimed and ``handle``d, then
-        ``retry`` (files an error left in ``work/``) every rescan interval, ``idle`` (the
-        node is ready again), ``stats`` every ``stats_interval``, then sleep until the inbox
-        or a task wakes the loop."""
-        next_stats = time.monotonic()
-        next_retry = time.monotonic() + self.inbox.rescan_every
+        the ``periodic`` work that is due, ``idle`` (the node is ready again), then sleep
+        until the inbox or a task wakes the loop."""
+        start = time.monotonic()
+        due = [start + p.first for p in periodic]
         while not self._stop.is_set():
             self.notifier.watchdog()
             self._run_tasks()
@@ -70,16 +81,14 @@ class MainLoop:
                 if work is not None:
                     handle(work)
                 self._run_tasks()
-            if time.monotonic() >= next_retry and not self._stop.is_set():
-                try:
-                    retry()
-                except Exception:
-                    log.exception("retrying the files left in work/ failed")
-                next_retry = time.monotonic() + self.inbox.rescan_every
+            for i, p in enumerate(periodic):
+                if time.monotonic() >= due[i] and not self._stop.is_set():
+                    try:
+                        p.task()
+                    except Exception:
+                        log.exception("%s failed", p.name)
+                    due[i] = time.monotonic() + p.every
             idle()
-            if time.monotonic() >= next_stats:
-                stats()
-                next_stats = time.monotonic() + self.stats_interval
             self.inbox.wait(min(self.inbox.next_check(), self._tick()))
 
     def keep_watchdog(self, busy_since: Callable[[], float | None]) -> threading.Event | None:

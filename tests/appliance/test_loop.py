@@ -6,13 +6,13 @@ import threading
 from pathlib import Path
 
 from appliance.ingest.inbox import Inbox
-from appliance.loop import MainLoop
+from appliance.loop import MainLoop, Periodic
 from appliance.systemd import Notifier
 
 
 def test_tasks_and_files_run_on_the_loop_until_a_stop(tmp_path: Path) -> None:
     inbox = Inbox(tmp_path / "inbox", tmp_path / "work", 0.0, 30.0, watch=False)
-    loop = MainLoop(Notifier({}), inbox, stats_interval=3600, max_scene_seconds=60)
+    loop = MainLoop(Notifier({}), inbox, max_scene_seconds=60)
     (tmp_path / "inbox" / "a.tif").write_bytes(b"a")
     inbox.rescan()
     seen: list[str] = []
@@ -30,7 +30,7 @@ def test_tasks_and_files_run_on_the_loop_until_a_stop(tmp_path: Path) -> None:
 
     loop.submit(lambda: seen.append("first task"))
     runner = threading.Thread(target=loop.run, kwargs={
-        "handle": handle, "idle": on_idle, "stats": lambda: None})
+        "handle": handle, "idle": on_idle})
     runner.start()
     runner.join(timeout=10)
     assert not runner.is_alive() and idle.is_set()
@@ -41,7 +41,7 @@ def test_tasks_and_files_run_on_the_loop_until_a_stop(tmp_path: Path) -> None:
 
 def test_a_failing_task_does_not_stop_the_loop(tmp_path: Path) -> None:
     inbox = Inbox(tmp_path / "inbox", tmp_path / "work", 0.0, 30.0, watch=False)
-    loop = MainLoop(Notifier({}), inbox, stats_interval=3600, max_scene_seconds=60)
+    loop = MainLoop(Notifier({}), inbox, max_scene_seconds=60)
     ran: list[str] = []
 
     def boom() -> None:
@@ -49,20 +49,20 @@ def test_a_failing_task_does_not_stop_the_loop(tmp_path: Path) -> None:
 
     loop.submit(boom)
     loop.submit(lambda: ran.append("next"))
-    loop.run(handle=lambda _w: None, idle=loop.request_stop, stats=lambda: None)
+    loop.run(handle=lambda _w: None, idle=loop.request_stop)
     assert ran == ["next"]
 
 
 def test_no_watchdog_keeper_outside_systemd(tmp_path: Path) -> None:
     inbox = Inbox(tmp_path / "inbox", tmp_path / "work", 0.0, 30.0, watch=False)
-    loop = MainLoop(Notifier({}), inbox, stats_interval=3600, max_scene_seconds=60)
+    loop = MainLoop(Notifier({}), inbox, max_scene_seconds=60)
     assert loop.keep_watchdog(lambda: None) is None
 
 
 def test_files_stuck_in_work_are_retried_every_rescan_interval(tmp_path: Path) -> None:
     """Issue 16, finding 10: an error outside the scene step does not wait for a restart."""
     inbox = Inbox(tmp_path / "inbox", tmp_path / "work", 0.0, 0.05, watch=False)
-    loop = MainLoop(Notifier({}), inbox, stats_interval=3600, max_scene_seconds=60)
+    loop = MainLoop(Notifier({}), inbox, max_scene_seconds=60)
     retried: list[int] = []
 
     def retry() -> None:
@@ -71,9 +71,10 @@ def test_files_stuck_in_work_are_retried_every_rescan_interval(tmp_path: Path) -
             loop.request_stop()
         raise OSError("a retry that fails does not stop the loop either")
 
+    every = inbox.rescan_every
     runner = threading.Thread(target=loop.run, kwargs={
-        "handle": lambda _w: None, "idle": lambda: None, "stats": lambda: None,
-        "retry": retry})
+        "handle": lambda _w: None, "idle": lambda: None,
+        "periodic": [Periodic("retry", every, retry, first=every)]})
     runner.start()
     runner.join(timeout=10)
     assert not runner.is_alive() and len(retried) == 2
