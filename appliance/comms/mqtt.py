@@ -40,6 +40,7 @@ What it guarantees:
   acknowledged on arrival as before, a job only when its handler has committed it and
   calls ``ack``. An acknowledgement of a delivery from an earlier connection is dropped
   (its packet id means nothing on the new one; the broker re-sends the job, DUP set).
+  ``stop`` leaves the queue before it disconnects.
 
 Handlers never run on paho's network thread, so a slow handler does not stall
 keep-alives; the one exception is the job handler, which must only commit and return.
@@ -318,13 +319,20 @@ class Comms:
         self._publisher.start()
 
     def stop(self, drain_seconds: float = 2.0) -> None:
-        """Flush the outbox briefly, publish ``offline``, disconnect."""
+        """Flush the outbox briefly, leave the job queue, publish ``offline``, disconnect.
+
+        Leaving the job queue first means a box stopped on purpose is handed no new jobs
+        while it is away (its session, with any job delivered but not yet acknowledged,
+        is kept); only a box that vanished keeps a share until its session expires.
+        """
         self.wait_drained(drain_seconds)
         self._stopping.set()
         self._wake.set()
         if self._publisher is not None:
             self._publisher.join(timeout=5)
         if self.connected.is_set():
+            if self._jobs is not None:
+                self.client.unsubscribe(self._jobs.topic)
             info = self.client.publish(self.topics.node(AVAILABLE), "offline", qos=1, retain=True)
             info.wait_for_publish(timeout=2)
         self.client.disconnect()
