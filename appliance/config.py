@@ -552,6 +552,10 @@ class FleetConfig(Section):
     schemes: list[Scheme] = Field(
         default_factory=lambda: list(get_args(Scheme)),
         description="URL schemes a job may name; others are refused (`scheme`).")
+    hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts (or buckets, for s3) a job's URL may name: `data.example.org` "
+        "exactly, `.example.org` for any host under it; empty: any.")
     extensions: list[str] = Field(
         default_factory=lambda: [".tif", ".tiff"],
         description="File name endings a remote object must have (GDAL's "

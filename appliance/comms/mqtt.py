@@ -216,14 +216,17 @@ class Comms:
         self._jobs = _JobQueue(topic, delivered_on, handler, receive_maximum, session_expiry)
         self.client.manual_ack_set(True)
 
-    def ack(self, delivery: JobDelivery) -> None:
-        """Acknowledge a job (thread-safe); dropped if the connection has changed since."""
+    def ack(self, delivery: JobDelivery) -> bool:
+        """Acknowledge a job (thread-safe); False when it was not sent: the connection has
+        changed since the delivery (the broker re-sends the job) or the send failed."""
         if delivery.connection != self._connection or not self.connected.is_set():
-            return
+            return False
         rc = self.client.ack(delivery.mid, delivery.qos)
         if rc != mqtt.MQTT_ERR_SUCCESS:
             log.warning("MQTT: acknowledgement of job mid %d not sent: %s", delivery.mid,
                         mqtt.error_string(rc))
+            return False
+        return True
 
     def publish_now(self, topic: str, payload: str) -> None:
         """QoS 0, not through the outbox: answers that may be lost and must cost nothing

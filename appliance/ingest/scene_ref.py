@@ -3,9 +3,10 @@
 A fleet job names its scene by ``https://``/``http://`` URL, ``s3://bucket/key`` or an
 absolute path under ``fleet.shared_dirs``; ``resolve`` turns that text into a
 ``SceneSource`` or refuses it (``Refused`` with a reason slug) before anything is
-contacted: an unknown or disabled scheme (``scheme``), credentials in a URL
-(``credentials``), a name without an allowed ending (``extension``), a path outside the
-shared directories (``outside-shared-dirs``), GDAL's own ``/vsi…`` syntax (``format``).
+contacted: an unknown or disabled scheme (``scheme``), a host (or bucket) outside
+``fleet.hosts`` when that is set (``host``), credentials in a URL (``credentials``), a
+name without an allowed ending (``extension``), a path outside the shared directories
+(``outside-shared-dirs``), GDAL's own ``/vsi…`` syntax (``format``).
 ``resolve`` only reads the text, so it is cheap enough for the MQTT network thread.
 
 ``identify`` then gives the scene its id, the key of the journal, the results folder
@@ -104,6 +105,8 @@ def _remote(url: str, cfg: FleetConfig) -> SceneSource:
         raise Refused("credentials", "credentials in a URL are refused; the node has its own")
     if not parts.hostname:
         raise Refused("malformed", f"{url[:200]}: no host")
+    if cfg.hosts and not _host_allowed(parts.hostname, cfg.hosts):
+        raise Refused("host", f"{parts.hostname} is not among fleet.hosts")
     if scheme == "s3" and (parts.query or parts.fragment):
         raise Refused("malformed", "an s3:// URL takes no query or fragment")
     if parts.fragment:
@@ -113,6 +116,12 @@ def _remote(url: str, cfg: FleetConfig) -> SceneSource:
                       f"{' or '.join(cfg.extensions)} (fleet.extensions)")
     access = RemoteAccess(tuple(cfg.extensions), cfg.http_timeout, cfg.http_retries)
     return SceneSource("s3" if scheme == "s3" else "http", url, access)
+
+
+def _host_allowed(host: str, allowed: Sequence[str]) -> bool:
+    host = host.lower().rstrip(".")
+    return any(host == a.lower() or (a.startswith(".") and host.endswith(a.lower()))
+               for a in allowed)
 
 
 def identify(source: SceneSource, sha256: str | None, cfg: FleetConfig,

@@ -60,15 +60,16 @@ from appliance.ingest.scene_ref import Refused, identify, resolve
 log = logging.getLogger(__name__)
 
 MAX_REPLY_TOPIC = 256
+Submit = Callable[[Callable[[], None]], None]
+"""Runs a task on the main loop."""
 
 
 class WorkQueue:
     """Jobs from the shared queue, through the journal, to their events (module docstring)."""
 
     def __init__(self, journal: Journal, lifecycle: SceneLifecycle, cfg: FleetConfig,
-                 input_cfg: InputConfig, topics: Topics, submit: Callable[[Callable[[], None]],
-                                                                          None],
-                 ack: Callable[[JobDelivery], None], publish_now: Callable[[str, str], None],
+                 input_cfg: InputConfig, topics: Topics, submit: Submit,
+                 ack: Callable[[JobDelivery], bool], publish_now: Callable[[str, str], None],
                  kick: Callable[[], None], stopping: Callable[[], bool]) -> None:
         self.journal = journal
         self.lifecycle = lifecycle
@@ -201,10 +202,13 @@ class WorkQueue:
         log.info("job %s: %s%s", job.job_id, state, f" ({reason})" if reason else "")
 
     def _release(self) -> None:
-        """A job ended: acknowledge one whose acknowledgement waited for a slot."""
+        """A job ended: acknowledge one whose acknowledgement waited for a slot (held ones
+        from an earlier connection are dropped: the broker re-sends those jobs)."""
         with self._lock:
-            if self._held and self.journal.open_job_count() <= self.cfg.max_inflight:
-                self._ack(self._held.popleft())
+            if self.journal.open_job_count() > self.cfg.max_inflight:
+                return
+            while self._held and not self._ack(self._held.popleft()):
+                pass
 
     # -- events ------------------------------------------------------------------------------
 

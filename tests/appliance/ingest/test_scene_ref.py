@@ -69,6 +69,12 @@ def test_anything_else_is_refused_with_its_reason(shared: Path, tmp_path: Path) 
     assert refusal(f"{shared}/../elsewhere.tif", cfg) == "outside-shared-dirs"
     assert refusal("relative/a.tif", cfg) == "outside-shared-dirs"
     assert refusal("https://host/a.tif\n", cfg) == "malformed"
+    hosts = FleetConfig(hosts=["data.example.org", ".bucket.example"])
+    assert resolve("https://DATA.example.org/a.tif", hosts).kind == "http"
+    assert resolve("https://eu.bucket.example/a.tif", hosts).kind == "http"
+    assert refusal("https://data.example.org.evil/a.tif", hosts) == "host"
+    assert refusal("https://169.254.169.254/a.tif", hosts) == "host"
+    assert refusal("s3://other/a.tif", hosts) == "host"
 
 
 def test_a_shared_file_is_its_bytes_and_a_symlink_out_is_refused(shared: Path,
