@@ -95,6 +95,9 @@ def submit(
     timeout: float | None = typer.Option(None, "--timeout", min=1.0,
                                          help="Give up after this many seconds (default: "
                                          "wait until every job has ended)."),
+    window: int = typer.Option(64, "--window", min=1,
+                               help="Jobs sent and not yet accepted at once; the rest of "
+                               "the list waits here."),
     config: Path = CONFIG_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -121,7 +124,7 @@ def submit(
 
     try:
         report: SubmitReport = _on_fleet(
-            config, lambda link: submit_jobs(link, requests, lease, timeout, told))
+            config, lambda link: submit_jobs(link, requests, lease, timeout, told, window))
     except ValidationError as exc:  # a scene reference or digest the job schema refuses
         typer.echo(f"error: {exc.errors()[0]['msg']}", err=True)
         raise typer.Exit(2) from exc

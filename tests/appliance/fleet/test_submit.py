@@ -72,6 +72,17 @@ def test_a_job_nobody_answers_is_resubmitted_each_lease(broker: Broker) -> None:
     assert report.jobs[0].submissions >= 3
 
 
+def test_a_backlog_waits_in_the_submitter_beyond_the_window(broker: Broker) -> None:
+    jobs = Listener(broker.port, "terratile/jobs")
+    backlog = [SceneRequest(f"https://h/{i}.tif") for i in range(5)]
+    with FleetLink(MQTTConfig(port=broker.port)) as link:
+        report = submit_jobs(link, backlog, lease=1.0, timeout=2.5, window=2)
+    sent = jobs.wait_for(lambda m: True, 4, timeout=5)
+    assert len({json.loads(m.payload)["job_id"] for m in sent}) == 2  # nobody accepted any
+    assert [j.submissions for j in report.jobs][2:] == [0, 0, 0]
+    assert report.count("unfinished") == 5
+
+
 def test_a_scene_list_is_read_with_digests_and_comments(tmp_path: Path) -> None:
     listing = tmp_path / "l.txt"
     listing.write_text(f"s3://b/k.tif {'AB' * 32}\n# nothing\n/data/x.tif\n")
