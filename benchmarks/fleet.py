@@ -15,6 +15,10 @@ the bytes), jobs submitted by the fleet CLI's engine (``submit_jobs``).
   nginx sent for it against its size, requests, and each byte range fetched how often;
 * ``memory``: the node's peak RSS (VmHWM) after that scene by URL, and a fresh node's after
   the same scene dropped into its inbox;
+* ``probe``: in this process, the bytes ``process_scene`` fetches for the same COG (under
+  two names, so GDAL's cache of the first read does not serve the second) with and
+  without the sharpness probe (16 windows read before the main pass, for routing and
+  adaptation: the daemons above run with adaptation on, so with the probe);
 * ``broker``: mosquitto's QoS 1 rate on this box for job-sized messages through a shared
   subscription (the base of the capacity estimate in docs/benchmarks.md).
 
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import threading
@@ -38,10 +43,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from appliance.config import MQTTConfig
+from appliance.config import MQTTConfig, Settings
+from appliance.contract.bundle import load_bundle
 from appliance.contract.payloads import JOB_SCHEMA, SceneJob, SceneResult
 from appliance.fleet.link import FleetLink
 from appliance.fleet.submit import SceneRequest, submit_jobs
+from appliance.model.runtime import ModelRuntime, ProviderPlan
+from appliance.scene.pipeline import process_scene
+from appliance.scene.source import RemoteAccess, SceneSource
 from benchmarks.outbox import free_port, start_broker
 from tests.helpers.colour_bundle import build_colour_bundle
 from tests.helpers.daemon import DaemonProc
@@ -183,6 +192,26 @@ def remote_read(tmp: Path, bundle: Path, port: int, server: RangeServer, www: Pa
     return out
 
 
+def probe_bytes(tmp: Path, bundle: Path, server: RangeServer, www: Path) -> dict[str, Any]:
+    """Bytes fetched for the big COG by ``process_scene`` itself, with and without the probe."""
+    runtime = ModelRuntime(load_bundle(bundle), ProviderPlan(providers=("cpu",)))
+    settings = Settings.model_validate({"model": {"providers": ["cpu"]},
+                                        "tiling": {"scales": [16, 32], "batch_size": 64}})
+    size = (www / "big.tif").stat().st_size
+    out: dict[str, Any] = {}
+    for probe in (False, True):
+        name = f"big-probe-{probe}.tif".lower()
+        shutil.copyfile(www / "big.tif", www / name)
+        process_scene(SceneSource("http", server.url(name), RemoteAccess()), "ab" * 32,
+                      tmp / f"probe-{probe}", runtime, settings, probe_sharpness=probe)
+        time.sleep(0.5)  # nginx writes a request's line when it ends
+        hits = [h for h in server.hits() if h.path == f"/{name}"]
+        out["with_probe" if probe else "without_probe"] = {
+            "fetched_over_size": round(sum(h.body_bytes for h in hits) / size, 4),
+            "gets": sum(1 for h in hits if h.method == "GET")}
+    return out
+
+
 def broker_rate(port: int, messages: int, payload: str) -> dict[str, Any]:
     """QoS 1 job-sized messages from one publisher through a shared subscription."""
     got = threading.Event()
@@ -250,6 +279,7 @@ def main() -> None:
             out["overhead"] = overhead(tmp, bundle, port, server, www, args.scenes)
             out["spread"] = spread(tmp, bundle, port, server, args.jobs)
             out["remote_read"] = remote_read(tmp, bundle, port, server, www)
+            out["probe"] = probe_bytes(tmp, bundle, server, www)
         out["broker"] = broker_rate(port, args.broker_messages,
                                     job("http://data.example.org/s2/T32TQM_20260101.tif",
                                         "0123456789ab-17"))
