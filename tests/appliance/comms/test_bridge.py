@@ -3,6 +3,8 @@ bridge configured by configs/mosquitto.site-bridge.conf, a real daemon on the si
 
 Results reach a subscriber at the centre; with the centre down the site broker holds
 them, with the site broker down the box's outbox does, and nothing is lost either way.
+A job published at the centre for the site reaches the site's box, and its events come
+back to the centre.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.contract.payloads import SceneResult
+from appliance.contract.payloads import JobEvent, SceneJob, SceneResult
 from tests.conftest import Broker
 from tests.helpers.daemon import DaemonProc
 from tests.helpers.mqtt_listener import Listener, Received
@@ -97,3 +99,31 @@ def test_results_cross_the_bridge_and_survive_either_broker_going_down(
     assert {r.node_id for r in results} == {"edge-site"}
     assert all(m.topic == f"terratile/edge-site/scene/{r.scene_id}/result"
                for m, r in zip(got, results, strict=True))
+
+
+def test_a_job_for_the_site_crosses_the_bridge_and_its_events_come_back(
+        tmp_path: Path, colour_bundle: Path, central: Broker, site: Broker) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    scene = write_scene(shared / "s.tif", size=(128, 128))
+    box = DaemonProc(tmp_path / "box", colour_bundle, site.port, node_id="edge-site",
+                     fleet={"enabled": True, "shared_dirs": [str(shared)]})
+    hq = Listener(central.port, "terratile-fleet/hq/reply", "terratile/+/available")
+    try:
+        box.start()
+        hq.wait_for(lambda m: m.topic == "terratile/edge-site/available"
+                    and m.payload == b"online", timeout=30)
+        job = SceneJob(schema_="terratile.scene-job/1", job_id="hq-1", scene=str(scene),
+                       reply_to="terratile-fleet/hq/reply")
+        hq.publish("terratile-sites/site-a/jobs", job.to_json())
+        got = hq.wait_for(lambda m: m.topic == "terratile-fleet/hq/reply"
+                          and b'"done"' in m.payload, timeout=60)
+    finally:
+        if box.proc is not None:
+            box.kill()
+        hq.close()
+    event = JobEvent.model_validate_json(got[0].payload)
+    assert (event.job_id, event.node_id, event.event) == ("hq-1", "edge-site", "done")
+    accepted = [JobEvent.model_validate_json(m.payload) for m in hq.matching(
+        lambda m: m.topic == "terratile-fleet/hq/reply")]
+    assert [e.event for e in accepted][:1] == ["accepted"]
