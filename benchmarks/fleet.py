@@ -122,9 +122,9 @@ def overhead(tmp: Path, bundle: Path, port: int, server: RangeServer, www: Path,
             node.kill()
         listener.close()
         publisher.close()
-    out = {path: {k: summary([r[f"{k}_s"] for r in rs])
-                  for k in ("result", "compute", "beyond_compute")}
-           for path, rs in rows.items()}
+    out: dict[str, Any] = {path: {k: summary([r[f"{k}_s"] for r in rs])
+                                  for k in ("result", "compute", "beyond_compute")}
+                           for path, rs in rows.items()}
     out["broker_beyond_compute_minus_inbox_s"] = round(
         out["broker"]["beyond_compute"]["median"] - out["inbox"]["beyond_compute"]["median"], 4)
     out["scenes_per_path"] = scenes

@@ -125,7 +125,7 @@ def test_thirty_jobs_are_done_exactly_once_and_spread_over_three_nodes(
     payloads = [SceneResult.model_validate_json(m.payload) for m in results.matching(is_result)]
     assert len({p.scene_id for p in payloads}) == SCENES == len(payloads) == len(got)
     for job, result in zip(sorted(report.jobs, key=lambda j: j.job.scene),
-                           sorted(payloads, key=lambda p: p.origin.url if p.origin else ""),
+                           sorted(payloads, key=lambda p: p.origin.url or "" if p.origin else ""),
                            strict=True):
         assert result.origin is not None and result.origin.url == job.job.scene
         assert result.origin.kind == "http" and result.source == job.job.scene.rsplit("/")[-1]
