@@ -98,6 +98,9 @@ def submit(
     window: int = typer.Option(64, "--window", min=1,
                                help="Jobs sent and not yet accepted at once; the rest of "
                                "the list waits here."),
+    topic: str | None = typer.Option(None, "--topic",
+                                     help="Publish the jobs here instead of <prefix>/jobs, "
+                                     "e.g. one site's jobs topic at a central broker."),
     config: Path = CONFIG_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -116,6 +119,11 @@ def submit(
     if not requests:
         typer.echo("error: no scene given (arguments or --list)", err=True)
         raise typer.Exit(2)
+    if topic is not None and (not topic or topic.startswith("$") or "+" in topic
+                              or "#" in topic):
+        typer.echo(f"error: --topic {topic!r}: a topic to publish on (no wildcards, no $)",
+                   err=True)
+        raise typer.Exit(2)
 
     def told(track: JobTrack, what: str) -> None:
         why = f" ({track.reason}: {track.message})" if what == "failed" else ""
@@ -124,7 +132,7 @@ def submit(
 
     try:
         report: SubmitReport = _on_fleet(
-            config, lambda link: submit_jobs(link, requests, lease, timeout, told, window))
+            config, lambda link: submit_jobs(link, requests, lease, timeout, told, window, topic))
     except ValidationError as exc:  # a scene reference or digest the job schema refuses
         typer.echo(f"error: {exc.errors()[0]['msg']}", err=True)
         raise typer.Exit(2) from exc

@@ -46,6 +46,7 @@ class JobTrack:
     """What the submitter knows of one job."""
 
     job: SceneJob
+    topic: str  # where it is published
     state: JobState = "waiting"  # not published yet: the window is full
     node: str | None = None  # the node that accepted it or ended it
     scene_id: str | None = None
@@ -101,9 +102,12 @@ Progress = Callable[[JobTrack, str], None]
 
 def submit_jobs(link: FleetLink, scenes: list[SceneRequest], lease: float,
                 timeout: float | None = None, progress: Progress = lambda _t, _w: None,
-                window: int = 64) -> SubmitReport:
+                window: int = 64, topic: str | None = None) -> SubmitReport:
     """Publish one job per scene and follow them until each has ended (or ``timeout``
     seconds have passed: the rest are ``unfinished``).
+
+    Jobs go to ``<prefix>/jobs``, or to ``topic`` (e.g. the jobs topic of one site behind
+    a bridge, at the central broker).
 
     At most ``window`` jobs are published and not yet accepted at any time; the others
     wait here, not in the broker. A backlog of thousands of scenes then never sits in the
@@ -116,7 +120,7 @@ def submit_jobs(link: FleetLink, scenes: list[SceneRequest], lease: float,
     for i, request in enumerate(scenes):
         job = SceneJob(schema_=JOB_SCHEMA, job_id=f"{run}-{i}", scene=request.scene,
                        sha256=request.sha256, reply_to=link.reply_topic)
-        tracks[job.job_id] = JobTrack(job)
+        tracks[job.job_id] = JobTrack(job, topic or link.topics.jobs)
     link.subscribe(link.topics.every(AVAILABLE))
     end = None if timeout is None else start + timeout
     while not all(t.ended for t in tracks.values()):
@@ -155,7 +159,7 @@ def _fill_window(link: FleetLink, tracks: dict[str, JobTrack], window: int) -> N
 
 
 def _publish(link: FleetLink, track: JobTrack) -> None:
-    link.publish(link.topics.jobs, track.job.to_json())
+    link.publish(track.topic, track.job.to_json())
     track.submissions += 1
     track.lease_from = time.monotonic()
 

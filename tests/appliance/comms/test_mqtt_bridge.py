@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.contract.payloads import JobEvent, SceneJob, SceneResult
+from appliance.config import MQTTConfig
+from appliance.contract.payloads import SceneResult
+from appliance.fleet.link import FleetLink
+from appliance.fleet.submit import SceneRequest, submit_jobs
 from tests.conftest import Broker
 from tests.helpers.daemon import DaemonProc
 from tests.helpers.mqtt_listener import Listener, Received
@@ -103,27 +106,25 @@ def test_results_cross_the_bridge_and_survive_either_broker_going_down(
 
 def test_a_job_for_the_site_crosses_the_bridge_and_its_events_come_back(
         tmp_path: Path, colour_bundle: Path, central: Broker, site: Broker) -> None:
+    """Submitted at the centre on the site's jobs topic, as ``fleet submit --topic`` does."""
     shared = tmp_path / "shared"
     shared.mkdir()
     scene = write_scene(shared / "s.tif", size=(128, 128))
     box = DaemonProc(tmp_path / "box", colour_bundle, site.port, node_id="edge-site",
                      fleet={"enabled": True, "shared_dirs": [str(shared)]})
-    hq = Listener(central.port, "terratile-fleet/hq/reply", "terratile/+/available")
+    online = Listener(central.port, "terratile/+/available")
     try:
         box.start()
-        hq.wait_for(lambda m: m.topic == "terratile/edge-site/available"
-                    and m.payload == b"online", timeout=30)
-        job = SceneJob(schema_="terratile.scene-job/1", job_id="hq-1", scene=str(scene),
-                       reply_to="terratile-fleet/hq/reply")
-        hq.publish("terratile-sites/site-a/jobs", job.to_json())
-        got = hq.wait_for(lambda m: m.topic == "terratile-fleet/hq/reply"
-                          and b'"done"' in m.payload, timeout=60)
+        online.wait_for(lambda m: m.topic == "terratile/edge-site/available"
+                        and m.payload == b"online", timeout=30)
+        with FleetLink(MQTTConfig(port=central.port)) as link:
+            report = submit_jobs(link, [SceneRequest(str(scene))], lease=30, timeout=60,
+                                 topic="terratile-sites/site-a/jobs")
     finally:
         if box.proc is not None:
             box.kill()
-        hq.close()
-    event = JobEvent.model_validate_json(got[0].payload)
-    assert (event.job_id, event.node_id, event.event) == ("hq-1", "edge-site", "done")
-    accepted = [JobEvent.model_validate_json(m.payload) for m in hq.matching(
-        lambda m: m.topic == "terratile-fleet/hq/reply")]
-    assert [e.event for e in accepted][:1] == ["accepted"]
+        online.close()
+    assert report.complete, report.as_dict()
+    job = report.jobs[0]
+    assert (job.node, job.submissions) == ("edge-site", 1)
+    assert job.scene_id is not None and box.scenes()[job.scene_id][0] == "done"
