@@ -437,7 +437,8 @@ class StatusPayload(Payload):
     state: str = Field(description="starting | ready | processing | stopping")
     model: ModelRef | None
     providers: list[str] = Field(default_factory=list)
-    queue_depth: int
+    queue_depth: int = Field(description="Work waiting or running: inbox files, and fleet "
+                             "jobs taken and not yet ended.")
     counts: dict[str, int] = Field(default_factory=dict, description="Journal scenes per state.")
     version: str = Field(description="terratile software version.")
     drift: DriftStatus | None = Field(default=None, description="Null: drift detection is off.")
@@ -459,7 +460,8 @@ class StatsPayload(Payload):
     counters: dict[str, int]
     timings: dict[str, float] = Field(description="Mean seconds per stage, recent scenes.")
     outbox_depth: int
-    queue_depth: int
+    queue_depth: int = Field(description="Work waiting or running: inbox files, and fleet "
+                             "jobs taken and not yet ended.")
 
 
 class DriftEvent(Payload):

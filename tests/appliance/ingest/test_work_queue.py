@@ -117,6 +117,7 @@ def is_result(m: Received) -> bool:
 def test_thirty_jobs_are_done_exactly_once_and_spread_over_three_nodes(
         fleet: Fleet, server: RangeServer, durable_broker: Broker) -> None:
     results = Listener(durable_broker.port, "terratile/+/scene/+/result")
+    statuses = Listener(durable_broker.port, "terratile/+/status")
     report = fleet.submit(urls(server, "s"), lease=60, timeout=100)
     assert report.complete, report.as_dict()
     assert report.count("done") == SCENES and not [j for j in report.jobs if j.submissions > 1]
@@ -135,6 +136,8 @@ def test_thirty_jobs_are_done_exactly_once_and_spread_over_three_nodes(
     assert all(count >= 5 for count in per_node.values()), per_node
     ranged = [h for h in server.hits() if h.method == "GET"]
     assert ranged and all(h.status == 206 for h in ranged)  # never a whole-file GET
+    busy = [json.loads(m.payload) for m in statuses.matching(lambda m: True)]
+    assert max(b["queue_depth"] for b in busy) >= 1  # the status counts the open jobs
 
 
 def test_a_resubmitted_unchanged_scene_is_a_duplicate_with_the_same_msg_id(
