@@ -355,6 +355,13 @@ class Journal:
                        (state, _message_text(event), time.time(), job_id))
             _insert(db, event)
 
+    def forget_jobs(self, ended_before: float) -> int:
+        """Drop jobs that ended before ``ended_before`` (epoch s); returns how many. Their
+        scenes stay: a job submitted again is then run again and found done."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM jobs WHERE state != 'open' AND updated < ?",
+                              (ended_before,)).rowcount
+
     # -- outbox -----------------------------------------------------------------------
 
     def enqueue(self, message: Message) -> bool:
