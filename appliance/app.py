@@ -285,7 +285,10 @@ class App:
         """The fleet's shared work queue (``fleet``): scene jobs by reference, each
         committed to the journal before the broker gets its acknowledgement."""
         s = self.settings
-        if not s.fleet.enabled or self.comms is None:
+        if not s.fleet.enabled:
+            return
+        if self.comms is None:
+            log.warning("fleet.enabled is set but mqtt.enabled is not: no jobs are taken")
             return
         comms = self.comms
         self.work_queue = WorkQueue(self.journal, self.lifecycle, s.fleet, s.input, self.topics,
