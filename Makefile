@@ -20,7 +20,8 @@ venv: $(STAMP)
 # mosquitto is a real broker in the tests and the demo; systemd-analyze (Debian package
 # 'systemd') checks the unit file; chromium + chromium-driver run the dashboard test in a
 # real headless browser; gdalinfo (gdal-bin) and QGIS (python3-qgis, run offscreen; about
-# 80 s to install) open the output maps as analysts do. Installed from Debian if missing.
+# 80 s to install) open the output maps as analysts do; nginx (nginx-light) serves COGs with
+# byte ranges to the fleet tests. Installed from Debian if missing.
 system-deps:
 	@{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } \
 	  && command -v mosquitto_sub >/dev/null 2>&1 \
@@ -28,11 +29,12 @@ system-deps:
 	  && command -v chromium >/dev/null 2>&1 \
 	  && command -v chromedriver >/dev/null 2>&1 \
 	  && command -v gdalinfo >/dev/null 2>&1 \
+	  && { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } \
 	  && /usr/bin/python3 -c 'import qgis.core' >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
 	  $$SUDO apt-get install -y -qq mosquitto mosquitto-clients systemd chromium \
-	    chromium-driver gdal-bin && \
+	    chromium-driver gdal-bin nginx-light && \
 	  $$SUDO apt-get install -y -qq --no-install-recommends python3-qgis qgis-providers; }
 
 lint: venv

@@ -25,7 +25,13 @@ from appliance.adapt.adapter import Adapter
 from appliance.adapt.drift import DriftMonitor
 from appliance.adapt.job import AdaptationJobs
 from appliance.comms.mqtt import Comms
-from appliance.comms.topics import DRIFT_EVENTS, MODEL_EVENTS, RETRIEVAL_QUERY, Topics
+from appliance.comms.topics import (
+    DRIFT_EVENTS,
+    MODEL_EVENTS,
+    RETRIEVAL_QUERY,
+    FleetTopics,
+    Topics,
+)
 from appliance.config import EX_CONFIG, ConfigError, Settings, load_settings
 from appliance.contract.bundle import BundleError
 from appliance.contract.durable import StateLock
@@ -41,6 +47,7 @@ from appliance.ingest.inbox import Inbox
 from appliance.ingest.journal import Journal, JournalCorrupt
 from appliance.ingest.lifecycle import SceneLifecycle
 from appliance.ingest.retention import DiskGuard, Sweeper
+from appliance.ingest.work_queue import WorkQueue
 from appliance.logs import setup_logging
 from appliance.loop import MainLoop, Periodic
 from appliance.model.commands import ModelCommands, ModelNotice
@@ -49,6 +56,7 @@ from appliance.model.install import Installer, InstallRequest, check_seed
 from appliance.retrieval.index import IndexStateError, TileIndex, stored_dim
 from appliance.retrieval.service import RetrievalService
 from appliance.scene.pipeline import SceneOutcome, process_scene
+from appliance.scene.source import SceneSource
 from appliance.systemd import Notifier
 from appliance.telemetry import State, Telemetry
 
@@ -79,6 +87,7 @@ class App:
         self.retrieval: RetrievalService | None = None
         self.http: HTTPServer | None = None
         self.model_commands: ModelCommands | None = None
+        self.work_queue: WorkQueue | None = None
         self._drifting = False
         self._start_news: list[Switch | ModelNotice] = []  # announced once MQTT is up
 
@@ -98,6 +107,7 @@ class App:
         self.init_telemetry()
         self.init_comms()
         self.init_scene_lifecycle()
+        self.init_work_queue()
         self.init_model_commands()
         self.init_http()
         self.wire_model_switches()
@@ -113,6 +123,8 @@ class App:
         for news in self._start_news:  # fallback, seed bundle installed or reported
             self._announce(news)
         self.lifecycle.reconcile(lambda: self.loop.stopping)
+        if self.work_queue is not None:
+            self.work_queue.resume()
         self.inbox.start()
         self.telemetry.set_state(State.READY)
         self.notifier.ready(self.telemetry.status_line())
@@ -269,6 +281,23 @@ class App:
             process=self._process_scene, after=self._after_scene, observer=self.telemetry,
             kick=self.comms.kick if self.comms is not None else lambda: None)
 
+    def init_work_queue(self) -> None:
+        """The fleet's shared work queue (``fleet``): scene jobs by reference, each
+        committed to the journal before the broker gets its acknowledgement."""
+        s = self.settings
+        if not s.fleet.enabled:
+            return
+        if self.comms is None:
+            log.warning("fleet.enabled is set but mqtt.enabled is not: no jobs are taken")
+            return
+        comms = self.comms
+        self.work_queue = WorkQueue(self.journal, self.lifecycle, s.fleet, s.input, self.topics,
+                                    self.submit, comms.ack, comms.publish_now, comms.kick,
+                                    lambda: self.loop.stopping)
+        fleet = FleetTopics(s.mqtt.topic_prefix)
+        comms.take_jobs(fleet.shared_jobs(s.fleet.group), fleet.jobs, self.work_queue.offer,
+                        s.fleet.max_inflight, s.fleet.session_expiry)
+
     def wire_model_switches(self) -> None:
         """What follows a model switch, in order: drift judges against the new model, the
         event goes out, the status shows it."""
@@ -323,9 +352,10 @@ class App:
 
     # -- one scene's steps ------------------------------------------------------------------
 
-    def _process_scene(self, work: Path, scene_id: str, out_dir: Path) -> SceneOutcome:
+    def _process_scene(self, source: SceneSource, scene_id: str, out_dir: Path
+                       ) -> SceneOutcome:
         s = self.settings
-        return process_scene(work, scene_id, out_dir, self.host.runtime, s,
+        return process_scene(source, scene_id, out_dir, self.host.runtime, s,
                              probe_sharpness=s.adapt.enabled,
                              embedding_scale=s.retrieval.scale,
                              should_stop=lambda: self.loop.stopping)

@@ -525,6 +525,56 @@ class HTTPConfig(Section):
         return token
 
 
+Scheme = Literal["https", "http", "s3"]
+
+
+class FleetConfig(Section):
+    """The fleet's shared work queue: scene jobs taken from ``$share/<group>/<prefix>/jobs``
+    on the broker, each acknowledged only once committed to the journal, and scenes read
+    by reference (HTTP(S) or S3 in windows, or a path under ``shared_dirs``)."""
+
+    enabled: bool = Field(default=False, description="Take jobs from the shared queue.")
+    group: str = Field(default="terratile", pattern=r"^[A-Za-z0-9_.-]+$",
+                       description="The shared-subscription group every node of the fleet "
+                       "joins; the broker hands each job to one member.")
+    max_inflight: int = Field(
+        default=2, ge=1, le=64,
+        description="Jobs the node holds at once (committed, not yet finished); also its MQTT "
+        "Receive Maximum, so the broker sends no more unacknowledged jobs than that.")
+    session_expiry: int = Field(
+        default=3600, ge=0,
+        description="Seconds the broker keeps the node's session (its unacknowledged jobs) "
+        "while it is away; longer than a restart takes.")
+    shared_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Absolute directories a job may name scenes in (e.g. an NFS mount); "
+        "any other path is refused (`outside-shared-dirs`).")
+    schemes: list[Scheme] = Field(
+        default_factory=lambda: list(get_args(Scheme)),
+        description="URL schemes a job may name; others are refused (`scheme`).")
+    hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts (or buckets, for s3) a job's URL may name: `data.example.org` "
+        "exactly, `.example.org` for any host under it; empty: any.")
+    extensions: list[str] = Field(
+        default_factory=lambda: [".tif", ".tiff"],
+        description="File name endings a remote object must have (GDAL's "
+        "CPL_VSIL_CURL_ALLOWED_EXTENSIONS).")
+    http_timeout: float = Field(default=30.0, gt=0,
+                                description="Seconds one HTTP(S) or S3 request may take.")
+    http_retries: int = Field(default=2, ge=0,
+                              description="Retries of a failed HTTP(S) or S3 request.")
+    max_job_bytes: int = Field(default=8192, ge=256,
+                               description="Larger job messages are refused (`malformed`).")
+
+    @model_validator(mode="after")
+    def _absolute_dirs(self) -> FleetConfig:
+        relative = [str(d) for d in self.shared_dirs if not d.is_absolute()]
+        if relative:
+            raise ValueError(f"fleet.shared_dirs must be absolute: {relative}")
+        return self
+
+
 class FolderRetention(Section):
     """How long one folder keeps what it holds: by age and by total size (None: no limit)."""
 
@@ -588,6 +638,7 @@ class Settings(BaseSettings):
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="before")

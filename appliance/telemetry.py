@@ -176,13 +176,17 @@ class Telemetry:
         return StatusPayload(
             node_id=self.node_id, state=self.state.value,
             model=ModelRef.of(self._host.bundle.manifest),
-            providers=self._host.runtime.providers, queue_depth=self._inbox.depth(),
+            providers=self._host.runtime.providers, queue_depth=self.queue_depth(),
             counts=self._journal.counts(), version=software_version(), drift=drift,
             mqtt=mqtt, outbox_depth=self._journal.outbox_depth(),
             degraded=self.degraded(mqtt))
 
     def status_json(self) -> str:
         return self.status().to_json()
+
+    def queue_depth(self) -> int:
+        """Work waiting or running: inbox files, and fleet jobs taken and not yet ended."""
+        return self._inbox.depth() + self._journal.open_job_count()
 
     def stats(self) -> StatsPayload:
         """Counters, and the mean seconds per stage over the recent scenes."""
@@ -193,7 +197,7 @@ class Telemetry:
                             uptime_s=round(time.monotonic() - self.started, 3),
                             counters=dict(self.counters), timings=means,
                             outbox_depth=self._journal.outbox_depth(),
-                            queue_depth=self._inbox.depth())
+                            queue_depth=self.queue_depth())
 
 
 def _shown(status: StatusPayload) -> Any:

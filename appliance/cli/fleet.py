@@ -1,8 +1,10 @@
-"""``terratile fleet status|query|install``: every box that shares the broker, from one shell.
+"""``terratile fleet submit|status|query|install``: every box that shares the broker, from
+one shell.
 
 These commands speak to the broker only (``mqtt`` of the config: host, credentials, TLS,
-``topic_prefix``); they need no box of their own and touch no local state. ``status``
-reads each node's retained ``available`` and ``status``; ``query`` sends one retrieval
+``topic_prefix``); they need no box of their own and touch no local state. ``submit``
+puts scene jobs on the shared work queue and holds a lease on each until it ends;
+``status`` reads each node's retained ``available`` and ``status``; ``query`` sends one retrieval
 request to every online node and merges the replies by score; ``install`` rolls a model
 out through each node's ``cmd/install``, canary nodes first, and stops at the first
 refusal.
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import typer
+from pydantic import ValidationError
 
 from appliance.cli.index import (
     CLASS_OPTION,
@@ -37,6 +40,7 @@ from appliance.fleet.link import FleetLink
 from appliance.fleet.nodes import NodeView, read_fleet
 from appliance.fleet.rollout import RolloutReport, roll_out
 from appliance.fleet.scatter import FleetAnswer, scatter_query
+from appliance.fleet.submit import JobTrack, SceneRequest, SubmitReport, submit_jobs
 
 fleet_app = typer.Typer(no_args_is_help=True,
                         help="Every box that shares the broker, from one shell.")
@@ -60,6 +64,90 @@ def _model(ref: ModelRef | None) -> str:
     if ref is None:
         return "-"
     return f"{ref.name} v{ref.version}" + (f" ({ref.domain})" if ref.domain else "")
+
+
+def read_scene_list(path: Path) -> list[SceneRequest]:
+    """One scene a line: a URL or shared path, optionally followed by its sha256; blank
+    lines and ``#`` comments are skipped."""
+    out = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) > 2:
+            raise ValueError(f"line {number}: a scene and at most one sha256")
+        out.append(SceneRequest(words[0], words[1].lower() if len(words) == 2 else None))
+    return out
+
+
+@fleet_app.command("submit")
+def submit(
+    scenes: list[str] = typer.Argument(None, help="Scene URLs (https://, http://, s3://) or "
+                                       "paths under the nodes' fleet.shared_dirs."),
+    list_file: Path | None = typer.Option(None, "--list", help="A file of scenes, one a line "
+                                          "(optionally followed by the scene's sha256)."),
+    sha256: str | None = typer.Option(None, "--sha256", help="The sha256 of the one scene "
+                                      "given (its identity instead of ETag/size/date)."),
+    lease: float = typer.Option(600.0, "--lease", min=1.0,
+                                help="Seconds a job may go without news (since it was sent "
+                                "or accepted) before it is submitted again; longer than "
+                                "a scene takes."),
+    timeout: float | None = typer.Option(None, "--timeout", min=1.0,
+                                         help="Give up after this many seconds (default: "
+                                         "wait until every job has ended)."),
+    window: int = typer.Option(64, "--window", min=1,
+                               help="Jobs sent and not yet accepted at once; the rest of "
+                               "the list waits here."),
+    topic: str | None = typer.Option(None, "--topic",
+                                     help="Publish the jobs here instead of <prefix>/jobs, "
+                                     "e.g. one site's jobs topic at a central broker."),
+    config: Path = CONFIG_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Put scenes on the fleet's work queue; follow every job until it is done or failed.
+
+    Prints each job's progress on stderr and a summary; exit 1 unless every job is done."""
+    try:
+        requests = read_scene_list(list_file) if list_file is not None else []
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: {list_file}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if sha256 is not None and (len(scenes or []) != 1 or requests):
+        typer.echo("error: --sha256 goes with exactly one scene argument", err=True)
+        raise typer.Exit(2)
+    requests += [SceneRequest(s, sha256.lower() if sha256 else None) for s in scenes or []]
+    if not requests:
+        typer.echo("error: no scene given (arguments or --list)", err=True)
+        raise typer.Exit(2)
+    if topic is not None and (not topic or topic.startswith("$") or "+" in topic
+                              or "#" in topic):
+        typer.echo(f"error: --topic {topic!r}: a topic to publish on (no wildcards, no $)",
+                   err=True)
+        raise typer.Exit(2)
+
+    def told(track: JobTrack, what: str) -> None:
+        why = f" ({track.reason}: {track.message})" if what == "failed" else ""
+        by = f" by {track.node}" if track.node else ""
+        typer.echo(f"{track.job.job_id} {what}{by}{why}  {track.job.scene}", err=True)
+
+    try:
+        report: SubmitReport = _on_fleet(
+            config, lambda link: submit_jobs(link, requests, lease, timeout, told, window, topic))
+    except ValidationError as exc:  # a scene reference or digest the job schema refuses
+        typer.echo(f"error: {exc.errors()[0]['msg']}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(report.as_dict()))
+    else:
+        typer.echo(f"{'JOB':<16} {'STATE':<10} {'NODE':<16} SCENE")
+        for j in report.jobs:
+            typer.echo(f"{j.job.job_id:<16} {j.state:<10} {j.node or '-':<16} {j.job.scene}"
+                       + (f"  ({j.reason})" if j.reason else ""))
+        typer.echo(f"{report.count('done')} done, {report.count('failed')} failed, "
+                   f"{report.count('unfinished')} unfinished in {report.seconds:.1f} s",
+                   err=True)
+    if not report.complete:
+        raise typer.Exit(1)
 
 
 @fleet_app.command("status")

@@ -34,8 +34,17 @@ What it guarantees:
   many messages wait in the outbox, repeated with backoff (``mqtt.down_warning_seconds``,
   doubling up to ``MAX_DOWN_WARNING`` s); ``connection()`` is that state for the status.
 
+* ``take_jobs(topic, handler, …)`` (fleet nodes) subscribes to the fleet's shared work
+  queue with a persistent session (``clean_start`` off, a session expiry) and an MQTT 5
+  Receive Maximum, and turns paho's acknowledgements to manual: every other message is
+  acknowledged on arrival as before, a job only when its handler has committed it and
+  calls ``ack``. An acknowledgement of a delivery from an earlier connection is dropped
+  (its packet id means nothing on the new one; the broker re-sends the job, DUP set).
+  ``stop`` leaves the queue before it disconnects.
+
 Handlers never run on paho's network thread, so a slow handler does not stall
-keep-alives. Commands have their own worker and are never queued behind requests. At most
+keep-alives; the one exception is the job handler, which must only commit and return.
+Commands have their own worker and are never queued behind requests. At most
 ``mqtt.max_pending_requests`` requests wait or run at once; beyond that a request is
 answered ``busy`` (QoS 0) straight from the network thread (the ``busy`` callable given to
 ``on_request``, cheap by contract) instead of growing a queue. Before that, each client
@@ -54,6 +63,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -113,6 +123,29 @@ def broker_client(cfg: MQTTConfig, client_id: str) -> mqtt.Client:
     return client
 
 
+@dataclass(frozen=True)
+class JobDelivery:
+    """One job as the broker delivered it; ``Comms.ack`` it once it is committed."""
+
+    payload: bytes
+    mid: int
+    qos: int
+    dup: bool
+    connection: int  # which connection delivered it: an ack is valid on that one only
+
+
+JobHandler = Callable[[JobDelivery], None]
+
+
+@dataclass(frozen=True)
+class _JobQueue:
+    topic: str  # the shared subscription
+    delivered_on: str  # the topic its messages carry
+    handler: JobHandler
+    receive_maximum: int
+    session_expiry: int
+
+
 class Comms:
     """The MQTT side of the appliance; see the module docstring for the guarantees."""
 
@@ -148,6 +181,8 @@ class Comms:
         self._refused_subscriptions: set[str] = set()  # network thread
         self._next_down_warning = 0.0  # publisher thread
         self._down_warning_every = self.cfg.down_warning_seconds
+        self._jobs: _JobQueue | None = None
+        self._connection = 0  # counts connections made; network thread writes it
         self.client_id = cfg.client_id or f"terratile-{node_id}"
         self.client = self._make_client()
 
@@ -171,6 +206,33 @@ class Comms:
         self._requests[topic_suffix] = (handler, refusal)
         if self.connected.is_set():
             self._subscribe(self.client, self.topics.node(topic_suffix))
+
+    def take_jobs(self, topic: str, delivered_on: str, handler: JobHandler,
+                  receive_maximum: int, session_expiry: int) -> None:
+        """Before ``start``: subscribe to the shared job queue ``topic`` (whose messages
+        arrive on ``delivered_on``), with a persistent session kept ``session_expiry``
+        seconds and at most ``receive_maximum`` unacknowledged jobs; ``handler`` gets each
+        job on the network thread and must ``ack`` it once committed."""
+        self._jobs = _JobQueue(topic, delivered_on, handler, receive_maximum, session_expiry)
+        self.client.manual_ack_set(True)
+
+    def ack(self, delivery: JobDelivery) -> bool:
+        """Acknowledge a job (thread-safe); False when it was not sent: the connection has
+        changed since the delivery (the broker re-sends the job) or the send failed."""
+        if delivery.connection != self._connection or not self.connected.is_set():
+            return False
+        rc = self.client.ack(delivery.mid, delivery.qos)
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            log.warning("MQTT: acknowledgement of job mid %d not sent: %s", delivery.mid,
+                        mqtt.error_string(rc))
+            return False
+        return True
+
+    def publish_now(self, topic: str, payload: str) -> None:
+        """QoS 0, not through the outbox: answers that may be lost and must cost nothing
+        when they come in floods (refused jobs). Skipped while disconnected."""
+        if self.connected.is_set():
+            self.client.publish(topic, payload, qos=0)
 
     def on_connection_change(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` (on paho's thread) when the broker connection is made or lost."""
@@ -242,9 +304,15 @@ class Comms:
         """Connect in the background (retrying with backoff) and start the publisher."""
         log.info("MQTT: connecting to %s:%d as %s (tls=%s, user=%s)", self.cfg.host,
                  self.cfg.port, self.client_id, self.cfg.tls.enabled, self.cfg.username or "-")
+        session: dict[str, Any] = {}
+        if self._jobs is not None:  # the broker keeps unacknowledged jobs while we are away
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self._jobs.session_expiry
+            props.ReceiveMaximum = self._jobs.receive_maximum
+            session = {"clean_start": False, "properties": props}
         try:
             self.client.connect_async(self.cfg.host, self.cfg.port,
-                                      keepalive=self.cfg.keepalive)
+                                      keepalive=self.cfg.keepalive, **session)
         except (OSError, ValueError) as exc:
             log.error("MQTT: cannot connect to %s:%d: %s: %s", self.cfg.host, self.cfg.port,
                       type(exc).__name__, exc)
@@ -254,13 +322,20 @@ class Comms:
         self._publisher.start()
 
     def stop(self, drain_seconds: float = 2.0) -> None:
-        """Flush the outbox briefly, publish ``offline``, disconnect."""
+        """Flush the outbox briefly, leave the job queue, publish ``offline``, disconnect.
+
+        Leaving the job queue first means a box stopped on purpose is handed no new jobs
+        while it is away (its session, with any job delivered but not yet acknowledged,
+        is kept); only a box that vanished keeps a share until its session expires.
+        """
         self.wait_drained(drain_seconds)
         self._stopping.set()
         self._wake.set()
         if self._publisher is not None:
             self._publisher.join(timeout=5)
         if self.connected.is_set():
+            if self._jobs is not None:
+                self.client.unsubscribe(self._jobs.topic)
             info = self.client.publish(self.topics.node(AVAILABLE), "offline", qos=1, retain=True)
             info.wait_for_publish(timeout=2)
         self.client.disconnect()
@@ -375,9 +450,12 @@ class Comms:
         # Subscribe before anything is published (here or, once ``connected`` is set, by
         # other threads): the broker handles one connection's packets in order, so once a
         # client sees ``online`` or a status the box is already listening for its commands.
+        self._connection += 1
         self._subscribe(client, self.topics.commands)
         for suffix in self._requests:
             self._subscribe(client, self.topics.node(suffix))
+        if self._jobs is not None:
+            self._subscribe(client, self._jobs.topic)
         self.connected.set()
         self._link_changed(True, None)
         client.publish(self.topics.node(AVAILABLE), "online", qos=1, retain=True)
@@ -426,6 +504,16 @@ class Comms:
         self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        jobs = self._jobs
+        if jobs is not None:
+            if msg.topic == jobs.delivered_on and not msg.retain:
+                self._take_job(jobs, msg)
+                return
+            if msg.qos > 0:  # manual acknowledgement is for jobs only
+                client.ack(msg.mid, msg.qos)
+            if msg.topic == jobs.delivered_on:
+                log.warning("MQTT: ignoring a retained job on %s", msg.topic)
+                return
         verb = self.topics.verb(msg.topic)
         if verb is not None:
             if msg.retain:
@@ -452,6 +540,14 @@ class Comms:
                     return
                 self._request_worker.submit(self._answer, suffix, request, msg)
                 return
+
+    def _take_job(self, jobs: _JobQueue, msg: mqtt.MQTTMessage) -> None:
+        delivery = JobDelivery(bytes(msg.payload), msg.mid, msg.qos, bool(msg.dup),
+                               self._connection)
+        try:
+            jobs.handler(delivery)
+        except Exception:  # not committed: unacknowledged, the broker re-sends it
+            log.exception("MQTT: job handler failed; the job stays with the broker")
 
     def _admit(self, msg: mqtt.MQTTMessage) -> Refusal | None:
         """Take a pending slot for ``msg``, or say why not (its client's rate, or busy)."""

@@ -16,6 +16,8 @@ STATS: Final = "stats"  # QoS 0 counters and timings
 DRIFT_EVENTS: Final = "events/drift"
 MODEL_EVENTS: Final = "events/model"
 RETRIEVAL_QUERY: Final = "retrieval/query"
+JOB_EVENTS: Final = "jobs/events"  # a job's events when it names no reply topic
+_JOBS: Final = "jobs"  # <prefix>/jobs: the fleet's shared work queue
 _COMMANDS: Final = "cmd"
 
 
@@ -115,6 +117,16 @@ class FleetTopics:
             return None
         node = topic[len(head):len(topic) - len(tail)]
         return node if node and "/" not in node else None
+
+    @property
+    def jobs(self) -> str:
+        """Where submitters publish scene jobs, ``<prefix>/jobs``."""
+        return f"{self.prefix}/{_JOBS}"
+
+    def shared_jobs(self, group: str) -> str:
+        """A node's MQTT 5 shared subscription to the jobs, ``$share/<group>/<prefix>/jobs``:
+        the broker hands each job to one member of ``group``."""
+        return f"$share/{group}/{self.jobs}"
 
     def replies(self, client_id: str) -> str:
         """Where the nodes answer this fleet client, ``<prefix>-fleet/<client_id>/reply``."""

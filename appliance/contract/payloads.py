@@ -41,6 +41,11 @@ def result_msg_id(scene_id: str) -> str:
     return str(uuid.uuid5(MSG_NAMESPACE, f"{scene_id}/result"))
 
 
+def job_event_msg_id(job_id: str, event: str) -> str:
+    """The deterministic msg_id of a job's event (a re-sent event carries the same id)."""
+    return str(uuid.uuid5(MSG_NAMESPACE, f"job/{job_id}/{event}"))
+
+
 def new_msg_id() -> str:
     return str(uuid.uuid4())
 
@@ -355,6 +360,15 @@ class Acquired(Record):
         "known, the processing time.")
 
 
+class SceneOrigin(Record):
+    """Where a scene's pixels were read from: the box's own inbox, a shared directory, or
+    an object read in windows over HTTP(S) or S3 (never copied whole)."""
+
+    kind: Literal["inbox", "shared", "http", "s3"]
+    url: str | None = Field(default=None, description="The URL or shared path as the job "
+                            "named it (null for the inbox).")
+
+
 class SceneResult(Payload):
     """``<p>/scene/<scene_id>/result``: a scene was classified; where its outputs are."""
 
@@ -381,6 +395,8 @@ class SceneResult(Payload):
     labels: dict[str, ClassShare] | None = Field(
         default=None, description="Multi-label bundles: per label, the share of the valid "
         "area where it is present (at its threshold) and hectares; null for single-label.")
+    origin: SceneOrigin | None = Field(
+        default=None, description="Where the scene came from (null: older boxes, the inbox).")
 
 
 class SceneFailed(Payload):
@@ -421,7 +437,8 @@ class StatusPayload(Payload):
     state: str = Field(description="starting | ready | processing | stopping")
     model: ModelRef | None
     providers: list[str] = Field(default_factory=list)
-    queue_depth: int
+    queue_depth: int = Field(description="Work waiting or running: inbox files, and fleet "
+                             "jobs taken and not yet ended.")
     counts: dict[str, int] = Field(default_factory=dict, description="Journal scenes per state.")
     version: str = Field(description="terratile software version.")
     drift: DriftStatus | None = Field(default=None, description="Null: drift detection is off.")
@@ -443,7 +460,8 @@ class StatsPayload(Payload):
     counters: dict[str, int]
     timings: dict[str, float] = Field(description="Mean seconds per stage, recent scenes.")
     outbox_depth: int
-    queue_depth: int
+    queue_depth: int = Field(description="Work waiting or running: inbox files, and fleet "
+                             "jobs taken and not yet ended.")
 
 
 class DriftEvent(Payload):
@@ -477,9 +495,57 @@ class ModelEvent(Payload):
                                description="Where an installed or refused bundle came from.")
 
 
+JOB_SCHEMA = "terratile.scene-job/1"
+JOB_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
+class SceneJob(BaseModel):
+    """A job on ``<prefix>/jobs`` (the fleet's shared work queue): one scene by reference.
+
+    ``scene`` is an ``https://``/``http://`` URL, an ``s3://bucket/key`` or an absolute path
+    under one of the node's ``fleet.shared_dirs``. ``sha256`` (the object's bytes) is the
+    scene's identity when given; otherwise the object's ETag, size and modification time
+    are. Events about the job go to ``reply_to`` (an MQTT topic outside the box's
+    ``<prefix>/`` tree), or to ``<p>/jobs/events`` without one.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_: Literal["terratile.scene-job/1"] = Field(alias="schema")
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    scene: str = Field(min_length=1, max_length=2048)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    reply_to: str | None = Field(default=None, max_length=1024)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+JobEventKind = Literal["accepted", "done", "failed"]
+
+
+class JobEvent(Payload):
+    """``accepted`` (committed to the node's journal), ``done`` (its result's msg_id) or
+    ``failed`` (a reason slug and why) for one job: what a submitter's lease watches."""
+
+    SCHEMA: ClassVar[str] = "terratile.job-event/1"
+
+    job_id: str | None = Field(description="Null only for a job too malformed to name itself.")
+    event: JobEventKind
+    scene: str | None = Field(default=None, description="The job's scene reference.")
+    scene_id: str | None = Field(default=None, description="The scene's stable identity.")
+    result_msg_id: str | None = Field(
+        default=None, description="done: the msg_id of the scene's result (the same on "
+        "every node and every re-run).")
+    reason: str | None = Field(default=None, description="failed: a slug (e.g. `scheme`, "
+                               "`outside-shared-dirs`, `malformed`, `unreachable`).")
+    message: str | None = None
+
+
 PAYLOADS: dict[str, type[Payload]] = {
     cls.SCHEMA: cls
-    for cls in (SceneResult, SceneFailed, StatusPayload, StatsPayload, DriftEvent, ModelEvent)
+    for cls in (SceneResult, SceneFailed, StatusPayload, StatsPayload, DriftEvent, ModelEvent,
+                JobEvent)
 }
 
 

@@ -15,6 +15,11 @@ GeoTIFF chips, image queries) opens them through ``open_raster``:
 * the declared size (width x height) must be at most ``max_pixels`` (reason ``too-large``),
   checked right after the header is parsed, before any pixel is read.
 
+A remote object (a scene job's URL, already checked by its scheme and name) opens with
+``open_remote_raster``: the GeoTIFF driver only, whatever the object says it is, and the
+same ``max_pixels`` check; the GDAL configuration it reads under opens the network for
+that object alone (``appliance.scene.source``).
+
 ``SAFE_GDAL`` is the GDAL configuration to read under (``rasterio.Env(**SAFE_GDAL)``):
 no sidecar discovery, no HTTP, no Python in VRTs, as a second line behind the checks.
 """
@@ -142,6 +147,28 @@ def open_raster(path: Path, drivers: Sequence[str] = DEFAULT_DRIVERS,
             raise RasterRefused("format", f"{path.name}: opened as {ds.driver}, not allowed")
         if max_pixels is not None:
             check_size(path.name, ds.width, ds.height, max_pixels)
+    except BaseException:
+        ds.close()
+        raise
+    return ds
+
+
+def open_remote_raster(gdal_path: str, name: str, max_pixels: int | None = None
+                       ) -> DatasetReader:
+    """Open a ``/vsicurl/`` or ``/vsis3/`` object with the GeoTIFF driver alone (a COG, or
+    any tiled GeoTIFF); raise ``RasterRefused``. No VRT, no other driver, whatever the
+    object's bytes are: a reference format never gets to send requests of its own."""
+    if not gdal_path.startswith(("/vsicurl/", "/vsis3/")):
+        raise RasterRefused("format", f"{name}: not a remote object")
+    try:
+        ds = rasterio.open(gdal_path, driver="GTiff")
+    except (RasterioError, OSError) as exc:
+        raise RasterRefused("unreadable", f"{name} is not a readable GeoTIFF: {exc}") from exc
+    try:
+        if ds.driver != "GTiff":
+            raise RasterRefused("format", f"{name}: opened as {ds.driver}, not allowed")
+        if max_pixels is not None:
+            check_size(name, ds.width, ds.height, max_pixels)
     except BaseException:
         ds.close()
         raise

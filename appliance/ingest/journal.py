@@ -10,12 +10,19 @@ write the scene's final state *and* its message in one transaction, so either bo
 or neither does; the publisher deletes a row only after the broker acknowledged it. Rows
 are keyed by ``msg_id``: enqueuing the same message twice is a no-op.
 
+Fleet jobs (``jobs``) are rows of their own: a job taken from the shared queue is written
+with its ``accepted`` event in one transaction *before* the broker gets the job's
+acknowledgement, and ended (``done``/``failed``) with its final event in another, so a
+crash anywhere loses no job and re-sends no event under a new id. A job names its scene
+by reference; the scene itself goes through the same states as an inbox file's.
+
 One connection is shared by the main loop and the MQTT network thread (acks), guarded by
 a lock; every public method is one short transaction.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -51,6 +58,16 @@ CREATE TABLE IF NOT EXISTS claims (
     work_path  BLOB PRIMARY KEY,
     attempts   INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id    TEXT PRIMARY KEY,
+    job       TEXT NOT NULL,
+    state     TEXT NOT NULL CHECK (state IN ('open', 'done', 'failed')),
+    scene_id  TEXT,
+    final     TEXT,
+    created   REAL NOT NULL,
+    updated   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs(state, created);
 CREATE TABLE IF NOT EXISTS outbox (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
     msg_id   TEXT NOT NULL UNIQUE,
@@ -78,6 +95,18 @@ class SceneRecord:
     result: str | None
 
 
+@dataclass(frozen=True)
+class JobRecord:
+    """A fleet job as the journal knows it: the job's JSON as received, its state, the
+    scene it resolved to, and its final event (``done``/``failed``) once it ended."""
+
+    job_id: str
+    job: str
+    state: str
+    scene_id: str | None
+    final: Message | None
+
+
 class JournalCorrupt(RuntimeError):
     """The journal database is damaged; the daemon must not start on it (nor delete it)."""
 
@@ -85,6 +114,10 @@ class JournalCorrupt(RuntimeError):
 def _path_value(path: Path) -> bytes:
     """A path as SQLite stores it: its bytes (``os.fsencode``), so any file name fits."""
     return os.fsencode(path)
+
+
+def _path_or_null(path: Path | None) -> bytes | None:
+    return None if path is None else _path_value(path)
 
 
 def _path_of(value: bytes | str | None) -> Path | None:
@@ -144,8 +177,9 @@ class Journal:
             rows = self._db.execute(query + " ORDER BY created", args).fetchall()
         return [_scene(r) for r in rows]
 
-    def claim(self, scene_id: str, source: str, work_path: Path) -> SceneRecord:
-        """Record a claimed file; a known scene keeps its state and attempts.
+    def claim(self, scene_id: str, source: str, work_path: Path | None) -> SceneRecord:
+        """Record a claimed file (``work_path`` None: a scene read in place for a job); a
+        known scene keeps its state and attempts.
 
         A scene that failed before is claimed afresh (state ``claimed``, attempts 0): the
         user dropped it again on purpose, perhaps after fixing the config. A ``done``
@@ -158,16 +192,17 @@ class Journal:
                 db.execute(
                     "INSERT INTO scenes (scene_id, source, state, attempts, work_path, created,"
                     " updated) VALUES (?, ?, 'claimed', 0, ?, ?, ?)",
-                    (scene_id, source, _path_value(work_path), now, now))
+                    (scene_id, source, _path_or_null(work_path), now, now))
             elif row[0] == "failed":
                 db.execute(
                     "UPDATE scenes SET state = 'claimed', attempts = 0, source = ?, work_path = ?,"
                     " reason = NULL, message = NULL, updated = ? WHERE scene_id = ?",
-                    (source, _path_value(work_path), now, scene_id))
+                    (source, _path_or_null(work_path), now, scene_id))
             elif row[0] != "done":
                 db.execute("UPDATE scenes SET work_path = ?, updated = ? WHERE scene_id = ?",
-                           (_path_value(work_path), now, scene_id))
-            db.execute("DELETE FROM claims WHERE work_path = ?", (_path_value(work_path),))
+                           (_path_or_null(work_path), now, scene_id))
+            if work_path is not None:
+                db.execute("DELETE FROM claims WHERE work_path = ?", (_path_value(work_path),))
         scene = self.get(scene_id)
         assert scene is not None
         return scene
@@ -266,6 +301,67 @@ class Journal:
             return False
         return True
 
+    # -- fleet jobs -------------------------------------------------------------------
+
+    def add_job(self, job_id: str, job: str, accepted: Message) -> JobRecord:
+        """Commit a job taken from the queue with its ``accepted`` event; a job id already
+        known (the broker re-sent it, or it was submitted again) is left as it is.
+        Returns the job's record."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO jobs (job_id, job, state, created, updated)"
+                             " VALUES (?, ?, 'open', ?, ?)", (job_id, job, now, now))
+            if cur.rowcount:
+                _insert(db, accepted)
+        record = self.job(job_id)
+        assert record is not None
+        return record
+
+    def job(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT job_id, job, state, scene_id, final FROM jobs"
+                                   " WHERE job_id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def open_jobs(self) -> list[JobRecord]:
+        """Jobs not yet ended, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT job_id, job, state, scene_id, final FROM jobs"
+                                    " WHERE state = 'open' ORDER BY created").fetchall()
+        return [_job(r) for r in rows]
+
+    def open_job_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'open'").fetchone()[0])
+
+    def job_scene(self, job_id: str, scene_id: str) -> None:
+        """The scene an open job resolved to (so reconciliation leaves it to the queue)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET scene_id = ?, updated = ? WHERE job_id = ?",
+                       (scene_id, time.time(), job_id))
+
+    def job_waits_on(self, scene_id: str) -> bool:
+        """True when an open job will run ``scene_id`` again."""
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM jobs WHERE scene_id = ? AND state = 'open'",
+                                    (scene_id,)).fetchone() is not None
+
+    def end_job(self, job_id: str, state: str, event: Message) -> None:
+        """``done`` or ``failed`` plus the final event, atomically; the event is kept to
+        answer the same job id again."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state = ?, final = ?, updated = ? WHERE job_id = ?",
+                       (state, _message_text(event), time.time(), job_id))
+            _insert(db, event)
+
+    def forget_jobs(self, ended_before: float) -> int:
+        """Drop jobs that ended before ``ended_before`` (epoch s); returns how many. Their
+        scenes stay: a job submitted again is then run again and found done."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM jobs WHERE state != 'open' AND updated < ?",
+                              (ended_before,)).rowcount
+
     # -- outbox -----------------------------------------------------------------------
 
     def enqueue(self, message: Message) -> bool:
@@ -308,6 +404,16 @@ def _insert(db: sqlite3.Connection, m: Message) -> bool:
         " VALUES (?, ?, ?, ?, ?, ?)", (m.msg_id, m.topic, m.payload, m.qos, int(m.retain),
                                        time.time()))
     return cur.rowcount > 0
+
+
+def _message_text(m: Message) -> str:
+    return json.dumps({"msg_id": m.msg_id, "topic": m.topic, "payload": m.payload})
+
+
+def _job(row: tuple) -> JobRecord:
+    final = json.loads(row[4]) if row[4] else None
+    return JobRecord(row[0], row[1], row[2], row[3],
+                     Message(final["msg_id"], final["topic"], final["payload"]) if final else None)
 
 
 def _scene(row: tuple) -> SceneRecord:

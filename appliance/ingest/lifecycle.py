@@ -10,10 +10,14 @@ identical file is recognised from the journal: it is not recomputed, and its sto
 is re-announced with the *same* ``msg_id`` so a consumer that already has it can drop the
 copy.
 
+A scene named by a fleet job (``handle_source``: a URL or a shared file, read in place)
+takes the same steps under its stable id, with no file of the box's own to move.
+
 Before new work is taken, ``reconcile`` settles what a crash left behind: scenes that
 crashed the daemon ``input.max_attempts`` times fail as ``crash-loop``, claimed scenes whose
 file vanished fail as ``missing``, files still in ``work/`` are processed again, and results
-already in the outbox are simply published (never recomputed).
+already in the outbox are simply published (never recomputed). A job's scene is left to
+the work queue, which runs it again through ``handle_source`` (its attempts still count).
 
 The steps themselves are given to the lifecycle (``process``, ``after``), so it is tested
 in-process with small fakes and knows nothing of models, indexes or drift.
@@ -37,14 +41,16 @@ from appliance.contract.durable import atomic_write_text
 from appliance.contract.payloads import DriftReport, SceneFailed, result_msg_id
 from appliance.ingest.inbox import Inbox, original_name, safe_name
 from appliance.ingest.journal import Journal, SceneRecord
+from appliance.ingest.scene_ref import Refused, hash_regular_file
 from appliance.scene.pipeline import SceneError, SceneInterrupted, SceneOutcome
+from appliance.scene.source import SceneSource
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["done", "failed", "duplicate"]
 Handled = Literal["done", "failed", "duplicate", "interrupted"]
-Process = Callable[[Path, str, Path], SceneOutcome]
-"""(claimed file, scene_id, output folder) → outcome; raises ``SceneError``."""
+Process = Callable[[SceneSource, str, Path], SceneOutcome]
+"""(where the pixels are, scene_id, output folder) → outcome; raises ``SceneError``."""
 After = Callable[[SceneOutcome], DriftReport | None]
 """A processed scene's follow-up steps (index, drift); returns its drift scores."""
 
@@ -68,35 +74,6 @@ def unique_path(folder: Path, name: str) -> Path:
         n += 1
         candidate = folder / f"{stem}-{n}{dot}{suffix}"
     return candidate
-
-
-class _Refused(Exception):
-    """A claimed file that is not read as a scene: ``reason`` slug and a message."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-def hash_regular_file(path: Path, limit: int) -> str:
-    """Hex sha256 of a regular file of at most ``limit`` bytes; never follows a symlink,
-    never blocks on a FIFO; raises ``_Refused`` otherwise."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        raise _Refused("unreadable", f"cannot open the file: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _Refused("not-a-file", "not a regular file")
-        digest = hashlib.sha256()
-        total = 0
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            total += len(block)
-            if total > limit:
-                raise _Refused("too-large", f"larger than input.max_file_bytes ({limit} bytes)")
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class SceneLifecycle:
@@ -133,6 +110,8 @@ class SceneLifecycle:
 
     def _settle(self, scene: SceneRecord) -> None:
         path = scene.work_path
+        if path is None and self.journal.job_waits_on(scene.scene_id):
+            return  # read in place for a fleet job: the work queue takes it up (and counts)
         if scene.state == "processing" and scene.attempts >= self.cfg.max_attempts:
             log.error("scene %s (%r) crashed the daemon %d times: failing it",
                       scene.scene_id[:12], scene.source, scene.attempts)
@@ -168,23 +147,36 @@ class SceneLifecycle:
         reads = self.journal.attempt(work)  # counted before any byte is read
         try:
             if reads > self.cfg.max_attempts:
-                raise _Refused("crash-loop", f"the daemon died {reads - 1} times reading this file")
+                raise Refused("crash-loop", f"the daemon died {reads - 1} times reading this file")
             try:
                 st = os.lstat(work)
             except FileNotFoundError:
-                raise _Refused("missing", "the claimed file disappeared from work/") from None
+                raise Refused("missing", "the claimed file disappeared from work/") from None
             if not stat.S_ISREG(st.st_mode):
-                raise _Refused("not-a-file", "not a regular file (a symlink, FIFO or device)")
+                raise Refused("not-a-file", "not a regular file (a symlink, FIFO or device)")
             if st.st_size > self.cfg.max_file_bytes:
-                raise _Refused("too-large", f"{st.st_size} bytes is larger than "
+                raise Refused("too-large", f"{st.st_size} bytes is larger than "
                                f"input.max_file_bytes ({self.cfg.max_file_bytes})")
             scene_id = hash_regular_file(work, self.cfg.max_file_bytes)
-        except _Refused as exc:
+        except Refused as exc:
             self._refuse(work, source, exc.reason, exc.message, reads)
             return "failed"
+        return self._run(scene_id, source, SceneSource.file(work), work,
+                         announce=not recovering)
+
+    def handle_source(self, source: SceneSource, scene_id: str) -> Handled:
+        """Process a scene named by reference (a fleet job: a URL or a shared file) under
+        its stable ``scene_id``: the same steps, journal and outbox as an inbox file, with
+        no file of the box's own to move. A done scene is re-announced, not recomputed."""
+        return self._run(scene_id, safe_name(source.location), source, None, announce=True)
+
+    def _run(self, scene_id: str, source: str, pixels: SceneSource, work: Path | None,
+             announce: bool) -> Handled:
+        """A scene's steps after its identity is known; ``work`` is the box's own copy
+        (moved to processed/ or failed/ at the end), None for a scene read in place."""
         scene = self.journal.claim(scene_id, source, work)
         if scene.state == "done":
-            self._duplicate(scene, work, announce=not recovering)
+            self._duplicate(scene, work, announce=announce)
             return "duplicate"
         if scene.state == "processing" and scene.attempts >= self.cfg.max_attempts:
             self._fail(scene, work, "crash-loop",
@@ -194,12 +186,12 @@ class SceneLifecycle:
         log.info("scene %s (%r): attempt %d", scene_id[:12], source, attempts)
         self._observer.scene_started(scene_id)
         try:
-            outcome = self._process(work, scene_id, self.paths.results / scene_id)
+            outcome = self._process(pixels, scene_id, self.paths.results / scene_id)
         except SceneInterrupted:
-            # A stop request: the file stays in work/, the attempt is not a crash, the next
-            # start takes it up again.
+            # A stop request: the file stays in work/ (a job stays open), the attempt is
+            # not a crash, the next start takes it up again.
             self.journal.unstart(scene_id)
-            log.info("scene %s (%r): interrupted by a stop; kept in work/ for the next start",
+            log.info("scene %s (%r): interrupted by a stop; taken up again at the next start",
                      scene_id[:12], source)
             return "interrupted"
         except SceneError as exc:
@@ -214,13 +206,14 @@ class SceneLifecycle:
         self.journal.finish(scene_id, Message(result.msg_id, self.topics.scene(scene_id, "result"),
                                               result.to_json()))
         self._kick()
-        self._dispose(work)
+        if work is not None:
+            self._dispose(work)
         self._observer.scene_ended("done", outcome.timings)
         log.info("scene %s (%r): done in %.2fs, %d tiles", scene_id[:12], source,
                  outcome.timings.get("total", 0.0), outcome.tiles)
         return "done"
 
-    def _duplicate(self, scene: SceneRecord, work: Path, announce: bool) -> None:
+    def _duplicate(self, scene: SceneRecord, work: Path | None, announce: bool) -> None:
         """A file whose scene is already done: keep the old result, re-announce it."""
         log.info("scene %s (%r): already done, not recomputed", scene.scene_id[:12], scene.source)
         if announce and scene.result is not None:
@@ -228,7 +221,8 @@ class SceneLifecycle:
                                          self.topics.scene(scene.scene_id, "result"),
                                          scene.result))
             self._kick()
-        self._dispose(work)
+        if work is not None:
+            self._dispose(work)
         self._observer.scene_ended("duplicate")
 
     def _fail(self, scene: SceneRecord, work: Path | None, reason: str, text: str,

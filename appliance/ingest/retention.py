@@ -90,6 +90,10 @@ class Sweeper:
                 out.append(self._sweep(
                     name, _files_below(folder), rule, now,
                     lambda e: oldest_unsent is not None and e.arrived >= oldest_unsent))
+            if self.cfg.results.max_age_days is not None:  # a job's answer outlives no result
+                forgotten = self.journal.forget_jobs(now - self.cfg.results.max_age_days * 86400)
+                if forgotten:
+                    log.info("retention: forgot %d ended fleet job(s)", forgotten)
         for swept in out:
             if swept.removed:
                 log.info("retention: removed %d from %s (%.1f MB)", swept.removed, swept.folder,

@@ -34,10 +34,10 @@ from appliance.contract.payloads import (
     RescaleUse,
     Resolution,
     SceneInput,
+    SceneOrigin,
     SceneResult,
     result_msg_id,
 )
-from appliance.contract.raster_open import SAFE_GDAL
 from appliance.contract.signature import Signature, scene_signature
 from appliance.scene.bands import scene_band_labels
 from appliance.scene.cells import SceneCells
@@ -61,6 +61,7 @@ from appliance.scene.outputs import (
 from appliance.scene.quicklook import Quicklook, backdrop_rgb, write_quicklook
 from appliance.scene.raster import Scene, SceneError, open_scene
 from appliance.scene.segments import cell_labels_on, hybrid_map, segment
+from appliance.scene.source import SceneSource
 from appliance.scene.stac import (
     ITEM,
     SOURCE_ITEM,
@@ -138,6 +139,7 @@ class SceneOutcome:
     warnings: list[str]
     labels: dict[str, ClassShare] | None = None  # multi-label bundles: presence per label
     label_thresholds: dict[str, float] | None = None
+    origin: SceneOrigin | None = None  # where the pixels were read from
 
     def result(self, node_id: str, drift: DriftReport | None) -> SceneResult:
         """The ``scene-result`` payload (its msg_id derived from the scene id)."""
@@ -150,7 +152,7 @@ class SceneOutcome:
                      for name in self.fractions},
             mean_confidence=self.mean_confidence, outputs=self.outputs, timings=self.timings,
             tiles=self.tiles, drift=drift, input=self.input, acquired=self.acquired,
-            warnings=self.warnings, labels=self.labels)
+            warnings=self.warnings, labels=self.labels, origin=self.origin)
 
 
 class _Reservoir:
@@ -226,11 +228,14 @@ def _seed(scene_id: str) -> int:
 
 
 def process_scene(
-    path: Path, scene_id: str, out_dir: Path, runtime: SceneModel, settings: Settings, *,
-    probe_sharpness: bool = False, embedding_scale: int | None = None,
+    source: SceneSource | Path, scene_id: str, out_dir: Path, runtime: SceneModel,
+    settings: Settings, *, probe_sharpness: bool = False, embedding_scale: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> SceneOutcome:
     """Classify one scene and write its outputs into ``out_dir``; raise ``SceneError``.
+
+    ``source`` is where its pixels are (a local file, or a remote object read in windows;
+    a plain path is a local file).
 
     ``should_stop`` is asked before each batch; when it says yes the scene ends with
     ``SceneInterrupted`` (a daemon stop must not wait for a large scene).
@@ -239,32 +244,34 @@ def process_scene(
     to route to (adaptation stores it); ``embedding_scale`` is the window size whose
     embedding each cell keeps (None: the middle scale).
     """
-    path = Path(path)
+    if not isinstance(source, SceneSource):
+        source = SceneSource.file(Path(source))
     t_start = time.perf_counter()
     # rasterio hands GDAL_CACHEMAX to GDALSetCacheMax64: bytes, not MB.
-    with rasterio.Env(GDAL_CACHEMAX=settings.tiling.gdal_cachemax_mb << 20, **SAFE_GDAL), \
-            open_scene(path, settings.input, runtime.manifest.input) as scene:
-        return _process(scene, path, scene_id, Path(out_dir), runtime, settings, t_start,
+    with rasterio.Env(GDAL_CACHEMAX=settings.tiling.gdal_cachemax_mb << 20,
+                      **source.gdal_env()), \
+            open_scene(source, settings.input, runtime.manifest.input) as scene:
+        return _process(scene, source, scene_id, Path(out_dir), runtime, settings, t_start,
                         probe_sharpness, embedding_scale, should_stop)
 
 
 def _process(
-    scene: Scene, path: Path, scene_id: str, out_dir: Path, runtime: SceneModel,
+    scene: Scene, source: SceneSource, scene_id: str, out_dir: Path, runtime: SceneModel,
     settings: Settings, t_start: float, probe_sharpness: bool, embedding_scale: int | None,
     should_stop: Callable[[], bool],
 ) -> SceneOutcome:
     manifest = runtime.manifest
     gsd = scene_gsd(scene.ds.transform, scene.crs, scene.width, scene.height)
     plan = plan_windows(settings.tiling, settings.input, manifest.scales, manifest.gsd, gsd,
-                        path.name)
+                        source.name)
     tiling = plan.tiling
     grid = CellGrid(scene.width, scene.height, tiling.cell_size, tuple(tiling.scales))
     valid = grid.valid(scene, tiling.nodata_fraction)
     if not valid.any():
         if max(scene.width, scene.height) < min(tiling.scales):
-            raise SceneError("too-small", f"{path.name}: {scene.width}x{scene.height} px is "
+            raise SceneError("too-small", f"{source.name}: {scene.width}x{scene.height} px is "
                              f"smaller than the smallest window ({min(tiling.scales)} px)")
-        raise SceneError("nodata", f"{path.name}: every cell is more than "
+        raise SceneError("nodata", f"{source.name}: every cell is more than "
                          f"{tiling.nodata_fraction:.0%} nodata")
 
     band_sample = scene.band_sample()
@@ -312,7 +319,7 @@ def _process(
     t_write0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     with disk_full_guard(out_dir, settings.paths.min_free_mb):
-        outcome = _write_outputs(scene, path, scene_id, out_dir, runtime, settings, grid, valid,
+        outcome = _write_outputs(scene, source, scene_id, out_dir, runtime, settings, grid, valid,
                                  acc, tiles, band_sample, domain, signature[2], plan)
         t_end = time.perf_counter()
         timings = {"read": round(t_read, 4), "infer": round(t_infer, 4),
@@ -345,7 +352,7 @@ def _scene_input(scene: Scene, plan: WindowPlan) -> SceneInput:
 
 
 def _write_outputs(
-    scene: Scene, path: Path, scene_id: str, out_dir: Path, runtime: SceneModel,
+    scene: Scene, source: SceneSource, scene_id: str, out_dir: Path, runtime: SceneModel,
     settings: Settings, grid: CellGrid, valid: np.ndarray, acc: _Accumulator, tiles: int,
     band_sample: np.ndarray, domain: str | None, sharp: np.ndarray | None, plan: WindowPlan,
 ) -> SceneOutcome:
@@ -397,7 +404,7 @@ def _write_outputs(
     if settings.tiling.segments != "none":
         files["hybrid"] = out_dir / "hybrid.tif"
         _write_hybrid(files["hybrid"], scene, grid, cmap, settings)
-    sidecar = sidecar_item(path)
+    sidecar = None if source.is_remote else sidecar_item(source.path)
     if sidecar is not None:
         files["source_item"] = out_dir / SOURCE_ITEM
         write_json(files["source_item"], sidecar)
@@ -410,7 +417,7 @@ def _write_outputs(
         fractions=({n: v.fraction for n, v in labelled.shares.items()} if labelled
                    else fractions),
         backdrop=backdrop_rgb(scene.overview, scene.overview_valid, scene.spec.bands),
-        title=f"{path.name}  ·  {acquired.datetime.date().isoformat()}"
+        title=f"{source.name}  ·  {acquired.datetime.date().isoformat()}"
               + (" (processed)" if acquired.source == "processing" else ""),
         subtitle=f"{manifest.name} v{manifest.version}"
                  + (f" ({domain})" if domain else "")
@@ -420,7 +427,8 @@ def _write_outputs(
     b = scene.ds.bounds
     scene_bounds = (float(b.left), float(b.bottom), float(b.right), float(b.top))
     return SceneOutcome(
-        scene_id=scene_id, source=path.name, crs=scene.crs_string, bounds=scene_bounds,
+        scene_id=scene_id, source=source.name, origin=source.origin(), crs=scene.crs_string,
+        bounds=scene_bounds,
         bounds_wgs84=bbox_wgs84(scene_bounds, scene.crs),
         width=scene.width, height=scene.height, fractions=fractions, areas_ha=areas_ha,
         mean_confidence=float(confidence[valid].mean()),

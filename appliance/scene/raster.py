@@ -25,17 +25,19 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError
+from rasterio.io import DatasetReader
 from rasterio.windows import Window
 
 from appliance.config import InputConfig
 from appliance.contract.bundle import InputSpec
 from appliance.contract.raster_open import (
-    SAFE_GDAL,
     RasterRefused,
     check_local_file,
     open_raster,
+    open_remote_raster,
 )
 from appliance.scene.bands import BandError, choose_bands
+from appliance.scene.source import SceneSource
 
 DRIFT_SAMPLE = 20_000
 STATS_SAMPLE = 1 << 18  # overview pixels behind the percentile stretch
@@ -117,29 +119,35 @@ class Scene:
     ``SceneError("unreadable")``: a truncated GeoTIFF often opens and fails on a block.
     """
 
-    def __init__(self, path: Path, cfg: InputConfig, spec: InputSpec) -> None:
-        self.path = path
+    def __init__(self, source: SceneSource, cfg: InputConfig, spec: InputSpec) -> None:
+        self.source = source
+        self.name = source.name
         self.use_spec(spec)
         try:
-            check_local_file(path)
-            if path.stat().st_size == 0:
-                raise SceneError("unreadable", f"{path.name} is a zero-byte file")
-            with rasterio.Env(**SAFE_GDAL):
-                self.ds = open_raster(path, cfg.drivers, cfg.max_pixels)
+            with rasterio.Env(**source.gdal_env()):
+                self.ds = (open_remote_raster(source.gdal_path(), self.name, cfg.max_pixels)
+                           if source.is_remote else self._open_local(source.path, cfg))
         except RasterRefused as exc:
             raise SceneError(exc.reason, exc.message) from exc
         except (RasterioError, OSError) as exc:
-            raise SceneError("unreadable", f"{path.name} is not a readable raster: {exc}") from exc
+            raise SceneError("unreadable", f"{self.name} is not a readable raster: {exc}") from exc
         try:
             self._validate(cfg)
             self.overview, self.overview_valid = self._read_overview(cfg.rescale.sample_size)
             if not self.overview_valid.any():
-                raise SceneError("nodata", f"{path.name}: every pixel is nodata")
+                raise SceneError("nodata", f"{self.name}: every pixel is nodata")
             pixels = self.valid_pixels(STATS_SAMPLE)
             self.rescale = choose_rescale(cfg, self.dtype, spec, pixels)
         except BaseException:
             self.ds.close()
             raise
+
+    @staticmethod
+    def _open_local(path: Path, cfg: InputConfig) -> DatasetReader:
+        check_local_file(path)
+        if path.stat().st_size == 0:
+            raise SceneError("unreadable", f"{path.name} is a zero-byte file")
+        return open_raster(path, cfg.drivers, cfg.max_pixels)
 
     def use_spec(self, spec: InputSpec) -> None:
         """Read for a model with input ``spec``: its neutral value fills outside the scene.
@@ -154,19 +162,19 @@ class Scene:
     def _validate(self, cfg: InputConfig) -> None:
         ds = self.ds
         if ds.width == 0 or ds.height == 0 or ds.count == 0:
-            raise SceneError("empty", f"{self.path.name}: {ds.width}x{ds.height}, {ds.count} bands")
+            raise SceneError("empty", f"{self.name}: {ds.width}x{ds.height}, {ds.count} bands")
         try:
-            self.band_choice = choose_bands(ds, self.spec.bands, cfg.bands, self.path.name)
+            self.band_choice = choose_bands(ds, self.spec.bands, cfg.bands, self.name)
         except BandError as exc:
             raise SceneError("bands", str(exc)) from exc
         bands = self.band_choice.indexes
         bw, bh = ds.block_shapes[0]
         block = bw * bh * len(bands) * max(np.dtype(t).itemsize for t in ds.dtypes)
         if block > MAX_BLOCK_BYTES:
-            raise SceneError("too-large", f"{self.path.name}: one {bw}x{bh} block is "
+            raise SceneError("too-large", f"{self.name}: one {bw}x{bh} block is "
                              f"{block >> 20} MB decoded")
         if ds.crs is None or ds.transform.is_identity:
-            raise SceneError("no-crs", f"{self.path.name} has no CRS or geotransform")
+            raise SceneError("no-crs", f"{self.name} has no CRS or geotransform")
         self.bands = bands
         self.dtype = str(ds.dtypes[bands[0] - 1])
         nodata = cfg.nodata if cfg.nodata is not None else ds.nodatavals[bands[0] - 1]
@@ -231,7 +239,7 @@ class Scene:
             else:
                 raw, mask = self._subsample(h, w)
         except RasterioError as exc:
-            raise SceneError("unreadable", _read_failure(self.path, exc)) from exc
+            raise SceneError("unreadable", _read_failure(self.name, exc)) from exc
         valid = mask if mask is not None else self._valid_from(raw)
         if np.issubdtype(raw.dtype, np.floating):
             valid &= np.isfinite(raw).all(axis=0)
@@ -305,7 +313,7 @@ class Scene:
                                out_shape=(len(self.bands), y1 - y0, x1 - x0),
                                resampling=Resampling.bilinear)
         except RasterioError as exc:
-            raise SceneError("unreadable", _read_failure(self.path, exc)) from exc
+            raise SceneError("unreadable", _read_failure(self.name, exc)) from exc
         part = self.rescale.apply(raw)
         if np.issubdtype(raw.dtype, np.floating):
             part = np.where(np.isfinite(raw), part, self.neutral)
@@ -326,12 +334,14 @@ class Scene:
         self.close()
 
 
-def open_scene(path: Path, cfg: InputConfig, spec: InputSpec) -> Scene:
-    """Open and validate a scene for a model with input ``spec``; raise ``SceneError``."""
-    return Scene(Path(path), cfg, spec)
+def open_scene(source: SceneSource | Path, cfg: InputConfig, spec: InputSpec) -> Scene:
+    """Open and validate a scene (a source, or a local file) for a model with input
+    ``spec``; raise ``SceneError``."""
+    return Scene(source if isinstance(source, SceneSource) else SceneSource.file(Path(source)),
+                 cfg, spec)
 
 
-def _read_failure(path: Path, exc: RasterioError) -> str:
+def _read_failure(name: str, exc: RasterioError) -> str:
     """GDAL's own message for a failed read (rasterio hides it in ``__cause__``)."""
     cause = exc.__cause__ or exc.__context__
-    return f"{path.name}: read failed (truncated or corrupt?): {cause or exc}"
+    return f"{name}: read failed (truncated or corrupt?): {cause or exc}"

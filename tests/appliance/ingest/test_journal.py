@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,28 @@ def test_a_work_path_that_is_not_utf8_is_stored_losslessly(journal: Journal) -> 
     journal.claim("s1", "caf\\xe9.tif", work)
     scene = journal.get("s1")
     assert scene is not None and scene.work_path == work
+
+
+def test_a_job_is_committed_once_with_its_event_and_ended_atomically(journal: Journal) -> None:
+    first = journal.add_job("j1", '{"job": 1}', Message("acc-1", "r/jobs", "accepted"))
+    again = journal.add_job("j1", '{"job": "other"}', Message("acc-1b", "r/jobs", "accepted"))
+    assert first == again and first.state == "open" and first.job == '{"job": 1}'
+    assert [m.msg_id for m in journal.pending()] == ["acc-1"]  # one accepted event
+    journal.job_scene("j1", "scene-a")
+    assert journal.job_waits_on("scene-a") and journal.open_job_count() == 1
+    journal.end_job("j1", "done", Message("done-1", "r/jobs", "done"))
+    ended = journal.job("j1")
+    assert ended is not None and ended.state == "done" and ended.final is not None
+    assert ended.final.msg_id == "done-1" and not journal.job_waits_on("scene-a")
+    assert [m.msg_id for m in journal.pending()] == ["acc-1", "done-1"]
+    assert journal.open_jobs() == [] and journal.open_job_count() == 0
+
+
+def test_ended_jobs_are_forgotten_after_their_age_and_open_ones_never(
+        journal: Journal) -> None:
+    journal.add_job("old", "{}", Message("a-old", "t", "x"))
+    journal.end_job("old", "failed", Message("f-old", "t", "x"))
+    journal.add_job("open", "{}", Message("a-open", "t", "x"))
+    assert journal.forget_jobs(ended_before=0.0) == 0
+    assert journal.forget_jobs(ended_before=time.time() + 1) == 1
+    assert journal.job("old") is None and journal.job("open") is not None

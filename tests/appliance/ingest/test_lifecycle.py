@@ -17,6 +17,7 @@ from appliance.ingest.inbox import Inbox
 from appliance.ingest.journal import Journal
 from appliance.ingest.lifecycle import Outcome, SceneLifecycle
 from appliance.scene.pipeline import SceneError, SceneInterrupted, SceneOutcome
+from appliance.scene.source import SceneSource
 from tests.helpers.outcomes import outcome
 
 TOPICS = Topics("terratile", "edge-t")
@@ -52,7 +53,7 @@ class Box:
                                    process=self.process, after=lambda _o: None,
                                    observer=self.observer)
 
-    def process(self, work: Path, scene_id: str, out_dir: Path) -> SceneOutcome:
+    def process(self, source: SceneSource, scene_id: str, out_dir: Path) -> SceneOutcome:
         self.calls.append(scene_id)
         if self.raise_ is not None:
             raise self.raise_

@@ -159,3 +159,18 @@ def test_a_daemon_on_a_small_disk_stops_claiming_and_resumes_and_loses_nothing(
                 d.kill()
             listener.close()
 
+
+
+def test_ended_fleet_jobs_go_with_the_results_age(tmp_path: Path, journal: Journal) -> None:
+    paths = PathsConfig(inbox=tmp_path / "inbox", results=tmp_path / "results",
+                        failed=tmp_path / "failed", state=tmp_path / "state")
+    journal.add_job("ended", "{}", Message("acc", "r", "{}"))
+    journal.end_job("ended", "done", Message("done", "r", "{}"))
+    journal.add_job("open", "{}", Message("acc-2", "r", "{}"))
+    journal.acknowledge("acc", "done", "acc-2")
+    sweeper = Sweeper(paths, RetentionConfig.model_validate({"results": {"max_age_days": 1}}),
+                      journal, keep_processed=True)
+    sweeper.sweep(now=time.time() + 0.5 * DAY)
+    assert journal.job("ended") is not None  # younger than the results' age
+    sweeper.sweep(now=time.time() + 2 * DAY)
+    assert journal.job("ended") is None and journal.job("open") is not None
