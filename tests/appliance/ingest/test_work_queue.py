@@ -209,27 +209,30 @@ def test_bad_jobs_each_get_a_failed_with_a_reason(fleet: Fleet, server: RangeSer
     assert all(d.proc is not None and d.proc.poll() is None for d in fleet.nodes.values())
 
 
-def _kill_while_processing(node: DaemonProc, timeout: float = 60) -> str:
-    """SIGKILL ``node`` as soon as one of its scenes is being processed; that scene's id."""
-    node.wait(lambda: any(s == "processing" for s, _ in node.scenes().values()),
-              "a scene in processing", timeout)
-    node.kill()
-    return next(sid for sid, (s, _) in node.scenes().items() if s == "processing")
+def _submit_and_kill(fleet: Fleet, server: RangeServer, victim: DaemonProc, prefix: str,
+                     lease: float, restart: bool) -> tuple[SubmitReport, str]:
+    """Submit a batch, SIGKILL ``victim`` as soon as one of its scenes is being processed
+    (restarting it when asked), and wait for the submitter; its report and the killed
+    scene's id."""
+    with FleetLink(MQTTConfig(port=fleet.port)) as link:
+        outcome: list[SubmitReport] = []
+        runner = threading.Thread(target=lambda: outcome.append(
+            submit_jobs(link, urls(server, prefix), lease=lease, timeout=110)))
+        runner.start()
+        victim.wait(lambda: any(s == "processing" for s, _ in victim.scenes().values()),
+                    "a scene in processing", 60)
+        victim.kill()
+        killed = next(sid for sid, (s, _) in victim.scenes().items() if s == "processing")
+        if restart:
+            victim.start()
+        runner.join(120)
+    return outcome[0], killed
 
 
 def test_a_node_killed_mid_job_and_restarted_finishes_its_work(
         fleet: Fleet, server: RangeServer) -> None:
     victim = fleet.nodes["edge-a"]
-    requests = urls(server, "k")
-    with FleetLink(MQTTConfig(port=fleet.port)) as link:
-        outcome: list[SubmitReport] = []
-        runner = threading.Thread(target=lambda: outcome.append(
-            submit_jobs(link, requests, lease=15, timeout=110)))
-        runner.start()
-        killed = _kill_while_processing(victim)
-        victim.start()
-        runner.join(120)
-    report = outcome[0]
+    report, killed = _submit_and_kill(fleet, server, victim, "k", lease=15, restart=True)
     assert report.complete, report.as_dict()
     assert victim.scenes()[killed][0] == "done"  # taken up again from its journal
     assert killed in {j.scene_id for j in report.jobs}
@@ -237,16 +240,8 @@ def test_a_node_killed_mid_job_and_restarted_finishes_its_work(
 
 def test_a_node_killed_for_good_has_its_jobs_done_elsewhere(
         fleet: Fleet, server: RangeServer) -> None:
-    victim = fleet.nodes["edge-b"]
-    requests = urls(server, "g")
-    with FleetLink(MQTTConfig(port=fleet.port)) as link:
-        outcome: list[SubmitReport] = []
-        runner = threading.Thread(target=lambda: outcome.append(
-            submit_jobs(link, requests, lease=8, timeout=110)))
-        runner.start()
-        killed = _kill_while_processing(victim)
-        runner.join(120)
-    report = outcome[0]
+    report, killed = _submit_and_kill(fleet, server, fleet.nodes["edge-b"], "g", lease=8,
+                                      restart=False)
     assert report.complete, report.as_dict()
     assert not [j for j in report.jobs if j.node == "edge-b"]  # every job ended elsewhere
     assert sum(j.submissions - 1 for j in report.jobs) >= 1
