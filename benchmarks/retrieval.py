@@ -126,11 +126,10 @@ def entries(scene: int, classes: np.ndarray, names: list[str]) -> list[Entry]:
     out = []
     for i, c in enumerate(classes):
         col, row = i % 70 * 56, i // 70 * 56
-        minx, maxy = x0 + col * 10, y0 - row * 10
         lon, lat = lon0 + col * 1.4e-4, lat0 - row * 9e-5
         out.append(Entry(
             scene_id=sid, source=source, window=(col, row, 56, 56), crs="EPSG:32631",
-            bounds=(minx, maxy - 560, minx + 560, maxy),
+            transform=(10.0, 0.0, float(x0), 0.0, -10.0, float(y0)),
             bounds_wgs84=(lon, lat - 5.04e-3, lon + 7.84e-3, lat),
             class_name=names[int(c)], confidence=float(rng.uniform(0.3, 1.0))))
     return out

@@ -186,7 +186,7 @@ class TileIndex:
             col, row, w, h = (int(v) for v in cells.windows[i])
             entries.append(Entry(
                 scene_id=outcome.scene_id, source=outcome.source, window=(col, row, w, h),
-                crs=cells.crs, bounds=as_box(cells.bounds[i]),
+                crs=cells.crs, transform=cells.transform,
                 bounds_wgs84=as_box(cells.bounds_wgs84[i]),
                 class_name=names[k] if k < len(names) else str(k), confidence=float(conf[i]),
                 labels=(tuple(n for n, on in zip(names, present[i], strict=True) if on)

@@ -8,9 +8,22 @@ features in memory, and downstream consumers get one typed object.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from rasterio.transform import Affine
+
+Affine6 = tuple[float, float, float, float, float, float]
+
+
+def windows_bounds(windows: np.ndarray, transform: Sequence[float]) -> np.ndarray:
+    """[n,4] ``minx, miny, maxx, maxy`` of each ``col, row, width, height`` window under
+    the pixel -> CRS affine ``transform`` (its first six coefficients)."""
+    col, row, w, h = (windows[:, i].astype(np.float64) for i in range(4))
+    xs, ys = Affine(*transform[:6]) @ (np.stack([col, col + w]), np.stack([row, row + h]))
+    xs, ys = np.asarray(xs), np.asarray(ys)
+    return np.stack([xs.min(0), ys.min(0), xs.max(0), ys.max(0)], axis=1)
 
 
 @dataclass(frozen=True)
@@ -21,8 +34,9 @@ class SceneCells:
         scene_id: sha256 of the scene file.
         crs: the scene CRS as a WKT or ``EPSG:n`` string.
         windows: [n,4] int64 ``col_off, row_off, width, height`` of each cell.
-        bounds: [n,4] float64 ``minx, miny, maxx, maxy`` of each cell, scene CRS.
-        bounds_wgs84: [n,4] float64 the same in EPSG:4326 (lon/lat).
+        transform: the scene's pixel -> CRS affine (a, b, c, d, e, f), which gives each
+            cell its ``bounds`` in the scene CRS.
+        bounds_wgs84: [n,4] float64 each cell's bounds in EPSG:4326 (lon/lat).
         probs: [n,K] float32 fused class probabilities (zeros where invalid).
         valid: [n] bool, False for cells that are mostly nodata.
         embeddings: [n,E] float32 L2-normalised embeddings at the retrieval scale.
@@ -41,7 +55,7 @@ class SceneCells:
     scene_id: str
     crs: str
     windows: np.ndarray
-    bounds: np.ndarray
+    transform: Affine6
     bounds_wgs84: np.ndarray
     probs: np.ndarray
     valid: np.ndarray
@@ -53,6 +67,11 @@ class SceneCells:
     sample_tiles: np.ndarray | None = None
     sharpness: np.ndarray | None = None
     band_means: np.ndarray | None = None
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """[n,4] float64 ``minx, miny, maxx, maxy`` of each cell in the scene CRS."""
+        return windows_bounds(self.windows, self.transform)
 
     @property
     def labels(self) -> np.ndarray:

@@ -112,14 +112,6 @@ def cell_areas_m2(windows: np.ndarray, transform: Affine, crs: CRS) -> np.ndarra
     return ellipsoidal_areas(np.reshape(lon, cols.shape), np.reshape(lat, cols.shape))
 
 
-def windows_bounds(windows: np.ndarray, transform: Affine) -> np.ndarray:
-    """[n,4] ``minx, miny, maxx, maxy`` of each window in the scene CRS."""
-    col, row, w, h = (windows[:, i].astype(np.float64) for i in range(4))
-    xs, ys = transform @ (np.stack([col, col + w]), np.stack([row, row + h]))
-    xs, ys = np.asarray(xs), np.asarray(ys)
-    return np.stack([xs.min(0), ys.min(0), xs.max(0), ys.max(0)], axis=1)
-
-
 def bounds_to_wgs84(bounds: np.ndarray, crs: CRS) -> np.ndarray:
     """[n,4] bounds in ``crs`` → [n,4] lon/lat bounds of their four corners."""
     if len(bounds) == 0:

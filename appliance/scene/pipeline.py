@@ -40,7 +40,7 @@ from appliance.contract.payloads import (
 )
 from appliance.contract.signature import Signature, scene_signature
 from appliance.scene.bands import scene_band_labels
-from appliance.scene.cells import SceneCells
+from appliance.scene.cells import SceneCells, windows_bounds
 from appliance.scene.fusion import fuse
 from appliance.scene.gsd import WindowPlan, plan_windows
 from appliance.scene.labels import write_label_outputs
@@ -52,7 +52,6 @@ from appliance.scene.outputs import (
     cell_areas_m2,
     disk_full_guard,
     footprint_wgs84,
-    windows_bounds,
     write_confidence,
     write_geojson,
     write_json,
@@ -361,10 +360,13 @@ def _write_outputs(
     model = ModelRef.of(manifest, domain)
     out_dir.mkdir(parents=True, exist_ok=True)
     windows = grid.windows()
-    bounds = windows_bounds(windows, scene.ds.transform)
+    transform = scene.ds.transform
     cells = SceneCells(
-        scene_id=scene_id, crs=scene.crs_string, windows=windows, bounds=bounds,
-        bounds_wgs84=bounds_to_wgs84(bounds, scene.crs), probs=acc.probs, valid=valid,
+        scene_id=scene_id, crs=scene.crs_string, windows=windows,
+        transform=(transform.a, transform.b, transform.c, transform.d, transform.e,
+                   transform.f),
+        bounds_wgs84=bounds_to_wgs84(windows_bounds(windows, transform), scene.crs),
+        probs=acc.probs, valid=valid,
         embeddings=acc.embeddings,
         sample_index=np.asarray(acc.features.keys, np.int64),
         sample_features=(np.stack(acc.features.items).astype(np.float32) if acc.features.items

@@ -35,7 +35,7 @@ def colour_scene(runtime: ModelRuntime, seed: int, cast: tuple[float, float, flo
     out = runtime.infer(tiles, domain)
     cells = SceneCells(
         scene_id=f"scene-{seed}", crs="EPSG:32633",
-        windows=np.zeros((n_cells, 4), np.int64), bounds=np.zeros((n_cells, 4)),
+        windows=np.zeros((n_cells, 4), np.int64), transform=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0),
         bounds_wgs84=np.zeros((n_cells, 4)), probs=out.probs, valid=np.ones(n_cells, bool),
         embeddings=out.embedding, sample_index=np.arange(n_cells),
         sample_features=np.stack([out.features, out.features], axis=1), band_sample=sample,

@@ -35,8 +35,6 @@ def outcome(scene_id: str, seed: int, n: int = 12, invalid: tuple[int, ...] = ()
     cols, rows = np.arange(n) % 4 * 16, np.arange(n) // 4 * 16
     windows = np.stack([cols, rows, np.full(n, 16), np.full(n, 16)], 1).astype(np.int64)
     x0, y1 = 500_000.0, 5_000_000.0
-    bounds = np.stack([x0 + cols * 10, y1 - (rows + 16) * 10, x0 + (cols + 16) * 10,
-                       y1 - rows * 10], 1).astype(np.float64)
     lon0, lat1 = 10.0, 45.0
     wgs = np.stack([lon0 + cols * 1e-4, lat1 - (rows + 16) * 1e-4, lon0 + (cols + 16) * 1e-4,
                     lat1 - rows * 1e-4], 1)
@@ -45,7 +43,8 @@ def outcome(scene_id: str, seed: int, n: int = 12, invalid: tuple[int, ...] = ()
     probs[probs == 0] = 0.05
     valid = np.ones(n, bool)
     valid[list(invalid)] = False
-    cells = SceneCells(scene_id=scene_id, crs="EPSG:32633", windows=windows, bounds=bounds,
+    cells = SceneCells(scene_id=scene_id, crs="EPSG:32633", windows=windows,
+                       transform=(10.0, 0.0, x0, 0.0, -10.0, y1),
                        bounds_wgs84=wgs, probs=probs, valid=valid, embeddings=unit(rng, n, dim),
                        sample_index=np.zeros(0, np.int64),
                        sample_features=np.zeros((0, 2, dim), np.float32),

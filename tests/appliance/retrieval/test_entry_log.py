@@ -19,7 +19,7 @@ from appliance.retrieval.entry_log import (
 from tests.helpers.outcomes import DIM, unit
 
 CELL = Entry(scene_id="s1", source="s1.tif", window=(16, 32, 16, 16), crs="EPSG:32633",
-             bounds=(500160.0, 4999520.0, 500320.0, 4999680.0),
+             transform=(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0),
              bounds_wgs84=(10.0016, 44.9952, 10.0032, 44.9968), class_name="water",
              confidence=0.75, label=None)
 REF = Entry(scene_id=REFERENCE_PREFIX + "ab", source="water/lake.jpg", class_name="water",
@@ -124,3 +124,15 @@ def test_commits_of_another_connection_are_noticed_once(tmp_path: Path) -> None:
     other.close()
     assert mine.changed_elsewhere() and not mine.changed_elsewhere()
     assert mine.count() == 0
+
+
+def test_a_scene_is_stored_once_and_its_entries_must_agree(entry_log: EntryLog) -> None:
+    rng = np.random.default_rng(9)
+    entry_log.replace(["s1"], [CELL, CELL], unit(rng, 2), T0)
+    with pytest.raises(ValueError, match="indexed already"):  # not named: not replaced
+        entry_log.replace([], [CELL], unit(rng, 1), T0)
+    moved = Entry(scene_id="s1", source="elsewhere.tif", window=CELL.window)
+    with pytest.raises(ValueError, match="disagree"):
+        entry_log.replace(["s1"], [CELL, moved], unit(rng, 2), T0)
+    assert entry_log.ids().tolist() == [1, 2]
+    assert entry_log.entries([1])[1][0].bounds == (500160.0, 4999520.0, 500320.0, 4999680.0)

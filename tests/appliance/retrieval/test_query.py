@@ -52,7 +52,8 @@ def test_request_ids_and_payloads() -> None:
 
 def test_a_reply_with_results_has_the_published_shape() -> None:
     cell = Entry(scene_id="s", source="s.tif", window=(0, 16, 16, 16), crs="EPSG:32633",
-                 bounds=(0.0, 1.0, 2.0, 3.0), bounds_wgs84=(10.0, 45.0, 10.1, 45.1),
+                 transform=(0.125, 0.0, 0.0, 0.0, -0.125, 5.0),
+                 bounds_wgs84=(10.0, 45.0, 10.1, 45.1),
                  class_name="water", confidence=0.9)
     ref = Entry(scene_id="ref:ab", source="water/a.png", class_name="water", label="water")
     reply = Reply(node_id="n1", request_id="q1", query=Query(k=2, scene_id="s", pixel=(1, 2)),
