@@ -63,11 +63,15 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def open_sqlite(path: Path) -> sqlite3.Connection:
+def open_sqlite(path: Path, page_size: int | None = None) -> sqlite3.Connection:
     """A connection for one owner object to share between its threads (under its own lock):
-    autocommit mode (transactions are explicit), WAL, full synchronous commits, busy timeout."""
+    autocommit mode (transactions are explicit), WAL, full synchronous commits, busy timeout.
+    ``page_size`` applies to a database created by this call (an existing one keeps its
+    own; WAL fixes it, so it is set first)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    if page_size is not None:
+        db.execute(f"PRAGMA page_size={int(page_size)}")
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
     db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # a concurrent reader waits
