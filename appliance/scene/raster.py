@@ -38,6 +38,7 @@ from appliance.contract.raster_open import (
 )
 from appliance.scene.bands import BandError, choose_bands
 from appliance.scene.source import SceneSource
+from appliance.scene.strip import NativeStrip
 
 DRIFT_SAMPLE = 20_000
 STATS_SAMPLE = 1 << 18  # overview pixels behind the percentile stretch
@@ -295,30 +296,26 @@ class Scene:
     ) -> np.ndarray:
         """The window at (col,row) resized to ``out_h`` x ``out_w``, rescaled: [C,h,w] float32.
 
-        The part of the window inside the scene is read (and resized, bilinear) by GDAL;
-        the part outside is filled with the neutral value. Raises ``SceneError`` on a
-        failed block read.
+        The part of the window inside the scene is read at native resolution and resized by
+        the tile resampler (``strip.NativeStrip``, the same one the pipeline's strips use);
+        the part outside is filled with the neutral value. Raises ``SceneError`` on a failed
+        block read.
         """
+        return self.read_strip(col, row, width, height).window(col, row, width, height,
+                                                               out_w, out_h)
+
+    def read_strip(self, col: int, row: int, width: int, height: int) -> NativeStrip:
+        """The pixels of the window at (col,row) that lie inside the scene, as stored, in
+        one read without resampling: tiles of many windows within it are then resized from
+        it (``NativeStrip.window``). Raises ``SceneError`` on a failed block read."""
         c0, r0 = max(col, 0), max(row, 0)
-        c1, r1 = min(col + width, self.width), min(row + height, self.height)
-        out = np.empty((len(self.bands), out_h, out_w), np.float32)
-        out[...] = self.neutral
-        kx, ky = out_w / width, out_h / height
-        x0, x1 = round((c0 - col) * kx), round((c1 - col) * kx)
-        y0, y1 = round((r0 - row) * ky), round((r1 - row) * ky)
-        if c1 <= c0 or r1 <= r0 or x1 <= x0 or y1 <= y0:
-            return out
+        c1, r1 = max(c0, min(col + width, self.width)), max(r0, min(row + height, self.height))
         try:
-            raw = self.ds.read(self.bands, window=Window(c0, r0, c1 - c0, r1 - r0),
-                               out_shape=(len(self.bands), y1 - y0, x1 - x0),
-                               resampling=Resampling.bilinear)
+            raw = (self.ds.read(self.bands, window=Window(c0, r0, c1 - c0, r1 - r0))
+                   if c1 > c0 and r1 > r0 else np.zeros((len(self.bands), 0, 0), self.dtype))
         except RasterioError as exc:
             raise SceneError("unreadable", _read_failure(self.name, exc)) from exc
-        part = self.rescale.apply(raw)
-        if np.issubdtype(raw.dtype, np.floating):
-            part = np.where(np.isfinite(raw), part, self.neutral)
-        out[:, y0:y1, x0:x1] = part
-        return out
+        return NativeStrip.of(c0, r0, raw, self.rescale, self.neutral)
 
     # -- context manager ----------------------------------------------------------------
 

@@ -147,10 +147,11 @@ def iter_batches(
 ) -> Iterator[Batch]:
     """Batches of up to ``batch_size`` tiles (whole cells, every scale) for sorted ``cells``.
 
-    Per row of cells and per scale whose windows overlap (scale ≥ cell, the default),
-    GDAL reads and resizes *one strip* (the window height, spanning the row's windows)
-    straight to the model's resolution, and each tile is a slice of it: one read per row
-    and scale instead of one per tile, and overlapping pixels are resampled once. Tile
+    Per row of cells, one native read (``raster.Scene.read_strip``) spans the windows of
+    every scale whose windows overlap (scale ≥ cell, the default); per scale, *one strip*
+    of it (the window height, spanning the row's windows) is resized to the model's
+    resolution (``strip.NativeStrip``), and each tile is a slice of that: one read per row
+    instead of one per tile or per scale, and overlapping pixels are resampled once. Tile
     offsets in a strip are rounded to whole output pixels, a shift of at most half an
     output pixel (exact when the offsets times ``size`` are multiples of the scale, as
     with GID's 56/112/224 on a scene a multiple of 56 px wide and any input size divisible
@@ -167,13 +168,18 @@ def iter_batches(
         t0 = time.perf_counter()
         row_cells = cells[rows == r]
         strips: dict[int, tuple[int, np.ndarray]] = {}
-        for s in grid.scales:
-            if s >= grid.cell:
-                starts = origins[s][0][row_cells]
-                col0, col1 = int(starts.min()), int(starts.max())
+        spans = {s: (int(origins[s][0][row_cells].min()), int(origins[s][0][row_cells].max()),
+                     int(origins[s][1][row_cells[0]])) for s in grid.scales if s >= grid.cell}
+        if spans:
+            left = min(c0 for c0, _, _ in spans.values())
+            top = min(r0 for _, _, r0 in spans.values())
+            right = max(c1 + s for s, (_, c1, _) in spans.items())
+            bottom = max(r0 + s for s, (_, _, r0) in spans.items())
+            native = scene.read_strip(left, top, right - left, bottom - top)
+            for s, (col0, col1, row0) in spans.items():
                 width_out = round((col1 - col0) * size / s) + size
-                strips[s] = (col0, scene.read_window(col0, int(origins[s][1][row_cells[0]]),
-                                                     col1 - col0 + s, s, width_out, size))
+                strips[s] = (col0, native.window(col0, row0, col1 - col0 + s, s, width_out,
+                                                 size))
         for cell in row_cells:
             for s in grid.scales:
                 if s in strips:
