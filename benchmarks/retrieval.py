@@ -260,7 +260,9 @@ def run_size(n: int, gen: Generator, work: Path, kinds: list[dict[str, Any]],
         t0 = time.perf_counter()
         if kind:  # rebuilt from the log in this kind, checkpoint written
             TileIndex(state, RetrievalConfig.model_validate(cfg), gen.dim).close()
-        row: dict[str, Any] = {"config": kind or {"index_type": "auto (default)"},
+        default = {"index_type": "auto (default)",
+                   "sq_bits": RetrievalConfig.model_validate(auto).sq_bits}
+        row: dict[str, Any] = {"config": kind or default,
                                "rebuild_s": round(time.perf_counter() - t0, 1) if kind else None,
                                **disk(state)}
         row.update(measure(state, cfg, gen.dim, nprobes, reranks))
