@@ -274,16 +274,19 @@ def run_size(n: int, gen: Generator, work: Path, kinds: list[dict[str, Any]],
 
 
 def project(sizes: list[dict[str, Any]], n: int) -> dict[str, Any]:
-    """Figures at ``n`` vectors per kind, from the two largest sizes measured: memory and
-    disk grow by the measured bytes per vector between them; single-query p50 by the faiss
-    shortlist's share growing as √n (IVF with 2·√n lists scans √n/2 codes per list probed;
+    """Figures at ``n`` vectors per kind (and code size), from the two largest sizes
+    measured of it: memory and disk grow by the measured bytes per vector between them;
+    single-query p50 by the faiss shortlist's share growing as √n (IVF with 2·√n lists scans √n/2 codes per list probed;
     re-ranking and the row join stay flat)."""
     out: dict[str, Any] = {"n": n}
     kinds: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for size in sizes:
         for row in size["kinds"]:
-            kinds.setdefault(json.dumps(row["config"], sort_keys=True), []).append(
-                (size["n"], row))
+            # the kind built (``type``) and its settings: the default row pairs with the
+            # explicit row of the same kind and code size measured at another size
+            key = {"type": row["type"],
+                   **{k: v for k, v in row["config"].items() if k != "index_type"}}
+            kinds.setdefault(json.dumps(key, sort_keys=True), []).append((size["n"], row))
     for name, rows in kinds.items():
         rows.sort(key=lambda r: r[0])
         if len(rows) < 2:
