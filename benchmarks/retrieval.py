@@ -276,8 +276,8 @@ def run_size(n: int, gen: Generator, work: Path, kinds: list[dict[str, Any]],
 def project(sizes: list[dict[str, Any]], n: int) -> dict[str, Any]:
     """Figures at ``n`` vectors per kind (and code size), from the two largest sizes
     measured of it: memory and disk grow by the measured bytes per vector between them;
-    single-query p50 by the faiss shortlist's share growing as √n (IVF with 2·√n lists scans √n/2 codes per list probed;
-    re-ranking and the row join stay flat)."""
+    single-query p50 by the faiss shortlist's share growing as √n (IVF with 2·√n lists
+    scans √n/2 codes per list probed; re-ranking and the row join stay flat)."""
     out: dict[str, Any] = {"n": n}
     kinds: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for size in sizes:
