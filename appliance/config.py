@@ -104,6 +104,10 @@ class ModelConfig(Section):
         default=None, description="TensorRT engine cache; defaults to state/trt-cache."
     )
     intra_op_threads: int = Field(default=0, ge=0, description="0 lets onnxruntime decide.")
+    io_binding: bool | None = Field(
+        default=None,
+        description="Keep features on the device between backbone and heads (onnxruntime "
+                    "IO binding); unset: on when the backbone runs on a GPU.")
     warmup: bool = True
     install_dirs: list[Path] = Field(
         default_factory=list,

@@ -121,3 +121,15 @@ def test_gpu_plan_loads_cuda_libraries_from_pip_wheels(colour_bundle: Path) -> N
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.split()[-1] == "mapped", out.stdout + out.stderr
+
+
+def test_io_binding_gives_the_outputs_of_plain_runs(colour_bundle: Path) -> None:
+    bundle = load_bundle(colour_bundle)
+    plain = ModelRuntime(bundle, ProviderPlan(providers=("cpu",)))
+    bound = ModelRuntime(bundle, ProviderPlan(providers=("cpu",), io_binding=True))
+    assert not plain.binds and bound.binds and bound.device == "cpu"  # auto: off on a CPU
+    tiles = np.random.default_rng(0).uniform(0, 255, (5, 3, 32, 32)).astype(np.float32)
+    a, b = plain.infer(tiles), bound.infer(tiles)
+    for name in ("features", "probs", "embedding"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert Settings().model.io_binding is None
