@@ -39,6 +39,7 @@ from appliance.contract.payloads import (
     AdaptationReport,
     DriftEvent,
     DriftReport,
+    ExpertUse,
     ModelEvent,
     ModelRef,
 )
@@ -261,7 +262,8 @@ class App:
         self.telemetry = Telemetry(self.settings.node_id, self.notifier, self.host, self.inbox,
                                    self.journal, self.drift,
                                    lambda: jobs is not None and jobs.running,
-                                   state_dir=self.settings.paths.state)
+                                   state_dir=self.settings.paths.state,
+                                   experts=self._experts)
         self.telemetry.watch_disks(self.disk.check)
 
     def init_comms(self) -> None:
@@ -393,19 +395,25 @@ class App:
         assert self.drift is not None
         self.drift.switch_model(change.bundle)
 
+    def _experts(self) -> list[ExpertUse]:
+        """The running model's paths and the scenes each served (empty: adaptation off)."""
+        return [] if self.jobs is None else self.jobs.adapter.usage.summary(self.host.bundle)
+
     def _publish_switch(self, change: Switch) -> None:
         self._publish_model_event(ModelEvent(
             node_id=self.settings.node_id, action=change.action,
             model=ModelRef.of(self.host.bundle.manifest),
             previous=ModelRef.of(change.previous.manifest), detail=change.detail,
             reason=change.reason, source=change.source,
-            request="start" if change.action == "fallback" else None))
+            request="start" if change.action == "fallback" else None,
+            experts=self._experts()))
 
     def _publish_refusal(self, report: AdaptationReport) -> None:
         """A job's proposal that was refused (by its gate, or when it came to run)."""
         self._publish_model_event(ModelEvent(
             node_id=self.settings.node_id, action="rejected",
-            model=ModelRef.of(self.host.bundle.manifest), detail=report))
+            model=ModelRef.of(self.host.bundle.manifest), detail=report,
+            experts=self._experts()))
 
     def _announce(self, news: Switch | ModelNotice) -> None:
         """A model switch or notice on ``events/model``."""

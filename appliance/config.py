@@ -486,6 +486,18 @@ class AdaptConfig(Section):
         default=0.99, gt=0, le=1,
         description="Gate: held-out agreement at or above this need not rise, only stay there.",
     )
+    max_experts: int = Field(
+        default=4, ge=1,
+        description="Most adapted experts a version holds beside the source model; a new domain "
+        "beyond them gets none until one is retired.")
+    expert_idle_scenes: int = Field(
+        default=200, ge=1,
+        description="An expert that served none of this many scenes in a row is retired from "
+        "the active version (older versions keep it for rollback).")
+    domain_min_scenes: int = Field(
+        default=3, ge=1,
+        description="Stored scenes a new domain needs before it gets an expert: one odd scene "
+        "never makes an expert.")
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})

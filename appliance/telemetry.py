@@ -30,7 +30,13 @@ from typing import Any
 
 from appliance.adapt.drift import DriftMonitor
 from appliance.contract.durable import atomic_write_text
-from appliance.contract.payloads import ModelRef, MqttStatus, StatsPayload, StatusPayload
+from appliance.contract.payloads import (
+    ExpertUse,
+    ModelRef,
+    MqttStatus,
+    StatsPayload,
+    StatusPayload,
+)
 from appliance.ingest.inbox import Inbox
 from appliance.ingest.journal import Journal
 from appliance.ingest.lifecycle import Outcome
@@ -64,7 +70,8 @@ class Telemetry:
 
     def __init__(self, node_id: str, notifier: Notifier, host: ModelHost, inbox: Inbox,
                  journal: Journal, drift: DriftMonitor | None,
-                 adapting: Callable[[], bool], state_dir: Path | None = None) -> None:
+                 adapting: Callable[[], bool], state_dir: Path | None = None,
+                 experts: Callable[[], list[ExpertUse]] = list) -> None:
         self.node_id = node_id
         self.notifier = notifier
         self._host = host
@@ -72,6 +79,7 @@ class Telemetry:
         self._journal = journal
         self._drift = drift
         self._adapting = adapting
+        self._experts = experts  # the running model's paths and the scenes each served
         self._status_file = state_dir / STATUS_FILE if state_dir is not None else None
         self._mqtt: Callable[[], MqttStatus] | None = None
         self._low_disks: Callable[[], list[str]] = list
@@ -179,7 +187,7 @@ class Telemetry:
             providers=self._host.runtime.providers, queue_depth=self.queue_depth(),
             counts=self._journal.counts(), version=software_version(), drift=drift,
             mqtt=mqtt, outbox_depth=self._journal.outbox_depth(),
-            degraded=self.degraded(mqtt))
+            experts=self._experts(), degraded=self.degraded(mqtt))
 
     def status_json(self) -> str:
         return self.status().to_json()

@@ -142,13 +142,20 @@ def evaluate_cmd(
     gallery: Optional[Path] = typer.Option(  # noqa: UP045
         None, help="Multi-label: labels CSV of the archive that retrieval queries are ranked "
         "against (default: the evaluated chips among themselves)."),
+    expert: Optional[str] = typer.Option(  # noqa: UP045
+        None, help="Measure one path for every chip: an expert's name, or 'source' (default: "
+        "route by signature, as the box does)."),
+    route_chips: Optional[int] = typer.Option(  # noqa: UP045
+        None, min=1, help="Route groups of this many chips (fixed shuffled order) each by its "
+        "own signature (default: the whole data set is one group, like one scene)."),
 ) -> None:
-    """Evaluate BUNDLE through the appliance's onnxruntime code on labelled chips."""
+    """Evaluate BUNDLE through the appliance's onnxruntime code on labelled chips; a bundle
+    with adapted experts is routed per group of chips, or measured on --expert alone."""
     from export.evaluate import evaluate, format_report
 
     try:
         report = evaluate(bundle, data=data, run=run, split=split, batch_size=batch_size,
-                          gallery=gallery)
+                          gallery=gallery, expert=expert, route_chips=route_chips)
     except (DataError, BundleError) as exc:
         raise _fail(str(exc)) from exc
     if as_json:

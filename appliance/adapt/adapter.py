@@ -3,9 +3,12 @@
 ``Adapter`` wires the parts and runs one job at a time (``run``, on the caller's thread):
 
 - ``collector``: per scene, the cells it may learn from go to the candidate store;
-- ``schedule``: whether an automatic job is due (drift, a head step owed, cooldown);
-- ``expert_step``: a new sensor gets its own routed expert (calibrated input,
-  re-normalised backbone, the source head);
+- ``usage``: per scene, which expert served it; idle experts are retired by the next job;
+- ``schedule``: whether an automatic job is due (drift, a head step owed, cooldown, an
+  idle expert);
+- ``expert_step``: each new sensor gets its own routed expert (calibrated input,
+  re-normalised backbone, the source head), or replaces the expert of a domain that
+  moved on;
 - ``head_step``: retrieval-confirmed pseudo-labels train a new head for the adapted
   expert (or the source model's own), unless the reset policy sends the lineage back;
 - ``bundles``: a gated step becomes a sealed candidate bundle (``ModelStore.derive``).
@@ -35,6 +38,7 @@ from appliance.adapt.head_step import AdaptationError, HeadStep
 from appliance.adapt.lineage import Lineage
 from appliance.adapt.proposal import CandidateBundles, Proposal
 from appliance.adapt.schedule import JobSchedule
+from appliance.adapt.usage import ExpertUsage
 from appliance.config import AdaptConfig, TilingConfig
 from appliance.contract.bundle import Bundle
 from appliance.contract.payloads import AdaptationReport
@@ -44,6 +48,7 @@ from appliance.scene.cells import SceneCells
 log = logging.getLogger(__name__)
 
 ADAPT_DIR = "adapt"
+USAGE_FILE = "usage.json"  # per expert: scenes served (appliance.adapt.usage)
 MULTI_LABEL_REFUSAL = (
     "refused: multi-label bundle. Adaptation here fits and gates softmax heads (arg-max "
     "pseudo-labels, cross-entropy, arg-max agreement); on a sigmoid head that would promote a "
@@ -62,6 +67,7 @@ class Adapter:
                                          cfg.store_max_tiles)
         self.collector = CandidateCollector(self.candidates, cfg)
         self.schedule = JobSchedule(self.root / "last_job.json", cfg)
+        self.usage = ExpertUsage(self.root / USAGE_FILE, cfg.expert_idle_scenes)
         self.expert_step = ExpertStep(cfg, self.candidates)
         self.head_step = HeadStep(cfg, tiling, self.candidates)
         self.bundles = CandidateBundles(models, self.root / "rejected", cfg.keep_rejected)
@@ -72,12 +78,18 @@ class Adapter:
         return self._job_lock.locked()
 
     def collect(self, cells: SceneCells, bundle: Bundle) -> int:
-        """Store a scene's usable cells (``bundle``: the one that classified it)."""
+        """Count the scene for the expert that served it and store its usable cells
+        (``bundle``: the one that classified it)."""
+        self.usage.record(bundle, cells.domain)
         return self.collector.collect(cells, bundle)
 
     def due(self, drifting: bool, bundle: Bundle) -> bool:
         """Whether an automatic job on the active ``bundle`` should start now."""
-        if self.running or not self.schedule.wanted(drifting):
+        if self.running:
+            return False
+        if self.cfg.enabled and self.cfg.auto and self.usage.idle(bundle):
+            return True  # retiring needs no new cells
+        if not self.schedule.wanted(drifting):
             return False
         if self.candidates.count(self.collector.adapted_key(bundle)) < self.cfg.min_samples:
             return False
@@ -103,17 +115,35 @@ class Adapter:
         return report
 
     def _job(self, bundle: Bundle, reason: str, deadline: float) -> AdaptationReport:
-        """A new expert if the stored scenes need one, else (or when it is refused) a head
-        step; a refused expert rides along in ``refused_input``."""
+        """Idle experts retired if there are any; else a new expert if the stored scenes
+        need one, else (or when it is refused) a head step; a refused expert rides along in
+        ``refused_input``."""
         if bundle.manifest.task == "multi-label":
             return AdaptationReport(reason=reason, action="skipped",
                                     version_before=bundle.version, message=MULTI_LABEL_REFUSAL)
+        idle = self.usage.idle(bundle)
+        if idle:
+            return self.bundles.settle(bundle, self.retirement(bundle, reason, idle))
         lineage = Lineage.of(self.models, bundle)
         with tempfile.TemporaryDirectory(dir=self.root) as tmp:
-            expert = self.expert_step.run(lineage, reason, deadline, Path(tmp))
+            expert = self.expert_step.run(lineage, reason, deadline, Path(tmp),
+                                          frozenset(self.usage.names()))
             refused = None if expert is None else self.bundles.settle(bundle, expert)
             if refused is not None and refused.promoted:
                 return refused
             head = self.head_step.run(lineage, reason, deadline, Path(tmp))
             report = self.bundles.settle(bundle, head) if isinstance(head, Proposal) else head
         return report.model_copy(update={"refused_input": refused})
+
+    def retirement(self, bundle: Bundle, reason: str, idle: list[str]) -> Proposal:
+        """A version of ``bundle`` without the ``idle`` experts: their scenes, should any
+        come back, route to the nearest remaining path (the source's or another expert's).
+        No gate: the version serves every other scene exactly as before; the retired
+        experts stay in the older versions, for rollback."""
+        kept = [d for d in bundle.manifest.experts if d.name not in idle]
+        usage = {u.name: u.idle_scenes for u in self.usage.summary(bundle)}
+        message = ", ".join(f"{name} idle for {usage[name]} scenes" for name in idle)
+        return Proposal(AdaptationReport(reason=reason, action="promoted", step="retire",
+                                         version_before=bundle.version, retired=idle,
+                                         message=f"retired: {message}"),
+                        experts=kept)

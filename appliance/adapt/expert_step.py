@@ -1,31 +1,40 @@
-"""The input step: a new expert for a new sensor, calibrated and routed to.
+"""The input step: an expert for each new sensor, calibrated and routed to.
 
-Runs while the bundle has no adapted expert yet. The stored scenes' band moments split into
-the new domain and source-like scenes (``domain_scenes``); when the new domain's pooled
-moments are more than ``adapt.input_tolerance`` from the source reference, the step
-proposes a version with one more ``Expert``: that signature, an input spec that
-re-standardises it towards the reference (``adapt.input_blend`` of the way, folded into
-mean/std), a copy of the source head, a backbone whose layers are re-normalised on the
-domain's stored tiles (``ExpertStep.backbone``) and the domain's drift reference as the
-expert sees it (``expert_reference``). Head steps then refine that expert; source-sensor
-scenes keep routing to the source model.
+The stored scenes' signatures split into the domains the bundle already routes to (the
+source's and each expert's) and new ones (``domains.split_domains``: anchored k-means, k
+chosen by separation, ``adapt.input_tolerance`` apart). The largest new domain gets a
+proposed version with one more ``Expert``: its signature, an input spec that
+re-standardises it towards the source reference (``adapt.input_blend`` of the way, folded
+into mean/std), a copy of the source head, a backbone whose layers are re-normalised on
+the domain's stored tiles (``ExpertStep.backbone``) and the domain's drift reference as the
+expert sees it (``expert_reference``). Head steps then refine it; source-sensor scenes keep
+routing to the source model, other sensors' scenes to their own experts.
 
-Its gate refuses the expert unless at least ``adapt.domain_min_fraction`` of the stored
-scenes would route to it (a signature that cannot tell the domains apart would misroute)
-and it passes ``ExpertStep.check`` on held-out tiles.
+A new domain nearest an existing expert whose scenes stopped arriving once the new domain's
+began (at most ``1 − adapt.domain_min_fraction`` of the two after the new one's first
+scene) is that expert's domain moved on, a gradual drift: the new expert *replaces* it
+under the same name. Otherwise it is a second domain beside the first and gets an expert of
+its own, up to ``adapt.max_experts``.
+
+Its gate refuses the expert unless at least ``adapt.domain_min_fraction`` of the new
+domain's stored scenes would route to it and as large a share of the scenes that would
+route to it are the domain's (a signature that cannot tell the domains apart would
+misroute), and it passes ``ExpertStep.check`` on held-out tiles.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from appliance.adapt.alignment import InputAlignment
-from appliance.adapt.candidates import Candidates, CandidateStore
+from appliance.adapt.candidates import CandidateStore
+from appliance.adapt.domains import DomainSplit, NewDomain, split_domains
 from appliance.adapt.learning import SourceRows, class_entropy, retrieval_agreement
-from appliance.adapt.lineage import DOMAIN, Lineage
+from appliance.adapt.lineage import Lineage, expert_name
 from appliance.adapt.proposal import Proposal
 from appliance.adapt.renorm import renormalise
 from appliance.adapt.reset import worn_out
@@ -53,10 +62,17 @@ from appliance.contract.payloads import (
     RenormSkipped,
 )
 from appliance.contract.reference_stats import reference_from_tiles
-from appliance.contract.signature import Signature, radiometric_distance, source_signature
+from appliance.contract.signature import (
+    Signature,
+    domain_signature,
+    radiometric_distance,
+    source_signature,
+)
 from appliance.model.head import read_head
 from appliance.model.routing import nearest
 from appliance.model.runtime import ProviderPlan, open_session, probabilities
+
+log = logging.getLogger(__name__)
 
 MIN_RENORM_TILES = 8  # fewer target tiles than this give channel statistics too noisy to use
 CPU_ONLY = ProviderPlan(providers=("cpu",))  # a job's checks: off the GPU the daemon infers on
@@ -71,29 +87,17 @@ def backbone_features(spec: InputSpec, backbone: Path, tiles: np.ndarray) -> np.
         for i in range(0, len(tiles), 32)])
 
 
-def domain_scenes(stored: Candidates, source: Signature, rounds: int = 5
-                  ) -> tuple[np.ndarray, Signature]:
-    """Which stored scenes form the new domain ([m] bool) and their pooled signature:
-    two-signature k-means against the ``source`` signature.
-
-    Starting from the pooled signature of all stored scenes, each scene joins the new
-    signature when it is nearer to it than to the source reference, and the signature is
-    re-pooled from its members, a few times over: recent source-like scenes in the store
-    then neither dilute the new domain's signature nor count as its members. Sharpness
-    counts only if the source has it too (like with like, as in routing).
-    """
-    sharp = source[2] is not None
-    scenes = stored.scene_signatures(sharp)
-    members = np.ones(len(scenes), bool)
-    for _ in range(rounds):
-        signature = stored.signature(members, sharp)
-        joined = np.array([nearest({None: radiometric_distance(scene, source),
-                                    DOMAIN: radiometric_distance(scene, signature)})
-                           == DOMAIN for scene in scenes])
-        if not joined.any() or (joined == members).all():
-            return joined, signature
-        members = joined
-    return members, stored.signature(members, sharp)
+def routed_share(scenes: list[Signature], members: np.ndarray, others: np.ndarray,
+                 experts: dict[str | None, Signature], name: str) -> float:
+    """How well routing among ``experts`` (source None) serves a new domain ``name``: the
+    smaller of the share of its ``members`` routed to it and the share of the scenes routed
+    to it that are members; scenes in ``others`` ([m] bool: a replaced expert's, the same
+    domain earlier) count neither way."""
+    routed = np.array([nearest({k: radiometric_distance(s, v) for k, v in experts.items()})
+                       == name for s in scenes])
+    hit = int((routed & members).sum())
+    claimed = int((routed & ~others).sum())
+    return min(hit / max(int(members.sum()), 1), hit / max(claimed, 1))
 
 
 def expert_reference(source: Bundle, spec: InputSpec, tiles: np.ndarray,
@@ -112,48 +116,67 @@ class ExpertStep:
         self.cfg = cfg
         self.store = store
 
-    def run(self, lineage: Lineage, reason: str, deadline: float, work: Path
-            ) -> Proposal | None:
+    def run(self, lineage: Lineage, reason: str, deadline: float, work: Path,
+            taken: frozenset[str] = frozenset()) -> Proposal | None:
         """The gated expert (its files written under ``work``), or None when there is
-        nothing to do: the job goes on to a head step."""
+        nothing to do: the job goes on to a head step. ``taken``: expert names used before
+        (retired ones too), never given to a new expert."""
         cfg = self.cfg
         bundle, source = lineage.bundle, lineage.source
-        if cfg.input_blend <= 0:
-            return None
-        if bundle.manifest.experts or worn_out(lineage.adapted_versions, cfg):
-            return None  # refine the expert in hand; a reset to the source starts over
-        stored = self.store.load(key="", features=False)
+        if cfg.input_blend <= 0 or worn_out(lineage.adapted_versions, cfg):
+            return None  # a reset to the source starts over
+        stored = self.store.load(features=False)
         if len(stored.bands) == 0 or stored.bands.shape[-1] != len(bundle.manifest.input.bands):
             return None
         ref = source.reference.bands
-        members, (mean_t, std_t, sharp_t) = domain_scenes(stored, source_signature(ref))
-        if not members.any():
+        src = source_signature(ref)
+        sharp = src[2] is not None  # like with like, as in routing
+        experts = list(bundle.manifest.experts)
+        names: list[str | None] = [None, *(d.name for d in experts)]
+        scenes = stored.scene_signatures(sharp)
+        split = split_domains(scenes, lambda m: stored.signature(m, sharp),
+                              [src, *(domain_signature(d) for d in experts)],
+                              cfg.input_tolerance, cfg.domain_min_scenes, cfg.max_experts)
+        if not split.domains:
+            return None  # every stored scene is a known domain: head steps
+        new = split.domains[0]
+        replaces = self.moved_on(split, new, names)
+        if replaces is None and len(experts) >= cfg.max_experts:
+            log.info("a new domain of %d stored scenes gets no expert: adapt.max_experts (%d) "
+                     "are in use", int(new.members.sum()), cfg.max_experts)
             return None
-        before = radiometric_distance((mean_t, std_t, sharp_t), source_signature(ref))
-        if before <= cfg.input_tolerance:
-            return None  # radiometry unchanged (blur, season of the same sensor): head steps
+        name = replaces or expert_name(set(taken) | {d.name for d in experts})
+        kept = [d for d in experts if d.name != replaces]
+        mean_t, std_t, sharp_t = new.signature
+        members = new.members
+        before = radiometric_distance(new.signature, src)
         alignment = InputAlignment.blended(ref, mean_t, std_t, cfg.input_blend)
-        fraction = float(members.mean())
+        fraction = routed_share(
+            scenes, members, split.labels == names.index(replaces) if replaces else
+            np.zeros(len(scenes), bool),
+            {None: src, **{d.name: domain_signature(d) for d in kept}, name: new.signature},
+            name)
         spec = alignment.spec(source.manifest.input)
         seqs = [q for q, keep in zip(stored.seqs, members, strict=True) if keep]
         tiles = self.store.tiles(seqs, cfg.renorm_tiles)
         failures = [] if fraction >= cfg.domain_min_fraction else [
-            f"only {fraction:.0%} of the stored scenes route to the new domain < "
-            f"adapt.domain_min_fraction {cfg.domain_min_fraction:.0%}"]
-        backbone, renorm = self.backbone(source, spec, tiles, work, deadline)
+            f"only {fraction:.0%} of the new domain's stored scenes route to its expert (or "
+            f"of those routed to it are its own) < adapt.domain_min_fraction "
+            f"{cfg.domain_min_fraction:.0%}"]
+        backbone, renorm = self.backbone(source, spec, tiles, work, name, deadline)
         reference, check = None, None
         if tiles is not None:  # the expert's features on its tiles, computed once
             feats = backbone_features(spec, backbone or source.file(BACKBONE), tiles)
             check_failures, check = self.check(source, tiles, feats)
             failures += check_failures
-            reference = work / f"reference.{DOMAIN}.json"  # its drift baseline
+            reference = work / f"reference.{name}.json"  # its drift baseline
             atomic_write_text(reference, expert_reference(
                 source, spec, tiles, feats).model_dump_json(by_alias=True))
-        domain = Expert(name=DOMAIN, mean=[float(v) for v in mean_t],
+        domain = Expert(name=name, mean=[float(v) for v in mean_t],
                         std=[float(v) for v in std_t],
                         sharpness=None if sharp_t is None else [float(v) for v in sharp_t],
                         input=spec,
-                        classifier=f"classifier.{DOMAIN}.onnx",
+                        classifier=f"classifier.{name}.onnx",
                         backbone=None if backbone is None else backbone.name,
                         reference=None if reference is None else reference.name)
         files = {domain.classifier: source.file(CLASSIFIER)}
@@ -167,19 +190,34 @@ class ExpertStep:
             offset=[round(float(o), 3) for o in alignment.offset], renorm=renorm, check=check)
         report = AdaptationReport(
             reason=reason, action="rejected" if failures else "promoted",
-            version_before=bundle.version, step="input", domain=DOMAIN,
-            message="; ".join(failures),
+            version_before=bundle.version, step="input", domain=name,
+            replaced=replaces is not None, message="; ".join(failures),
             counts=InputCounts(scenes=len(stored.bands), domain_scenes=int(members.sum()),
                                tiles=0 if tiles is None else len(tiles)),
             gate=gate)
-        return Proposal(report, files, experts=[domain])
+        return Proposal(report, files, experts=[*kept, domain])
+
+    def moved_on(self, split: DomainSplit, new: NewDomain, names: list[str | None]
+                 ) -> str | None:
+        """The expert whose domain ``new`` is, moved on (gradual drift), or None: ``new`` is
+        nearest that expert's signature and, from ``new``'s first stored scene on, at most
+        ``1 − adapt.domain_min_fraction`` of the scenes of the two were still the expert's."""
+        anchor = new.nearest_anchor
+        if anchor == 0:
+            return None  # nearest the source: a domain of its own
+        first = int(np.argmax(new.members))  # stored scenes are in arrival order
+        still = int((split.labels[first:] == anchor).sum())
+        share = still / (still + int(new.members.sum()))
+        return names[anchor] if share <= 1 - self.cfg.domain_min_fraction else None
 
     def backbone(self, source: Bundle, spec: InputSpec, tiles: np.ndarray | None, work: Path,
-                 deadline: float) -> tuple[Path | None, Renorm | RenormSkipped | None]:
+                 name: str, deadline: float
+                 ) -> tuple[Path | None, Renorm | RenormSkipped | None]:
         """The source backbone re-normalised on the new domain's stored tiles (every
-        ``adapt.holdout_every``-th tile kept out for ``check``), written under ``work``, and
-        how; None when switched off, when the bundle has no layer statistics or when too
-        few tiles were kept: the expert then shares the source backbone."""
+        ``adapt.holdout_every``-th tile kept out for ``check``), written under ``work`` as
+        expert ``name``'s, and how; None when switched off, when the bundle has no layer
+        statistics or when too few tiles were kept: the expert then shares the source
+        backbone."""
         cfg = self.cfg
         if cfg.renorm_blend <= 0 or LAYER_STATS not in source.manifest.files:
             return None, None
@@ -190,7 +228,7 @@ class ExpertStep:
         renorm = renormalise(source.file(BACKBONE), spec.normalise(fit),
                              LayerStats.load(source.file(LAYER_STATS)), cfg.renorm_blend,
                              deadline)
-        path = work / f"backbone.{DOMAIN}.onnx"
+        path = work / f"backbone.{name}.onnx"
         onnx.save(renorm.model, str(path))
         return path, Renorm(layers=renorm.layers, tiles=renorm.tiles, blend=cfg.renorm_blend,
                             layer_shift_before=renorm.shift_before,

@@ -2,9 +2,11 @@
 
 Every version adaptation proposes is a copy of the one it started from (``parent`` in the
 manifest), so a lineage leads back to a source bundle, the exported one, whose source bank
-and references every step judges against. A lineage grows at most one expert beside the
-source model (``DOMAIN``, made by the input step); head steps refine that expert or, when
-there is none, the source model's own head (``adapted_domain``).
+and references every step judges against. A lineage grows an expert per new domain beside
+the source model (the input step, up to ``adapt.max_experts``; the first is called
+``DOMAIN``, later ones ``DOMAIN-2``…, never a name used before: ``expert_name``). A new or
+replacing expert goes to the end of the list, and head steps refine the last one, or the
+source model's own head when there is none (``adapted_domain``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,23 @@ from dataclasses import dataclass
 from appliance.contract.bundle import Bundle
 from appliance.model.store import ModelStore
 
-DOMAIN = "adapted"  # the one expert an adaptation lineage grows
+DOMAIN = "adapted"  # the name of the first expert a lineage grows
 
 
 def adapted_domain(bundle: Bundle) -> str | None:
-    """The expert adaptation refines: the bundle's adapted domain, else its source head."""
+    """The expert head steps refine: the newest (last) expert, else the source head."""
     return bundle.manifest.experts[-1].name if bundle.manifest.experts else None
+
+
+def expert_name(taken: set[str]) -> str:
+    """A name for a new expert that no expert had (``taken``): ``DOMAIN``, then
+    ``DOMAIN-2``, ``DOMAIN-3``…; counts and candidate keys never mix two domains."""
+    if DOMAIN not in taken:
+        return DOMAIN
+    n = 2
+    while f"{DOMAIN}-{n}" in taken:
+        n += 1
+    return f"{DOMAIN}-{n}"
 
 
 @dataclass(frozen=True)

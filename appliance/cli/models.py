@@ -14,8 +14,9 @@ from pathlib import Path
 
 import typer
 
-from appliance.adapt.adapter import Adapter
+from appliance.adapt.adapter import ADAPT_DIR, USAGE_FILE, Adapter
 from appliance.adapt.job import AdaptationJobs
+from appliance.adapt.usage import ExpertUsage
 from appliance.cli.options import CONFIG_OPTION, refuse_while_daemon_runs, settings_or_exit
 from appliance.config import Settings
 from appliance.contract.bundle import BundleError
@@ -31,17 +32,25 @@ models_app = typer.Typer(no_args_is_help=True, help="Installed model versions.")
 @models_app.command("list")
 def list_versions(config: Path = CONFIG_OPTION,
                   as_json: bool = typer.Option(False, "--json", help="JSON array.")) -> None:
-    """Every installed version with its path, parent, experts and whether it is active."""
-    versions = ModelStore.for_settings(settings_or_exit(config)).versions()
+    """Every installed version with its path, parent, experts (with the scenes each served)
+    and whether it is active."""
+    settings = settings_or_exit(config)
+    versions = ModelStore.for_settings(settings).versions()
+    usage = ExpertUsage(settings.paths.state / ADAPT_DIR / USAGE_FILE,
+                        settings.adapt.expert_idle_scenes).read().experts
+    served = {name: u.scenes for name, u in usage.items()}
     if as_json:
-        typer.echo(json.dumps([v.as_dict() for v in versions], indent=2))
+        typer.echo(json.dumps([v.as_dict() | {"served": {
+            name: served.get(name, 0) for name in ["source", *v.experts]}}
+            for v in versions], indent=2))
         return
     if not versions:
         typer.echo("no model versions installed")
     for v in versions:
         mark = "*" if v.active else " "
         parent = f"parent v{v.parent}" if v.parent is not None else "source"
-        experts = f"experts: {', '.join(v.experts)}  " if v.experts else ""
+        experts = ("experts: " + ", ".join(f"{name} ({served.get(name, 0)} scenes)"
+                                           for name in v.experts) + "  ") if v.experts else ""
         typer.echo(f"{mark} v{v.version:<4} {v.name:<24} {parent:<12} {experts}{v.path}")
 
 

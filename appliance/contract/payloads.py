@@ -140,7 +140,17 @@ class DriftStatus(Record):
 # -- adaptation: what one ``appliance.adapt.adapter.Adapter.run`` job did -------------------
 
 Action = Literal["promoted", "rejected", "skipped", "reset"]
-Step = Literal["input", "head"]
+Step = Literal["input", "head", "retire"]
+
+
+class ExpertUse(BaseModel):
+    """One expert of the running model and how much it served (``appliance.adapt.usage``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="The expert's name; `source` for the source model.")
+    scenes: int = Field(description="Scenes routed to it since it was made.")
+    idle_scenes: int = Field(description="Scenes since it last served one.")
 
 
 class HeadCounts(Record):
@@ -247,9 +257,14 @@ class AdaptationReport(Record):
 
     reason: str = Field(description="What started the job (drift, command, cli...).")
     action: Action
-    step: Step = Field(default="head", description="input: a new expert; head: a head update.")
+    step: Step = Field(default="head", description="input: a new or replacing expert; head: "
+                       "a head update; retire: idle experts left out of the new version.")
     domain: str | None = Field(
         default=None, description="The expert the step changed (null: the source model).")
+    replaced: bool = Field(default=False, description="input: the new expert replaces the "
+                           "one of the same name, whose domain moved on (gradual drift).")
+    retired: list[str] = Field(default_factory=list,
+                               description="retire: the idle experts the new version drops.")
     version_before: int
     version_after: int | None = Field(default=None, description="Filled once installed.")
     message: str = ""
@@ -444,6 +459,9 @@ class StatusPayload(Payload):
     drift: DriftStatus | None = Field(default=None, description="Null: drift detection is off.")
     mqtt: MqttStatus | None = Field(default=None, description="Null: MQTT is off.")
     outbox_depth: int = Field(default=0, description="Results and events waiting to be sent.")
+    experts: list[ExpertUse] = Field(
+        default_factory=list, description="The running model's paths (source first) and the "
+        "scenes each served; empty: adaptation is off.")
     degraded: list[str] = Field(
         default_factory=list,
         description="Why the node is not fully working although it runs: `mqtt` (the broker "
@@ -484,6 +502,9 @@ class ModelEvent(Payload):
     previous: ModelRef | None = None
     detail: AdaptationReport | None = Field(
         default=None, description="The adaptation job's report (adapted, rejected, reset).")
+    experts: list[ExpertUse] = Field(
+        default_factory=list, description="The running model's paths (source first) and the "
+        "scenes each served; empty: adaptation is off.")
     target: ModelRef | None = Field(
         default=None, description="The version the request was about (installed, refused, "
         "seed-differs), when it is known.")

@@ -17,13 +17,15 @@ from tests.helpers.colour_bundle import PURE
 
 
 def write_colour_chips(root: Path, per_class: int = 12, size: int = 40, seed: int = 0,
-                       classes: tuple[str, ...] = tuple(PURE)) -> Path:
-    """An ImageFolder of noisy PNG chips, one folder per colour class; returns ``root``."""
+                       classes: tuple[str, ...] = tuple(PURE),
+                       cast: tuple[float, float, float] = (0, 0, 0)) -> Path:
+    """An ImageFolder of noisy PNG chips, one folder per colour class, ``cast`` added to
+    every pixel (another sensor's look); returns ``root``."""
     rng = np.random.default_rng(seed)
     for name in classes:
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
-        base = np.asarray(PURE[name], np.float32)
+        base = np.asarray(PURE[name], np.float32) + np.asarray(cast, np.float32)
         for i in range(per_class):
             chip = np.clip(base + rng.normal(0, 25, size=(size, size, 3)), 0, 255)
             Image.fromarray(chip.astype(np.uint8)).save(folder / f"{name}_{i:03d}.png")

@@ -88,7 +88,8 @@ def test_adaptation_report_keeps_its_dict_shape_and_validates_again() -> None:
     report = AdaptationReport(reason="drift", action="promoted", version_before=1, gate=gate,
                               candidate="/state/models/.candidates/v0002-1-x")
     body = report.as_dict()
-    assert set(body) == {"reason", "action", "promoted", "step", "domain", "version_before",
+    assert set(body) == {"reason", "action", "promoted", "step", "domain", "replaced", "retired",
+                         "version_before",
                          "version_after", "message", "counts", "gate", "rounds", "seconds",
                          "bundle_path", "kept_at", "refused_input", "candidate", "reset_to"}
     assert body["promoted"] is True and body["gate"]["passed"] is True
