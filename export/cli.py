@@ -103,6 +103,10 @@ def bundle_cmd(
         None, exists=True, dir_okay=False,
         help="Class colours: JSON/YAML mapping class name to #rrggbb or [r, g, b] "
         "(default: the semantic palette)."),
+    tta: str = typer.Option(
+        "none", help="Test-time augmentation the box runs: 'none', or 'flips-rot90' "
+        "(probabilities averaged over 8 flips/quarter turns; ~8x the backbone cost; a box "
+        "turns it off with model.tta: off)."),
 ) -> None:
     """Export RUN as a sealed bundle: ONNX graphs, source bank, reference, manifest."""
     from export.bundler import BundleOptions, ParityError, Precision, bundle
@@ -116,7 +120,7 @@ def bundle_cmd(
         options = BundleOptions(precision=precision, calibration=calibration, version=version,
                                 name=name, scales=tuple(int(s) for s in scales.split(",")),
                                 descriptor=_descriptor(descriptor), gsd=gsd or None,
-                                palette=palette)
+                                palette=palette, tta=_bundle_tta(tta))
         manifest = bundle(run, out, options, console)
     except (DataError, BundleError, ParityError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
@@ -131,6 +135,22 @@ def _descriptor(value: str) -> Literal["trained", "pooled"]:
     raise _fail(f"--descriptor must be 'trained' or 'pooled', got {value!r}")
 
 
+def _bundle_tta(value: str) -> Literal["none", "flips-rot90"]:
+    if value == "none":
+        return "none"
+    if value == "flips-rot90":
+        return "flips-rot90"
+    raise _fail(f"--tta must be 'none' or 'flips-rot90', got {value!r}")
+
+
+def _box_tta(value: str) -> Literal["bundle", "off"]:
+    if value == "bundle":
+        return "bundle"
+    if value == "off":
+        return "off"
+    raise _fail(f"--tta must be 'bundle' or 'off', got {value!r}")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     bundle: Path = typer.Option(..., help="Bundle directory."),
@@ -142,13 +162,15 @@ def evaluate_cmd(
     gallery: Optional[Path] = typer.Option(  # noqa: UP045
         None, help="Multi-label: labels CSV of the archive that retrieval queries are ranked "
         "against (default: the evaluated chips among themselves)."),
+    tta: str = typer.Option("bundle", help="'bundle': the bundle's test-time augmentation, "
+                            "as a box runs it; 'off': the plain view (model.tta: off)."),
 ) -> None:
     """Evaluate BUNDLE through the appliance's onnxruntime code on labelled chips."""
     from export.evaluate import evaluate, format_report
 
     try:
         report = evaluate(bundle, data=data, run=run, split=split, batch_size=batch_size,
-                          gallery=gallery)
+                          gallery=gallery, tta=_box_tta(tta))
     except (DataError, BundleError) as exc:
         raise _fail(str(exc)) from exc
     if as_json:
