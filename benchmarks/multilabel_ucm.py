@@ -252,6 +252,9 @@ def main() -> None:
     parser.add_argument("--tta", default="flips-rot90", help="the multi-label bundle's --tta")
     parser.add_argument("--probe-margin", type=float, default=0.015)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--baseline-from", type=Path, default=None,
+                        help="take the single-label baseline from an earlier result JSON of "
+                        "the same split instead of training it again")
     parser.add_argument("--out", type=Path,
                         default=ROOT / "benchmarks/results/multilabel_ucm.json")
     args = parser.parse_args()
@@ -278,7 +281,14 @@ def main() -> None:
     doc["image_size"] = size
     doc["multi_label"] = multi_label_run(split, size, args.epochs, args.crop_min, args.tta,
                                          args.runs, args.retrain)
-    if not args.skip_baseline:
+    if args.baseline_from is not None:
+        earlier = json.loads(args.baseline_from.read_text())
+        if earlier["split"] != doc["split"]:
+            sys.exit(f"{args.baseline_from}: another split ({earlier['split']})")
+        doc["single_label_baseline"] = {**earlier["single_label_baseline"],
+                                        "image_size": earlier["image_size"],
+                                        "from": "an earlier run of this benchmark"}
+    elif not args.skip_baseline:
         doc["single_label_baseline"] = single_label_baseline(split, size, args.runs,
                                                              args.retrain)
     args.out.parent.mkdir(parents=True, exist_ok=True)
