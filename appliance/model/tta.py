@@ -3,7 +3,7 @@
 Overhead imagery has no up or down, so the eight symmetries of the square (four quarter
 turns, each plain and mirrored: the dihedral group D4) are all equally valid views of a
 tile. Averaging the classifier's probabilities over them removes part of the network's
-orientation bias (AID held-out OA up by about one point, `benchmarks/export_aid.py`) at
+orientation bias (AID test OA +0.003 to +0.006, `benchmarks/export_aid.py`) at
 eight backbone passes per tile. A bundle opts in at export (``Manifest.tta``) and a box
 that needs the speed turns it off (``model.tta: off``).
 
