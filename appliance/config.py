@@ -82,6 +82,9 @@ class PathsConfig(Section):
 
 
 Provider = Literal["tensorrt", "cuda", "cpu"]
+BoxTta = Literal["bundle", "off"]
+"""Test-time augmentation on the box: follow the bundle's manifest ``tta``, or run the plain
+view only (``appliance.model.tta``)."""
 _DEFAULT_PROVIDERS: tuple[Provider, ...] = ("tensorrt", "cuda", "cpu")
 
 
@@ -109,6 +112,12 @@ class ModelConfig(Section):
         description="Keep features on the device between backbone and heads (onnxruntime "
                     "IO binding); unset: on when the backbone runs on a GPU.")
     warmup: bool = True
+    tta: BoxTta = Field(
+        default="bundle",
+        description="Test-time augmentation: 'bundle' follows the bundle's manifest `tta` "
+        "(flips/quarter turns averaged, 8 backbone passes a tile), 'off' runs each tile "
+        "once, for speed.",
+    )
     install_dirs: list[Path] = Field(
         default_factory=list,
         description="Folders `cmd/install` may install a bundle (directory or .tar[.gz]) "

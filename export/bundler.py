@@ -40,6 +40,7 @@ from appliance.contract.bundle import (
     LOGITS,
     REFERENCE,
     SOURCE_BANK,
+    BundleTta,
     InputSpec,
     Manifest,
     SourceBank,
@@ -52,6 +53,7 @@ from appliance.contract.layer_stats import measure
 from appliance.contract.palette import read_palette, semantic_palette
 from appliance.contract.reference_stats import reference_from_tiles
 from appliance.model.runtime import ProviderPlan, open_session, probabilities
+from appliance.model.tta import d4_views, mean_over_views, view_count
 from export.data import DataError, DataSet, Sample, load_chips, load_split
 from export.metrics import calibrate_thresholds, overlap_retrieval_report
 from export.model import Descriptor, Embedder, TerratileNet
@@ -87,6 +89,7 @@ class BundleOptions:
     descriptor: Literal["trained", "pooled"] = "trained"
     gsd: float | None = None  # metres per pixel of the training chips (None: the run's)
     palette: Path | None = None  # class colours file (None: the semantic palette)
+    tta: BundleTta = "none"  # test-time augmentation the box runs unless model.tta is off
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str,
@@ -265,7 +268,10 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     calibration: dict[str, Any] = {}
     if val is not None:  # on the final graphs, after any fp16/int8 conversion
         val_chips, val_labels = val
-        thresholds = calibrate_thresholds(val_labels, _probs(out, backbone, val_chips, spec))
+        # Calibrated on the probabilities the box computes: averaged over the TTA views.
+        views = view_count(options.tta, "bundle")
+        thresholds = calibrate_thresholds(val_labels,
+                                          _probs(out, backbone, val_chips, spec, views))
         classes = [c.model_copy(update={"threshold": round(float(t), 4)})
                    for c, t in zip(classes, thresholds, strict=True)]
         calibration = {"thresholds": {"split": "val", "chips": len(val_labels),
@@ -278,7 +284,8 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
         classes=classes,
         palette="custom" if options.palette is not None else "semantic",
         gsd=options.gsd if options.gsd is not None else info.gsd,
-        input=spec, scales=list(options.scales), feature_dim=info.feature_dim,
+        input=spec, scales=list(options.scales), tta=options.tta,
+        feature_dim=info.feature_dim,
         embedding_dim=(info.embedding_dim + n_classes if embedder is not None
                        else info.feature_dim),
         metrics=_metrics(run_dir, parity, exporter, options) | calibration,
@@ -304,11 +311,18 @@ def _features(backbone: Path | ort.InferenceSession, chips: np.ndarray,
                            for i in range(0, len(chips), 64)])
 
 
-def _probs(out: Path, backbone: ort.InferenceSession, chips: np.ndarray,
-           spec: InputSpec) -> np.ndarray:
-    """Sigmoid probabilities of chips through the bundle's exported graphs."""
-    logits = _run(out / CLASSIFIER, FEATURES, LOGITS, _features(backbone, chips, spec))
-    return probabilities(logits, multi_label=True)
+def _probs(out: Path, backbone: ort.InferenceSession, chips: np.ndarray, spec: InputSpec,
+           views: int) -> np.ndarray:
+    """Sigmoid probabilities of chips through the bundle's exported graphs, averaged over
+    ``views`` (1, or the 8 TTA views as the box's runtime does)."""
+    head = open_session(out / CLASSIFIER, CPU)
+    parts = []
+    for i in range(0, len(chips), 32):
+        batch = chips[i : i + 32]
+        tiles = batch if views == 1 else d4_views(batch)
+        logits = _run(head, FEATURES, LOGITS, _features(backbone, tiles, spec))
+        parts.append(mean_over_views(probabilities(logits, multi_label=True), views))
+    return np.concatenate(parts)
 
 
 def _pick_descriptor(model: TerratileNet, embedder: Embedder, source: DataSet,

@@ -103,6 +103,10 @@ def bundle_cmd(
         None, exists=True, dir_okay=False,
         help="Class colours: JSON/YAML mapping class name to #rrggbb or [r, g, b] "
         "(default: the semantic palette)."),
+    tta: str = typer.Option(
+        "none", help="Test-time augmentation the box runs: 'none', or 'flips-rot90' "
+        "(probabilities averaged over 8 flips/quarter turns; ~8x the backbone cost; a box "
+        "turns it off with model.tta: off)."),
 ) -> None:
     """Export RUN as a sealed bundle: ONNX graphs, source bank, reference, manifest."""
     from export.bundler import BundleOptions, ParityError, Precision, bundle
@@ -116,7 +120,7 @@ def bundle_cmd(
         options = BundleOptions(precision=precision, calibration=calibration, version=version,
                                 name=name, scales=tuple(int(s) for s in scales.split(",")),
                                 descriptor=_descriptor(descriptor), gsd=gsd or None,
-                                palette=palette)
+                                palette=palette, tta=_bundle_tta(tta))
         manifest = bundle(run, out, options, console)
     except (DataError, BundleError, ParityError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
@@ -129,6 +133,22 @@ def _descriptor(value: str) -> Literal["trained", "pooled"]:
     if value == "pooled":
         return "pooled"
     raise _fail(f"--descriptor must be 'trained' or 'pooled', got {value!r}")
+
+
+def _bundle_tta(value: str) -> Literal["none", "flips-rot90"]:
+    if value == "none":
+        return "none"
+    if value == "flips-rot90":
+        return "flips-rot90"
+    raise _fail(f"--tta must be 'none' or 'flips-rot90', got {value!r}")
+
+
+def _box_tta(value: str) -> Literal["bundle", "off"]:
+    if value == "bundle":
+        return "bundle"
+    if value == "off":
+        return "off"
+    raise _fail(f"--tta must be 'bundle' or 'off', got {value!r}")
 
 
 @app.command("evaluate")
@@ -148,6 +168,8 @@ def evaluate_cmd(
     route_chips: Optional[int] = typer.Option(  # noqa: UP045
         None, min=1, help="Route groups of this many chips (fixed shuffled order) each by its "
         "own signature (default: the whole data set is one group, like one scene)."),
+    tta: str = typer.Option("bundle", help="'bundle': the bundle's test-time augmentation, "
+                            "as a box runs it; 'off': the plain view (model.tta: off)."),
 ) -> None:
     """Evaluate BUNDLE through the appliance's onnxruntime code on labelled chips; a bundle
     with adapted experts is routed per group of chips, or measured on --expert alone."""
@@ -155,7 +177,8 @@ def evaluate_cmd(
 
     try:
         report = evaluate(bundle, data=data, run=run, split=split, batch_size=batch_size,
-                          gallery=gallery, expert=expert, route_chips=route_chips)
+                          gallery=gallery, expert=expert, route_chips=route_chips,
+                          tta=_box_tta(tta))
     except (DataError, BundleError) as exc:
         raise _fail(str(exc)) from exc
     if as_json:

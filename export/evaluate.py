@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from appliance.config import BoxTta
 from appliance.contract.bundle import Bundle, load_bundle
 from appliance.contract.retrieval_metrics import retrieval_report
 from appliance.contract.signature import scene_signature
@@ -138,27 +139,30 @@ def _infer(runtime: ModelRuntime, dataset: DataSet, batch_size: int,
 def evaluate(bundle_dir: Path, data: Path | None = None, run: Path | None = None,
              split: str | None = None, batch_size: int = 64,
              plan: ProviderPlan | None = None, gallery: Path | None = None,
-             expert: str | None = None, route_chips: int | None = None) -> dict[str, Any]:
+             expert: str | None = None, route_chips: int | None = None,
+             tta: BoxTta = "bundle") -> dict[str, Any]:
     """All measures as one JSON-able dict (keys ``overall_accuracy``, ``kappa``,
     ``macro_f1``, ``map_at_20`` and more; ``micro_f1``, ``jaccard_at_20``, ``ndcg_at_20``
     and more for multi-label bundles). ``gallery`` (labelled chips, multi-label only) is
     what the label-overlap retrieval queries are ranked against. ``expert`` (an expert's
     name or ``source``) measures that path alone; otherwise the chips are routed, as one
-    group or in groups of ``route_chips`` (``routing`` in the report says how)."""
+    group or in groups of ``route_chips`` (``routing`` in the report says how). ``tta`` is
+    the box's ``model.tta``: 'bundle' follows the manifest, 'off' measures the plain view."""
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
     dataset = _dataset(data, run, split, manifest.task)
     labels = _relabel(dataset, manifest.class_names)
     if gallery is not None and manifest.task != "multi-label":
         raise DataError("--gallery is for multi-label bundles (label-overlap retrieval)")
-    runtime = ModelRuntime(bundle, plan or ProviderPlan(providers=("cpu",)))
+    runtime = ModelRuntime(bundle, plan or ProviderPlan(providers=("cpu",)), tta)
     started = time.perf_counter()
     p, e, measured = _infer(runtime, dataset, batch_size, expert, route_chips)
     seconds = time.perf_counter() - started
     report: dict[str, Any] = {"bundle": str(bundle_dir), "name": manifest.name,
                               "version": manifest.version, "task": manifest.task,
                               "chips": len(labels), "providers": runtime.providers,
-                              "infer_seconds": seconds, "routing": measured.as_dict()}
+                              "views": runtime.views, "infer_seconds": seconds,
+                              "routing": measured.as_dict()}
     if manifest.task == "multi-label":
         ml = multi_label_report(labels, p, manifest.class_names, manifest.thresholds)
         report |= ml | {"overall_accuracy": ml["exact_match"], "kappa": None}

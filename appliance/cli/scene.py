@@ -65,7 +65,8 @@ def process(
         typer.echo(f"{missing[0]}: no such file", err=True)
         raise typer.Exit(2)
     try:
-        runtime = (ModelRuntime(load_bundle(bundle), ProviderPlan.from_settings(settings))
+        runtime = (ModelRuntime(load_bundle(bundle), ProviderPlan.from_settings(settings),
+                                settings.model.tta)
                    if bundle is not None else ModelHost.open(settings).runtime)
     except (BundleError, FileNotFoundError) as exc:
         typer.echo(f"cannot load the model: {exc}", err=True)

@@ -46,6 +46,9 @@ LOGITS = "logits"
 EMBEDDING = "embedding"
 
 Task = Literal["single-label", "multi-label"]
+BundleTta = Literal["none", "flips-rot90"]
+"""Test-time augmentation a bundle asks for (``appliance.model.tta``): none, or class
+probabilities averaged over the eight flips and quarter turns of each tile."""
 
 
 DEFAULT_SCALES = (56, 112, 224)  # GID's co-centred windows, px
@@ -137,6 +140,11 @@ class Manifest(_Frozen):
         description="Where the class colours come from: the semantic default palette or a "
         "file given at export (null: a bundle from before palettes; the box then colours "
         "its maps with the semantic palette).")
+    tta: BundleTta = Field(
+        default="none",
+        description="Test-time augmentation chosen at export: 'flips-rot90' averages the "
+        "class probabilities over the 8 flips/quarter turns of a tile (8 backbone passes); "
+        "a box may turn it off (model.tta: off).")
     feature_dim: int = Field(gt=0)
     embedding_dim: int = Field(gt=0)
     files: dict[str, str] = Field(default_factory=dict)

@@ -37,9 +37,10 @@ from appliance.contract.bundle import (
 )
 from appliance.contract.signature import Signature
 from appliance.model.routing import route
+from appliance.model.tta import d4_views, mean_over_views, view_count
 
 if TYPE_CHECKING:
-    from appliance.config import Settings
+    from appliance.config import BoxTta, Settings
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +174,16 @@ class ModelRuntime:
     """Runs a bundle: ``infer(tiles)`` from value-range tiles to features, probs, embedding.
 
     ``domain`` picks the expert (None: the source): its input spec normalises the tiles and
-    its head classifies them; backbone and embedder are the same for all.
+    its head classifies them; backbone and embedder are the same for all. ``tta`` 'bundle'
+    averages the probabilities over the views the bundle's manifest asks for
+    (``appliance.model.tta``), 'off' runs the plain view only.
     """
 
-    def __init__(self, bundle: Bundle, plan: ProviderPlan | None = None) -> None:
+    def __init__(self, bundle: Bundle, plan: ProviderPlan | None = None,
+                 tta: BoxTta = "bundle") -> None:
         self.bundle = bundle
         self.plan = plan or ProviderPlan()
+        self.tta = tta
         self._backbone = open_session(bundle.file(BACKBONE), self.plan)
         # Heads go on what the backbone really got, so a missing GPU is reported once.
         self.plan = self.plan.narrowed_to(self._backbone.get_providers())
@@ -262,13 +267,26 @@ class ModelRuntime:
         """Whether ``infer`` keeps features on the device (``ProviderPlan.io_binding``)."""
         return self.device != "cpu" if self.plan.io_binding is None else self.plan.io_binding
 
+    @property
+    def views(self) -> int:
+        """Backbone passes per tile: 8 with the bundle's TTA followed, else 1."""
+        return view_count(self.manifest.tta, self.tta)
+
     def infer(self, tiles: np.ndarray, domain: str | None = None) -> Inference:
+        """Features and embedding of the tiles as they are; probabilities averaged over the
+        ``views`` (one backbone run on all views of the batch)."""
         if domain not in self._experts:
             self.manifest.expert(domain)  # raises BundleError naming the unknown domain
-        if self.binds:
-            return self._infer_bound(tiles, domain)
-        feats = self.features(tiles, domain)
-        return Inference(feats, self.probs(feats, domain), self.embed(feats))
+        views = self.views
+        if views == 1:
+            if self.binds:
+                return self._infer_bound(tiles, domain)
+            feats = self.features(tiles, domain)
+            return Inference(feats, self.probs(feats, domain), self.embed(feats))
+        all_feats = self.features(d4_views(tiles), domain)
+        feats = all_feats[: len(tiles)]  # view 0: the tiles as they are
+        probs = mean_over_views(self.probs(all_feats, domain), views)
+        return Inference(feats, probs.astype(np.float32), self.embed(feats))
 
     def _infer_bound(self, tiles: np.ndarray, domain: str | None) -> Inference:
         """``infer`` with IO binding: the backbone writes its features into device memory
@@ -376,8 +394,9 @@ def open_runtime(bundle: Bundle, settings: Settings) -> ModelRuntime:
     clash = runtime_package_clash()
     if clash is not None:
         log.error("onnxruntime: %s", clash)
-    runtime = ModelRuntime(bundle, ProviderPlan.from_settings(settings))
+    runtime = ModelRuntime(bundle, ProviderPlan.from_settings(settings), settings.model.tta)
     if settings.model.warmup:
         runtime.warmup(batch=settings.tiling.batch_size)
-    log.info("model %s v%d on %s", bundle.manifest.name, bundle.version, runtime.providers)
+    log.info("model %s v%d on %s, %d view(s) a tile", bundle.manifest.name, bundle.version,
+             runtime.providers, runtime.views)
     return runtime
