@@ -20,6 +20,7 @@ from tests.appliance.http.conftest import TOKEN, Box
 from tests.helpers.scenes import quarters, write_scene
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the dev extra) is missing")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -69,7 +70,10 @@ def loaded_images(driver: WebDriver, css: str) -> int:
 
 def test_dashboard_follows_the_box_and_rolls_back(browser: WebDriver, box: Box,
                                                   tmp_path: Path) -> None:
-    wait = WebDriverWait(browser, 90, poll_frequency=0.2)
+    # the page re-renders its tables on every status message: an element found just before
+    # a re-render is stale by the time its text is read, so the wait polls again
+    wait = WebDriverWait(browser, 90, poll_frequency=0.2,
+                         ignored_exceptions=(StaleElementReferenceException,))
     browser.get(box.url + "/")
     wait.until(lambda d: d.find_element(By.ID, "live").text == "● live")
     assert browser.find_element(By.ID, "state").text == "ready"
