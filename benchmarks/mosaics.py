@@ -19,55 +19,37 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
-from PIL import Image
-from rasterio.transform import from_origin
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # after PYTHONPATH: it picks the code measured
 
 import appliance
 from appliance.config import load_settings
 from appliance.contract.bundle import load_bundle
 from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.scene.pipeline import process_scene
+from benchmarks.adaptation import CELL, COLS, ROWS, read_image, write_mosaics
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "mosaics.json"
 BUNDLE = Path("/work/runs/aid_ft/bundle_renorm")
-ROWS, COLS, CELL = 3, 4, 150
 TILINGS = {"one scale (150)": [150], "three scales (75, 150, 300)": [75, 150, 300]}
 
 
 def mosaics(split: Path, out: Path) -> list[tuple[Path, np.ndarray]]:
-    """GeoTIFF mosaics of the split's held-out images; (path, [ROWS,COLS] class) each."""
+    """GeoTIFF mosaics of the split's held-out images (the adaptation benchmark's writer);
+    (path, [ROWS,COLS] class) each."""
     doc = json.loads(split.read_text())
     classes = list(doc["classes"])
-    items = doc["val"]
-    scenes = []
-    per = ROWS * COLS
-    for s in range(len(items) // per):
-        mosaic = np.zeros((3, ROWS * CELL, COLS * CELL), np.uint8)
-        truth = np.zeros((ROWS, COLS), np.int64)
-        for j, item in enumerate(items[s * per:(s + 1) * per]):
-            r, c = divmod(j, COLS)
-            img = Image.open(item["path"]).convert("RGB")
-            if img.size != (CELL, CELL):
-                img = img.resize((CELL, CELL), Image.BILINEAR)
-            mosaic[:, r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = \
-                np.asarray(img).transpose(2, 0, 1)
-            truth[r, c] = classes.index(item["labels"][0])
-        path = out / f"mosaic-{s:02d}.tif"
-        with rasterio.open(path, "w", driver="GTiff", width=COLS * CELL, height=ROWS * CELL,
-                           count=3, dtype="uint8", crs="EPSG:32633",
-                           transform=from_origin(500_000 + 10_000 * s, 5_000_000, 1.0, 1.0)
-                           ) as dst:
-            dst.write(mosaic)
-        scenes.append((path, truth))
-    return scenes
+    images = [read_image(Path(item["path"])) for item in doc["val"]]
+    labels = np.asarray([classes.index(item["labels"][0]) for item in doc["val"]])
+    return write_mosaics(images, labels, np.arange(len(images)), out, "mosaic")
 
 
 def accuracy(runtime: ModelRuntime, scales: list[int], scenes: list[tuple[Path, np.ndarray]],
