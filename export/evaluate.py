@@ -113,10 +113,12 @@ def _assign(bundle: Bundle, images: np.ndarray, expert: str | None,
 
 
 def _infer(runtime: ModelRuntime, dataset: DataSet, batch_size: int,
-           expert: str | None = None, route_chips: int | None = None
-           ) -> tuple[np.ndarray, np.ndarray, PathsMeasured]:
+           expert: str | None = None, route_chips: int | None = None,
+           with_probs: bool = True) -> tuple[np.ndarray, np.ndarray, PathsMeasured]:
     """Class probabilities and retrieval descriptors of every chip, through onnxruntime,
-    each chip on the path its routing group (or ``expert``) chose."""
+    each chip on the path its routing group (or ``expert``) chose. ``with_probs`` False
+    (a retrieval gallery) runs only the plain view the descriptor comes from: test-time
+    augmentation would run 8 backbone passes a chip for probabilities nobody reads."""
     manifest = runtime.bundle.manifest
     chips = load_chips(dataset, manifest.input.size)
     if len(chips.bands) != len(manifest.input.bands):
@@ -130,6 +132,9 @@ def _infer(runtime: ModelRuntime, dataset: DataSet, batch_size: int,
         rows = np.flatnonzero([p == name for p in paths])
         for i in range(0, len(rows), batch_size):
             batch = rows[i : i + batch_size]
+            if not with_probs:
+                embeddings[batch] = runtime.embed(runtime.features(chips.images[batch], name))
+                continue
             result = runtime.infer(chips.images[batch], name)
             probs[batch] = result.probs
             embeddings[batch] = result.embedding
@@ -169,7 +174,8 @@ def evaluate(bundle_dir: Path, data: Path | None = None, run: Path | None = None
         report |= overlap_retrieval_report(e, labels)
         if gallery is not None:
             gallery_set = scan(gallery, "multi-label")
-            _, g, _ = _infer(runtime, gallery_set, batch_size, expert, route_chips)
+            _, g, _ = _infer(runtime, gallery_set, batch_size, expert, route_chips,
+                             with_probs=False)
             report |= {"gallery": str(gallery), "gallery_chips": len(g)} | {
                 f"gallery_{key}": value for key, value in overlap_retrieval_report(
                     e, labels, g, _relabel(gallery_set, manifest.class_names)).items()}
