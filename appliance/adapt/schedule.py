@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from appliance.config import AdaptConfig
-from appliance.contract.durable import atomic_write_text
+from appliance.contract.durable import atomic_write_text, read_model
 from appliance.contract.payloads import AdaptationReport
 
 
@@ -36,10 +36,7 @@ class JobSchedule:
         self.cfg = cfg
 
     def last(self) -> LastJob:
-        try:
-            return LastJob.model_validate_json(self.path.read_text())
-        except (FileNotFoundError, ValidationError):
-            return LastJob()
+        return read_model(self.path, LastJob)
 
     def wanted(self, drifting: bool) -> bool:
         """Automatic jobs are on, and drift fired or a head step is owed."""

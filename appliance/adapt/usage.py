@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from appliance.contract.bundle import Bundle
-from appliance.contract.durable import atomic_write_text
+from appliance.contract.durable import atomic_write_text, read_model
 from appliance.contract.payloads import ExpertUse
 
 SOURCE = "source"  # the source model's name in the counts
@@ -51,10 +51,7 @@ class ExpertUsage:
         self.idle_scenes = idle_scenes
 
     def read(self) -> UsageFile:
-        try:
-            return UsageFile.model_validate_json(self.path.read_text())
-        except (FileNotFoundError, ValidationError):
-            return UsageFile()
+        return read_model(self.path, UsageFile)
 
     def record(self, bundle: Bundle, domain: str | None) -> None:
         """One scene of ``bundle`` was routed to ``domain`` (None: the source model)."""

@@ -19,6 +19,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+Model = TypeVar("Model", bound=BaseModel)
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -61,6 +66,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically (``atomic_path``)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_model(path: Path, model: type[Model]) -> Model:
+    """The ``model`` stored as JSON in ``path``; a default one when the file is missing or
+    does not validate (a state file written by an older version or never written yet)."""
+    try:
+        return model.model_validate_json(Path(path).read_text())
+    except (FileNotFoundError, ValidationError):
+        return model()
 
 
 def open_sqlite(path: Path, page_size: int | None = None) -> sqlite3.Connection:
