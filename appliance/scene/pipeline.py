@@ -154,51 +154,41 @@ class SceneOutcome:
             warnings=self.warnings, labels=self.labels, origin=self.origin)
 
 
-class _Reservoir:
-    """A uniform random sample of at most ``cap`` items from a stream (algorithm R)."""
+class _Sample:
+    """The cells whose items a scene keeps, chosen before any inference, and their items.
 
-    def __init__(self, cap: int, rng: np.random.Generator) -> None:
-        self.cap = cap
-        self.rng = rng
+    The cells to process are known up front, so a uniform sample of ``cap`` of them is a
+    seeded draw, and only the chosen cells' items are ever copied (a reservoir, which keeps
+    and replaces items as they stream past, copied some 5x more on a small scene).
+    """
+
+    def __init__(self, todo: np.ndarray, cap: int, rng: np.random.Generator) -> None:
+        self.chosen = np.sort(rng.choice(todo, size=min(cap, len(todo)), replace=False))
         self.keys: list[int] = []
         self.items: list[np.ndarray] = []
-        self.seen = 0
 
-    def offer(self, key: int, item: np.ndarray, keep: Callable[[np.ndarray], np.ndarray]
-              = np.asarray) -> None:
-        """Consider one item; ``keep`` (a copy, a cast) is applied only to items taken."""
-        self.seen += 1
-        if len(self.keys) < self.cap:
-            self.keys.append(key)
-            self.items.append(keep(item))
-            return
-        j = int(self.rng.integers(self.seen))
-        if j < self.cap:
-            self.keys[j] = key
-            self.items[j] = keep(item)
-
-
-def _as_float16(tiles: np.ndarray) -> np.ndarray:
-    """A float16 copy: kept tiles must not pin their whole batch in memory (nor kept
-    features theirs: those are copied too)."""
-    return tiles.astype(np.float16)
+    def offer(self, cells: np.ndarray, items: np.ndarray, dtype: type[np.floating]) -> None:
+        """Keep, as a ``dtype`` copy, the items of a batch's chosen ``cells``: a kept
+        item must not pin its whole batch in memory."""
+        picked = np.flatnonzero(np.isin(cells, self.chosen))
+        self.keys.extend(int(c) for c in cells[picked])
+        self.items.extend(items[picked].astype(dtype))
 
 
 @dataclass
 class _Accumulator:
-    """Per-cell results filled batch by batch, plus reservoir samples of features and tiles."""
+    """Per-cell results filled batch by batch, plus samples of features and tiles."""
 
     probs: np.ndarray
     embeddings: np.ndarray
     band_means: np.ndarray
-    features: _Reservoir
-    tiles: _Reservoir
+    features: _Sample
+    tiles: _Sample
 
     def add_samples(self, cells: np.ndarray, features: np.ndarray, tiles: np.ndarray) -> None:
         """Offer cells' per-scale features [b,S,D] and model-input tiles [b,S,C,H,W]."""
-        for cell, feats, cell_tiles in zip(cells, features, tiles, strict=True):
-            self.features.offer(int(cell), feats, np.copy)
-            self.tiles.offer(int(cell), cell_tiles, _as_float16)
+        self.features.offer(cells, features, np.float32)
+        self.tiles.offer(cells, tiles, np.float16)
 
 
 def _probe_tiles(scene: Scene, grid: CellGrid, valid: np.ndarray, size: int) -> np.ndarray:
@@ -283,17 +273,17 @@ def _process(
     n, k = len(grid), len(manifest.classes)
     n_scales = len(grid.scales)
     rng = np.random.default_rng(_seed(scene_id))
+    todo = np.flatnonzero(valid)
     acc = _Accumulator(np.zeros((n, k), np.float32),
                        np.zeros((n, manifest.embedding_dim), np.float32),
                        np.zeros((n, len(manifest.input.bands)), np.float32),
-                       _Reservoir(FEATURE_SAMPLE, rng), _Reservoir(TILE_SAMPLE, rng))
+                       _Sample(todo, FEATURE_SAMPLE, rng), _Sample(todo, TILE_SAMPLE, rng))
     own_scale = int(np.argmin(grid.scales))  # the window that is the cell itself
     # retrieval.scale names one of the nominal scales (configured, or the bundle's), not
     # the scene-pixel sizes they became for this scene's GSD.
     nominal = [round(x) for x in (settings.tiling.scales or manifest.scales)]
     r_index = _embedding_scale_index(nominal, embedding_scale)
     multi_label = manifest.task == "multi-label"
-    todo = np.flatnonzero(valid)
     t_read, t_infer = time.perf_counter() - t_start, 0.0  # opening: statistics and mask reads
     tiles = 0
     batches = iter_batches(scene, grid, todo, runtime.input_size, tiling.batch_size)
@@ -369,7 +359,7 @@ def _write_outputs(
         probs=acc.probs, valid=valid,
         embeddings=acc.embeddings,
         sample_index=np.asarray(acc.features.keys, np.int64),
-        sample_features=(np.stack(acc.features.items).astype(np.float32) if acc.features.items
+        sample_features=(np.stack(acc.features.items) if acc.features.items
                          else np.zeros((0, len(grid.scales), manifest.feature_dim), np.float32)),
         band_sample=band_sample, domain=domain, sharpness=sharp,
         sample_tiles=np.stack(acc.tiles.items) if acc.tiles.items else None,
