@@ -138,4 +138,6 @@ def backdrop_rgb(overview: np.ndarray, valid: np.ndarray, bands: Sequence[str]
 def write_quicklook(path: Path, q: Quicklook) -> None:
     """Render ``q`` and write it atomically as PNG."""
     with atomic_path(path) as tmp:
-        render(q).save(tmp, format="PNG", compress_level=3)  # photo content: level 6+ is slow
+        # photo content: level 1 writes a 890x686 quicklook in 41 ms against 58 ms at level 3
+        # (on this 2-core CPU), for a file 4 % larger: the write is on the scene's critical path
+        render(q).save(tmp, format="PNG", compress_level=1)
