@@ -91,9 +91,19 @@ class Adapter:
             return True  # retiring needs no new cells
         if not self.schedule.wanted(drifting):
             return False
-        if self.candidates.count(self.collector.adapted_key(bundle)) < self.cfg.min_samples:
+        if max(self.candidates.count(k) for k in self._job_keys(drifting, bundle)) \
+                < self.cfg.min_samples:
             return False
         return self.schedule.cooled_down(self.candidates.last_seq)
+
+    def _job_keys(self, drifting: bool, bundle: Bundle) -> set[str]:
+        """Input keys whose cells can feed the next job: the adapted expert's, and on drift
+        the source model's too, because a domain no expert claims routes to the source, so
+        a second sensor's cells are stored there and not under the newest expert's key."""
+        keys = {self.collector.adapted_key(bundle)}
+        if drifting:
+            keys.add(self.collector.key(bundle, None))
+        return keys
 
     def run(self, bundle: Bundle, reason: str) -> AdaptationReport:
         """One gated job on the active ``bundle``; never raises for expected outcomes (the

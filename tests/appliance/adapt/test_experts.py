@@ -66,6 +66,21 @@ def test_a_second_domain_gets_a_second_expert_while_the_first_keeps_its_scenes(
     assert (blue_after.labels == truth).mean() > 0.9
 
 
+def test_a_second_domains_job_is_due_on_its_source_routed_cells(
+        store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
+    """A new sensor's scenes route to the source, so its cells are stored under the
+    source key, not the first expert's: drift with them makes a job due after the cooldown
+    instead of waiting for cells under the newest expert's key."""
+    adapter = Adapter(store, CFG, tmp_path / "state", TILING)
+    first = _first_expert(store, runtime, adapter)
+    serving = ModelRuntime(first, CPU)
+    adapter.collect(colour_scene(serving, 400, GREEN_CAST)[0], first)
+    assert not adapter.due(drifting=True, bundle=first)  # cooling down
+    adapter.collect(colour_scene(serving, 401, GREEN_CAST)[0], first)
+    assert adapter.candidates.count(adapter.collector.adapted_key(first)) == 0
+    assert adapter.due(drifting=True, bundle=first)
+
+
 def test_the_same_domain_again_gets_no_second_expert(
         store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
     adapter = Adapter(store, CFG, tmp_path / "state", TILING)
