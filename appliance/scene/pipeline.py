@@ -157,9 +157,8 @@ class SceneOutcome:
 class _Sample:
     """The cells whose items a scene keeps, chosen before any inference, and their items.
 
-    The cells to process are known up front, so a uniform sample of ``cap`` of them is a
-    seeded draw, and only the chosen cells' items are ever copied (a reservoir, which keeps
-    and replaces items as they stream past, copied some 5x more on a small scene).
+    The cells to process are known up front, so a uniform sample of ``cap`` of them is one
+    seeded draw (re-runs keep the same cells), and only the chosen cells' items are copied.
     """
 
     def __init__(self, todo: np.ndarray, cap: int, rng: np.random.Generator) -> None:
