@@ -19,7 +19,12 @@ its own, up to ``adapt.max_experts``.
 Its gate refuses the expert unless at least ``adapt.domain_min_fraction`` of the new
 domain's stored scenes would route to it and as large a share of the scenes that would
 route to it are the domain's (a signature that cannot tell the domains apart would
-misroute), and it passes ``ExpertStep.check`` on held-out tiles.
+misroute), unless at most ``1 − adapt.domain_min_fraction`` of the source's sample scenes
+(``Reference.scenes``: small scenes of the source's own chips) would route to it, and it
+passes ``ExpertStep.check`` on held-out tiles. The source samples are what the stored
+scenes cannot show when every one of them is shifted, as in a haze that grows: a faint
+shift's signature lies among the source scenes' own spread, and an expert for it would
+take source scenes from the source model; the shift gets its expert once it stands clear.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from appliance.contract.signature import (
     Signature,
     domain_signature,
     radiometric_distance,
+    sample_signature,
     source_signature,
 )
 from appliance.model.head import read_head
@@ -98,6 +104,19 @@ def routed_share(scenes: list[Signature], members: np.ndarray, others: np.ndarra
     hit = int((routed & members).sum())
     claimed = int((routed & ~others).sum())
     return min(hit / max(int(members.sum()), 1), hit / max(claimed, 1))
+
+
+def source_taken(source: Bundle, experts: dict[str | None, Signature], name: str,
+                 sharp: bool) -> float | None:
+    """Share of the source's sample scenes (``Reference.scenes``) that routing among
+    ``experts`` (source None) would send to expert ``name``; None when the bundle has no
+    samples."""
+    samples = source.reference.scenes
+    if not samples:
+        return None
+    taken = sum(nearest({k: radiometric_distance(sample_signature(s, sharp), v)
+                         for k, v in experts.items()}) == name for s in samples)
+    return taken / len(samples)
 
 
 def expert_reference(source: Bundle, spec: InputSpec, tiles: np.ndarray,
@@ -151,11 +170,12 @@ class ExpertStep:
         members = new.members
         before = radiometric_distance(new.signature, src)
         alignment = InputAlignment.blended(ref, mean_t, std_t, cfg.input_blend)
+        routing: dict[str | None, Signature] = {
+            None: src, **{d.name: domain_signature(d) for d in kept}, name: new.signature}
         fraction = routed_share(
             scenes, members, split.labels == names.index(replaces) if replaces else
-            np.zeros(len(scenes), bool),
-            {None: src, **{d.name: domain_signature(d) for d in kept}, name: new.signature},
-            name)
+            np.zeros(len(scenes), bool), routing, name)
+        from_source = source_taken(source, routing, name, sharp)
         spec = alignment.spec(source.manifest.input)
         seqs = [q for q, keep in zip(stored.seqs, members, strict=True) if keep]
         tiles = self.store.tiles(seqs, cfg.renorm_tiles)
@@ -163,6 +183,10 @@ class ExpertStep:
             f"only {fraction:.0%} of the new domain's stored scenes route to its expert (or "
             f"of those routed to it are its own) < adapt.domain_min_fraction "
             f"{cfg.domain_min_fraction:.0%}"]
+        if from_source is not None and from_source > 1 - cfg.domain_min_fraction:
+            failures.append(f"{from_source:.0%} of the source's sample scenes would route to the "
+                            f"expert (> 1 − adapt.domain_min_fraction): its domain lies within "
+                            f"the source scenes' own spread")
         backbone, renorm = self.backbone(source, spec, tiles, work, name, deadline)
         reference, check = None, None
         if tiles is not None:  # the expert's features on its tiles, computed once
@@ -186,7 +210,8 @@ class ExpertStep:
         gate = InputGate(
             passed=not failures, failures=failures, radiometric_distance_before=before,
             radiometric_distance_after=alignment.distance(ref, mean_t, std_t),
-            domain_fraction=fraction, gain=[round(float(g), 4) for g in alignment.gain],
+            domain_fraction=fraction, source_scenes_taken=from_source,
+            gain=[round(float(g), 4) for g in alignment.gain],
             offset=[round(float(o), 3) for o in alignment.offset], renorm=renorm, check=check)
         report = AdaptationReport(
             reason=reason, action="rejected" if failures else "promoted",

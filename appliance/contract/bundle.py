@@ -200,6 +200,14 @@ class BandStats(_Frozen):
         "(appliance.contract.signature.sharpness); None in bundles exported before it existed.")
 
 
+class SceneSample(_Frozen):
+    """The signature of one small scene of a domain: per-band mean, std and sharpness."""
+
+    mean: list[float]
+    std: list[float]
+    sharpness: list[float]
+
+
 class FeatureStats(_Frozen):
     """Backbone feature statistics on source data, for label-free feature-shift scores."""
 
@@ -223,6 +231,10 @@ class Reference(_Frozen):
     bands: list[BandStats]
     features: FeatureStats
     confidence: ConfidenceStats
+    scenes: list[SceneSample] = Field(
+        default_factory=list, description="Signatures of pseudo-scenes of a dozen of the "
+        "domain's chips: how far its scenes stray by what they show alone (empty in bundles "
+        "exported before it existed).")
 
 
 def upgrade_reference(raw: dict[str, Any]) -> dict[str, Any]:

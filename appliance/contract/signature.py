@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from appliance.contract.bundle import BandStats, Expert
+from appliance.contract.bundle import BandStats, Expert, SceneSample
 
 Signature = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 """Per-band mean, std and (when measured) sharpness of a domain or a scene."""
@@ -66,6 +66,13 @@ def domain_signature(domain: Expert) -> Signature:
     """An adapted expert's signature from the manifest."""
     return (np.asarray(domain.mean), np.asarray(domain.std),
             None if domain.sharpness is None else np.asarray(domain.sharpness))
+
+
+def sample_signature(sample: SceneSample, sharp: bool) -> Signature:
+    """A source sample scene's signature (``Reference.scenes``), with its sharpness or not,
+    to compare like with like."""
+    return (np.asarray(sample.mean), np.asarray(sample.std),
+            np.asarray(sample.sharpness) if sharp else None)
 
 
 def scene_signature(pixels: np.ndarray, tiles: np.ndarray | None = None) -> Signature:

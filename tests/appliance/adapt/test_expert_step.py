@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +13,17 @@ from appliance.adapt.adapter import Adapter
 from appliance.adapt.domains import split_domains
 from appliance.adapt.expert_step import backbone_features
 from appliance.adapt.lineage import DOMAIN
-from appliance.contract.bundle import BACKBONE, CLASSIFIER, Bundle, load_bundle
+from appliance.contract.bundle import (
+    BACKBONE,
+    CLASSIFIER,
+    REFERENCE,
+    Bundle,
+    SceneSample,
+    load_bundle,
+    seal_bundle,
+)
 from appliance.contract.payloads import AdaptationReport, InputCounts, InputGate, Renorm
-from appliance.contract.signature import source_signature
+from appliance.contract.signature import Signature, source_signature
 from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.model.store import ModelStore
 from appliance.scene.cells import SceneCells
@@ -187,3 +196,42 @@ def test_no_input_step_for_an_unshifted_stream(store: ModelStore, runtime: Model
     fill(adapter, runtime, cast=(0.0, 0.0, 0.0))
     report = adapter.run(store.active(), "drift")
     assert report.step == "head" and report.refused_input is None
+
+
+def _with_source_scenes(bundle: Path, out: Path, samples: list[Signature]) -> Path:
+    """A copy of ``bundle`` whose reference holds ``samples`` as its source sample scenes."""
+    shutil.copytree(bundle, out)
+    copy = load_bundle(out)
+    ref = copy.reference.model_copy(update={"scenes": [
+        SceneSample(mean=list(map(float, m)), std=list(map(float, s)), sharpness=[1.0] * 3)
+        for m, s, _ in samples]})
+    (out / REFERENCE).write_text(ref.model_dump_json(by_alias=True))
+    seal_bundle(out, copy.manifest)
+    return out
+
+
+@pytest.mark.parametrize("spread", ["narrow", "wide"])
+def test_an_expert_that_would_take_source_scenes_is_refused(
+        colour_bundle: Path, runtime: ModelRuntime, tmp_path: Path, spread: str) -> None:
+    """Source sample scenes all at the source's signature: none would route to the cast
+    expert, which is made. Source scenes that stray as far as the cast (their content alone
+    moves them so): every one would route to it, and it is refused, saying why."""
+    stored = tmp_path / "probe"
+    probe = Adapter(ModelStore(stored / "models"), WITH_INPUT, stored, TILING)
+    fill(probe, runtime)
+    kept = probe.candidates.load(features=False)
+    cast = kept.signature(np.ones(len(kept.seqs), bool), False)
+    source = source_signature(load_bundle(colour_bundle).reference.bands)
+    samples = [source] * 10 if spread == "narrow" else [source] * 2 + [cast] * 8
+    store = ModelStore(tmp_path / "state" / "models")
+    store.install(_with_source_scenes(colour_bundle, tmp_path / "bundle", samples))
+    adapter = Adapter(store, WITH_INPUT, tmp_path / "state", TILING)
+    fill(adapter, runtime)
+    report = adapter.run(store.active(), "drift")
+    expert = report if report.step == "input" else report.refused_input
+    assert expert is not None and isinstance(expert.gate, InputGate), report.as_dict()
+    if spread == "narrow":
+        assert expert.promoted and expert.gate.source_scenes_taken == 0.0
+    else:
+        assert not expert.promoted and expert.gate.source_scenes_taken == 0.8
+        assert "80% of the source's sample scenes would route to the expert" in expert.message
