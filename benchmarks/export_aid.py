@@ -97,7 +97,8 @@ PRETRAIN = {"ucm_scene160": ["train", "--data", str(UCM), "--backbone", "efficie
 DEFAULT = [Recipe(f"lite0_160_s{seed}", 160, 6, seed, "flips-rot90") for seed in (0, 1, 2)]
 RECIPES = [Recipe("aid_ft", 128, 6, 0, "flips-rot90", val_fraction=0.2, whole_folder=True),
            *DEFAULT,
-           Recipe("lite0_160_ucm_s0", 160, 6, 0, "flips-rot90", init="ucm_scene160")]
+           *(Recipe(f"lite0_160_ucm_s{seed}", 160, 6, seed, "flips-rot90", init="ucm_scene160")
+             for seed in (0, 1, 2))]
 
 
 def make_split(runs: Path) -> dict[str, Any]:
