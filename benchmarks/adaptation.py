@@ -388,8 +388,10 @@ def _routing(domains: dict[str, Classified]) -> tuple[dict[str, float], dict[str
 def run_stream(kind: str, bundle_dir: Path, images: list[np.ndarray], labels: np.ndarray,
                adapt_order: np.ndarray, test_order: np.ndarray, work: Path) -> dict[str, Any]:
     """A mixed or gradual stream through a fresh box; each real domain's test half through
-    ``process_scene`` before and after (routing included), and cross-domain retrieval:
-    each shifted domain's test cells queried against an index of clean adapt-half cells."""
+    ``process_scene`` before and after (routing included), and cross-domain retrieval both
+    ways: each domain's test cells queried against an index of clean adapt-half cells, and
+    those clean cells queried against an index of the domain's test cells as the box
+    indexed them before and after."""
     t0 = time.perf_counter()
     root = work / kind
     box = Box.fresh(root, bundle_dir, "full")
@@ -419,7 +421,9 @@ def run_stream(kind: str, bundle_dir: Path, images: list[np.ndarray], labels: np
             "routing_accuracy": accuracy[d], "experts": experts_per_domain[d],
             "routed_to": {str(e): after[d].domains.count(e) for e in set(after[d].domains)},
             "retrieval_map20_vs_clean_index_before": cross_map_at_20(before[d], gallery),
-            "retrieval_map20_vs_clean_index_after": cross_map_at_20(after[d], gallery)}
+            "retrieval_map20_vs_clean_index_after": cross_map_at_20(after[d], gallery),
+            "retrieval_map20_clean_queries_vs_index_before": cross_map_at_20(gallery, before[d]),
+            "retrieval_map20_clean_queries_vs_index_after": cross_map_at_20(gallery, after[d])}
     first_drift = next((r["scene"] for r in stream if r["drifting"]), None)
     promoted = [j for j in jobs if j["action"] == "promoted"]
     first_expert = next((j["scene"] for j in promoted if j["step"] == "input"), None)
