@@ -205,8 +205,12 @@ class Inbox:
         self._wake.set()
 
     def waiting(self) -> int:
-        """Files waiting in the inbox (settled or not)."""
+        """Files waiting in the inbox (settled or not). A late watchdog event can name a
+        file already claimed; such a candidate is dropped here, not counted."""
         with self._lock:
+            for path in list(self._candidates):
+                if not os.path.lexists(path):
+                    del self._candidates[path]
             return len(self._candidates)
 
     def in_work(self) -> int:

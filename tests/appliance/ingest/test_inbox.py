@@ -93,6 +93,16 @@ def test_claim_of_vanished_file_returns_none(inbox: Inbox) -> None:
     assert inbox.claim(inbox.dir / "gone.tif") is None
 
 
+def test_a_late_event_for_a_claimed_file_does_not_count_as_waiting(inbox: Inbox) -> None:
+    f = inbox.dir / "late.tif"
+    f.write_bytes(b"x" * 10)
+    assert ready_within(inbox) == [f]
+    work = inbox.claim(f)
+    assert work is not None
+    inbox.notice(f, writing=False)  # the close event of the writer, delivered after the claim
+    assert inbox.waiting() == 0 and inbox.depth() == 1  # only the claimed file in work/
+
+
 def test_an_in_place_writer_that_pauses_is_not_claimed_until_it_closes(inbox: Inbox) -> None:
     """Finding 12: a pause longer than settle_seconds is not the end of the file."""
     f = inbox.dir / "slow.tif"
