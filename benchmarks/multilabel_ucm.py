@@ -17,7 +17,8 @@ Stages (each reused when its output exists, unless ``--retrain``):
   short of the 0.90 bar, so the recorded run passes ``--size 224`` (efficientnet_lite0's
   native size; the probe ranked 192 and 256 above 128);
 * ``ucm_ml``: the multi-label run (``--task multi-label``, ``--epochs``, crops down to
-  ``--crop-min`` of a chip), bundled with ``--tta`` (default ``flips-rot90``: per-label
+  ``--crop-min`` of a chip; from ImageNet, or ``--init`` a run on other remote-sensing
+  data, then named ``ucm_ml_from_<run>``), bundled with ``--tta`` (default ``flips-rot90``: per-label
   thresholds are calibrated on the validation split's TTA probabilities), and evaluated
   with ``terratile-export evaluate --data test.csv --gallery trainval.csv --json`` with the
   bundle's TTA and with ``--tta off``, i.e. through the bundle's own ONNX files by the
@@ -164,12 +165,15 @@ def _training(run: Path) -> dict[str, Any]:
 
 
 def multi_label_run(split: Path, size: int, epochs: int, crop_min: float, tta: str,
-                    runs: Path, retrain: bool) -> dict[str, Any]:
+                    runs: Path, retrain: bool, init: Path | None) -> dict[str, Any]:
     """One round from ImageNet (the earlier two-round recipe at 128 px plateaued at test
-    micro-F1 0.887), bundled with ``tta``, scored on the test split with and without it."""
-    run, bundle, cmd = _train_bundle("ucm_ml", split / "trainval.csv", "multi-label", size,
-                                     epochs, runs, retrain, ("--crop-min", str(crop_min)),
-                                     tta=tta)
+    micro-F1 0.887), or from ``init`` (a run trained on other remote-sensing data: the
+    domain-adaptive recipe), bundled with ``tta``, scored on the test split with and
+    without it."""
+    name = "ucm_ml" if init is None else f"ucm_ml_from_{init.name}"
+    extra = ("--crop-min", str(crop_min), *(() if init is None else ("--init", str(init))))
+    run, bundle, cmd = _train_bundle(name, split / "trainval.csv", "multi-label", size,
+                                     epochs, runs, retrain, extra, tta=tta)
     manifest = json.loads((bundle / "manifest.json").read_text())
     out: dict[str, Any] = {"train_command": cmd, **_training(run), "bundle": str(bundle),
                            "bundle_tta": tta,
@@ -250,6 +254,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--crop-min", type=float, default=0.5)
     parser.add_argument("--tta", default="flips-rot90", help="the multi-label bundle's --tta")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start the multi-label run from this training run (e.g. one on "
+                        "AID: domain-adaptive pre-training on data without UC Merced chips)")
     parser.add_argument("--probe-margin", type=float, default=0.015)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--baseline-from", type=Path, default=None,
@@ -280,7 +287,7 @@ def main() -> None:
         size = args.size
     doc["image_size"] = size
     doc["multi_label"] = multi_label_run(split, size, args.epochs, args.crop_min, args.tta,
-                                         args.runs, args.retrain)
+                                         args.runs, args.retrain, args.init)
     if args.baseline_from is not None:
         earlier = json.loads(args.baseline_from.read_text())
         if earlier["split"] != doc["split"]:
