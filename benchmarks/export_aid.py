@@ -103,7 +103,9 @@ RECIPES = [Recipe("aid_ft", 128, 6, 0, "flips-rot90", val_fraction=0.2, whole_fo
            *(Recipe(f"lite0_160_ucm_s{seed}", 160, 6, seed, "flips-rot90", init="ucm_scene160")
              for seed in (0, 1, 2)),
            *(Recipe(f"lite0_160_10ep_s{seed}", 160, 10, seed, "flips-rot90")
-             for seed in (0, 1, 2))]
+             for seed in (0, 1, 2)),
+           *(Recipe(f"lite2_160_s{seed}", 160, 6, seed, "flips-rot90",
+                    backbone="efficientnet_lite2") for seed in (0, 1, 2))]
 
 
 def make_split(runs: Path) -> dict[str, Any]:
