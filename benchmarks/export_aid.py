@@ -203,6 +203,21 @@ def measure(recipe: Recipe, runs: Path, retrain: bool) -> dict[str, Any]:
     return out
 
 
+def default_summary(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The default recipe's test OA over the seeds in ``results`` (None without any)."""
+    seeds = [r for r in DEFAULT if r.name in results]
+    if not seeds:
+        return None
+    oa = [results[r.name]["test_tta_bundle"]["overall_accuracy"] for r in seeds]
+    oa_off = [results[r.name]["test_tta_off"]["overall_accuracy"] for r in seeds]
+    return {"recipe": "efficientnet_lite0, 160 px, 6 epochs, bundle --tta flips-rot90",
+            "seeds": [r.seed for r in seeds],
+            "test_oa_tta": {"mean": statistics.mean(oa), "min": min(oa), "max": max(oa),
+                            "stdev": statistics.stdev(oa) if len(oa) > 1 else None},
+            "test_oa_no_tta": {"mean": statistics.mean(oa_off), "min": min(oa_off),
+                               "max": max(oa_off)}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("/work/runs"))
@@ -223,20 +238,10 @@ def main() -> None:
     kept = json.loads(args.out.read_text())["runs"] if args.out.is_file() else {}
     results = {name: {**row, "measured_in_an_earlier_run": True}
                for name, row in kept.items() if name not in measured} | measured
-    seeds = [r for r in DEFAULT if r.name in results]
-    oa = [results[r.name]["test_tta_bundle"]["overall_accuracy"] for r in seeds]
-    oa_off = [results[r.name]["test_tta_off"]["overall_accuracy"] for r in seeds]
     doc = {"benchmark": "export_aid", "data": str(DATA), "split": split,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                        "note": "2-core CPU shared with other jobs during the runs"},
-           "default": {"recipe": "efficientnet_lite0, 160 px, 6 epochs, bundle --tta flips-rot90",
-                       "seeds": [r.seed for r in seeds],
-                       "test_oa_tta": {"mean": statistics.mean(oa), "min": min(oa),
-                                       "max": max(oa),
-                                       "stdev": statistics.stdev(oa) if len(oa) > 1 else None},
-                       "test_oa_no_tta": {"mean": statistics.mean(oa_off), "min": min(oa_off),
-                                          "max": max(oa_off)}},
-           "runs": results}
+           "default": default_summary(results), "runs": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2))
     print(json.dumps(doc["default"], indent=2))
