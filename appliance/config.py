@@ -487,6 +487,12 @@ class AdaptConfig(Section):
         description="Gate of the input step: share of stored scenes that must route to the new "
         "expert (a signature that cannot tell the domains apart would misroute scenes).",
     )
+    source_allowance: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="Share of the source's sample scenes a new expert may take in routing: its "
+        "routing margin is the smallest that leaves it no more (0: none; more makes experts "
+        "come sooner and lets them take some source-sensor scenes).",
+    )
     holdout_every: int = Field(
         default=4, ge=2,
         description="Every n-th stored target cell is kept out of the fit: the gate judges on it.",

@@ -19,12 +19,14 @@ its own, up to ``adapt.max_experts``.
 Its gate refuses the expert unless at least ``adapt.domain_min_fraction`` of the new
 domain's stored scenes would route to it and as large a share of the scenes that would
 route to it are the domain's (a signature that cannot tell the domains apart would
-misroute), unless at most ``1 − adapt.domain_min_fraction`` of the source's sample scenes
-(``Reference.scenes``: small scenes of the source's own chips) would route to it, and it
-passes ``ExpertStep.check`` on held-out tiles. The source samples are what the stored
-scenes cannot show when every one of them is shifted, as in a haze that grows: a faint
-shift's signature lies among the source scenes' own spread, and an expert for it would
-take source scenes from the source model; the shift gets its expert once it stands clear.
+misroute), and it passes ``ExpertStep.check`` on held-out tiles. Routing, here and on the
+box, counts the expert's margin (``routing.source_margin``): at most
+``adapt.source_allowance`` of the source's sample scenes (``Reference.scenes``: small scenes
+of the source's own chips) may route to it.
+The samples are what the stored scenes cannot show when every one of them is shifted, as
+in a haze that grows: a faint shift's signature lies among the source scenes' own spread,
+and an expert for it would take source scenes from the source model; with the margin its
+own scenes stay with the source too, so it is refused until the shift stands clear.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ from appliance.contract.signature import (
     source_signature,
 )
 from appliance.model.head import read_head
-from appliance.model.routing import nearest
+from appliance.model.routing import nearest, source_margin
 from appliance.model.runtime import ProviderPlan, open_session, probabilities
 
 log = logging.getLogger(__name__)
@@ -93,30 +95,31 @@ def backbone_features(spec: InputSpec, backbone: Path, tiles: np.ndarray) -> np.
         for i in range(0, len(tiles), 32)])
 
 
+Routes = dict[str | None, tuple[Signature, float]]
+"""Every path routing chooses among (None: the source) with its signature and margin."""
+
+
+def _routed(scene: Signature, routes: Routes) -> str | None:
+    return nearest({k: radiometric_distance(scene, sig) + margin
+                    for k, (sig, margin) in routes.items()})
+
+
 def routed_share(scenes: list[Signature], members: np.ndarray, others: np.ndarray,
-                 experts: dict[str | None, Signature], name: str) -> float:
-    """How well routing among ``experts`` (source None) serves a new domain ``name``: the
-    smaller of the share of its ``members`` routed to it and the share of the scenes routed
-    to it that are members; scenes in ``others`` ([m] bool: a replaced expert's, the same
-    domain earlier) count neither way."""
-    routed = np.array([nearest({k: radiometric_distance(s, v) for k, v in experts.items()})
-                       == name for s in scenes])
+                 routes: Routes, name: str) -> float:
+    """How well routing among ``routes`` serves a new domain ``name``: the smaller of the
+    share of its ``members`` routed to it and the share of the scenes routed to it that are
+    members; scenes in ``others`` ([m] bool: a replaced expert's, the same domain earlier)
+    count neither way."""
+    routed = np.array([_routed(s, routes) == name for s in scenes])
     hit = int((routed & members).sum())
     claimed = int((routed & ~others).sum())
     return min(hit / max(int(members.sum()), 1), hit / max(claimed, 1))
 
 
-def source_taken(source: Bundle, experts: dict[str | None, Signature], name: str,
-                 sharp: bool) -> float | None:
-    """Share of the source's sample scenes (``Reference.scenes``) that routing among
-    ``experts`` (source None) would send to expert ``name``; None when the bundle has no
-    samples."""
-    samples = source.reference.scenes
-    if not samples:
-        return None
-    taken = sum(nearest({k: radiometric_distance(sample_signature(s, sharp), v)
-                         for k, v in experts.items()}) == name for s in samples)
-    return taken / len(samples)
+def source_samples(source: Bundle, sharp: bool) -> list[Signature]:
+    """The source's sample scenes' signatures (``Reference.scenes``; none in a bundle
+    exported without them), with sharpness or not, like with like."""
+    return [sample_signature(s, sharp) for s in source.reference.scenes]
 
 
 def expert_reference(source: Bundle, spec: InputSpec, tiles: np.ndarray,
@@ -170,12 +173,14 @@ class ExpertStep:
         members = new.members
         before = radiometric_distance(new.signature, src)
         alignment = InputAlignment.blended(ref, mean_t, std_t, cfg.input_blend)
-        routing: dict[str | None, Signature] = {
-            None: src, **{d.name: domain_signature(d) for d in kept}, name: new.signature}
+        samples = source_samples(source, sharp)
+        margin = source_margin(samples, src, new.signature, cfg.source_allowance)
+        routes: Routes = {None: (src, 0.0), **{d.name: (domain_signature(d), d.margin)
+                                                 for d in kept},
+                          name: (new.signature, margin)}
         fraction = routed_share(
             scenes, members, split.labels == names.index(replaces) if replaces else
-            np.zeros(len(scenes), bool), routing, name)
-        from_source = source_taken(source, routing, name, sharp)
+            np.zeros(len(scenes), bool), routes, name)
         spec = alignment.spec(source.manifest.input)
         seqs = [q for q, keep in zip(stored.seqs, members, strict=True) if keep]
         tiles = self.store.tiles(seqs, cfg.renorm_tiles)
@@ -183,10 +188,6 @@ class ExpertStep:
             f"only {fraction:.0%} of the new domain's stored scenes route to its expert (or "
             f"of those routed to it are its own) < adapt.domain_min_fraction "
             f"{cfg.domain_min_fraction:.0%}"]
-        if from_source is not None and from_source > 1 - cfg.domain_min_fraction:
-            failures.append(f"{from_source:.0%} of the source's sample scenes would route to the "
-                            f"expert (> 1 − adapt.domain_min_fraction): its domain lies within "
-                            f"the source scenes' own spread")
         backbone, renorm = self.backbone(source, spec, tiles, work, name, deadline)
         reference, check = None, None
         if tiles is not None:  # the expert's features on its tiles, computed once
@@ -202,7 +203,8 @@ class ExpertStep:
                         input=spec,
                         classifier=f"classifier.{name}.onnx",
                         backbone=None if backbone is None else backbone.name,
-                        reference=None if reference is None else reference.name)
+                        reference=None if reference is None else reference.name,
+                        margin=margin)
         files = {domain.classifier: source.file(CLASSIFIER)}
         for extra in (backbone, reference):
             if extra is not None:
@@ -210,7 +212,7 @@ class ExpertStep:
         gate = InputGate(
             passed=not failures, failures=failures, radiometric_distance_before=before,
             radiometric_distance_after=alignment.distance(ref, mean_t, std_t),
-            domain_fraction=fraction, source_scenes_taken=from_source,
+            domain_fraction=fraction, routing_margin=margin,
             gain=[round(float(g), 4) for g in alignment.gain],
             offset=[round(float(o), 3) for o in alignment.offset], renorm=renorm, check=check)
         report = AdaptationReport(

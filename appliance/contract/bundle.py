@@ -112,6 +112,10 @@ class Expert(_Frozen):
         default=None, description="Re-normalised backbone of this expert (None: the bundle's).")
     reference: str | None = Field(
         default=None, description="Drift reference of this expert's domain (Reference JSON).")
+    margin: float = Field(
+        default=0.0, ge=0.0, description="Added to this expert's distance in routing: how "
+        "much nearer this expert than the source the source's sample scenes come, so that "
+        "they keep routing to the source (0: experts made before margins).")
 
 
 class Manifest(_Frozen):

@@ -232,9 +232,9 @@ class InputGate(GateReport):
     radiometric_distance_before: float = Field(description="New domain to the source.")
     radiometric_distance_after: float = Field(description="Once re-standardised.")
     domain_fraction: float = Field(description="Share of stored scenes in the new domain.")
-    source_scenes_taken: float | None = Field(
-        default=None, description="Share of the source's sample scenes that would route to "
-        "the new expert (null: a bundle exported without them).")
+    routing_margin: float = Field(
+        default=0.0, description="The new expert's routing margin (``Expert.margin``): with "
+        "it at most ``adapt.source_allowance`` of the source's sample scenes route to it.")
     gain: list[float] = Field(description="Per-band gain of the input re-standardisation.")
     offset: list[float]
     renorm: Renorm | RenormSkipped | None = Field(

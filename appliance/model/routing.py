@@ -4,7 +4,12 @@ A bundle adapted in the field holds more than one expert (``bundle.Expert``): th
 model and one calibrated to the sensor the box drifted to. Which one classifies a scene is
 decided before any tile is read, from the scene's per-band mean and standard deviation
 (the pipeline's rescaled overview sample) and sharpness (a few probe tiles): the expert
-whose signature (``contract.signature``) is nearest wins. The source's signature is the
+whose signature (``contract.signature``) is nearest wins, each expert's distance raised by
+its ``margin``: how much nearer to it than to the source the source's own sample scenes
+come (all but ``adapt.source_allowance`` of them). A scene must stand further from the
+source than the source's scenes do before an expert takes it: an expert for a faint shift
+(a haze that grows) would otherwise take the bright, low-contrast source scenes that look
+like it. The source's signature is the
 bundle's ``reference.json``.
 
 Why route rather than replace: re-standardising the input towards a new sensor is what
@@ -14,6 +19,8 @@ A box that sees both sensors, or goes back to the first, needs both experts.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from appliance.contract.bundle import Bundle
 from appliance.contract.signature import (
@@ -34,8 +41,19 @@ def distances(bundle: Bundle, scene: Signature) -> dict[str | None, float]:
         scene = (scene[0], scene[1], None)
     out: dict[str | None, float] = {None: radiometric_distance(scene, source)}
     for d in bundle.manifest.experts:
-        out[d.name] = radiometric_distance(scene, domain_signature(d))
+        out[d.name] = radiometric_distance(scene, domain_signature(d)) + d.margin
     return out
+
+
+def source_margin(samples: list[Signature], source: Signature, expert: Signature,
+                  allowance: float) -> float:
+    """The routing margin of an expert with signature ``expert``: the smallest that leaves
+    at most ``allowance`` of the source's sample scenes nearer it than ``source`` (ties go
+    to the source; the 1e-9 keeps rounding from tipping one); 0 when no more are."""
+    ahead = sorted((radiometric_distance(s, source) - radiometric_distance(s, expert)
+                    for s in samples), reverse=True)
+    kept = int(np.floor(allowance * len(ahead) + 1e-9))  # samples it may take
+    return max(0.0, ahead[kept] + 1e-9) if kept < len(ahead) else 0.0
 
 
 def nearest(scores: dict[str | None, float]) -> str | None:

@@ -213,9 +213,10 @@ def _with_source_scenes(bundle: Path, out: Path, samples: list[Signature]) -> Pa
 @pytest.mark.parametrize("spread", ["narrow", "wide"])
 def test_an_expert_that_would_take_source_scenes_is_refused(
         colour_bundle: Path, runtime: ModelRuntime, tmp_path: Path, spread: str) -> None:
-    """Source sample scenes all at the source's signature: none would route to the cast
-    expert, which is made. Source scenes that stray as far as the cast (their content alone
-    moves them so): every one would route to it, and it is refused, saying why."""
+    """Source sample scenes all at the source's signature: the cast expert needs no margin
+    to keep them, and is made. Source scenes that stray as far as the cast (their content
+    alone moves them so): the margin that keeps them with the source keeps the cast's own
+    scenes there too, and the expert is refused, saying why."""
     stored = tmp_path / "probe"
     probe = Adapter(ModelStore(stored / "models"), WITH_INPUT, stored, TILING)
     fill(probe, runtime)
@@ -231,7 +232,10 @@ def test_an_expert_that_would_take_source_scenes_is_refused(
     expert = report if report.step == "input" else report.refused_input
     assert expert is not None and isinstance(expert.gate, InputGate), report.as_dict()
     if spread == "narrow":
-        assert expert.promoted and expert.gate.source_scenes_taken == 0.0
+        assert expert.promoted and expert.gate.routing_margin < 1e-6
+        assert report.candidate is not None
+        assert load_bundle(Path(report.candidate)).manifest.experts[0].margin == \
+            expert.gate.routing_margin
     else:
-        assert not expert.promoted and expert.gate.source_scenes_taken == 0.8
-        assert "80% of the source's sample scenes would route to the expert" in expert.message
+        assert not expert.promoted and expert.gate.routing_margin > 0.5
+        assert "only 0% of the new domain's stored scenes route to its expert" in expert.message

@@ -13,12 +13,13 @@ import rasterio
 from appliance.config import Settings
 from appliance.contract.bundle import CLASSIFIER, BundleError, Expert, load_bundle, seal_bundle
 from appliance.contract.signature import (
+    Signature,
     band_moments,
     radiometric_distance,
     scene_signature,
     sharpness,
 )
-from appliance.model.routing import nearest, route
+from appliance.model.routing import nearest, route, source_margin
 from appliance.model.runtime import ModelRuntime, ProviderPlan
 from appliance.scene.pipeline import process_scene
 from tests.helpers.scenes import quarters, write_scene
@@ -54,6 +55,25 @@ def test_sharpness_ignores_gains_and_offsets_and_falls_with_blur() -> None:
 def test_nearest_prefers_the_source_on_a_tie() -> None:
     assert nearest({None: 0.3, "dark": 0.3}) is None
     assert nearest({None: 0.3, "dark": 0.2}) == "dark"
+
+
+def test_an_experts_margin_keeps_the_source_scenes_it_was_calibrated_on() -> None:
+    source: Signature = (np.array([100.0]), np.array([20.0]), None)
+    hazy: Signature = (np.array([130.0]), np.array([15.0]), None)
+    bright_source_scene: Signature = (np.array([118.0]), np.array([17.0]), None)
+    plain = {None: radiometric_distance(bright_source_scene, source),
+             "hazy": radiometric_distance(bright_source_scene, hazy)}
+    assert nearest(plain) == "hazy"  # without a margin the expert takes it
+    samples = [source] * 9 + [bright_source_scene]
+    margin = source_margin(samples, source, hazy, allowance=0.0)
+    assert margin == pytest.approx(plain[None] - plain["hazy"])
+    assert nearest({**plain, "hazy": plain["hazy"] + margin}) is None
+    far = (np.array([135.0]), np.array([14.0]), None)  # a scene that stands clear still goes
+    assert nearest({None: radiometric_distance(far, source),
+                    "hazy": radiometric_distance(far, hazy) + margin}) == "hazy"
+    # allowed one sample in ten, the expert may keep the bright one: no margin is needed
+    assert source_margin(samples, source, hazy, allowance=0.1) == 0.0
+    assert source_margin([source], source, hazy, allowance=0.0) == pytest.approx(0.0, abs=1e-6)
 
 
 def _scene(path: Path, gain: float = 1.0) -> Path:
