@@ -77,7 +77,7 @@ from appliance.contract.signature import (
     source_signature,
 )
 from appliance.model.head import read_head
-from appliance.model.routing import nearest, source_margin
+from appliance.model.routing import Routes, route_among, source_margin
 from appliance.model.runtime import ProviderPlan, open_session, probabilities
 
 log = logging.getLogger(__name__)
@@ -95,22 +95,13 @@ def backbone_features(spec: InputSpec, backbone: Path, tiles: np.ndarray) -> np.
         for i in range(0, len(tiles), 32)])
 
 
-Routes = dict[str | None, tuple[Signature, float]]
-"""Every path routing chooses among (None: the source) with its signature and margin."""
-
-
-def _routed(scene: Signature, routes: Routes) -> str | None:
-    return nearest({k: radiometric_distance(scene, sig) + margin
-                    for k, (sig, margin) in routes.items()})
-
-
 def routed_share(scenes: list[Signature], members: np.ndarray, others: np.ndarray,
                  routes: Routes, name: str) -> float:
     """How well routing among ``routes`` serves a new domain ``name``: the smaller of the
     share of its ``members`` routed to it and the share of the scenes routed to it that are
     members; scenes in ``others`` ([m] bool: a replaced expert's, the same domain earlier)
     count neither way."""
-    routed = np.array([_routed(s, routes) == name for s in scenes])
+    routed = np.array([route_among(s, routes) == name for s in scenes])
     hit = int((routed & members).sum())
     claimed = int((routed & ~others).sum())
     return min(hit / max(int(members.sum()), 1), hit / max(claimed, 1))

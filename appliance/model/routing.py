@@ -9,8 +9,7 @@ its ``margin``: how much nearer to it than to the source the source's own sample
 come (all but ``adapt.source_allowance`` of them). A scene must stand further from the
 source than the source's scenes do before an expert takes it: an expert for a faint shift
 (a haze that grows) would otherwise take the bright, low-contrast source scenes that look
-like it. The source's signature is the
-bundle's ``reference.json``.
+like it. The source's signature is the bundle's ``reference.json``.
 
 Why route rather than replace: re-standardising the input towards a new sensor is what
 recovers most of a radiometric shift, but applied to source-sensor imagery the same map is
@@ -30,19 +29,28 @@ from appliance.contract.signature import (
     source_signature,
 )
 
+Routes = dict[str | None, tuple[Signature, float]]
+"""Every path a scene may take (None: the source) with its signature and routing margin."""
 
-def distances(bundle: Bundle, scene: Signature) -> dict[str | None, float]:
-    """Radiometric distance of a scene's signature to every expert of ``bundle``.
+
+def routes(bundle: Bundle) -> Routes:
+    """The source's and every expert's signature and margin, as ``bundle`` routes.
 
     Sharpness counts only when the source's reference has it too (bundles exported before
     it existed do not): every expert is then compared on the same terms."""
     source = source_signature(bundle.reference.bands)
-    if source[2] is None:
-        scene = (scene[0], scene[1], None)
-    out: dict[str | None, float] = {None: radiometric_distance(scene, source)}
+    out: Routes = {None: (source, 0.0)}
     for d in bundle.manifest.experts:
-        out[d.name] = radiometric_distance(scene, domain_signature(d)) + d.margin
+        sig = domain_signature(d)
+        out[d.name] = (sig if source[2] is not None else (sig[0], sig[1], None), d.margin)
     return out
+
+
+def route_among(scene: Signature, paths: Routes) -> str | None:
+    """The path whose distance to ``scene``, plus its margin, is smallest (the source on a
+    tie)."""
+    return nearest({k: radiometric_distance(scene, sig) + margin
+                    for k, (sig, margin) in paths.items()})
 
 
 def source_margin(samples: list[Signature], source: Signature, expert: Signature,
@@ -65,4 +73,4 @@ def route(bundle: Bundle, scene: Signature) -> str | None:
     """The expert (domain name, or None for the source) for a scene's signature."""
     if not bundle.manifest.experts:
         return None
-    return nearest(distances(bundle, scene))
+    return route_among(scene, routes(bundle))
