@@ -90,6 +90,9 @@ class BundleOptions:
     gsd: float | None = None  # metres per pixel of the training chips (None: the run's)
     palette: Path | None = None  # class colours file (None: the semantic palette)
     tta: BundleTta = "none"  # test-time augmentation the box runs unless model.tta is off
+    # Network input the box resizes tiles to (None: the training size). A larger size than
+    # trained on shows objects at the scale the random-resized training crops did (FixRes).
+    input_size: int | None = None
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str,
@@ -208,6 +211,8 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     classes = (read_palette(options.palette, info.classes) if options.palette is not None
                else semantic_palette(info.classes))  # a bad palette file fails before export
     spec = info.input_spec
+    if options.input_size is not None:
+        spec = spec.model_copy(update={"size": options.input_size})
     source = load_split(run_dir, "train")  # the run's own training chips
     labels_all = source.label_array()
     rows = _balanced(labels_all, BANK_PER_CLASS, seed=0)
@@ -288,7 +293,8 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
         feature_dim=info.feature_dim,
         embedding_dim=(info.embedding_dim + n_classes if embedder is not None
                        else info.feature_dim),
-        metrics=_metrics(run_dir, parity, exporter, options) | calibration,
+        metrics=_metrics(run_dir, parity, exporter, options)
+        | {"train_input_size": info.input_spec.size} | calibration,
         notes=options.notes or f"precision {options.precision}", files=extra,
     )
     return seal_bundle(out, manifest)

@@ -103,6 +103,10 @@ def bundle_cmd(
         None, exists=True, dir_okay=False,
         help="Class colours: JSON/YAML mapping class name to #rrggbb or [r, g, b] "
         "(default: the semantic palette)."),
+    input_size: Optional[int] = typer.Option(  # noqa: UP045
+        None, min=8, help="Network input size of the bundle (default: the training size); "
+        "a little larger than trained (e.g. 192 for 160) matches the object scale of the "
+        "training crops (FixRes) at (size ratio)^2 the backbone cost."),
     tta: str = typer.Option(
         "none", help="Test-time augmentation the box runs: 'none', or 'flips-rot90' "
         "(probabilities averaged over 8 flips/quarter turns; ~8x the backbone cost; a box "
@@ -120,7 +124,8 @@ def bundle_cmd(
         options = BundleOptions(precision=precision, calibration=calibration, version=version,
                                 name=name, scales=tuple(int(s) for s in scales.split(",")),
                                 descriptor=_descriptor(descriptor), gsd=gsd or None,
-                                palette=palette, tta=_bundle_tta(tta))
+                                palette=palette, tta=_bundle_tta(tta),
+                                input_size=input_size)
         manifest = bundle(run, out, options, console)
     except (DataError, BundleError, ParityError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc

@@ -136,3 +136,19 @@ def test_pooled_descriptor_is_the_normalised_backbone_feature(tiny_run: Path,
         np.random.default_rng(0).uniform(0, 255, (3, 3, 32, 32)).astype(np.float32))
     expected = out.features / np.linalg.norm(out.features, axis=1, keepdims=True)
     np.testing.assert_allclose(out.embedding, expected, atol=1e-5)
+
+
+def test_bundle_at_a_larger_input_size_runs_at_that_size(tiny_run: Path, tmp_path: Path) -> None:
+    """``input_size`` re-exports the graphs for a larger input (FixRes): the box resizes its
+    tiles to it, the appliance's output equals torch's at that size, and the manifest keeps
+    the size the run was trained at."""
+    manifest = bundle(tiny_run / "run", tmp_path / "fix", BundleOptions(
+        scales=(16, 32), input_size=40), Console(quiet=True))
+    assert manifest.input.size == 40 and manifest.metrics["train_input_size"] == 32
+    info, model = load_trained(tiny_run / "run")
+    chips = np.random.default_rng(1).uniform(0, 255, (4, 3, 40, 40)).astype(np.float32)
+    out = ModelRuntime(load_bundle(tmp_path / "fix"), CPU).infer(chips)
+    _, logits, _ = predict(model, chips, manifest.input)
+    np.testing.assert_allclose(out.probs, torch.softmax(torch.from_numpy(logits), 1).numpy(),
+                               atol=1e-5)
+    assert info.input_spec.size == 32
