@@ -484,8 +484,10 @@ class AdaptConfig(Section):
         default=5, ge=1, description="Refused candidate bundles kept under state/adapt/rejected.")
     domain_min_fraction: float = Field(
         default=0.8, gt=0, le=1,
-        description="Gate of the input step: share of stored scenes that must route to the new "
-        "expert (a signature that cannot tell the domains apart would misroute scenes).",
+        description="Gate of the input step: share of the new domain's newer stored scenes "
+        "(its later half) that must route to the new expert, and of the scenes routed to it "
+        "that must be the domain's (a signature that cannot tell the domains apart would "
+        "misroute scenes).",
     )
     source_allowance: float = Field(
         default=0.0, ge=0, lt=1,

@@ -17,11 +17,12 @@ under the same name. Otherwise it is a second domain beside the first and gets a
 its own, up to ``adapt.max_experts``.
 
 Its gate refuses the expert unless at least ``adapt.domain_min_fraction`` of the new
-domain's stored scenes would route to it and as large a share of the scenes that would
-route to it are the domain's (a signature that cannot tell the domains apart would
-misroute), and it passes ``ExpertStep.check`` on held-out tiles. Routing, here and on the
-box, counts the expert's margin (``routing.source_margin``): at most
-``adapt.source_allowance`` of the source's sample scenes (``Reference.scenes``: small scenes
+domain's newer stored scenes (its later half: a domain that grows out of the source's has
+its first scenes still among the source's) would route to it and as large a share of all
+the scenes that would route to it are the domain's (a signature that cannot tell the
+domains apart would misroute), and it passes ``ExpertStep.check`` on held-out tiles.
+Routing, here and on the box, counts the expert's margin (``routing.source_margin``): at
+most ``adapt.source_allowance`` of the source's sample scenes (``Reference.scenes``: small scenes
 of the source's own chips) may route to it.
 The samples are what the stored scenes cannot show when every one of them is shifted, as
 in a haze that grows: a faint shift's signature lies among the source scenes' own spread,
@@ -95,16 +96,32 @@ def backbone_features(spec: InputSpec, backbone: Path, tiles: np.ndarray) -> np.
         for i in range(0, len(tiles), 32)])
 
 
+def newest(members: np.ndarray, keep: int) -> np.ndarray:
+    """[m] bool: the newer half of ``members`` (stored scenes are in arrival order), at
+    least ``keep`` of them: the domain as it is now, the scenes its expert serves next."""
+    rows = np.flatnonzero(members)
+    out = np.zeros(len(members), bool)
+    out[rows[len(rows) - max(keep, (len(rows) + 1) // 2):]] = True
+    return out
+
+
 def routed_share(scenes: list[Signature], members: np.ndarray, others: np.ndarray,
-                 routes: Routes, name: str) -> float:
+                 routes: Routes, name: str, keep: int) -> float:
     """How well routing among ``routes`` serves a new domain ``name``: the smaller of the
-    share of its ``members`` routed to it and the share of the scenes routed to it that are
-    members; scenes in ``others`` ([m] bool: a replaced expert's, the same domain earlier)
-    count neither way."""
+    share of its newer members (``newest``, at least ``keep``) routed to it and the share
+    of all the scenes routed to it that are members; scenes in ``others`` ([m] bool: a
+    replaced expert's, the same domain earlier) count neither way.
+
+    Coverage is judged on the newer members because a domain that grows out of another (a
+    haze that thickens scene by scene) has its early members still among the source's
+    scenes, where the margin rightly keeps them; what the expert must catch is the domain
+    as it arrives now. Purity is judged on every stored scene: no scene of another domain
+    may be taken, however old."""
     routed = np.array([route_among(s, routes) == name for s in scenes])
-    hit = int((routed & members).sum())
+    recent = newest(members, keep)
     claimed = int((routed & ~others).sum())
-    return min(hit / max(int(members.sum()), 1), hit / max(claimed, 1))
+    return min(int((routed & recent).sum()) / max(int(recent.sum()), 1),
+               int((routed & members).sum()) / max(claimed, 1))
 
 
 def source_samples(source: Bundle, sharp: bool) -> list[Signature]:
@@ -171,13 +188,13 @@ class ExpertStep:
                           name: (new.signature, margin)}
         fraction = routed_share(
             scenes, members, split.labels == names.index(replaces) if replaces else
-            np.zeros(len(scenes), bool), routes, name)
+            np.zeros(len(scenes), bool), routes, name, cfg.domain_min_scenes)
         spec = alignment.spec(source.manifest.input)
         seqs = [q for q, keep in zip(stored.seqs, members, strict=True) if keep]
         tiles = self.store.tiles(seqs, cfg.renorm_tiles)
         failures = [] if fraction >= cfg.domain_min_fraction else [
-            f"only {fraction:.0%} of the new domain's stored scenes route to its expert (or "
-            f"of those routed to it are its own) < adapt.domain_min_fraction "
+            f"only {fraction:.0%} of the new domain's newer stored scenes route to its expert "
+            f"(or of those routed to it are its own) < adapt.domain_min_fraction "
             f"{cfg.domain_min_fraction:.0%}"]
         backbone, renorm = self.backbone(source, spec, tiles, work, name, deadline)
         reference, check = None, None

@@ -11,7 +11,7 @@ import pytest
 
 from appliance.adapt.adapter import Adapter
 from appliance.adapt.domains import split_domains
-from appliance.adapt.expert_step import backbone_features
+from appliance.adapt.expert_step import backbone_features, newest, routed_share
 from appliance.adapt.lineage import DOMAIN
 from appliance.contract.bundle import (
     BACKBONE,
@@ -238,4 +238,28 @@ def test_an_expert_that_would_take_source_scenes_is_refused(
             expert.gate.routing_margin
     else:
         assert not expert.promoted and expert.gate.routing_margin > 0.5
-        assert "only 0% of the new domain's stored scenes route to its expert" in expert.message
+        assert "only 0% of the new domain's newer stored scenes route to its expert" \
+            in expert.message
+
+
+def _at(offset: float) -> Signature:
+    """A one-band signature ``offset`` source spreads above the source's mean."""
+    return (np.array([offset]), np.array([1.0]), None)
+
+
+def test_coverage_is_judged_on_the_domain_as_it_arrives_now() -> None:
+    """A haze that thickens over eight scenes: the margin keeps its four faint first scenes
+    with the source, the four thick later ones go to the expert. Judged on every member the
+    expert would cover half its domain; judged on the newer half, all of it. A scene of
+    another domain that the expert would take counts against it however old it is."""
+    scenes = [_at(0.2 * (i + 1)) for i in range(8)]
+    routes = {None: (_at(0.0), 0.0), "haze": (_at(1.6), 0.0)}
+    members = np.ones(8, bool)
+    none = np.zeros(8, bool)
+    assert newest(members, 3).tolist() == [False] * 4 + [True] * 4
+    assert newest(np.array([True, True, True, False]), 3).tolist() == [True] * 3 + [False]
+    assert routed_share(scenes, members, none, routes, "haze", 3) == 1.0
+    assert routed_share(scenes, members, none, routes, "haze", 8) == 0.5  # every member
+    intruder = members.copy()
+    intruder[6] = False  # a thick-looking scene of another sensor, not the domain's
+    assert routed_share(scenes, intruder, none, routes, "haze", 3) == 0.75
