@@ -511,6 +511,11 @@ class AdaptConfig(Section):
         default=200, ge=1,
         description="An expert that served none of this many scenes in a row is retired from "
         "the active version (older versions keep it for rollback).")
+    refine_growth: float = Field(
+        default=2.0, ge=0,
+        description="An expert is made again (same name, same gates) from its own stored "
+        "scenes once they number this many times the scenes it was pooled from: an expert "
+        "made early from a few scenes is refined as more arrive (0: never).")
     domain_min_scenes: int = Field(
         default=3, ge=1,
         description="Stored scenes a new domain needs before it gets an expert: one odd scene "

@@ -10,6 +10,11 @@ the domain's stored tiles (``ExpertStep.backbone``) and the domain's drift refer
 expert sees it (``expert_reference``). Head steps then refine it; source-sensor scenes keep
 routing to the source model, other sensors' scenes to their own experts.
 
+An expert made early from a few stored scenes is made again (same name, same gates: a
+replacement by itself) from its own stored scenes once they number ``adapt.refine_growth``
+times as many: its signature, input alignment and re-normalisation are then pooled from
+more of its sensor, before any new domain is looked for.
+
 A new domain nearest an existing expert whose scenes stopped arriving once the new domain's
 began (at most ``1 − adapt.domain_min_fraction`` of the two after the new one's first
 scene) is that expert's domain moved on, a gradual drift: the new expert *replaces* it
@@ -40,7 +45,7 @@ import onnx
 
 from appliance.adapt.alignment import InputAlignment
 from appliance.adapt.candidates import CandidateStore
-from appliance.adapt.domains import DomainSplit, NewDomain, split_domains
+from appliance.adapt.domains import DomainSplit, NewDomain, Pool, split_domains
 from appliance.adapt.learning import SourceRows, class_entropy, retrieval_agreement
 from appliance.adapt.lineage import Lineage, expert_name
 from appliance.adapt.proposal import Proposal
@@ -167,10 +172,14 @@ class ExpertStep:
         split = split_domains(scenes, lambda m: stored.signature(m, sharp),
                               [src, *(domain_signature(d) for d in experts)],
                               cfg.input_tolerance, cfg.domain_min_scenes, cfg.max_experts)
-        if not split.domains:
+        grown = self.grown(split, experts, lambda m: stored.signature(m, sharp), src)
+        if grown is not None:  # an expert made from a few scenes, made again from more
+            new, replaces = grown, names[grown.nearest_anchor]
+        elif split.domains:
+            new = split.domains[0]
+            replaces = self.moved_on(split, new, names)
+        else:
             return None  # every stored scene is a known domain: head steps
-        new = split.domains[0]
-        replaces = self.moved_on(split, new, names)
         if replaces is None and len(experts) >= cfg.max_experts:
             log.info("a new domain of %d stored scenes gets no expert: adapt.max_experts (%d) "
                      "are in use", int(new.members.sum()), cfg.max_experts)
@@ -186,9 +195,9 @@ class ExpertStep:
         routes: Routes = {None: (src, 0.0), **{d.name: (domain_signature(d), d.margin)
                                                  for d in kept},
                           name: (new.signature, margin)}
-        fraction = routed_share(
-            scenes, members, split.labels == names.index(replaces) if replaces else
-            np.zeros(len(scenes), bool), routes, name, cfg.domain_min_scenes)
+        earlier = (split.labels == names.index(replaces) if replaces and grown is None
+                   else np.zeros(len(scenes), bool))  # a moved-on expert's own scenes
+        fraction = routed_share(scenes, members, earlier, routes, name, cfg.domain_min_scenes)
         spec = alignment.spec(source.manifest.input)
         seqs = [q for q, keep in zip(stored.seqs, members, strict=True) if keep]
         tiles = self.store.tiles(seqs, cfg.renorm_tiles)
@@ -212,7 +221,7 @@ class ExpertStep:
                         classifier=f"classifier.{name}.onnx",
                         backbone=None if backbone is None else backbone.name,
                         reference=None if reference is None else reference.name,
-                        margin=margin)
+                        margin=margin, scenes=int(members.sum()))
         files = {domain.classifier: source.file(CLASSIFIER)}
         for extra in (backbone, reference):
             if extra is not None:
@@ -231,6 +240,25 @@ class ExpertStep:
                                tiles=0 if tiles is None else len(tiles)),
             gate=gate)
         return Proposal(report, files, experts=[*kept, domain])
+
+    def grown(self, split: DomainSplit, experts: list[Expert], pool: Pool,
+              source: Signature) -> NewDomain | None:
+        """The existing expert whose own stored scenes (those ``split`` gives its anchor)
+        number ``adapt.refine_growth`` times the scenes it was pooled from or more, as a
+        domain to make it again from (the largest growth first), or None."""
+        if not self.cfg.refine_growth:
+            return None
+        best: tuple[float, NewDomain] | None = None
+        for i, expert in enumerate(experts, start=1):  # anchor 0 is the source
+            if expert.scenes is None:
+                continue
+            members = split.labels == i
+            growth = int(members.sum()) / expert.scenes
+            if growth >= self.cfg.refine_growth and (best is None or growth > best[0]):
+                signature = pool(members)
+                best = growth, NewDomain(members, signature, i,
+                                         radiometric_distance(signature, source))
+        return None if best is None else best[1]
 
     def moved_on(self, split: DomainSplit, new: NewDomain, names: list[str | None]
                  ) -> str | None:

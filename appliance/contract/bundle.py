@@ -116,6 +116,11 @@ class Expert(_Frozen):
         default=0.0, ge=0.0, description="Added to this expert's distance in routing: how "
         "much nearer this expert than the source the source's sample scenes come, so that "
         "they keep routing to the source (0: experts made before margins).")
+    scenes: int | None = Field(
+        default=None, ge=1, description="Stored scenes its signature and re-normalisation were "
+        "pooled from; it is made again from its own scenes once it has served "
+        "adapt.refine_growth times as many (None: experts made before refinement, never "
+        "refined).")
 
 
 class Manifest(_Frozen):

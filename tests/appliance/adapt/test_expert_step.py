@@ -141,6 +141,29 @@ def test_a_head_step_on_the_expert_is_owed_after_the_input_step(
     assert adapter.run(adapted, "again").step == "head"  # its domain gets no second expert
 
 
+def test_an_expert_is_made_again_from_twice_its_scenes(
+        store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
+    """Made from 6 cast scenes, the expert serves 3 more: no refinement (9 < 2 × 6). At 12
+    of its own stored scenes the input step makes it again under the same name, pooled
+    from all 12, through the same gates; still one expert."""
+    adapter = Adapter(store, WITH_INPUT, tmp_path / "state", TILING)
+    fill(adapter, runtime)
+    apply(store, adapter.run(store.active(), "drift"))
+    adapted = store.active()
+    (first,) = adapted.manifest.experts
+    assert first.scenes == 6
+    fill(adapter, ModelRuntime(adapted, CPU), scenes=3, start=960)
+    assert adapter.run(adapted, "drift").step == "head"
+    fill(adapter, ModelRuntime(adapted, CPU), scenes=3, start=963)
+    report = adapter.run(adapted, "drift")
+    assert (report.step, report.domain, report.replaced) == ("input", DOMAIN, True), \
+        report.as_dict()
+    assert report.promoted and report.counts == InputCounts(scenes=12, domain_scenes=12,
+                                                            tiles=report.counts.tiles)
+    (again,) = load_bundle(Path(report.candidate or "")).manifest.experts
+    assert again.name == first.name and again.scenes == 12 and again.mean != first.mean
+
+
 def test_expert_check_refuses_an_expert_that_breaks_the_features(
         store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
     """A mis-calibrated input loses retrieval confirmation (every band squashed towards one

@@ -85,7 +85,8 @@ def test_the_same_domain_again_gets_no_second_expert(
         store: ModelStore, runtime: ModelRuntime, tmp_path: Path) -> None:
     adapter = Adapter(store, CFG, tmp_path / "state", TILING)
     first = _first_expert(store, runtime, adapter)
-    fill(adapter, ModelRuntime(first, CPU), scenes=6, start=500)
+    # 5 more of its scenes: 11 stored, under the 2 × 6 that would make it again
+    fill(adapter, ModelRuntime(first, CPU), scenes=5, start=500)
     report = adapter.run(first, "drift")
     assert report.step == "head" and report.refused_input is None, report.as_dict()
 
