@@ -13,7 +13,7 @@ fastest of 5 rounds.
 Recipes (``RECIPES``): efficientnet_lite0 and efficientnet_lite2 at 160 px, 6 epochs,
 bundled with ``--tta flips-rot90`` over three seeds (``LITE0``, ``LITE2``); the same runs
 bundled at a larger input (``at_fixres``: ``bundle --input-size``, 176 px), the size chosen
-per backbone on the runs' own validation chips (``validation_by_input_size``, written to
+per backbone on the runs' own validation chips (``export.input_size``, written to
 ``RUNS/acc_aid/RUN_val_by_input_size.json`` and into each row); lite0 with a
 domain-adaptive round first (``PRETRAIN``: UC Merced's scene classes, then ``--init``); a
 longer schedule (10 epochs; seed 0 measured, its validation did not favour it); and the
@@ -52,7 +52,9 @@ sys.path.insert(0, str(ROOT))
 from appliance.config import BoxTta
 from appliance.contract.bundle import load_bundle
 from appliance.model.runtime import ModelRuntime, ProviderPlan
+from appliance.model.tta import D4_VIEWS
 from export.data import load_chips, scan, stratified_split
+from export.input_size import validation_by_input_size
 
 EXE = str(Path(sys.executable).parent / "terratile-export")
 DATA = Path("/work/shared/data/aid")
@@ -220,7 +222,7 @@ def measure(recipe: Recipe, runs: Path, retrain: bool) -> dict[str, Any]:
             + ([] if recipe.bundle_size is None else ["--input-size", str(recipe.bundle_size)]))
     by_size = runs / "acc_aid" / f"{recipe.run_name}_val_by_input_size.json"
     if not recipe.whole_folder and (retrain or not by_size.is_file()):
-        by_size.write_text(json.dumps(validation_by_input_size(run, INPUT_SIZES)))
+        by_size.write_text(json.dumps(validation_by_input_size(run, INPUT_SIZES, D4_VIEWS)))
     train = json.loads((run / "metrics.json").read_text())
     out: dict[str, Any] = {
         "backbone": recipe.backbone, "image_size": recipe.size, "epochs": recipe.epochs,
@@ -247,29 +249,6 @@ def measure(recipe: Recipe, runs: Path, retrain: bool) -> dict[str, Any]:
                                           **{k: report[k] for k in KEYS}}))
         out[f"test_tta_{mode}"] = json.loads(scored.read_text())
     return out
-
-
-def validation_by_input_size(run: Path, sizes: tuple[int, ...]) -> dict[str, float]:
-    """The run's validation OA (its own held-out chips inside TRAINVAL) with the chips
-    resized straight to each input size, probabilities averaged over the eight D4 views as
-    the bundle's TTA does: the evidence the bundle size is chosen on."""
-    import torch
-
-    from appliance.model.tta import d4_views, mean_over_views
-    from export.data import load_split
-    from export.train import load_trained, predict
-
-    info, model = load_trained(run)
-    val = load_split(run, "val")
-    labels = val.label_array()
-    scores = {}
-    for size in sizes:
-        chips = load_chips(val, size).images
-        spec = info.input_spec.model_copy(update={"size": size})
-        _, logits, _ = predict(model, d4_views(chips), spec)
-        probs = mean_over_views(torch.softmax(torch.from_numpy(logits), 1).numpy(), 8)
-        scores[str(size)] = float((probs.argmax(1) == labels).mean())
-    return scores
 
 
 def family_summary(results: dict[str, Any], recipes: list[Recipe]) -> dict[str, Any] | None:

@@ -55,6 +55,7 @@ from appliance.contract.reference_stats import reference_from_tiles
 from appliance.model.runtime import ProviderPlan, open_session, probabilities
 from appliance.model.tta import d4_views, mean_over_views, view_count
 from export.data import DataError, DataSet, Sample, load_chips, load_split
+from export.input_size import candidate_sizes, choose_input_size, validation_by_input_size
 from export.metrics import calibrate_thresholds, overlap_retrieval_report
 from export.model import Descriptor, Embedder, TerratileNet
 from export.train import METRICS, load_trained
@@ -90,9 +91,10 @@ class BundleOptions:
     gsd: float | None = None  # metres per pixel of the training chips (None: the run's)
     palette: Path | None = None  # class colours file (None: the semantic palette)
     tta: BundleTta = "none"  # test-time augmentation the box runs unless model.tta is off
-    # Network input the box resizes tiles to (None: the training size). A larger size than
-    # trained on shows objects at the scale the random-resized training crops did (FixRes).
-    input_size: int | None = None
+    # Network input the box resizes tiles to (None: the training size; "auto": the best of
+    # a few sizes on the run's validation chips). A larger size than trained on shows
+    # objects at the scale the random-resized training crops did (FixRes).
+    input_size: int | Literal["auto"] | None = None
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str,
@@ -211,7 +213,16 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
     classes = (read_palette(options.palette, info.classes) if options.palette is not None
                else semantic_palette(info.classes))  # a bad palette file fails before export
     spec = info.input_spec
-    if options.input_size is not None:
+    size_choice: dict[str, Any] = {}
+    if options.input_size == "auto":
+        views = view_count(options.tta, "bundle")
+        scores = validation_by_input_size(run_dir, candidate_sizes(spec.size), views)
+        spec = spec.model_copy(update={"size": choose_input_size(scores)})
+        size_choice = {"input_size": {"split": "val", "views": views,
+                                      "scores": {str(k): v for k, v in scores.items()}}}
+        console.print(f"input size {spec.size} px: validation "
+                      + ", ".join(f"{k} px {v:.3f}" for k, v in scores.items()))
+    elif options.input_size is not None:
         spec = spec.model_copy(update={"size": options.input_size})
     source = load_split(run_dir, "train")  # the run's own training chips
     labels_all = source.label_array()
@@ -294,7 +305,7 @@ def bundle(run_dir: Path, out: Path, options: BundleOptions | None = None,
         embedding_dim=(info.embedding_dim + n_classes if embedder is not None
                        else info.feature_dim),
         metrics=_metrics(run_dir, parity, exporter, options)
-        | {"train_input_size": info.input_spec.size} | calibration,
+        | {"train_input_size": info.input_spec.size} | size_choice | calibration,
         notes=options.notes or f"precision {options.precision}", files=extra,
     )
     return seal_bundle(out, manifest)

@@ -103,9 +103,10 @@ def bundle_cmd(
         None, exists=True, dir_okay=False,
         help="Class colours: JSON/YAML mapping class name to #rrggbb or [r, g, b] "
         "(default: the semantic palette)."),
-    input_size: Optional[int] = typer.Option(  # noqa: UP045
-        None, min=8, help="Network input size of the bundle (default: the training size); "
-        "a little larger than trained (e.g. 192 for 160) matches the object scale of the "
+    input_size: Optional[str] = typer.Option(  # noqa: UP045
+        None, help="Network input size of the bundle in px, or 'auto': the best of the "
+        "training size and up to 40 percent above it on the run's validation chips (default: the "
+        "training size). A little larger than trained matches the object scale of the "
         "training crops (FixRes) at (size ratio)^2 the backbone cost."),
     tta: str = typer.Option(
         "none", help="Test-time augmentation the box runs: 'none', or 'flips-rot90' "
@@ -125,11 +126,21 @@ def bundle_cmd(
                                 name=name, scales=tuple(int(s) for s in scales.split(",")),
                                 descriptor=_descriptor(descriptor), gsd=gsd or None,
                                 palette=palette, tta=_bundle_tta(tta),
-                                input_size=input_size)
+                                input_size=_input_size(input_size))
         manifest = bundle(run, out, options, console)
     except (DataError, BundleError, ParityError, FileNotFoundError, ValueError) as exc:
         raise _fail(str(exc)) from exc
     console.print(f"bundle {manifest.name} v{manifest.version} sealed in {out}")
+
+
+def _input_size(value: str | None) -> int | Literal["auto"] | None:
+    if value is None:
+        return None
+    if value == "auto":
+        return "auto"
+    if value.isdigit() and int(value) >= 8:
+        return int(value)
+    raise _fail(f"--input-size must be a size of at least 8 px or 'auto', got {value!r}")
 
 
 def _descriptor(value: str) -> Literal["trained", "pooled"]:
