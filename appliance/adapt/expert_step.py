@@ -38,6 +38,7 @@ own scenes stay with the source too, so it is refused until the shift stands cle
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -169,10 +170,10 @@ class ExpertStep:
         experts = list(bundle.manifest.experts)
         names: list[str | None] = [None, *(d.name for d in experts)]
         scenes = stored.scene_signatures(sharp)
-        split = split_domains(scenes, lambda m: stored.signature(m, sharp),
-                              [src, *(domain_signature(d) for d in experts)],
+        pool: Pool = partial(stored.signature, sharp=sharp)
+        split = split_domains(scenes, pool, [src, *(domain_signature(d) for d in experts)],
                               cfg.input_tolerance, cfg.domain_min_scenes, cfg.max_experts)
-        grown = self.grown(split, experts, lambda m: stored.signature(m, sharp), src)
+        grown = self.grown(split, experts, pool, src)
         if grown is not None:  # an expert made from a few scenes, made again from more
             new, replaces = grown, names[grown.nearest_anchor]
         elif split.domains:
